@@ -1,0 +1,20 @@
+"""Exceptions with messages that name the fix."""
+
+
+class JaxprobeError(Exception):
+    """Base class: every error jaxprobe raises on bad input derives from it."""
+
+
+class CheckpointError(JaxprobeError):
+    """A checkpoint directory, file or model id that cannot be loaded as asked."""
+
+
+class SiteError(JaxprobeError, KeyError):
+    """A capture site pattern that matches nothing, or a site that cannot be captured."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InputError(JaxprobeError, ValueError):
+    """Bad user data: prompts, norms files, feature arrays, options."""

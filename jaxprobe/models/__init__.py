@@ -1,0 +1,1 @@
+"""Flax models that mirror the PyTorch module trees of transformers' CLIP and diffusers' SD."""

@@ -1,0 +1,58 @@
+"""Blocks shared by every model family: attention core, activations.
+
+Model-specific modules (CLIP's attention with q_proj/k_proj, diffusers' Attention with to_q/to_k)
+keep their own parameter names so loading stays a key mapping, but the maths lives here once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """(batch, length, heads*dim) -> (batch, length, heads, dim)."""
+    b, n, hd = x.shape
+    return x.reshape(b, n, num_heads, hd // num_heads)
+
+
+def multi_head_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
+    is_causal: bool = False, key_mask: jax.Array | None = None, upcast: bool = False,
+) -> jax.Array:
+    """Scaled dot-product attention over already-projected q (b, lq, h*d), k, v (b, lk, h*d).
+
+    Goes through `jax.nn.dot_product_attention`, which picks the cuDNN fused kernel on GPU where it
+    applies and XLA elsewhere. key_mask: (b, lk) booleans, True where a key may be attended.
+    upcast: compute in float32 (SD 2.x's `upcast_attention`). Returns (b, lq, h*d).
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = jax.nn.dot_product_attention(
+        split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads),
+        mask=mask, is_causal=is_causal)
+    b, n, h, d = out.shape
+    return out.reshape(b, n, h * d).astype(dtype)
+
+
+def attention_probs(q: jax.Array, k: jax.Array, *, num_heads: int) -> jax.Array:
+    """Softmax attention probabilities averaged over heads: (b, lq, lk), in float32.
+
+    Computed apart from the fused kernel (which never materialises them); under jit XLA drops this
+    path entirely unless a capture asks for it.
+    """
+    qh = split_heads(q, num_heads).astype(jnp.float32)
+    kh = split_heads(k, num_heads).astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) / jnp.sqrt(qh.shape[-1])
+    return jax.nn.softmax(logits, axis=-1).mean(axis=1)

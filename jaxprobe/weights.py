@@ -1,0 +1,190 @@
+"""Checkpoint files on disk -> Flax parameter pytrees.
+
+jaxprobe's Flax modules are named exactly like the PyTorch modules they mirror ("layers.3",
+"to_out.0", "down_blocks.1.attentions.0"), so a parameter's Flax path joined with dots *is* its
+PyTorch key, up to the leaf name. `convert_state_dict` is therefore the one key mapping for every
+model family: it walks the parameter tree the Flax model expects, fetches each tensor by its derived
+key, transposes kernels into Flax's layout and refuses any missing, unexpected or mis-shaped key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxprobe.errors import CheckpointError
+
+# Flax leaf name -> PyTorch parameter name. Leaves not listed keep their name (e.g. CLIP's
+# `class_embedding`, a bare nn.Parameter).
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+WEIGHT_FILE_STEMS = ("model", "diffusion_pytorch_model")
+_BIN_NAMES = {"model": "pytorch_model", "diffusion_pytorch_model": "diffusion_pytorch_model"}
+
+
+def torch_key(flax_path: tuple[str, ...]) -> str:
+    """('text_model', 'encoder', 'layers.0', 'fc1', 'kernel') -> 'text_model.encoder.layers.0.fc1.weight'."""
+    *modules, leaf = flax_path
+    return ".".join([*modules, _LEAF_TO_TORCH.get(leaf, leaf)])
+
+
+def _to_flax_layout(leaf: str, tensor: np.ndarray, expected_shape: tuple[int, ...]) -> np.ndarray:
+    if leaf == "kernel":
+        if tensor.ndim == 4 and len(expected_shape) == 2 and tensor.shape[2:] == (1, 1):
+            tensor = tensor[:, :, 0, 0]  # a 1x1 conv stored where we use a dense layer
+        if tensor.ndim == 2:
+            return tensor.T  # Linear (out, in) -> Dense (in, out)
+        if tensor.ndim == 4:
+            return tensor.transpose(2, 3, 1, 0)  # Conv2d (out, in, kh, kw) -> (kh, kw, in, out)
+    return tensor
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, (*prefix, name)))
+        else:
+            flat[(*prefix, name)] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return tree
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray],
+    expected: Mapping[str, Any],
+    *,
+    prefix: str = "",
+    ignore: Iterable[str] = (),
+    dtype: Any = np.float32,
+    what: str = "checkpoint",
+) -> dict[str, Any]:
+    """Map a PyTorch state dict onto the Flax parameter tree `expected`.
+
+    expected: the `params` tree of the Flax model (arrays or `jax.ShapeDtypeStruct`s, e.g. from
+        `jax.eval_shape(model.init, ...)["params"]`); only shapes are read.
+    prefix: prepended to every derived key ("text_model." inside a full CLIPModel, say).
+    ignore: glob patterns of checkpoint keys that are allowed to go unused (buffers such as
+        `*.position_ids`, or the other tower of a CLIPModel).
+    Returns numpy arrays cast to `dtype`, in Flax layout. Raises CheckpointError naming every
+    missing, unexpected and mis-shaped key.
+    """
+    ignore = tuple(ignore)
+    converted, missing, misshaped, used = {}, [], [], set()
+    for path, leaf_spec in _flatten(expected).items():
+        key = prefix + torch_key(path)
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        used.add(key)
+        tensor = _to_flax_layout(path[-1], np.asarray(state_dict[key]), tuple(leaf_spec.shape))
+        if tuple(tensor.shape) != tuple(leaf_spec.shape):
+            misshaped.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} -> {tuple(tensor.shape)}, "
+                             f"model expects {tuple(leaf_spec.shape)}")
+            continue
+        converted[path] = tensor.astype(dtype)
+    unexpected = sorted(
+        k for k in state_dict
+        if k.startswith(prefix) and k not in used and not any(fnmatch.fnmatchcase(k, p) for p in ignore)
+    )
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_mismatch_message(what, missing, unexpected, misshaped))
+    return _unflatten(converted)
+
+
+def _mismatch_message(what: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    def listing(title: str, keys: list[str]) -> str:
+        shown = "\n".join(f"    {k}" for k in keys[:20])
+        more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+        return f"  {title} ({len(keys)}):\n{shown}{more}"
+
+    parts = [listing(t, ks) for t, ks in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshaped)) if ks]
+    return (f"{what} does not match the model its config describes:\n" + "\n".join(parts)
+            + "\nIs the config.json from the same checkpoint as the weights, and is the directory complete?")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading weight files
+
+
+def find_weight_files(directory: Path, *, variant: str | None = None) -> list[Path]:
+    """The weight files of one model folder, preferring safetensors, honouring `variant` ("fp16").
+
+    Handles single files and sharded checkpoints (`*.index.json`). A requested variant that is
+    absent falls back to the plain files, as diffusers does.
+    """
+    directory = Path(directory)
+    variants = [variant, None] if variant else [None]
+    for var in variants:
+        for ext in ("safetensors", "bin"):
+            for stem in WEIGHT_FILE_STEMS:
+                name = stem if ext == "safetensors" else _BIN_NAMES[stem]
+                base = f"{name}.{var}.{ext}" if var else f"{name}.{ext}"
+                if (directory / base).is_file():
+                    return [directory / base]
+                index = directory / f"{base}.index.json"
+                if index.is_file():
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                    absent = [s for s in shards if not (directory / s).is_file()]
+                    if absent:
+                        raise CheckpointError(f"{index} lists shards that are missing: {absent}. "
+                                              "Re-download the checkpoint or copy the missing files.")
+                    return [directory / s for s in shards]
+    present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    raise CheckpointError(
+        f"no weights in {directory}: expected model.safetensors, diffusion_pytorch_model.safetensors, "
+        f"pytorch_model.bin or a sharded *.index.json{f' (variant {variant!r})' if variant else ''}; "
+        f"found {present or 'nothing'}.")
+
+
+def read_state_dict(files: Iterable[Path]) -> dict[str, np.ndarray]:
+    """Read safetensors or PyTorch .bin files into one flat dict of numpy arrays (dtype kept)."""
+    state: dict[str, np.ndarray] = {}
+    for path in files:
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            state.update(_read_safetensors(path))
+        else:
+            state.update(_read_torch_bin(path))
+    return state
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (TypeError, KeyError, ValueError) as err:
+        if "bf16" not in str(err).lower() and "bfloat16" not in str(err).lower():
+            raise CheckpointError(f"cannot read {path}: {err}") from err
+    # numpy has no bfloat16; ml_dtypes (a jax dependency) does, and the flax reader produces it.
+    with safe_open(str(path), framework="flax") as f:
+        return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle (.bin); reading it needs torch, which is not installed. "
+            "Install it (`pip install torch`), or convert the checkpoint to safetensors once "
+            "(`save_pretrained(..., safe_serialization=True)`).") from err
+    tensors = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in tensors.items()}
