@@ -6,6 +6,7 @@ keep their own parameter names so loading stays a key mapping, but the maths liv
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -56,3 +57,25 @@ def attention_probs(q: jax.Array, k: jax.Array, *, num_heads: int) -> jax.Array:
     kh = split_heads(k, num_heads).astype(jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) / jnp.sqrt(qh.shape[-1])
     return jax.nn.softmax(logits, axis=-1).mean(axis=1)
+
+
+class SownDense(nn.Dense):
+    """A Dense layer that is itself a capture site (its output sown as `<path>.output`).
+
+    A parent cannot sow under the name of one of its children, so layers that are sites in their
+    own right (CLIP's projections) sow from inside.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        self.sow("intermediates", "output", y)
+        return y
+
+
+class SownLayerNorm(nn.LayerNorm):
+    """A LayerNorm that is itself a capture site (CLIP's final/pre/post layer norms)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        self.sow("intermediates", "output", y)
+        return y

@@ -1,0 +1,116 @@
+"""Site names, site selection by glob pattern, and on-device reductions of captured activations.
+
+A *site* is a module path of the checkpoint prefixed with its component (`text_encoder.text_model.
+encoder.layers.11`, `unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2`), plus the sampler's
+own `latents` and `pred_original_sample`. Models sow `output` at every site; under `jit` XLA drops
+whatever a capture does not return, so capturing costs only what is asked for.
+
+Patterns are shell globs in which `*` also crosses dots. So that `unet.up_blocks.*` means the four
+up-block outputs rather than hundreds of inner layers, a pattern reaches *block-level* sites only
+(each model lists its own, see `BLOCK_SITES`), unless it asks for more: it contains `**`, its literal
+prefix already names a path inside a block (`unet.up_blocks.1.attentions.*`), or it ends in a literal
+name (`unet.*.attn2`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxprobe.errors import InputError, SiteError
+
+TOKEN_REDUCTIONS = ("eos", "mean", "last_content", "none")
+SPATIAL_REDUCTIONS = ("mean", "max", "none")
+
+
+def flatten_intermediates(tree: Mapping[str, Any], prefix: str = "") -> dict[str, jax.Array]:
+    """The `intermediates` collection -> {site: array}. `output` leaves name their module's site."""
+    sites: dict[str, jax.Array] = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            sites.update(flatten_intermediates(value, f"{prefix}{name}."))
+        else:
+            site = prefix[:-1] if name == "output" else f"{prefix}{name}"
+            sites[site] = value[-1]  # sow appends one entry per call; each site is called once
+    return sites
+
+
+def _literal_prefix(pattern: str) -> str:
+    return re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+
+
+def _pattern_reaches_inside(pattern: str, site: str, blocks: Sequence[str]) -> bool:
+    if "**" in pattern or not re.search(r"[*?\[]", pattern.rsplit(".", 1)[-1]):
+        return True
+    prefix = _literal_prefix(pattern)
+    return any(prefix.startswith(b + ".") for b in blocks if site.startswith(b + "."))
+
+
+def select_sites(patterns: str | Iterable[str], available: Sequence[str], block_sites: Sequence[str]) -> list[str]:
+    """Sites matched by any pattern, in the order of `available`.
+
+    block_sites: the subset of `available` that wildcards reach by default.
+    Raises SiteError for a pattern that matches nothing, listing what exists.
+    """
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise SiteError("no sites asked for; pass patterns such as 'text_encoder.*' or 'unet.mid_block'")
+    blocks = set(block_sites)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        glob = pattern.replace("**", "*")
+        hits = [s for s in available if fnmatch.fnmatchcase(s, glob)
+                and (s in blocks or _pattern_reaches_inside(pattern, s, sorted(blocks)))]
+        if not hits:
+            raise SiteError(f"site pattern {pattern!r} matches no site of this pipeline. "
+                            f"Block-level sites:\n  " + "\n  ".join(block_sites)
+                            + "\n(`jaxprobe info --sites MODEL` or `pipe.sites(all=True)` lists every site)")
+        chosen.update(hits)
+    return [s for s in available if s in chosen]
+
+
+def block_sites_of(available: Iterable[str], component: str, patterns: Sequence[str]) -> list[str]:
+    """The sites of one component whose module path fully matches one of the model's BLOCK_SITES."""
+    regex = re.compile("|".join(f"(?:{p})" for p in patterns))
+    start = len(component) + 1
+    return [s for s in available if s.startswith(component + ".") and regex.fullmatch(s[start:])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions (pure, traced inside the jitted programs)
+
+
+def check_reduction(how: str, allowed: Sequence[str], what: str) -> str:
+    if how not in allowed:
+        raise InputError(f"unknown {what} reduction {how!r}; choose one of {', '.join(allowed)}")
+    return how
+
+
+def reduce_tokens(x: jax.Array, eos: jax.Array, how: str) -> jax.Array:
+    """x: (b, tokens, d) or (b, d) (already pooled sites pass through); eos: (b,) EOS positions.
+
+    eos: the EOS token; mean: over BOS..EOS (the tokenizer's attention mask, padding excluded);
+    last_content: the token before EOS; none: every position.
+    """
+    if x.ndim == 2 or how == "none":
+        return x
+    rows = jnp.arange(x.shape[0])
+    if how == "eos":
+        return x[rows, eos]
+    if how == "last_content":
+        return x[rows, jnp.maximum(eos - 1, 0)]
+    real = (jnp.arange(x.shape[1])[None, :] <= eos[:, None]).astype(jnp.float32)  # (b, tokens)
+    return jnp.einsum("btd,bt->bd", x.astype(jnp.float32), real) / real.sum(axis=1, keepdims=True)
+
+
+def reduce_spatial(x: jax.Array, how: str) -> jax.Array:
+    """x: (b, h, w, c) -> (b, c) for mean/max, unchanged for none; (b, d) passes through."""
+    if x.ndim != 4 or how == "none":
+        return x
+    x = x.astype(jnp.float32)
+    return x.mean(axis=(1, 2)) if how == "mean" else x.max(axis=(1, 2))

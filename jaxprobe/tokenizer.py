@@ -1,0 +1,54 @@
+"""Prompts -> fixed-length CLIP token ids, with transformers' CLIPTokenizer from the checkpoint."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxprobe.errors import CheckpointError, InputError
+
+
+@dataclass(frozen=True)
+class PromptTokenizer:
+    """Pads and truncates to the text encoder's context length, as Stable Diffusion pipelines do."""
+
+    hf_tokenizer: object
+    max_length: int = 77
+
+    @classmethod
+    def from_dir(cls, path: str | Path, max_length: int | None = None) -> "PromptTokenizer":
+        from transformers import CLIPTokenizer
+
+        path = Path(path)
+        if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
+            raise CheckpointError(f"{path} is not a CLIP tokenizer folder: it needs vocab.json and merges.txt.")
+        hf = CLIPTokenizer.from_pretrained(str(path))
+        length = max_length or min(int(getattr(hf, "model_max_length", 77)), 77)
+        return cls(hf, length)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf_tokenizer)
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        """(n_prompts, max_length) int32 ids. Warns, naming them, for prompts that get truncated."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        empty = [i for i, p in enumerate(prompts) if not str(p).strip()]
+        if not prompts or empty:
+            raise InputError(f"empty prompt(s) at position(s) {empty or '[no prompts given]'}; "
+                             "remove them or give each concept some text")
+        full = self.hf_tokenizer(prompts, padding=False, truncation=False)["input_ids"]
+        long = [(p, len(ids)) for p, ids in zip(prompts, full) if len(ids) > self.max_length]
+        if long:
+            shown = "; ".join(f"{p[:40]!r} ({n} tokens)" for p, n in long[:5])
+            warnings.warn(f"{len(long)} prompt(s) exceed {self.max_length} tokens and are truncated "
+                          f"(the end is dropped, EOS kept): {shown}", stacklevel=2)
+        ids = self.hf_tokenizer(prompts, padding="max_length", max_length=self.max_length,
+                                truncation=True)["input_ids"]
+        return np.asarray(ids, dtype=np.int32)
