@@ -31,6 +31,14 @@ class PromptTokenizer:
         return cls(hf, length)
 
     @property
+    def eos_token_id(self) -> int:
+        return int(self.hf_tokenizer.eos_token_id)
+
+    def eos_positions(self, ids: np.ndarray) -> np.ndarray:
+        """(n, tokens) -> (n,) position of each prompt's EOS token (the reductions' anchor)."""
+        return np.argmax(ids == self.eos_token_id, axis=1).astype(np.int32)
+
+    @property
     def vocab_size(self) -> int:
         return len(self.hf_tokenizer)
 

@@ -1,0 +1,226 @@
+"""`jaxprobe.load`: checkpoints as users have them on disk -> a Pipeline of Flax components.
+
+Accepted sources:
+- `"tiny"`: the bundled randomly initialised SD-1.x-shaped model (offline, for demos and tests);
+- a diffusers pipeline folder (`model_index.json` with text_encoder/, tokenizer/, unet/, vae/,
+  scheduler/, optionally image_encoder/ and feature_extractor/; `variant="fp16"` weight files);
+- a transformers CLIP folder (`config.json` + safetensors/.bin, sharded or not): CLIPTextModel,
+  CLIPTextModelWithProjection, CLIPVisionModel(WithProjection) or a full CLIPModel;
+- a model id (`org/name`) already in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), never
+  downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprobe.errors import CheckpointError
+from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
+from jaxprobe.pipeline import Component, Pipeline
+from jaxprobe.tokenizer import PromptTokenizer
+from jaxprobe.weights import convert_state_dict, find_weight_files, read_state_dict
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+TEXT_ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
+VISION_ARCHITECTURES = {"CLIPVisionModel": False, "CLIPVisionModelWithProjection": True}
+# Keys a checkpoint may hold that no forward pass reads.
+_BUFFERS = ("*position_ids", "logit_scale")
+
+
+def compute_dtype(dtype: str | Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache as huggingface_hub resolves it, read at call time (tests and users set env vars late)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local folder as is, or an `org/name` model id looked up in the local HF cache (no network)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint's folder (the one with config.json "
+                              "or model_index.json).")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    cache = hf_cache_dir()
+    try:
+        return Path(snapshot_download(str(source), cache_dir=str(cache), local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError) as err:
+        raise CheckpointError(
+            f"{source!r} is neither a folder nor a model id in the local Hugging Face cache ({cache}). "
+            "Pass the path of a downloaded checkpoint, set HF_HOME/HF_HUB_CACHE to the cache that holds "
+            f"it, or download it where there is network (`hf download {source}`). "
+            "`jaxprobe info` lists the models in the cache.") from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}: the checkpoint folder is incomplete.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); re-download or repair it.") from err
+
+
+def _expected_params(module: Any, *example_inputs: Any) -> Any:
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs))["params"]
+
+
+def _on_device(params: Any, dtype: Any) -> Any:
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
+
+
+def _with_prefix(state: dict[str, np.ndarray], prefix: str, tops: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """transformers >= 5 saves CLIPTextModel/CLIPVisionModel without the `text_model.`/`vision_model.`
+    level that older checkpoints (all SD releases) have; put it back so one mapping serves both."""
+    if any(k.startswith(prefix) for k in state):
+        return state
+    return {(prefix + k if k.startswith(tops) else k): v for k, v in state.items()}
+
+
+def load_text_encoder(folder: Path, *, dtype: Any, variant: str | None = None,
+                      state: dict[str, np.ndarray] | None = None, config: dict[str, Any] | None = None) -> Component:
+    config = config if config is not None else _read_json(folder / "config.json")
+    arch = (config.get("architectures") or ["CLIPTextModel"])[0]
+    full_clip = arch == "CLIPModel"
+    if not full_clip and arch not in TEXT_ARCHITECTURES:
+        raise CheckpointError(f"{folder}: architecture {arch} is not a CLIP text encoder "
+                              f"(jaxprobe reads {', '.join([*TEXT_ARCHITECTURES, 'CLIPModel'])}).")
+    text_cfg = {**config.get("text_config", {}), "projection_dim": config.get("projection_dim")} if full_clip else config
+    cfg = CLIPTextConfig.from_dict(text_cfg, with_projection=full_clip or TEXT_ARCHITECTURES[arch])
+    module = CLIPTextModel(cfg, dtype=dtype)
+    state = state if state is not None else read_state_dict(find_weight_files(folder, variant=variant))
+    state = _with_prefix(state, "text_model.", ("embeddings.", "encoder.", "final_layer_norm."))
+    ignore = (*_BUFFERS, "vision_model.*", "visual_projection.*") if full_clip else _BUFFERS
+    expected = _expected_params(module, jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
+    params = convert_state_dict(state, expected, ignore=ignore, what=f"text encoder at {folder}")
+    return Component("text_encoder", module, _on_device(params, dtype), cfg)
+
+
+def load_image_encoder(folder: Path, *, dtype: Any, variant: str | None = None,
+                       state: dict[str, np.ndarray] | None = None, config: dict[str, Any] | None = None) -> Component:
+    config = config if config is not None else _read_json(folder / "config.json")
+    arch = (config.get("architectures") or ["CLIPVisionModelWithProjection"])[0]
+    full_clip = arch == "CLIPModel"
+    if not full_clip and arch not in VISION_ARCHITECTURES:
+        raise CheckpointError(f"{folder}: architecture {arch} is not a CLIP vision encoder "
+                              f"(jaxprobe reads {', '.join([*VISION_ARCHITECTURES, 'CLIPModel'])}).")
+    vis_cfg = {**config.get("vision_config", {}), "projection_dim": config.get("projection_dim")} if full_clip else config
+    cfg = CLIPVisionConfig.from_dict(vis_cfg, with_projection=full_clip or VISION_ARCHITECTURES[arch])
+    module = CLIPVisionModel(cfg, dtype=dtype)
+    state = state if state is not None else read_state_dict(find_weight_files(folder, variant=variant))
+    state = _with_prefix(state, "vision_model.", ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."))
+    ignore = (*_BUFFERS, "text_model.*", "text_projection.*") if full_clip else _BUFFERS
+    expected = _expected_params(module, jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels)))
+    params = convert_state_dict(state, expected, ignore=ignore, what=f"image encoder at {folder}")
+    return Component("image_encoder", module, _on_device(params, dtype), cfg)
+
+
+def _image_preprocess(folder: Path, cfg: CLIPVisionConfig) -> ImagePreprocess:
+    for candidate in (folder / "preprocessor_config.json", folder.parent / "feature_extractor" / "preprocessor_config.json"):
+        if candidate.is_file():
+            return ImagePreprocess.from_dict(_read_json(candidate))
+    return ImagePreprocess(size=cfg.image_size, crop_size=cfg.image_size)
+
+
+def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[str, Any]:
+    config = _read_json(folder / "config.json")
+    arch = (config.get("architectures") or [""])[0]
+    parts: dict[str, Any] = {}
+    state = read_state_dict(find_weight_files(folder, variant=variant))
+    if arch in TEXT_ARCHITECTURES or arch == "CLIPModel":
+        parts["text_encoder"] = load_text_encoder(folder, dtype=dtype, state=state, config=config)
+        if (folder / "vocab.json").is_file():
+            parts["tokenizer"] = PromptTokenizer.from_dir(folder, parts["text_encoder"].config.max_position_embeddings)
+    if arch in VISION_ARCHITECTURES or arch == "CLIPModel":
+        image = load_image_encoder(folder, dtype=dtype, state=state, config=config)
+        parts["image_encoder"], parts["image_preprocess"] = image, _image_preprocess(folder, image.config)
+    if not parts:
+        raise CheckpointError(f"{folder}: config.json names architecture {arch or '(none)'}; jaxprobe loads "
+                              "CLIP text/vision models and Stable Diffusion pipelines (model_index.json).")
+    return parts
+
+
+def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[str, Any]:
+    from jaxprobe.models.unet import load_unet
+    from jaxprobe.models.vae import load_vae
+    from jaxprobe.schedulers import SchedulerConfig
+
+    index = _read_json(folder / "model_index.json")
+    listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+    absent = sorted(k for k in listed & {"text_encoder", "tokenizer", "unet", "vae", "scheduler"} if not (folder / k).is_dir())
+    if absent:
+        raise CheckpointError(f"{folder}/model_index.json lists {', '.join(absent)} but the folder(s) are missing: "
+                              "the download is partial. Re-download those components.")
+    parts: dict[str, Any] = {}
+    if "text_encoder" in listed:
+        parts["text_encoder"] = load_text_encoder(folder / "text_encoder", dtype=dtype, variant=variant)
+    if "tokenizer" in listed:
+        length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
+        parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
+    if "unet" in listed:
+        parts["unet"] = load_unet(folder / "unet", dtype=dtype, variant=variant)
+    if "vae" in listed:
+        parts["vae"] = load_vae(folder / "vae", dtype=dtype, variant=variant)
+    if "scheduler" in listed:
+        parts["scheduler"] = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
+    if "image_encoder" in listed and (folder / "image_encoder").is_dir():
+        image = load_image_encoder(folder / "image_encoder", dtype=dtype, variant=variant)
+        parts["image_encoder"], parts["image_preprocess"] = image, _image_preprocess(folder / "image_encoder", image.config)
+    return parts
+
+
+def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: str | None = None,
+         image_encoder: str | Path | None = None, scheduler: str | None = None) -> Pipeline:
+    """Load a pipeline (or just CLIP towers) from `source`; see the module docstring for what it accepts.
+
+    dtype: compute and parameter dtype ("float32", "bfloat16"). variant: weight-file variant such as
+    "fp16" (falls back to plain files). image_encoder: a CLIP vision checkpoint (folder or id) used to
+    embed generated images (`image_encoder.*` sites). scheduler: sampler name overriding the
+    checkpoint's ("pndm", "ddim", "euler", "dpmpp_2m"), keeping its noise schedule.
+    """
+    dtype = compute_dtype(dtype)
+    if str(source) == "tiny":
+        from jaxprobe.tiny import tiny_parts
+
+        parts, label = tiny_parts(dtype), "tiny"
+    else:
+        folder = resolve_source(source)
+        label = str(source)
+        if (folder / "model_index.json").is_file():
+            parts = _load_diffusers_dir(folder, dtype, variant)
+        elif (folder / "config.json").is_file():
+            parts = _load_transformers_dir(folder, dtype, variant)
+        else:
+            raise CheckpointError(f"{folder} holds neither model_index.json (a diffusers pipeline) nor "
+                                  "config.json (a transformers model); point --model at the checkpoint's root folder.")
+    if image_encoder is not None:
+        folder = resolve_source(image_encoder)
+        image = load_image_encoder(folder, dtype=dtype, variant=variant)
+        parts["image_encoder"], parts["image_preprocess"] = image, _image_preprocess(folder, image.config)
+    if scheduler is not None:
+        from jaxprobe.schedulers import scheduler_config
+
+        parts["scheduler"] = scheduler_config(scheduler, parts.get("scheduler"))
+    pipe = Pipeline(source=label, dtype=dtype, **parts)
+    pipe.check_compatible()
+    return pipe
