@@ -168,10 +168,10 @@ class Pipeline:
 
     # ------------------------------------------------------------------ capture
 
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+    def tokenize(self, prompts: Sequence[str], allow_empty: bool = False) -> np.ndarray:
         if self.tokenizer is None:
             raise CheckpointError(f"{self.source} has no tokenizer folder; text capture needs one.")
-        return self.tokenizer(prompts)
+        return self.tokenizer(prompts, allow_empty=allow_empty)
 
     def capture(self, prompts: Sequence[str], sites: str | Iterable[str] = ("text_encoder.*",), *,
                 timesteps: str | Sequence[int] = "all", num_inference_steps: int = 50,
@@ -206,10 +206,10 @@ class Pipeline:
         return {s: out[s] for s in chosen}
 
     def _capture_text(self, prompts: Sequence[str], sites: Sequence[str], reduce: Reduce,
-                      batch_size: int, progress: bool) -> dict[str, np.ndarray]:
+                      batch_size: int, progress: bool, allow_empty: bool = False) -> dict[str, np.ndarray]:
         if self.text_encoder is None:
             raise SiteError(f"{self.source} has no text encoder")
-        ids = self.tokenize(prompts)
+        ids = self.tokenize(prompts, allow_empty=allow_empty)
         eos = self.tokenizer.eos_positions(ids)
         reductions = resolve_reductions(sites, reduce, lambda s: TOKEN_REDUCTIONS)
         local = tuple(s.removeprefix("text_encoder.") for s in sites)

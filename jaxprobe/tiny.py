@@ -1,41 +1,89 @@
 """The bundled `tiny` model: Stable Diffusion 1.x's architecture at toy widths, random weights.
 
-Deterministic (fixed PRNG seeds), built in memory in a second, no files beyond the small BPE
+Deterministic (fixed PRNG seeds), built in memory in seconds, no files beyond the small BPE
 vocabulary in assets/. It exists so that `jaxprobe run` and the tests work offline; a randomly
 initialised model carries no semantics, so its probes should decode at chance.
 """
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
+from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
+from jaxprobe.models.vae import AutoencoderKL, VAEConfig
+from jaxprobe.schedulers import SchedulerConfig
 from jaxprobe.tokenizer import PromptTokenizer
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 SEED = 0
+TEXT_WIDTH = 64
+
+# SD 1.5's own scheduler_config.json (PNDM, scaled-linear betas, leading spacing, steps_offset 1).
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "prediction_type": "epsilon"}
 
 
-def tiny_text_config(vocab_size: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-                          eos_token_id=vocab_size - 1)
+def tiny_configs(vocab_size: int) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:
+    text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
+                          num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77,
+                          hidden_act="quick_gelu", eos_token_id=vocab_size - 1)
+    unet = UNetConfig(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+                      cross_attention_dim=TEXT_WIDTH)
+    vae = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32,
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return text, unet, vae
 
 
-def _init(module: Any, seed: int, *example: Any) -> Any:
-    return jax.jit(module.init)(jax.random.key(seed), *example)["params"]
+def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
+    """Parameters for `module` drawn with numpy, leaf by leaf, from (seed, parameter path).
+
+    Tracing `init` abstractly and filling the shapes on the host avoids compiling the model's
+    initialiser (minutes for a UNet on 2 CPU cores) and keeps the weights identical across JAX and
+    Flax versions. Kernels and embeddings ~ N(0, 1/fan_in), norm scales 1, biases 0.
+    """
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *example))["params"]
+
+    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        kind = name.rsplit(".", 1)[-1]
+        if kind == "bias":
+            return np.zeros(leaf.shape, np.float32)
+        if kind == "scale":
+            return np.ones(leaf.shape, np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) if kind == "kernel" else leaf.shape[-1]
+        return (rng.standard_normal(leaf.shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def tiny_parts(dtype: Any) -> dict[str, Any]:
     from jaxprobe.pipeline import Component
 
     tokenizer = PromptTokenizer.from_dir(TOKENIZER_DIR)
-    text_cfg = tiny_text_config(tokenizer.vocab_size)
+    text_cfg, unet_cfg, vae_cfg = tiny_configs(tokenizer.vocab_size)
+    cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
     text = CLIPTextModel(text_cfg, dtype=dtype)
-    text_params = _init(text, SEED, jnp.zeros((1, 77), jnp.int32))
-    cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)  # noqa: E731
-    return {"tokenizer": tokenizer, "text_encoder": Component("text_encoder", text, cast(text_params), text_cfg)}
+    unet = UNet2DConditionModel(unet_cfg, dtype=dtype)
+    vae = AutoencoderKL(vae_cfg, dtype=dtype)
+    side = unet_cfg.sample_size
+    text_params = random_params(text, jnp.zeros((1, 77), jnp.int32))
+    unet_params = random_params(unet, jnp.zeros((1, side, side, 4)), jnp.zeros(()), jnp.zeros((1, 77, TEXT_WIDTH)))
+    vae_params = random_params(vae, jnp.zeros((1, 2 * side, 2 * side, 3)))
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": Component("text_encoder", text, cast(text_params), text_cfg),
+        "unet": Component("unet", unet, cast(unet_params), unet_cfg),
+        "vae": Component("vae", vae, cast(vae_params), vae_cfg),
+        "scheduler": SchedulerConfig.from_dict(SD15_SCHEDULER),
+    }

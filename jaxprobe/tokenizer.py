@@ -42,12 +42,16 @@ class PromptTokenizer:
     def vocab_size(self) -> int:
         return len(self.hf_tokenizer)
 
-    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        """(n_prompts, max_length) int32 ids. Warns, naming them, for prompts that get truncated."""
+    def __call__(self, prompts: Sequence[str], allow_empty: bool = False) -> np.ndarray:
+        """(n_prompts, max_length) int32 ids. Warns, naming them, for prompts that get truncated.
+
+        allow_empty: admit "" (the unconditional prompt of classifier-free guidance); a user's empty
+        prompt is almost always a data error, so it is refused by default.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
-        empty = [i for i, p in enumerate(prompts) if not str(p).strip()]
+        empty = [] if allow_empty else [i for i, p in enumerate(prompts) if not str(p).strip()]
         if not prompts or empty:
             raise InputError(f"empty prompt(s) at position(s) {empty or '[no prompts given]'}; "
                              "remove them or give each concept some text")
