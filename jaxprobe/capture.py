@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprobe.errors import InputError, SiteError
+from jaxprobe.errors import SiteError
 
 TOKEN_REDUCTIONS = ("eos", "mean", "last_content", "none")
 SPATIAL_REDUCTIONS = ("mean", "max", "none")
@@ -83,12 +83,6 @@ def block_sites_of(available: Iterable[str], component: str, patterns: Sequence[
 
 # ---------------------------------------------------------------------------------------------
 # Reductions (pure, traced inside the jitted programs)
-
-
-def check_reduction(how: str, allowed: Sequence[str], what: str) -> str:
-    if how not in allowed:
-        raise InputError(f"unknown {what} reduction {how!r}; choose one of {', '.join(allowed)}")
-    return how
 
 
 def reduce_tokens(x: jax.Array, eos: jax.Array, how: str) -> jax.Array:

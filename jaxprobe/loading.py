@@ -149,7 +149,7 @@ def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dic
     state = read_state_dict(find_weight_files(folder, variant=variant))
     if arch in TEXT_ARCHITECTURES or arch == "CLIPModel":
         parts["text_encoder"] = load_text_encoder(folder, dtype=dtype, state=state, config=config)
-        if (folder / "vocab.json").is_file():
+        if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
             parts["tokenizer"] = PromptTokenizer.from_dir(folder, parts["text_encoder"].config.max_position_embeddings)
     if arch in VISION_ARCHITECTURES or arch == "CLIPModel":
         image = load_image_encoder(folder, dtype=dtype, state=state, config=config)

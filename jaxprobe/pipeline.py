@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxprobe.capture import (SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS, block_sites_of, check_reduction,
-                              flatten_intermediates, reduce_spatial, reduce_tokens, select_sites)
+from jaxprobe.capture import (SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS, block_sites_of, flatten_intermediates,
+                              reduce_tokens, select_sites)
 from jaxprobe.errors import CheckpointError, InputError, SiteError
 from jaxprobe.models import clip
 
 Reduce = str | Mapping[str, str]
+KNOWN_REDUCTIONS = tuple(dict.fromkeys((*TOKEN_REDUCTIONS, *SPATIAL_REDUCTIONS, "cls")))
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def resolve_reductions(sites: Sequence[str], reduce: Reduce, allowed_for: callab
             if how is None:
                 raise InputError(f"no reduction given for site {site!r}: add a pattern such as '*': 'mean'")
         allowed = allowed_for(site)
+        if how not in KNOWN_REDUCTIONS:
+            raise InputError(f"unknown reduction {how!r}; choose one of {', '.join(KNOWN_REDUCTIONS)}")
         if how not in allowed:
             raise InputError(f"reduction {how!r} does not apply to {site!r} (it allows {', '.join(allowed)}); "
                              "pass reduce as a mapping, e.g. {'text_encoder.*': 'eos', '*': 'mean'}")

@@ -24,8 +24,10 @@ class PromptTokenizer:
         from transformers import CLIPTokenizer
 
         path = Path(path)
-        if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-            raise CheckpointError(f"{path} is not a CLIP tokenizer folder: it needs vocab.json and merges.txt.")
+        slow = (path / "vocab.json").is_file() and (path / "merges.txt").is_file()
+        if not slow and not (path / "tokenizer.json").is_file():  # transformers >= 5 writes only tokenizer.json
+            raise CheckpointError(f"{path} is not a CLIP tokenizer folder: it needs vocab.json and merges.txt "
+                                  "(or a tokenizer.json); copy the checkpoint's tokenizer/ folder completely.")
         hf = CLIPTokenizer.from_pretrained(str(path))
         length = max_length or min(int(getattr(hf, "model_max_length", 77)), 77)
         return cls(hf, length)

@@ -1,0 +1,210 @@
+"""The whole pipeline against diffusers' StableDiffusionPipeline, loaded from a diffusers folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+import jaxprobe  # noqa: E402
+from jaxprobe.errors import CheckpointError, InputError, SiteError  # noqa: E402
+from jaxprobe.tiny import SD15_SCHEDULER, TOKENIZER_DIR  # noqa: E402
+
+from sd_reference import CROSS_ATTENTION_DIM, PREDICTION_TYPE, make_unet, make_vae, nchw, run_with_hooks  # noqa: E402
+
+PROMPTS = ["a photo of a airplane", "a photo of a zebra", "a drawing of a banana"]
+STEPS = 10
+
+
+def _build(path, style: str):
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    torch.manual_seed(0)
+    text_cfg = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=len(tokenizer) - 2,
+        pad_token_id=len(tokenizer) - 1)
+    scheduler = diffusers.PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": PREDICTION_TYPE[style]})
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=make_vae(seed=1), text_encoder=transformers.CLIPTextModel(text_cfg).eval(), tokenizer=tokenizer,
+        unet=make_unet(style, seed=2), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return pipe
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def _pipeline(style: str, tmp_path_factory) -> tuple:
+    if style not in _BUILT:
+        path = tmp_path_factory.mktemp(f"pipeline_{style}")
+        reference = _build(path, style)
+        _BUILT[style] = (path, reference, jaxprobe.load(path))
+    return _BUILT[style]
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def sd_both(request, tmp_path_factory):
+    """Parity runs on both families; the API tests below need only one."""
+    return _pipeline(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return _pipeline("sd1", tmp_path_factory)
+
+
+def _noise(pipe, n):
+    side = pipe.unet.config.sample_size
+    return np.random.default_rng(0).standard_normal((n, 4, side, side)).astype(np.float32)
+
+
+def test_loop_matches_diffusers_and_mid_block_hook(sd_both):
+    path, reference, pipe = sd_both
+    latents = _noise(pipe, len(PROMPTS))
+    captured = pipe.capture(PROMPTS, ["unet.mid_block", "latents"], num_inference_steps=STEPS, guidance_scale=7.5,
+                            latents=latents, reduce="none")
+    mids = []
+    hook = reference.unet.mid_block.register_forward_hook(lambda m, a, out: mids.append(out.detach().numpy()))
+    try:
+        with torch.no_grad():
+            ref = reference(PROMPTS, num_inference_steps=STEPS, guidance_scale=7.5, latents=torch.from_numpy(latents),
+                            output_type="latent").images.numpy()
+    finally:
+        hook.remove()
+    ours = captured["latents"][:, -1].transpose(0, 3, 1, 2)  # (n, steps, h, w, c) -> final NCHW
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=1e-3)
+    # diffusers runs [uncond; cond] in one batch: the conditional half is what we capture by default
+    ref_mid = np.stack([m[len(PROMPTS):] for m in mids], axis=1).transpose(0, 1, 3, 4, 2)
+    assert captured["unet.mid_block"].shape == ref_mid.shape
+    np.testing.assert_allclose(captured["unet.mid_block"], ref_mid, atol=1e-3, rtol=1e-3)
+
+
+def test_capture_shapes_reductions_and_branches(sd):
+    _, _, pipe = sd
+    kw = dict(num_inference_steps=4, latents=_noise(pipe, 2))
+    sites = ["text_encoder.*", "unet.down_blocks.*", "unet.mid_block", "latents", "pred_original_sample"]
+    feats = pipe.capture(PROMPTS[:2], sites, reduce={"text_encoder.*": "eos", "*": "mean"}, **kw)
+    n_evals = len(jaxprobe.sampling.sampling_timesteps(pipe, 4))
+    assert n_evals == 5  # PNDM evaluates its warm-up step twice
+    width = pipe.unet.config.block_out_channels[-1]
+    assert feats["unet.mid_block"].shape == (2, n_evals, width)
+    assert feats["latents"].shape == (2, n_evals, 4)
+    assert feats["text_encoder.text_model.final_layer_norm"].shape == (2, CROSS_ATTENTION_DIM)
+    full = pipe.capture(PROMPTS[:2], ["unet.mid_block"], reduce="none", **kw)["unet.mid_block"]
+    np.testing.assert_allclose(feats["unet.mid_block"], full.mean(axis=(2, 3)), atol=1e-5)
+    peak = pipe.capture(PROMPTS[:2], ["unet.mid_block"], reduce="max", **kw)["unet.mid_block"]
+    np.testing.assert_allclose(peak, full.max(axis=(2, 3)), atol=1e-5)
+    chosen = pipe.capture(PROMPTS[:2], ["unet.mid_block"], timesteps=[0, -1], **kw)["unet.mid_block"]
+    np.testing.assert_allclose(chosen, feats["unet.mid_block"][:, [0, -1]], atol=1e-6)
+    uncond = pipe.capture(PROMPTS[:2], ["unet.mid_block"], branch="uncond", **kw)["unet.mid_block"]
+    assert not np.allclose(uncond, feats["unet.mid_block"])
+    maps = pipe.capture(PROMPTS[:2], ["unet.*.attn2.probs"], reduce="none", **kw)
+    for site, value in maps.items():
+        assert value.shape[:3] == (2, n_evals, 77)
+        np.testing.assert_allclose(value.sum(axis=2), 1.0, atol=1e-4)  # softmax over tokens
+
+
+def test_generate_returns_images_and_captures(sd):
+    _, _, pipe = sd
+    images, feats = pipe.generate(PROMPTS[:2], sites=["unet.mid_block"], num_inference_steps=3,
+                                  latents=_noise(pipe, 2))
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    assert images.shape == (2, pipe.unet.config.sample_size * factor, pipe.unet.config.sample_size * factor, 3)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert feats["unet.mid_block"].shape[:2] == (2, 4)
+    pil = pipe.generate(PROMPTS[:1], num_inference_steps=2, output_type="pil")
+    assert pil[0].size == images.shape[1:3]
+
+
+def test_capture_images_matches_manual_unet_pass(sd):
+    _, reference, pipe = sd
+    rng = np.random.default_rng(0)
+    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    images = rng.uniform(size=(2, size, size, 3)).astype(np.float32)
+    feats = pipe.capture_images(images, ["unet.mid_block"], t=25, seed=3)
+    again = pipe.capture_images(images, ["unet.mid_block"], t=25, seed=3)
+    np.testing.assert_array_equal(feats["unet.mid_block"], again["unet.mid_block"])
+    assert feats["unet.mid_block"].shape == (2, pipe.unet.config.block_out_channels[-1])
+    with torch.no_grad():
+        mean = reference.vae.encode(nchw(images * 2 - 1)).latent_dist.mean * reference.vae.config.scaling_factor
+        ids = reference.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        context = reference.text_encoder(ids)[0].repeat(2, 1, 1)
+        key = __import__("jax").random.key(3)
+        import jax
+
+        noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), mean.shape[2:] + (4,)))
+                          for i in range(2)]).transpose(0, 3, 1, 2)
+        noisy = reference.scheduler.add_noise(mean, torch.from_numpy(noise), torch.tensor([25, 25]))
+        _, hooked = run_with_hooks(reference.unet, ["mid_block"],
+                                   lambda: reference.unet(noisy, 25, encoder_hidden_states=context))
+    np.testing.assert_allclose(feats["unet.mid_block"], hooked["mid_block"].mean(axis=(1, 2)), atol=1e-3)
+
+
+def test_bad_inputs_are_named(sd, tmp_path):
+    path, _, pipe = sd
+    with pytest.raises(InputError, match="unknown|choose"):
+        pipe.capture(PROMPTS[:1], ["unet.mid_block"], reduce="median", num_inference_steps=2)
+    with pytest.raises(InputError, match="does not apply"):
+        pipe.capture(PROMPTS[:1], ["unet.mid_block"], reduce="eos", num_inference_steps=2)
+    with pytest.raises(InputError, match="outside"):
+        pipe.capture(PROMPTS[:1], ["unet.mid_block"], timesteps=[99], num_inference_steps=2)
+    with pytest.raises(InputError, match="latents must be"):
+        pipe.capture(PROMPTS[:1], ["unet.mid_block"], latents=np.zeros((2, 4, 8, 8)), num_inference_steps=2)
+    with pytest.raises(SiteError, match="matches no site"):
+        pipe.capture(PROMPTS[:1], ["unet.nonexistent_block"])
+    partial = tmp_path / "partial"
+    shutil.copytree(path, partial)
+    shutil.rmtree(partial / "unet")
+    with pytest.raises(CheckpointError, match="missing"):
+        jaxprobe.load(partial)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(path, mismatched)
+    cfg = json.loads((mismatched / "text_encoder" / "config.json").read_text())
+    cfg["hidden_size"] = 48
+    (mismatched / "text_encoder" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError):
+        jaxprobe.load(mismatched)
+    with pytest.raises(InputError, match="unknown scheduler|known"):
+        jaxprobe.load(path, scheduler="heun_magic")
+
+
+def test_fp16_variant_files_are_preferred(sd, tmp_path):
+    path, reference, _ = sd
+    variant = tmp_path / "variant"
+    reference.to(torch.float16).save_pretrained(variant, variant="fp16")
+    reference.to(torch.float32)
+    pipe = jaxprobe.load(variant, variant="fp16")
+    assert pipe.unet is not None and any(p.name.endswith(".fp16.safetensors") for p in (variant / "unet").iterdir())
+
+
+def test_tiny_model_is_deterministic_and_data_parallel():
+    """Four simulated CPU devices give the one-device features (prompts sharded over devices)."""
+    code = (
+        "import numpy as np, jaxprobe, jax, sys;"
+        "p = jaxprobe.load('tiny');"
+        "f = p.capture(['a cat', 'a dog', 'a car', 'a cup', 'a hat'], ['text_encoder.*', 'unet.mid_block'],"
+        " num_inference_steps=3, batch_size=4);"
+        "np.savez(sys.argv[1], n=jax.device_count(), **f)"
+    )
+    import os
+    import tempfile
+
+    results = []
+    for devices in (1, 4):
+        out = os.path.join(tempfile.mkdtemp(), "f.npz")
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        subprocess.run([sys.executable, "-c", code, out], check=True, env=env)
+        results.append(dict(np.load(out)))
+    assert int(results[0]["n"]) == 1 and int(results[1]["n"]) == 4
+    for key in results[0]:
+        if key != "n":
+            np.testing.assert_allclose(results[0][key], results[1][key], atol=1e-5, err_msg=key)
