@@ -181,7 +181,7 @@ class Pipeline:
                 guidance_scale: float = 7.5, seed: int = 0, reduce: Reduce = "mean",
                 latents: np.ndarray | None = None, batch_size: int = 8, branch: str = "cond",
                 negative_prompt: str = "", height: int | None = None, width: int | None = None,
-                progress: bool = False) -> dict[str, np.ndarray]:
+                prompt_offset: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
         """Run the prompts and return {site: array} for every site the patterns select.
 
         Text sites: (n_prompts, dim) after the token reduction, (n_prompts, tokens, dim) with "none".
@@ -189,7 +189,8 @@ class Pipeline:
         spatial reduction ("mean", "max", or "none": (n, T, h, w, c)); `...attn2.probs` sites give
         cross-attention maps (n, T, tokens, h, w). `image_encoder.*` sites embed the decoded images.
         timesteps: "all" or step indices (0 = first denoising step) to keep. `branch`: "cond" or
-        "uncond" (the classifier-free-guidance half captured). `latents`: initial noise (n, 4, h, w).
+        "uncond" (the classifier-free-guidance half captured). `latents`: initial noise (n, 4, h, w);
+        otherwise prompt i gets the noise of (seed, prompt_offset + i), whatever the batching.
         """
         prompts = list(prompts)
         chosen = self.select(sites)
@@ -205,7 +206,7 @@ class Pipeline:
                 self, prompts, sampling_sites, timesteps=timesteps, num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale, seed=seed, reduce=reduce, latents=latents,
                 batch_size=batch_size, branch=branch, negative_prompt=negative_prompt,
-                height=height, width=width, progress=progress))
+                height=height, width=width, prompt_offset=prompt_offset, progress=progress))
         return {s: out[s] for s in chosen}
 
     def _capture_text(self, prompts: Sequence[str], sites: Sequence[str], reduce: Reduce,

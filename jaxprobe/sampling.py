@@ -147,8 +147,9 @@ def make_schedule(pipe: "Pipeline", num_inference_steps: int) -> schedulers.Sche
 
 
 def _initial_noise(pipe: "Pipeline", n: int, seed: int, latents: np.ndarray | None,
-                   shape: tuple[int, int, int]) -> np.ndarray:
-    """(n, h, w, c) float32. Prompt i's noise depends only on (seed, i), never on batching."""
+                   shape: tuple[int, int, int], offset: int = 0) -> np.ndarray:
+    """(n, h, w, c) float32. Prompt i's noise depends only on (seed, offset + i), never on batching,
+    so a list extracted in chunks (or shards on several hosts) gets the noise of one whole run."""
     if latents is not None:
         latents = np.asarray(latents, np.float32)
         if latents.ndim != 4 or latents.shape[0] != n or latents.shape[1] != shape[2]:
@@ -156,7 +157,8 @@ def _initial_noise(pipe: "Pipeline", n: int, seed: int, latents: np.ndarray | No
                              f"got {latents.shape}")
         return latents.transpose(0, 2, 3, 1)
     key = jax.random.key(seed)
-    return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(jnp.arange(n)))
+    indices = jnp.arange(offset, offset + n)
+    return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices))
 
 
 def _text_context(pipe: "Pipeline", prompts: Sequence[str]) -> np.ndarray:
@@ -181,7 +183,7 @@ def _step_indices(timesteps: str | Sequence[int], n_steps: int) -> np.ndarray:
 def run_sampling(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], *, num_inference_steps: int,
                  guidance_scale: float, seed: int, reduce: Any, latents: np.ndarray | None, batch_size: int,
                  branch: str, negative_prompt: str, height: int | None, width: int | None,
-                 progress: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                 progress: bool, prompt_offset: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Final latents (n, h, w, c) and {site: (n, steps, ...)} for UNet/sampler sites (full names)."""
     from jaxprobe.pipeline import resolve_reductions, run_batched
 
@@ -199,7 +201,7 @@ def run_sampling(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str],
     plan = CapturePlan(tuple(s.removeprefix("unet.") for s in sites), reductions, branch, guided)
     schedule = make_schedule(pipe, num_inference_steps)
     shape = latent_shape(pipe, height, width)
-    inputs = {"noise": _initial_noise(pipe, len(prompts), seed, latents, shape),
+    inputs = {"noise": _initial_noise(pipe, len(prompts), seed, latents, shape, prompt_offset),
               "cond": _text_context(pipe, prompts)}
     if guided:
         uncond = _text_context(pipe, [negative_prompt])

@@ -1,0 +1,269 @@
+"""The main job: where along a text-to-image pipeline are human semantic attributes decodable?
+
+    norms -> prompts (templates x seeds) -> features at every text layer and every UNet site x step
+    (cached, resumable) -> nested-CV ridge probes per attribute -> group and disentanglement
+    analyses -> tables, figures, one HTML report.
+
+`ExperimentConfig` holds every choice (a TOML file can set any field); `run_experiment` is what
+`jaxprobe run` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxprobe.errors import InputError
+
+DEFAULT_UNET_SITES = ("unet.down_blocks.*", "unet.mid_block", "unet.up_blocks.*", "latents", "pred_original_sample")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run depends on. Defaults: the bundled tiny model on Binder's concrete nouns."""
+
+    model: str = "tiny"
+    norms: str = "binder"                      # a bundled norms name or a CSV/TSV path
+    norms_groups: str | None = None            # groups file for a user's norms
+    max_concepts: int | None = None            # keep the first N concepts (quick looks)
+    templates: tuple[str, ...] = ("a photo of a {concept}",)
+    seeds: tuple[int, ...] = (0,)
+    repeats: str = "average"                   # "average" templates x seeds per concept, or "keep" them as rows
+    text_sites: tuple[str, ...] = ("text_encoder.*",)
+    unet_sites: tuple[str, ...] = DEFAULT_UNET_SITES
+    image_encoder: str | None = None           # CLIP vision checkpoint: embed the generated images
+    token_reduce: str = "eos"
+    spatial_reduce: str = "mean"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str | None = None
+    dtype: str = "float32"
+    batch_size: int = 16
+    outer_cv: int = 5
+    inner_cv: int | str = 5
+    alphas: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 20))
+    fold_groups: str | None = None             # a norms metadata column whose values stay on one side of splits
+    n_permutations: int = 100
+    n_bootstrap: int = 200
+    seed: int = 0
+    out: str = "jaxprobe-runs/default"
+    cache: str = "jaxprobe-runs/cache"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.repeats not in ("average", "keep"):
+            raise InputError(f"repeats must be 'average' or 'keep', not {self.repeats!r}")
+        if not self.templates or any("{concept}" not in t for t in self.templates):
+            raise InputError(f"every template needs a '{{concept}}' placeholder; got {list(self.templates)}")
+        if not self.seeds:
+            raise InputError("give at least one seed")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "ExperimentConfig":
+        """Fields from a TOML file (top level or an [experiment] table), then `overrides` (None ignored)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise InputError(f"cannot read config {path}: {err}") from err
+        data = data.get("experiment", data)
+        return cls.from_mapping({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], source: str = "options") -> "ExperimentConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise InputError(f"{source}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+        tuples = {name for name, f in fields.items() if str(f.type).startswith("tuple")}
+        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
+
+    def to_toml(self) -> str:
+        lines = ["[experiment]"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Rows of the experiment: prompt text, the concept it names, its template and sampling seed."""
+
+    prompts: tuple[str, ...]      # one per (concept, template)
+    concept_index: np.ndarray      # (n_prompts,) index into the norms' concepts
+    template_index: np.ndarray
+
+
+def build_prompts(concepts: Sequence[str], templates: Sequence[str]) -> PromptSet:
+    rows = [(template.format(concept=c), ci, ti) for ci, c in enumerate(concepts) for ti, template in enumerate(templates)]
+    return PromptSet(tuple(r[0] for r in rows), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
+
+
+def _model_fingerprint(pipe: Any, config: ExperimentConfig) -> dict[str, Any]:
+    """What identifies the weights: the source, dtype and every component's config (a changed
+    checkpoint folder with the same configs is not detected: use --force after editing weights)."""
+    return {"source": pipe.source, "dtype": str(np.dtype(pipe.dtype)) if pipe.dtype is not None else None,
+            "configs": {name: repr(c.config) for name, c in pipe.components.items()},
+            "scheduler": repr(pipe.scheduler), "image_encoder": config.image_encoder}
+
+
+def extract_features(pipe: Any, config: ExperimentConfig, prompt_set: PromptSet, *, progress: bool = True,
+                     log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+    """{site: (n_prompts x n_seeds rows, [steps,] dim)}, rows ordered seed-major, through the cache."""
+    from jaxprobe.store import FeatureStore
+
+    store = FeatureStore(config.cache)
+    model = _model_fingerprint(pipe, config)
+    prompts = list(prompt_set.prompts)
+    features: dict[str, list[np.ndarray]] = {}
+    text_sites = pipe.select(config.text_sites) if config.text_sites else []
+    if text_sites:
+        description = {"kind": "text", "model": model, "sites": text_sites, "prompts": prompts,
+                       "reduce": config.token_reduce}
+        text = store.compute(description, len(prompts), lambda part: pipe.capture(
+            prompts[part], text_sites, reduce=config.token_reduce, batch_size=config.batch_size),
+            force=config.force, progress=progress, label="text encoder")
+        for site, value in text.items():  # text features do not depend on the sampling seed
+            features[site] = [value] * len(config.seeds)
+    sampled = [s for s in pipe.select(config.unet_sites)] if config.unet_sites else []
+    if config.image_encoder:
+        sampled += pipe.select(["image_encoder.visual_projection"])
+    if sampled:
+        for seed in config.seeds:
+            description = {"kind": "sampling", "model": model, "sites": sampled, "prompts": prompts,
+                           "reduce": config.spatial_reduce, "steps": config.num_inference_steps,
+                           "guidance": config.guidance_scale, "seed": seed}
+            values = store.compute(description, len(prompts), lambda part, seed=seed: pipe.capture(
+                prompts[part], sampled, reduce=config.spatial_reduce, num_inference_steps=config.num_inference_steps,
+                guidance_scale=config.guidance_scale, seed=seed, batch_size=config.batch_size,
+                prompt_offset=part.start), force=config.force, progress=progress, label=f"sampling (seed {seed})")
+            for site, value in values.items():
+                features.setdefault(site, []).append(value)
+    return {site: np.concatenate(chunks) for site, chunks in features.items()}
+
+
+def concept_features(features: dict[str, np.ndarray], concept_index: np.ndarray, n_concepts: int,
+                     repeats: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Average every concept's repeats (templates x seeds) or keep them as rows.
+
+    Returns the features and, per row, its concept index (used to keep a concept's repeats on one
+    side of every split)."""
+    if repeats == "keep":
+        return features, concept_index
+    counts = np.bincount(concept_index, minlength=n_concepts).astype(np.float64)
+    averaged = {}
+    for site, value in features.items():
+        sums = np.zeros((n_concepts, *value.shape[1:]), np.float64)
+        np.add.at(sums, concept_index, value)
+        averaged[site] = (sums / counts.reshape(-1, *[1] * (value.ndim - 1))).astype(np.float32)
+    return averaged, np.arange(n_concepts)
+
+
+@dataclass
+class RunLog:
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        return result
+
+
+def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: bool = True,
+                   log: Callable[[str], None] = print) -> Any:
+    """Run the whole study and write tables, figures and report.html under `config.out`.
+
+    Returns the `jaxprobe.report.ExperimentResults` it reported on.
+    """
+    import jax
+
+    import jaxprobe
+    from jaxprobe import report
+    from jaxprobe.analyses import disentanglement, groups
+    from jaxprobe.norms import load_norms
+    from jaxprobe.probes import probe_sweep
+
+    run = RunLog()
+    options = {"groups": config.norms_groups} if config.norms_groups else {}
+    norms = load_norms(config.norms, **options)
+    if config.max_concepts:
+        norms = norms.select(list(norms.concepts[: config.max_concepts]), reason=f"beyond max_concepts={config.max_concepts}")
+    log(f"norms: {norms}")
+    pipe = run.timed("load", lambda: jaxprobe.load(config.model, dtype=config.dtype, image_encoder=config.image_encoder,
+                                                    scheduler=config.scheduler))
+    prompt_set = build_prompts(norms.concepts, config.templates)
+    log(f"model: {pipe.source}; {len(prompt_set.prompts)} prompts x {len(config.seeds)} seed(s); "
+        f"JAX on {jax.device_count()} {jax.default_backend()} device(s)")
+    raw = run.timed("extract", lambda: extract_features(pipe, config, prompt_set, progress=progress, log=log))
+    rows_concept = np.tile(prompt_set.concept_index, len(config.seeds))
+    feats, row_concepts = concept_features(raw, rows_concept, len(norms.concepts), config.repeats)
+    targets = norms.to_frame().iloc[row_concepts].reset_index(drop=True)
+    fold_groups = row_concepts
+    if config.fold_groups:
+        if config.fold_groups not in norms.metadata.columns:
+            raise InputError(f"fold_groups={config.fold_groups!r} is not a metadata column of {norms.name}; "
+                             f"choose from {list(norms.metadata.columns)}")
+        fold_groups = norms.metadata[config.fold_groups].to_numpy()[row_concepts]
+    log(f"probing {sum(v.shape[1] if v.ndim == 3 else 1 for v in feats.values())} feature sets x "
+        f"{len(norms.attributes)} attributes ({config.outer_cv}x{config.inner_cv} nested CV, "
+        f"{config.n_permutations} permutations, {config.n_bootstrap} bootstraps)")
+    table, predictions = run.timed("probe", lambda: probe_sweep(
+        feats, targets, alphas=np.asarray(config.alphas), outer_cv=config.outer_cv, inner_cv=config.inner_cv,
+        groups=fold_groups, target_groups=norms.groups, n_permutations=config.n_permutations,
+        n_bootstrap=config.n_bootstrap, seed=config.seed, return_predictions=True))
+    feature_sets = list(dict.fromkeys(table["feature_set"]))
+    Y = targets.to_numpy(dtype=np.float64)
+    results = report.ExperimentResults.build(
+        table=table, predictions=predictions, Y=Y, feature_sets=feature_sets, targets=list(norms.attributes),
+        target_groups=dict(norms.groups),
+        group_table=groups.group_decoding(table),
+        similarity=disentanglement.correlation_similarity(predictions, Y, feature_sets),
+        confusability=disentanglement.confusability(predictions, Y, feature_sets),
+        metadata=_metadata(config, pipe, norms, run))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(config.to_toml())
+    report.write_tables(results, out)
+    path = report.write_report(results, out)
+    log(f"report: {path}")
+    return results
+
+
+def _metadata(config: ExperimentConfig, pipe: Any, norms: Any, run: RunLog) -> dict[str, Any]:
+    import jax
+
+    return {
+        "model": pipe.source, "random_weights": pipe.source == "tiny", "norms": norms.name,
+        "citation": norms.citation, "n_concepts": len(norms.concepts), "n_attributes": len(norms.attributes),
+        "templates": list(config.templates), "seeds": list(config.seeds), "repeats": config.repeats,
+        "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
+        "sampler": getattr(pipe.scheduler, "kind", None), "token_reduce": config.token_reduce,
+        "spatial_reduce": config.spatial_reduce, "cv": f"{config.outer_cv} outer x {config.inner_cv} inner folds",
+        "n_permutations": config.n_permutations, "n_bootstrap": config.n_bootstrap, "dropped": norms.dropped,
+        "timings_s": dict(run.timings), "devices": f"{jax.device_count()} x {jax.default_backend()}",
+        "python": platform.python_version(), "jax": jax.__version__,
+    }
