@@ -1,0 +1,173 @@
+"""scikit-learn-style estimators over the batched probe solvers.
+
+`RidgeCV` follows scikit-learn's `RidgeCV` conventions (fit/predict/score, `alpha_`, `coef_` of
+shape (n_targets, n_features), `intercept_`, `best_score_`) and adds `cv_scores_`. It is the
+single-feature-set face of `ridge.py`: the same decomposition, deletion-based selection and
+coefficients the sweep uses. `LogisticProbe` is the same for the optax classifiers of `linear.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprobe.errors import InputError
+from jaxprobe.probes import folds, linear
+from jaxprobe.probes.ridge import (
+    Scoring, coefficients, decompose, inner_cv_scores, select_alphas, training_targets)
+
+
+class RidgeCV:
+    """Ridge regression with the alpha chosen by cross-validation, closed form, in JAX.
+
+    alphas: candidate penalties. cv: None -> exact leave-one-out (scikit-learn's default, scored by
+    mean squared error); int -> contiguous K-fold; or a scikit-learn splitter / iterable of
+    (train, validation) pairs whose validation sets partition the rows (scored by mean R² over
+    folds, scikit-learn's GridSearchCV default). scoring: "r2" or "neg_mean_squared_error" to
+    override (himalaya selects with the latter). alpha_per_target: one alpha per target (also with
+    K-fold, unlike scikit-learn) or one shared alpha maximising the mean score over targets.
+    dtype: float32 by default; np.float64 computes in double precision.
+
+    Fitted attributes: alpha_ (n_targets,) or float; coef_ (n_targets, n_features), or
+    (n_features,) for 1-D y; intercept_; best_score_ (the selection score at alpha_, per target or
+    averaged when shared); cv_scores_ (n_alphas, n_targets), or (n_alphas,) for 1-D y: the
+    selection score of every candidate alpha — mean over folds of R², or minus the mean squared
+    leave-one-out error.
+    """
+
+    def __init__(
+        self, alphas: Sequence[float] | np.ndarray = (0.1, 1.0, 10.0), *, cv=None,
+        alpha_per_target: bool = True, fit_intercept: bool = True, scoring: str | None = None,
+        dtype: np.dtype | type = np.float32,
+    ):
+        self.alphas = alphas
+        self.cv = cv
+        self.alpha_per_target = alpha_per_target
+        self.fit_intercept = fit_intercept
+        self.scoring = scoring
+        self.dtype = dtype
+
+    def fit(self, X, y) -> RidgeCV:
+        X, Y, ravel = _check_xy(X, y)
+        alphas = np.asarray(self.alphas, float).reshape(-1)
+        if (alphas <= 0).any():
+            raise InputError("alphas must be positive")
+        vals = folds.inner_folds_from_cv(self.cv, X, y)
+        plan = folds.pack_plan(len(X), [np.array([], int)], [vals])
+        scoring = _scoring(self.scoring, plan.leave_one_out)
+        with jax.enable_x64(np.dtype(self.dtype) == np.float64):
+            fitted = _fit(jnp.asarray(X, self.dtype), jnp.asarray(Y, self.dtype), plan,
+                          jnp.asarray(alphas, self.dtype), alpha_per_target=self.alpha_per_target,
+                          fit_intercept=self.fit_intercept, scoring=scoring)
+            coef, intercept, scores, best = jax.device_get(fitted)
+        chosen = alphas[best]
+        self.n_features_in_ = X.shape[1]
+        self.coef_ = coef.T[0] if ravel else coef.T
+        self.intercept_ = intercept[0] if ravel else intercept
+        self.cv_scores_ = scores[:, 0] if ravel else scores
+        best_scores = scores[best, np.arange(scores.shape[1])]
+        if self.alpha_per_target and not ravel:
+            self.alpha_, self.best_score_ = chosen, best_scores
+        else:
+            self.alpha_, self.best_score_ = float(chosen[0]), float(best_scores.mean())
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        X = np.asarray(X, float)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise InputError(f"X must be (n, {self.n_features_in_}), got {X.shape}")
+        return X @ self.coef_.T + self.intercept_
+
+    def score(self, X, y) -> float:
+        """R² of the predictions, averaged uniformly over targets (scikit-learn's convention)."""
+        y = np.asarray(y, float)
+        pred = self.predict(X)
+        ss_res = ((y - pred) ** 2).sum(0)
+        ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+        return float(np.mean(1 - ss_res / ss_tot))
+
+
+@functools.partial(jax.jit, static_argnames=("alpha_per_target", "fit_intercept", "scoring"))
+def _fit(x, y, plan: folds.FoldPlan, alphas, *, alpha_per_target: bool, fit_intercept: bool,
+         scoring: Scoring):
+    train, mask = plan.train[0], plan.train_mask[0]
+    dec = decompose(x, train, mask, fit_intercept=fit_intercept)
+    tt = training_targets(dec, y, train, mask, fit_intercept=fit_intercept)
+    scores = inner_cv_scores(dec, tt, plan.val[0], plan.val_mask[0], alphas,
+                             fit_intercept=fit_intercept, scoring=scoring)       # (A, t)
+    t = y.shape[1]
+    best = select_alphas(scores, jnp.arange(t) if alpha_per_target else jnp.zeros(t, int))
+    coef, intercept = coefficients(dec, tt, alphas[best])
+    return coef, intercept, scores, best
+
+
+class LogisticProbe:
+    """Logistic-regression probe (binary or multi-class) trained with optax, with L2 and early
+    stopping on a random validation split of `val_fraction` of the rows (0: train to convergence
+    on all rows); see `linear.ProbeConfig` for the training options.
+
+    Fitted attributes: classes_, coef_ (n_classes or 1, n_features), intercept_, n_steps_ (steps
+    until the best validation loss).
+    """
+
+    def __init__(self, config: linear.ProbeConfig | None = None, *, val_fraction: float = 0.2,
+                 seed: int = 0):
+        self.config = config or linear.ProbeConfig(loss="logistic")
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def fit(self, X, y) -> LogisticProbe:
+        X = np.asarray(X, np.float32)
+        self.classes_, labels = np.unique(np.asarray(y), return_inverse=True)
+        if len(self.classes_) < 2:
+            raise InputError("a classifier needs at least two classes in y")
+        rng = np.random.default_rng(self.seed)
+        val = (rng.permutation(len(X)) < round(self.val_fraction * len(X))).astype(np.float32)
+        config = dataclasses.replace(self.config, loss="logistic", n_classes=len(self.classes_))
+        params, steps = _fit_probe(X, labels.astype(np.float32), 1 - val, val, config=config)
+        self.coef_, self.intercept_ = np.asarray(params["w"]).T, np.asarray(params["b"])
+        self.n_steps_ = int(steps)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        return np.asarray(X, np.float32) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X) -> np.ndarray:
+        return np.asarray(linear.class_probabilities(jnp.asarray(self.decision_function(X))))
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(-1)]
+
+    def score(self, X, y) -> float:
+        """Accuracy."""
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+
+_fit_probe = jax.jit(linear.fit_probe, static_argnames="config")
+
+
+def _check_xy(X, y) -> tuple[np.ndarray, np.ndarray, bool]:
+    X = np.asarray(X, float)
+    y = np.asarray(y, float)
+    ravel = y.ndim == 1
+    Y = y[:, None] if ravel else y
+    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
+        raise InputError(f"X must be (n, d) and y (n,) or (n, t) with the same n; got {X.shape}, {y.shape}")
+    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+        raise InputError("X and y must be finite: probe_sweep masks missing targets (NaN) per target")
+    return X, Y, ravel
+
+
+def _scoring(scoring: str | None, leave_one_out: bool) -> Scoring:
+    if scoring is None:
+        return "neg_mse" if leave_one_out else "r2"
+    names = {"r2": "r2", "neg_mean_squared_error": "neg_mse"}
+    if scoring not in names:
+        raise InputError(f"scoring must be one of {sorted(names)} or None, got {scoring!r}")
+    return names[scoring]

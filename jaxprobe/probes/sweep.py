@@ -1,0 +1,217 @@
+"""`probe_sweep`: nested cross-validated ridge probes for every site x timestep, as a tidy table.
+
+Table columns, one row per (feature set, target):
+  feature_set  "site" for a 2-D site array, "site@timestep" for each timestep of a 3-D one
+  site, timestep   the site name and timestep index (-1 for 2-D arrays)
+  target, group    the target name and its group (`target_groups`; None when not given)
+  alpha        median over outer folds of the alpha chosen by inner cross-validation
+  score        `metric` of the out-of-fold predictions (default: Pearson r between each row's
+               prediction by the outer fold that held it out and its target, over observed rows)
+  r2           out-of-fold R² (1 - SSE / total sum of squares around the observed mean)
+  pairwise_acc 2-vs-2 accuracy of the out-of-fold predictions (only with pairwise_acc=True)
+  ci_low, ci_high  percentile bootstrap interval of `score` over resampled concepts (NaN without)
+  p, q         one-sided permutation p-value of `score` (targets shuffled, whole pipeline rerun)
+               and its Benjamini–Hochberg q-value over every row of the table (NaN without)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from jaxprobe.errors import InputError
+from jaxprobe.probes import stats
+from jaxprobe.probes.crossval import DEFAULT_ALPHAS, cross_validate_ridge
+from jaxprobe.probes.folds import nested_plan
+from jaxprobe.probes.metrics import Metric
+
+
+def probe_sweep(
+    features: Mapping[str, np.ndarray] | np.ndarray,
+    targets: pd.DataFrame | np.ndarray,
+    *,
+    alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS,
+    outer_cv: int = 5,
+    inner_cv: int | str = 5,
+    alpha_per_target: bool = True,
+    groups: Sequence | np.ndarray | None = None,
+    target_groups: Mapping[str, str] | None = None,
+    n_permutations: int = 0,
+    n_bootstrap: int = 0,
+    ci: float = 0.95,
+    seed: int = 0,
+    standardize: bool = True,
+    metric: Metric = "pearson",
+    pairwise_acc: bool = False,
+    return_predictions: bool = False,
+    dtype: np.dtype | type = np.float32,
+    batch_size: int | None = None,
+) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
+    """Probe every feature set against every target with nested cross-validated ridge.
+
+    features: site -> (n, d) or (n, n_timesteps, d) array (one feature set per timestep), or an
+        (F, n, d) array (sites "0", "1", ...). Rows are concepts, in the order of `targets`.
+    targets: (n, t) DataFrame (columns = target names; NaN or "na" = missing, masked per target)
+        or array. groups: (n,) concept labels kept on one side of every split (e.g. category).
+    outer_cv folds score; inner_cv (int or "loo") folds inside each outer training set choose
+    alpha (per target unless alpha_per_target=False). See the module docstring for the columns.
+    return_predictions: also return out-of-fold predictions (F, n, t), F in table order.
+    """
+    names, sites, steps, arrays = _feature_sets(features)
+    target_names, Y = _targets(targets)
+    n = len(Y)
+    dims = {a.shape[-1] for a in arrays}
+    plan = nested_plan(n, outer_cv, inner_cv, groups=groups, seed=seed)
+
+    results = {}
+    for d in sorted(dims):  # one compiled program per feature width
+        index = [i for i, a in enumerate(arrays) if a.shape[-1] == d]
+        results[d] = (index, cross_validate_ridge(
+            [arrays[i] for i in index], Y, plan, alphas, standardize=standardize, metric=metric,
+            pairwise_acc=pairwise_acc, alpha_per_target=alpha_per_target,
+            n_permutations=n_permutations, n_bootstrap=n_bootstrap, ci=ci, seed=seed,
+            return_predictions=return_predictions, dtype=dtype, batch_size=batch_size))
+
+    def stacked(get):  # per-width results -> (F, ...) in feature-set order
+        first = get(next(iter(results.values()))[1])
+        out = np.empty((len(arrays), *first.shape[1:]), first.dtype)
+        for index, res in results.values():
+            out[index] = get(res)
+        return out
+
+    t = len(target_names)
+    groups_of = [None if target_groups is None else target_groups.get(name) for name in target_names]
+    table = pd.DataFrame({
+        "feature_set": np.repeat(names, t),
+        "site": np.repeat(sites, t),
+        "timestep": np.repeat(steps, t),
+        "target": np.tile(target_names, len(arrays)),
+        "group": np.tile(np.array(groups_of, object), len(arrays)),
+        "alpha": np.median(stacked(lambda r: r.alphas), axis=1).ravel(),
+        "score": stacked(lambda r: r.score).ravel(),
+        "r2": stacked(lambda r: r.metrics["r2"] if metric != "r2" else r.score).ravel(),
+    })
+    if pairwise_acc or metric == "pairwise_acc":
+        table["pairwise_acc"] = stacked(
+            lambda r: r.score if metric == "pairwise_acc" else r.metrics["pairwise_acc"]).ravel()
+    table["ci_low"] = stacked(lambda r: r.ci_low).ravel()
+    table["ci_high"] = stacked(lambda r: r.ci_high).ravel()
+    table["p"] = stacked(lambda r: r.p).ravel()
+    table["q"] = stats.fdr_bh(table["p"].to_numpy())
+    if return_predictions:
+        return table, stacked(lambda r: r.predictions)
+    return table
+
+
+def aggregate(table: pd.DataFrame, by: str | None = "group") -> pd.DataFrame:
+    """Mean of the per-target metrics over targets, per feature set and per `by` (e.g. "group")
+    or over all targets (by=None), with the number of targets averaged."""
+    keys = ["feature_set", "site", "timestep"] + ([by] if by else [])
+    metrics = [c for c in ("score", "r2", "pairwise_acc") if c in table]
+    out = table.groupby(keys, sort=False, dropna=False)[metrics].mean()
+    out["n_targets"] = table.groupby(keys, sort=False, dropna=False).size()
+    return out.reset_index()
+
+
+def run_probe_files(
+    features_path: str | os.PathLike, targets_path: str | os.PathLike, out_path: str | os.PathLike,
+    *, concept_column: str | None = None, group_column: str | None = None,
+    target_groups: str | os.PathLike | Mapping[str, str] | None = None, **options,
+) -> pd.DataFrame:
+    """`probe_sweep` from files; writes the table as <out>.parquet and <out>.csv.
+
+    features_path: .npz (one array per site; an optional "concepts" array names the rows), .npy
+        (one site, named after the file) or a directory of .npy files (one per site, plus an
+        optional concepts.txt, one concept per line).
+    targets_path: CSV with a concept column (`concept_column`, default "concept" or the first
+        column) and one numeric column per target ("na" = missing); `group_column` names a column
+        of concept groups for group-aware folds (not a target). When the features name their
+        concepts, targets are aligned to them; otherwise rows must already be in the same order.
+    target_groups: target -> group mapping, or a CSV whose first two columns are target, group
+        (e.g. Binder's attribute_domains.csv). Other options go to `probe_sweep`.
+    Files are written under a temporary name and renamed, so a crash never leaves a partial table.
+    """
+    features, concepts = _load_features(Path(features_path))
+    table = pd.read_csv(targets_path, na_values=["na"])
+    concept_column = concept_column or ("concept" if "concept" in table else table.columns[0])
+    table = table.set_index(concept_column)
+    if concepts is not None:
+        missing = [c for c in concepts if c not in table.index]
+        if missing:
+            raise InputError(f"{len(missing)} feature concepts have no targets row, e.g. {missing[:3]}")
+        table = table.loc[concepts]
+    groups = None
+    if group_column is not None:
+        groups = table.pop(group_column).to_numpy()
+    if isinstance(target_groups, (str, os.PathLike)):
+        pairs = pd.read_csv(target_groups)
+        target_groups = dict(zip(pairs.iloc[:, 0], pairs.iloc[:, 1]))
+    result = probe_sweep(features, table, groups=groups, target_groups=target_groups, **options)
+    base = Path(out_path)
+    base = base.with_suffix("") if base.suffix in (".parquet", ".csv") else base
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, write in ((".parquet", result.to_parquet), (".csv", lambda p: result.to_csv(p, index=False))):
+        tmp = base.with_name(f".{base.name}{suffix}.tmp")
+        write(tmp)
+        os.replace(tmp, base.with_suffix(suffix))
+    return result
+
+
+def _feature_sets(features) -> tuple[list[str], list[str], list[int], list[np.ndarray]]:
+    """(names, sites, timesteps, (n, d) arrays — views, not copies) of every feature set."""
+    if not isinstance(features, Mapping):
+        features = np.asarray(features)
+        if features.ndim != 3:
+            raise InputError(f"a plain feature array must be (F, n, d), got shape {features.shape}")
+        features = {str(i): f for i, f in enumerate(features)}
+    names, sites, steps, arrays = [], [], [], []
+    for site, array in features.items():
+        array = np.asarray(array)
+        if array.ndim == 2:
+            names.append(site), sites.append(site), steps.append(-1), arrays.append(array)
+        elif array.ndim == 3:
+            for step in range(array.shape[1]):
+                names.append(f"{site}@{step}"), sites.append(site), steps.append(step)
+                arrays.append(array[:, step])
+        else:
+            raise InputError(f"site {site!r}: features must be (n, d) or (n, n_timesteps, d), got {array.shape}")
+    if not arrays:
+        raise InputError("no feature sets given")
+    return names, sites, steps, arrays
+
+
+def _targets(targets) -> tuple[list[str], np.ndarray]:
+    if isinstance(targets, pd.DataFrame):
+        try:
+            values = targets.replace("na", np.nan).to_numpy(dtype=float)
+        except (TypeError, ValueError) as err:
+            raise InputError(
+                f"targets must be numeric (NaN or 'na' for missing): move label columns to the "
+                f"index or to `groups` ({err})") from None
+        return [str(c) for c in targets.columns], values
+    values = np.asarray(targets, float)
+    values = values[:, None] if values.ndim == 1 else values
+    return [str(i) for i in range(values.shape[1])], values
+
+
+def _load_features(path: Path) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    if path.is_dir():
+        files = sorted(path.glob("*.npy"))
+        if not files:
+            raise InputError(f"no .npy files in {path}: write one array per site, named after it")
+        concepts_file = path / "concepts.txt"
+        concepts = concepts_file.read_text().split("\n") if concepts_file.exists() else None
+        concepts = [c for c in concepts if c] if concepts is not None else None
+        return {f.stem: np.load(f, mmap_mode="r") for f in files}, concepts
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        concepts = arrays.pop("concepts", None)
+        return arrays, None if concepts is None else [str(c) for c in concepts]
+    if path.suffix == ".npy":
+        return {path.stem: np.load(path, mmap_mode="r")}, None
+    raise InputError(f"features must be a .npz, a .npy or a directory of .npy files, got {path}")
