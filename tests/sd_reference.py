@@ -1,0 +1,122 @@
+"""Tiny diffusers reference models for parity and pipeline tests (offline, built in well under a second).
+
+Two UNet styles at toy width, both with cross_attention_dim 32:
+- "sd1": SD 1.x layout: conv proj_in/proj_out, attention_head_dim 8 for every block.
+- "sd2": SD 2.x layout: linear projections, per-block head counts, upcast attention, and
+  v-prediction for pipelines (`PREDICTION_TYPE`).
+Every 1-D parameter (norm scales and shifts, biases) is perturbed away from its constant
+initialisation, so a swapped scale/bias or an ignored norm cannot pass a parity test unnoticed.
+
+`save_unet` / `save_vae` write ordinary diffusers folders (config.json + safetensors);
+`run_with_hooks` records what named submodules return, converted to jaxprobe's NHWC layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+CROSS_ATTENTION_DIM = 32
+
+UNET_STYLES: dict[str, dict[str, Any]] = {
+    "sd1": dict(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8, cross_attention_dim=CROSS_ATTENTION_DIM,
+    ),
+    "sd2": dict(
+        sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4), cross_attention_dim=CROSS_ATTENTION_DIM,
+        use_linear_projection=True, upcast_attention=True,
+    ),
+}
+PREDICTION_TYPE = {"sd1": "epsilon", "sd2": "v_prediction"}
+
+VAE_KWARGS: dict[str, Any] = dict(
+    sample_size=32, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+)
+
+
+def _perturbed(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(scale * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def make_unet(style: str | dict[str, Any] = "sd1", seed: int = 0) -> UNet2DConditionModel:
+    """A tiny diffusers UNet of a named style (or from explicit UNet2DConditionModel kwargs)."""
+    kwargs = UNET_STYLES[style] if isinstance(style, str) else style
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _perturbed(UNet2DConditionModel(**kwargs), seed)
+
+
+def make_vae(seed: int = 0, **overrides: Any) -> AutoencoderKL:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _perturbed(AutoencoderKL(**{**VAE_KWARGS, **overrides}), seed)
+
+
+def save_unet(directory: str | Path, style: str | dict[str, Any] = "sd1", seed: int = 0) -> Path:
+    """Write a tiny UNet folder (config.json, diffusion_pytorch_model.safetensors); returns it."""
+    make_unet(style, seed).save_pretrained(directory)
+    return Path(directory)
+
+
+def save_vae(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    make_vae(seed, **overrides).save_pretrained(directory)
+    return Path(directory)
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    """jaxprobe's (b, h, w, c) -> a torch (b, c, h, w) float tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    """A torch output -> numpy in jaxprobe's layout ((b, c, h, w) becomes (b, h, w, c))."""
+    x = t.detach().float().numpy()
+    return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch on one thread: on toy shapes its thread pool only adds overhead, and on a machine
+    whose cores are shared, spinning worker threads make a tiny forward pass take seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_with_hooks(model: torch.nn.Module, names: Iterable[str], fn: Callable[[], Any]) -> tuple[Any, dict]:
+    """Run `fn()` (single-threaded, no_grad), recording what each named submodule returns (first
+    element of tuples, NHWC numpy). Returns (fn's result, {name: array})."""
+    recorded: dict[str, np.ndarray] = {}
+
+    def keep(name: str) -> Callable:
+        def hook(module, args, output):
+            recorded[name] = nhwc(output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+    try:
+        with single_threaded(), torch.no_grad():
+            result = fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result, recorded
