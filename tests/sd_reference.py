@@ -8,7 +8,8 @@ Every 1-D parameter (norm scales and shifts, biases) is perturbed away from its 
 initialisation, so a swapped scale/bias or an ignored norm cannot pass a parity test unnoticed.
 
 `save_unet` / `save_vae` write ordinary diffusers folders (config.json + safetensors);
-`run_with_hooks` records what named submodules return, converted to jaxprobe's NHWC layout.
+`run_with_hooks` records what named submodules return, converted to jaxprobe's NHWC layout;
+`run_once` jits and runs a JAX function compiled for one call.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -120,3 +122,9 @@ def run_with_hooks(model: torch.nn.Module, names: Iterable[str], fn: Callable[[]
         for handle in handles:
             handle.remove()
     return result, recorded
+
+
+def run_once(fn: Callable, *args: Any) -> Any:
+    """jit `fn` and call it on `args`. A test runs each program once, so XLA's backend optimisations
+    would cost more compile time than they save."""
+    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)

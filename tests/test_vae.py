@@ -23,10 +23,8 @@ ATOL = RTOL = 1e-4
 
 def _run(component, method: str, x: np.ndarray):
     """One jitted call of `method` that keeps every sown site."""
-    apply = jax.jit(functools.partial(component.module.apply, method=method, mutable=["intermediates"]))
-    args = ({"params": component.params}, x)
-    # Each program runs once: XLA's backend optimisations would cost more time than they save.
-    out, state = apply.lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+    apply = functools.partial(component.module.apply, method=method, mutable=["intermediates"])
+    out, state = sd_reference.run_once(apply, {"params": component.params}, x)
     return out, flatten_intermediates(state["intermediates"])
 
 
