@@ -148,7 +148,9 @@ def run(
     With no argument it runs the bundled random tiny model on Binder's concrete nouns (a few minutes on
     2 CPU cores). Example: jaxprobe run --model runwayml/stable-diffusion-v1-5 --out runs/sd15
     """
-    from jaxprobe.experiment import ExperimentConfig, run_experiment
+    import dataclasses
+
+    from jaxprobe.experiment import EMBEDDED_DEFAULT, ExperimentConfig, run_experiment
 
     overrides = {"model": model, "norms": norms, "out": out, "num_inference_steps": steps,
                  "max_concepts": max_concepts, "image_encoder": image_encoder, "dtype": dtype,
@@ -156,6 +158,8 @@ def run(
     try:
         if config is not None:
             cfg = ExperimentConfig.from_toml(config, **overrides)
+        elif model in (None, "tiny"):
+            cfg = dataclasses.replace(EMBEDDED_DEFAULT, **{k: v for k, v in overrides.items() if v is not None})
         else:
             cfg = ExperimentConfig.from_mapping({k: v for k, v in overrides.items() if v is not None})
         run_experiment(cfg, log=typer.echo)

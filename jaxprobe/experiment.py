@@ -98,6 +98,11 @@ class ExperimentConfig:
         return "\n".join(lines) + "\n"
 
 
+# `jaxprobe run` with no config and the tiny model: the same pipeline, sized to finish in a few minutes
+# on 2 CPU cores (fewer steps, a smaller permutation null and bootstrap).
+EMBEDDED_DEFAULT = ExperimentConfig(num_inference_steps=10, n_permutations=20, n_bootstrap=100)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -26,6 +26,18 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(b, n, num_heads, hd // num_heads)
 
 
+def _fused_implementation(q: jax.Array) -> str | None:
+    """cuDNN's fused kernel on NVIDIA GPUs for half-precision heads it supports; XLA elsewhere.
+
+    `jax.nn.dot_product_attention` does not pick cuDNN by itself (implementation=None means XLA).
+    """
+    head_dim = q.shape[-1]
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    if jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 256:
+        return "cudnn"
+    return None
+
+
 def multi_head_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
     is_causal: bool = False, key_mask: jax.Array | None = None, upcast: bool = False,
@@ -40,9 +52,12 @@ def multi_head_attention(
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = jax.nn.dot_product_attention(
-        split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads),
-        mask=mask, is_causal=is_causal)
+    qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
+    try:
+        out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal,
+                                           implementation=_fused_implementation(qh))
+    except (ValueError, NotImplementedError, TypeError):  # shapes or dtypes cuDNN refuses at trace time
+        out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal)
     b, n, h, d = out.shape
     return out.reshape(b, n, h * d).astype(dtype)
 
