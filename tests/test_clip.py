@@ -238,3 +238,14 @@ def test_prompt_errors_and_truncation_warning(tokenizer):
     with pytest.warns(UserWarning, match="truncated"):
         ids = tokenizer(["word " * 100])
     assert ids.shape == (1, 77) and ids[0, -1] == tokenizer.hf_tokenizer.eos_token_id
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(text_checkpoint, tmp_path, tokenizer):
+    path, model = text_checkpoint
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and list(tmp_path.glob("*.index.json"))
+    shutil.copytree(TOKENIZER_DIR, tmp_path, dirs_exist_ok=True)
+    site = "text_encoder.text_model.final_layer_norm"
+    sharded = jaxprobe.load(tmp_path).capture(PROMPTS, [site], reduce="eos")[site]
+    single = jaxprobe.load(path).capture(PROMPTS, [site], reduce="eos")[site]
+    np.testing.assert_array_equal(sharded, single)
