@@ -12,8 +12,8 @@ Accepted sources:
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,9 @@ from jaxprobe.errors import CheckpointError
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
 from jaxprobe.pipeline import Component, Pipeline
 from jaxprobe.tokenizer import PromptTokenizer
-from jaxprobe.weights import convert_state_dict, find_weight_files, read_state_dict
+from jaxprobe.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-TEXT_ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
-VISION_ARCHITECTURES = {"CLIPVisionModel": False, "CLIPVisionModelWithProjection": True}
 # Keys a checkpoint may hold that no forward pass reads.
 _BUFFERS = ("*position_ids", "logit_scale")
 
@@ -72,15 +70,6 @@ def resolve_source(source: str | Path) -> Path:
             "`jaxprobe info` lists the models in the cache.") from err
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}: the checkpoint folder is incomplete.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); re-download or repair it.") from err
-
-
 def _expected_params(module: Any, *example_inputs: Any) -> Any:
     return jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs))["params"]
 
@@ -97,63 +86,76 @@ def _with_prefix(state: dict[str, np.ndarray], prefix: str, tops: tuple[str, ...
     return {(prefix + k if k.startswith(tops) else k): v for k, v in state.items()}
 
 
-def load_text_encoder(folder: Path, *, dtype: Any, variant: str | None = None,
-                      state: dict[str, np.ndarray] | None = None, config: dict[str, Any] | None = None) -> Component:
-    config = config if config is not None else _read_json(folder / "config.json")
-    arch = (config.get("architectures") or ["CLIPTextModel"])[0]
-    full_clip = arch == "CLIPModel"
-    if not full_clip and arch not in TEXT_ARCHITECTURES:
-        raise CheckpointError(f"{folder}: architecture {arch} is not a CLIP text encoder "
-                              f"(jaxprobe reads {', '.join([*TEXT_ARCHITECTURES, 'CLIPModel'])}).")
-    text_cfg = {**config.get("text_config", {}), "projection_dim": config.get("projection_dim")} if full_clip else config
-    cfg = CLIPTextConfig.from_dict(text_cfg, with_projection=full_clip or TEXT_ARCHITECTURES[arch])
-    module = CLIPTextModel(cfg, dtype=dtype)
-    state = state if state is not None else read_state_dict(find_weight_files(folder, variant=variant))
-    state = _with_prefix(state, "text_model.", ("embeddings.", "encoder.", "final_layer_norm."))
-    ignore = (*_BUFFERS, "vision_model.*", "visual_projection.*") if full_clip else _BUFFERS
-    expected = _expected_params(module, jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
-    params = convert_state_dict(state, expected, ignore=ignore, what=f"text encoder at {folder}")
-    return Component("text_encoder", module, _on_device(params, dtype), cfg)
+@dataclass(frozen=True)
+class _Tower:
+    """How one CLIP tower sits in a checkpoint: its own architectures, its key prefix, its config."""
+
+    component: str                        # the pipeline component (site prefix)
+    architectures: dict[str, bool]        # transformers class -> has a projection layer
+    config_key: str                       # where a full CLIPModel nests this tower's config
+    prefix: str                           # key prefix that transformers >= 5 leaves out of single-tower files
+    tops: tuple[str, ...]                 # top-level modules under that prefix
+    other: tuple[str, ...]                # keys of the other tower in a CLIPModel, unused here
+    config_cls: type
+    module_cls: type
+
+    def example(self, cfg: Any) -> jax.Array:
+        if self.component == "text_encoder":
+            return jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
+        return jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels))
 
 
-def load_image_encoder(folder: Path, *, dtype: Any, variant: str | None = None,
-                       state: dict[str, np.ndarray] | None = None, config: dict[str, Any] | None = None) -> Component:
-    config = config if config is not None else _read_json(folder / "config.json")
-    arch = (config.get("architectures") or ["CLIPVisionModelWithProjection"])[0]
+TEXT_TOWER = _Tower("text_encoder", {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}, "text_config",
+                    "text_model.", ("embeddings.", "encoder.", "final_layer_norm."),
+                    ("vision_model.*", "visual_projection.*"), CLIPTextConfig, CLIPTextModel)
+VISION_TOWER = _Tower("image_encoder", {"CLIPVisionModel": False, "CLIPVisionModelWithProjection": True},
+                      "vision_config", "vision_model.", ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."),
+                      ("text_model.*", "text_projection.*"), CLIPVisionConfig, CLIPVisionModel)
+
+
+def load_clip_tower(tower: _Tower, folder: Path, *, dtype: Any, variant: str | None = None,
+                    state: dict[str, np.ndarray] | None = None, config: dict[str, Any] | None = None) -> Component:
+    """One CLIP tower from a transformers folder holding it alone or inside a full CLIPModel."""
+    config = config if config is not None else read_config(folder / "config.json", tower.component)
+    arch = (config.get("architectures") or [next(iter(tower.architectures))])[0]
     full_clip = arch == "CLIPModel"
-    if not full_clip and arch not in VISION_ARCHITECTURES:
-        raise CheckpointError(f"{folder}: architecture {arch} is not a CLIP vision encoder "
-                              f"(jaxprobe reads {', '.join([*VISION_ARCHITECTURES, 'CLIPModel'])}).")
-    vis_cfg = {**config.get("vision_config", {}), "projection_dim": config.get("projection_dim")} if full_clip else config
-    cfg = CLIPVisionConfig.from_dict(vis_cfg, with_projection=full_clip or VISION_ARCHITECTURES[arch])
-    module = CLIPVisionModel(cfg, dtype=dtype)
+    if not full_clip and arch not in tower.architectures:
+        raise CheckpointError(f"{folder}: architecture {arch} is not what jaxprobe reads as {tower.component} "
+                              f"({', '.join([*tower.architectures, 'CLIPModel'])}).")
+    tower_cfg = {**config.get(tower.config_key, {}), "projection_dim": config.get("projection_dim")} if full_clip else config
+    cfg = tower.config_cls.from_dict(tower_cfg, with_projection=full_clip or tower.architectures[arch])
+    module = tower.module_cls(cfg, dtype=dtype)
     state = state if state is not None else read_state_dict(find_weight_files(folder, variant=variant))
-    state = _with_prefix(state, "vision_model.", ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm."))
-    ignore = (*_BUFFERS, "text_model.*", "text_projection.*") if full_clip else _BUFFERS
-    expected = _expected_params(module, jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels)))
-    params = convert_state_dict(state, expected, ignore=ignore, what=f"image encoder at {folder}")
-    return Component("image_encoder", module, _on_device(params, dtype), cfg)
+    state = _with_prefix(state, tower.prefix, tower.tops)
+    ignore = (*_BUFFERS, *tower.other) if full_clip else _BUFFERS
+    params = convert_state_dict(state, _expected_params(module, tower.example(cfg)), ignore=ignore,
+                                what=f"{tower.component} at {folder}")
+    return Component(tower.component, module, _on_device(params, dtype), cfg)
+
+
+def _image_parts(folder: Path, *, dtype: Any, variant: str | None = None, **loaded: Any) -> dict[str, Any]:
+    image = load_clip_tower(VISION_TOWER, folder, dtype=dtype, variant=variant, **loaded)
+    return {"image_encoder": image, "image_preprocess": _image_preprocess(folder, image.config)}
 
 
 def _image_preprocess(folder: Path, cfg: CLIPVisionConfig) -> ImagePreprocess:
     for candidate in (folder / "preprocessor_config.json", folder.parent / "feature_extractor" / "preprocessor_config.json"):
         if candidate.is_file():
-            return ImagePreprocess.from_dict(_read_json(candidate))
+            return ImagePreprocess.from_dict(read_config(candidate))
     return ImagePreprocess(size=cfg.image_size, crop_size=cfg.image_size)
 
 
 def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[str, Any]:
-    config = _read_json(folder / "config.json")
+    config = read_config(folder / "config.json")
     arch = (config.get("architectures") or [""])[0]
     parts: dict[str, Any] = {}
     state = read_state_dict(find_weight_files(folder, variant=variant))
-    if arch in TEXT_ARCHITECTURES or arch == "CLIPModel":
-        parts["text_encoder"] = load_text_encoder(folder, dtype=dtype, state=state, config=config)
+    if arch in TEXT_TOWER.architectures or arch == "CLIPModel":
+        parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder, dtype=dtype, state=state, config=config)
         if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
             parts["tokenizer"] = PromptTokenizer.from_dir(folder, parts["text_encoder"].config.max_position_embeddings)
-    if arch in VISION_ARCHITECTURES or arch == "CLIPModel":
-        image = load_image_encoder(folder, dtype=dtype, state=state, config=config)
-        parts["image_encoder"], parts["image_preprocess"] = image, _image_preprocess(folder, image.config)
+    if arch in VISION_TOWER.architectures or arch == "CLIPModel":
+        parts.update(_image_parts(folder, dtype=dtype, state=state, config=config))
     if not parts:
         raise CheckpointError(f"{folder}: config.json names architecture {arch or '(none)'}; jaxprobe loads "
                               "CLIP text/vision models and Stable Diffusion pipelines (model_index.json).")
@@ -165,7 +167,7 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[s
     from jaxprobe.models.vae import load_vae
     from jaxprobe.schedulers import SchedulerConfig
 
-    index = _read_json(folder / "model_index.json")
+    index = read_config(folder / "model_index.json", "pipeline")
     listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
     absent = sorted(k for k in listed & {"text_encoder", "tokenizer", "unet", "vae", "scheduler"} if not (folder / k).is_dir())
     if absent:
@@ -173,7 +175,7 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[s
                               "the download is partial. Re-download those components.")
     parts: dict[str, Any] = {}
     if "text_encoder" in listed:
-        parts["text_encoder"] = load_text_encoder(folder / "text_encoder", dtype=dtype, variant=variant)
+        parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder", dtype=dtype, variant=variant)
     if "tokenizer" in listed:
         length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
         parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
@@ -184,8 +186,7 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[s
     if "scheduler" in listed:
         parts["scheduler"] = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
     if "image_encoder" in listed and (folder / "image_encoder").is_dir():
-        image = load_image_encoder(folder / "image_encoder", dtype=dtype, variant=variant)
-        parts["image_encoder"], parts["image_preprocess"] = image, _image_preprocess(folder / "image_encoder", image.config)
+        parts.update(_image_parts(folder / "image_encoder", dtype=dtype, variant=variant))
     return parts
 
 
@@ -214,9 +215,7 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
             raise CheckpointError(f"{folder} holds neither model_index.json (a diffusers pipeline) nor "
                                   "config.json (a transformers model); point --model at the checkpoint's root folder.")
     if image_encoder is not None:
-        folder = resolve_source(image_encoder)
-        image = load_image_encoder(folder, dtype=dtype, variant=variant)
-        parts["image_encoder"], parts["image_preprocess"] = image, _image_preprocess(folder, image.config)
+        parts.update(_image_parts(resolve_source(image_encoder), dtype=dtype, variant=variant))
     if scheduler is not None:
         from jaxprobe.schedulers import scheduler_config
 

@@ -119,7 +119,18 @@ def _mismatch_message(what: str, missing: list[str], unexpected: list[str], miss
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading weight files
+# Reading checkpoint folders
+
+
+def read_config(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A config JSON file (config.json, model_index.json, ...) with errors that name the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}: the {what} folder is incomplete; re-download or copy it whole.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); re-download or repair it.") from err
 
 
 def find_weight_files(directory: Path, *, variant: str | None = None) -> list[Path]:

@@ -27,9 +27,17 @@ BLOCK_SITES = (
 )
 
 
-def _fields_from(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+def _tower_config(cls, cfg: dict[str, Any], with_projection: bool):
+    """A text or vision config from transformers' config.json; projection_dim only when the
+    checkpoint has the projection layer (transformers writes the field either way)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in cfg.items() if k in names}
+    fields = {k: v for k, v in cfg.items() if k in names}
+    fields["projection_dim"] = (fields.get("projection_dim") or 512) if with_projection else None
+    config = cls(**fields)
+    if config.hidden_act not in ACTIVATIONS:
+        raise CheckpointError(f"unsupported hidden_act {config.hidden_act!r} in the CLIP config; "
+                              f"jaxprobe knows {sorted(ACTIVATIONS)}")
+    return config
 
 
 @dataclass(frozen=True)
@@ -47,16 +55,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], *, with_projection: bool = False) -> "CLIPTextConfig":
-        fields = _fields_from(cls, cfg)
-        if not with_projection:
-            fields["projection_dim"] = None
-        elif fields.get("projection_dim") is None:
-            fields["projection_dim"] = cfg.get("projection_dim", 512)
-        config = cls(**fields)
-        if config.hidden_act not in ACTIVATIONS:
-            raise CheckpointError(f"unsupported hidden_act {config.hidden_act!r} in the text config; "
-                                  f"jaxprobe knows {sorted(ACTIVATIONS)}")
-        return config
+        return _tower_config(cls, cfg, with_projection)
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], *, with_projection: bool = False) -> "CLIPVisionConfig":
-        fields = _fields_from(cls, cfg)
-        if not with_projection:
-            fields["projection_dim"] = None
-        elif fields.get("projection_dim") is None:
-            fields["projection_dim"] = cfg.get("projection_dim", 512)
-        return cls(**fields)
+        return _tower_config(cls, cfg, with_projection)
 
     @property
     def num_positions(self) -> int:

@@ -10,7 +10,6 @@ resnet, Transformer2DModel, transformer block and attn1/attn2 (attn2 also sows `
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from jaxprobe.models.blocks import (
     TransformerSpec, UpBlock2D, group_norm, timestep_embedding,
 )
 from jaxprobe.models.layers import ACTIVATIONS
-from jaxprobe.weights import convert_state_dict, find_weight_files, read_state_dict
+from jaxprobe.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
 
 if TYPE_CHECKING:
     from jaxprobe.pipeline import Component
@@ -234,9 +233,6 @@ def load_unet(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | No
     """A diffusers `unet/` folder (config.json + weights) -> Component("unet", module, params, config)."""
     from jaxprobe.pipeline import Component  # the pipeline imports the models, never the reverse
 
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}: the UNet folder is incomplete; re-download it.")
-    config = UNetConfig.from_dict(json.loads(path.read_text()))
+    config = UNetConfig.from_dict(read_config(Path(folder) / "config.json", "UNet"))
     params = unet_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)), config, dtype)
     return Component("unet", UNet2DConditionModel(config, dtype), jax.tree.map(jnp.asarray, params), config)

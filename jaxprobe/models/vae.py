@@ -12,7 +12,6 @@ kernels); `vae_state_dict_to_params` renames them as diffusers does on load.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from jaxprobe.models.blocks import (
     Attention, DownBlock2D, ResnetBlock2D, ResnetSpec, UpBlock2D, conv, group_norm,
 )
 from jaxprobe.models.layers import ACTIVATIONS
-from jaxprobe.weights import convert_state_dict, find_weight_files, read_state_dict
+from jaxprobe.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
 
 if TYPE_CHECKING:
     from jaxprobe.pipeline import Component
@@ -207,9 +206,6 @@ def load_vae(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | Non
     """A diffusers `vae/` folder (config.json + weights) -> Component("vae", module, params, config)."""
     from jaxprobe.pipeline import Component  # the pipeline imports the models, never the reverse
 
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"missing {path}: the VAE folder is incomplete; re-download it.")
-    config = VAEConfig.from_dict(json.loads(path.read_text()))
+    config = VAEConfig.from_dict(read_config(Path(folder) / "config.json", "VAE"))
     params = vae_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)), config, dtype)
     return Component("vae", AutoencoderKL(config, dtype), jax.tree.map(jnp.asarray, params), config)
