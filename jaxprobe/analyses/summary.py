@@ -1,0 +1,247 @@
+"""`ExperimentResults`, everything the report shows, and the plain-language findings read off its numbers.
+
+`ExperimentResults.build` gathers the probe table and the analyses of one run and derives what they
+share: the per-feature-set decoding profile, the pipeline stage of every feature set, and the
+attribute correlation matrices behind the heatmaps. `summarize` turns the numbers into sentences:
+where decoding peaks, which attribute groups stand out, how entanglement evolves along the reverse
+diffusion, and, for a model with random weights, how the scores compare with chance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from jaxprobe.analyses import decoding, disentanglement
+from jaxprobe.errors import InputError
+from jaxprobe.norms.base import dropped_frame, preview
+
+SAMPLED_STAGES = ("unet", "latent")  # feature sets with a denoising step
+PAPER = ("Braunstein, Toneva & Ilg (2025). CLIP is All You Need for Human-like Semantic Representations "
+         "in Stable Diffusion. arXiv:2511.08075.")
+_TREND_RHO = 0.5  # |Spearman rho| with the step above which a curve is said to rise or fall
+_FOLD_MEANS = ("a probe that learns nothing predicts the training folds' means, which co-vary across attributes "
+               "as the ratings do, so this similarity is not evidence of human-like structure")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExperimentResults:
+    """One run's tables, matrices and settings: what `jaxprobe.report` renders and writes.
+
+    Every per-feature-set table carries feature_set, stage, site and timestep (-1 for text sites).
+    metadata: run settings shown in the report as given. Keys it reads: "model", "random_weights"
+        (True for the bundled random tiny model; defaults to model == "tiny"), "citation" (str or
+        list of the norms' citations).
+    """
+
+    table: pd.DataFrame                # the probe sweep, one row per (feature set, target)
+    profile: pd.DataFrame              # `decoding.decoding_profile`
+    groups: pd.DataFrame               # `groups.group_decoding`
+    similarity: pd.DataFrame           # `disentanglement.correlation_similarity`
+    confusability: pd.DataFrame        # summary of `disentanglement.confusability`
+    feature_sets: tuple[str, ...]      # order of the matrices' first axis
+    targets: tuple[str, ...]           # order of the matrices' attribute axes
+    target_groups: dict[str, str]
+    human_correlation: np.ndarray      # (t, t)
+    predicted_correlation: np.ndarray  # (F, t, t)
+    confusion: np.ndarray              # (F, t, t), C of `disentanglement.confusability`
+    metadata: dict[str, Any]
+    dropped: pd.DataFrame              # (concept, reason) left out of the run
+
+    @classmethod
+    def build(
+        cls, *, table: pd.DataFrame, predictions: np.ndarray, Y: np.ndarray, feature_sets: Sequence[str],
+        targets: Sequence[str], target_groups: Mapping[str, str], group_table: pd.DataFrame,
+        similarity: pd.DataFrame, confusability: tuple[pd.DataFrame, np.ndarray],
+        metadata: Mapping[str, Any] | None = None, level: float = 0.05,
+    ) -> ExperimentResults:
+        """Gather one run. predictions: (F, n, t) in the order of `feature_sets`; Y: (n, t) ratings in
+        the order of `targets`; `confusability` as `disentanglement.confusability` returns it;
+        metadata["dropped"], when given, becomes `dropped`."""
+        table = decoding.check_table(table)
+        feature_sets, targets = tuple(feature_sets), tuple(targets)
+        in_table = list(dict.fromkeys(table["feature_set"]))
+        if sorted(in_table) != sorted(feature_sets):
+            raise InputError(f"the predictions' feature sets ({preview(feature_sets)}) are not the table's "
+                             f"({preview(in_table)}).")
+        unknown = sorted(set(table["target"]) - set(targets))
+        if unknown:
+            raise InputError(f"table targets {preview(unknown)} are not among the prediction targets.")
+        index = decoding.feature_set_index(table)
+
+        def per_feature_set(frame: pd.DataFrame) -> pd.DataFrame:
+            return index.merge(frame, on="feature_set", how="inner")
+
+        summary, confusion = confusability
+        human, predicted = disentanglement.correlation_matrices(predictions, Y)
+        metadata = dict(metadata or {})
+        dropped = metadata.pop("dropped", None)
+        return cls(
+            table=table, profile=decoding.decoding_profile(table, level=level), groups=group_table,
+            similarity=per_feature_set(similarity), confusability=per_feature_set(summary),
+            feature_sets=feature_sets, targets=targets, target_groups={t: target_groups[t] for t in targets},
+            human_correlation=human, predicted_correlation=predicted, confusion=confusion, metadata=metadata,
+            dropped=dropped_frame() if dropped is None else pd.DataFrame(dropped),
+        )
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.metadata.get("random_weights", self.metadata.get("model") == "tiny"))
+
+    def matrix_index(self, feature_set: str) -> int:
+        return self.feature_sets.index(feature_set)
+
+    def focus_site(self, site: str | None = None) -> str | None:
+        """The sampled site the report follows along the diffusion: `site`, or the UNet (else latent)
+        site holding the best-decoding feature set."""
+        if site is not None:
+            if site not in set(self.profile["site"]):
+                raise InputError(f"site {site!r} is not in the results; choose from "
+                                 f"{preview(decoding.site_order(self.profile['site']))}.")
+            return site
+        row = decoding.best(self.profile, "unet")
+        row = row if row is not None else decoding.best(self.profile, "latent")
+        return None if row is None else row["site"]
+
+
+def along_steps(frame: pd.DataFrame, site: str, value: str) -> pd.DataFrame:
+    """`value` of one site's feature sets, ordered by denoising step, NaN values left out."""
+    rows = frame[(frame["site"] == site) & (frame["timestep"] >= 0) & frame[value].notna()]
+    return rows.sort_values("timestep")[["timestep", value]]
+
+
+def _trend(curve: pd.DataFrame, value: str) -> tuple[str, float] | None:
+    """How `value` evolves over steps, in words ('rises, from 0.10 at step 0 to 0.40 at step 9 (Spearman
+    rho with the step = 0.95)'), and that rho; None for fewer than 3 points."""
+    if len(curve) < 3:
+        return None
+    rho = spearmanr(curve["timestep"], curve[value]).statistic
+    verb = "rises" if rho >= _TREND_RHO else "falls" if rho <= -_TREND_RHO else "shows no monotonic trend"
+    first, last = curve.iloc[0], curve.iloc[-1]
+    return (f"{verb}, from {first[value]:.2f} at step {first['timestep']:.0f} to {last[value]:.2f} at step "
+            f"{last['timestep']:.0f} (Spearman rho with the step = {rho:.2f})"), rho
+
+
+def _where(row: pd.Series) -> str:
+    label = decoding.short_site(row["site"])
+    return label if row["timestep"] < 0 else f"{label} at denoising step {row['timestep']:.0f}"
+
+
+def _significance(results: ExperimentResults, level: float) -> list[str]:
+    table = results.table
+    lines = []
+    if results.random_weights:
+        lines.append("This run used a model with random weights (the bundled tiny model): no attribute should be "
+                     "decodable, so scores should lie within the permutation null and few or no probes should pass "
+                     "the FDR threshold. Read the numbers below as a check of the pipeline, not as findings.")
+    if "q" not in table or table["q"].isna().all():
+        return [*lines, "No permutation test was run, so no score can be compared with chance."]
+    n, k = int(table["q"].notna().sum()), int((table["q"] < level).sum())
+    line = (f"{k} of {n} probes (feature set x attribute) decode above chance (permutation test, "
+            f"Benjamini-Hochberg q < {level:g}); the mean score over all probes is {table['score'].mean():.3f}")
+    if "null_mean" in table and table["null_mean"].notna().any():
+        line += (f", against a permutation null with mean {table['null_mean'].mean():.3f} and 95th percentile "
+                 f"{table['null_high'].mean():.3f}")
+    elif results.random_weights:
+        line += "; at chance the permutation p-values spread evenly over [0, 1] (the p-value histogram is flat)"
+    lines.append(line + ".")
+    if results.random_weights and k > level * n:
+        lines.append("That is more than a model with random weights should allow: look for information shared "
+                     "between training and test concepts (repeated prompts, fold groups) before trusting any run.")
+    return lines
+
+
+def _none_significant(row: pd.Series) -> str:
+    """A warning for a peak where no attribute passes the FDR threshold: the peak is noise."""
+    return "; no attribute there passes the FDR threshold" if row["n_significant"] == 0 else ""
+
+
+def _peaks(results: ExperimentResults, site: str | None) -> list[str]:
+    lines = []
+    text = decoding.best(results.profile, "text")
+    if text is not None:
+        lines.append(f"Among the text-encoder layers, decoding peaks at {_where(text)} (mean r = {text['score']:.3f} "
+                     f"over {text['n_targets']:.0f} attributes{_none_significant(text)}).")
+    sampled = decoding.best(results.profile, SAMPLED_STAGES)
+    if sampled is not None:
+        line = f"After the text encoder, decoding peaks at {_where(sampled)} (mean r = {sampled['score']:.3f}"
+        if text is not None:
+            gap = sampled["score"] - text["score"]
+            line += f", {abs(gap):.3f} {'above' if gap > 0 else 'below'} the best text layer"
+        lines.append(line + f"{_none_significant(sampled)}).")
+    if site is not None:
+        trend = _trend(along_steps(results.profile, site, "score"), "score")
+        if trend:
+            lines.append(f"Along the reverse diffusion, mean decoding at {decoding.short_site(site)} {trend[0]}.")
+    return lines
+
+
+def _listed(rows: pd.DataFrame) -> str:
+    return ", ".join(f"{group} ({difference:+.2f})" for group, difference in rows[["group", "difference"]].values)
+
+
+def _standouts(results: ExperimentResults, level: float) -> list[str]:
+    lines = []
+    test = f"group-label permutation test, q < {level:g}"
+    for stage in ("text", SAMPLED_STAGES):
+        row = decoding.best(results.profile, stage)
+        if row is None:
+            continue
+        groups = results.groups[results.groups["feature_set"] == row["feature_set"]]
+        significant = groups[groups["q"] < level].sort_values("difference", ascending=False)
+        if significant.empty:
+            lines.append(f"At {_where(row)}, no attribute group differs significantly from the average ({test}).")
+            continue
+        better, worse = significant[significant["difference"] > 0], significant[significant["difference"] < 0]
+        parts = ([f"{_listed(better)} are decoded better than the average attribute"] if len(better) else []) + \
+                ([f"{_listed(worse)} worse"] if len(worse) else [])
+        lines.append(f"At {_where(row)}, {' and '.join(parts)} (difference in mean r; {test}).")
+    return lines
+
+
+def _entanglement(results: ExperimentResults, site: str | None) -> list[str]:
+    lines = []
+    text = decoding.best(results.profile, "text")
+    if text is not None:
+        similarity = results.similarity.set_index("feature_set")["similarity"].get(text["feature_set"])
+        if similarity is not None and np.isfinite(similarity):
+            line = (f"At the best text layer, the predicted attributes correlate like the human ratings do to "
+                    f"Spearman rho = {similarity:.2f} (1 = the same structure)")
+            if text["n_significant"] == 0:
+                line += f", but no attribute is decoded there: {_FOLD_MEANS}"
+            lines.append(line + ".")
+    if site is None:
+        return lines
+    label = decoding.short_site(site)
+    similarity = _trend(along_steps(results.similarity, site, "similarity"), "similarity")
+    if similarity:
+        lines.append(f"Along the reverse diffusion at {label}, the similarity to the human correlations "
+                     f"{similarity[0]}.")
+    trend = _trend(along_steps(results.confusability, site, "entanglement"), "entanglement")
+    if trend is None:
+        lines.append(f"No entanglement trend at {label}: fewer than 3 steps have an attribute whose own probe "
+                     "decodes it well enough for the confusability ratio to mean anything.")
+        return lines
+    words, rho = trend
+    meaning = ("attributes become harder to tell apart as denoising proceeds" if rho >= _TREND_RHO else
+               "attributes become easier to tell apart as denoising proceeds" if rho <= -_TREND_RHO else
+               "no consistent change in how well attributes can be told apart")
+    human = disentanglement.entanglement_index(results.human_correlation)
+    lines.append(f"The entanglement index (mean off-diagonal confusability) at {label} {words}: {meaning}. "
+                 f"A probe that reproduced the human ratings exactly would score {human:.2f}.")
+    return lines
+
+
+def summarize(results: ExperimentResults, level: float = 0.05, focus_site: str | None = None) -> list[str]:
+    """Plain-language sentences on what the numbers show, most important first.
+
+    level: the FDR level called significant; focus_site: the sampled site whose steps the trends
+    follow (default: `ExperimentResults.focus_site`)."""
+    site = results.focus_site(focus_site)
+    return [*_significance(results, level), *_peaks(results, site), *_standouts(results, level),
+            *_entanglement(results, site)]
