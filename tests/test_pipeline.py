@@ -208,3 +208,18 @@ def test_tiny_model_is_deterministic_and_data_parallel():
     for key in results[0]:
         if key != "n":
             np.testing.assert_allclose(results[0][key], results[1][key], atol=1e-5, err_msg=key)
+
+
+def test_image_encoder_embeds_the_generated_images(tmp_path):
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)
+    transformers.CLIPVisionModelWithProjection(vision).save_pretrained(tmp_path / "vision")
+    pipe = jaxprobe.load("tiny", image_encoder=tmp_path / "vision")
+    prompts = ["a photo of a cat", "a photo of a dog"]
+    feats = pipe.capture(prompts, ["image_encoder.visual_projection", "unet.mid_block"], num_inference_steps=2)
+    assert feats["image_encoder.visual_projection"].shape == (2, 16)
+    assert feats["unet.mid_block"].shape[:2] == (2, 3)
+    images = pipe.generate(prompts, num_inference_steps=2)
+    again = pipe.embed_images(images)["image_encoder.visual_projection"]
+    np.testing.assert_allclose(feats["image_encoder.visual_projection"], again, atol=1e-5)
