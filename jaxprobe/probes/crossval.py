@@ -125,10 +125,11 @@ def cross_validate(
             batch_size = _fitting_batch(solver, n, d, plan, widest, np.dtype(dtype).itemsize,
                                         "pairwise_acc" in (metric, *extra_metrics), devices)
         batch_size = -(-min(batch_size, n_sets) // len(devices)) * len(devices)
+        mesh = Mesh(np.array(devices), ("fs",))
         program = functools.partial(_chunk_program, solver=solver, metric=metric,
                                     extra_metrics=extra_metrics,
-                                    return_predictions=return_predictions)
-        parts = _run_chunks(X, patterns, program, batch_size, np.dtype(dtype), Mesh(np.array(devices), ("fs",)))
+                                    return_predictions=return_predictions, mesh=mesh)
+        parts = _run_chunks(X, patterns, program, batch_size, np.dtype(dtype), mesh)
     return _assemble(parts, patterns, n_sets, n, t, plan.n_outer, solver.choices, ci)
 
 
@@ -185,8 +186,22 @@ def _run_chunks(X, patterns, program, batch_size, dtype, mesh) -> list[list[dict
 
 
 @functools.partial(jax.jit, static_argnames=("n_targets", "solver", "metric", "extra_metrics",
-                                             "return_predictions"))
+                                             "return_predictions", "mesh"))
 def _chunk_program(
+    x: jax.Array, y: jax.Array, plan: FoldPlan, select_groups: jax.Array, weights: jax.Array,
+    boot: jax.Array, *, n_targets: int, solver: FoldSolver, metric: str,
+    extra_metrics: tuple[str, ...], return_predictions: bool, mesh: Mesh,
+) -> dict[str, jax.Array]:
+    """x (c, n, d) sharded over the mesh; every device runs its own feature sets, no collectives
+    (a partitioner left to shard LAPACK custom calls would gather them instead)."""
+    local = functools.partial(_local_chunk, n_targets=n_targets, solver=solver, metric=metric,
+                              extra_metrics=extra_metrics, return_predictions=return_predictions)
+    every, split = PartitionSpec(), PartitionSpec("fs")
+    return jax.shard_map(local, mesh=mesh, in_specs=(split, every, every, every, every, every),
+                         out_specs=split)(x, y, plan, select_groups, weights, boot)
+
+
+def _local_chunk(
     x: jax.Array, y: jax.Array, plan: FoldPlan, select_groups: jax.Array, weights: jax.Array,
     boot: jax.Array, *, n_targets: int, solver: FoldSolver, metric: str,
     extra_metrics: tuple[str, ...], return_predictions: bool,

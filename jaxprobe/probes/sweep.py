@@ -3,7 +3,7 @@
 Table columns, one row per (feature set, target):
   feature_set  "site" for a 2-D site array, "site@timestep" for each timestep of a 3-D one
   site, timestep   the site name and timestep index (-1 for 2-D arrays)
-  target, group    the target name and its group (`target_groups`; None when not given)
+  target, group    the target name and its group (`target_groups`; missing when not given)
   alpha        median over outer folds of the alpha chosen by inner cross-validation
   score        `metric` of the out-of-fold predictions (default: Pearson r between each row's
                prediction by the outer fold that held it out and its target, over observed rows)
