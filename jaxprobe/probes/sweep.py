@@ -12,6 +12,8 @@ Table columns, one row per (feature set, target):
   ci_low, ci_high  percentile bootstrap interval of `score` over resampled concepts (NaN without)
   p, q         one-sided permutation p-value of `score` (targets shuffled, whole pipeline rerun)
                and its Benjamini–Hochberg q-value over every row of the table (NaN without)
+  null_mean, null_high  mean and 95th percentile of the permutation-null scores (with
+               n_permutations > 0 only)
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ def probe_sweep(
     table["ci_high"] = stacked(lambda r: r.ci_high).ravel()
     table["p"] = stacked(lambda r: r.p).ravel()
     table["q"] = stats.fdr_bh(table["p"].to_numpy())
+    if n_permutations:  # the null itself, so reports can draw chance next to the scores
+        null = stacked(lambda r: r.null)  # (F, n_permutations, t)
+        table["null_mean"] = np.nanmean(null, axis=1).ravel()
+        table["null_high"] = np.nanpercentile(null, 95, axis=1).ravel()
     if return_predictions:
         return table, stacked(lambda r: r.predictions)
     return table
