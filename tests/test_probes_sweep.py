@@ -267,7 +267,9 @@ def test_probe_sweep_table(binder, data):
         groups=binder["category"].to_numpy(), target_groups={"Vision": "Vision", "Bright": "Vision"},
         n_permutations=4, n_bootstrap=10, pairwise_acc=True, return_predictions=True)
     assert list(table.columns) == ["feature_set", "site", "timestep", "target", "group", "alpha",
-                                   "score", "r2", "pairwise_acc", "ci_low", "ci_high", "p", "q"]
+                                   "score", "r2", "pairwise_acc", "ci_low", "ci_high", "p", "q",
+                                   "null_mean", "null_high"]
+    assert (table.null_high >= table.null_mean).all()
     assert len(table) == 3 * 4 and predictions.shape == (3, len(targets), 4)
     assert list(table.feature_set.unique()) == ["text_encoder.layers.11", "unet.mid_block@0",
                                                 "unet.mid_block@1"]
