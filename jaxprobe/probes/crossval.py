@@ -17,10 +17,11 @@ set — exact, at one extra decomposition per distinct pattern.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +120,7 @@ def cross_validate(
                 for cols in _missing_patterns(Y)]
 
     devices = jax.devices()
-    with jax.enable_x64(np.dtype(dtype) == np.float64):
+    with jax.enable_x64(np.dtype(dtype) == np.float64), host_lapack_single_threaded():
         if batch_size is None:
             widest = max(p.y.shape[1] for p in patterns)
             batch_size = _fitting_batch(solver, n, d, plan, widest, np.dtype(dtype).itemsize,
@@ -131,6 +132,27 @@ def cross_validate(
                                     return_predictions=return_predictions, mesh=mesh)
         parts = _run_chunks(X, patterns, program, batch_size, np.dtype(dtype), mesh)
     return _assemble(parts, patterns, n_sets, n, t, plan.n_outer, solver.choices, ci)
+
+
+@contextlib.contextmanager
+def host_lapack_single_threaded() -> Iterator[None]:
+    """On the CPU backend, run OpenBLAS single-threaded for the duration of the block.
+
+    jaxlib's CPU LAPACK kernels (scipy's OpenBLAS) already spread a batch of matrices over XLA's
+    threads; OpenBLAS's own threads inside each call then oversubscribe the cores, and on a busy
+    2-core host eigh(428) went from 19 ms to 2.6 s. The limit is lifted on exit. Without
+    threadpoolctl (a scikit-learn dependency) set OPENBLAS_NUM_THREADS=1 instead.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    if jax.default_backend() != "cpu":
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @dataclasses.dataclass(frozen=True)

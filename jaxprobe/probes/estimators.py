@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxprobe.errors import InputError
 from jaxprobe.probes import folds, linear
+from jaxprobe.probes.crossval import host_lapack_single_threaded
 from jaxprobe.probes.ridge import (
     Scoring, coefficients, decompose, inner_cv_scores, select_alphas, training_targets)
 
@@ -60,7 +61,7 @@ class RidgeCV:
         vals = folds.inner_folds_from_cv(self.cv, X, y)
         plan = folds.pack_plan(len(X), [np.array([], int)], [vals])
         scoring = _scoring(self.scoring, plan.leave_one_out)
-        with jax.enable_x64(np.dtype(self.dtype) == np.float64):
+        with jax.enable_x64(np.dtype(self.dtype) == np.float64), host_lapack_single_threaded():
             fitted = _fit(jnp.asarray(X, self.dtype), jnp.asarray(Y, self.dtype), plan,
                           jnp.asarray(alphas, self.dtype), alpha_per_target=self.alpha_per_target,
                           fit_intercept=self.fit_intercept, scoring=scoring)

@@ -1,0 +1,190 @@
+"""Benchmark: nested cross-validated ridge probes, jaxprobe vs himalaya vs scikit-learn.
+
+The workload of the developers' brief: F feature sets of n=535 concepts x d features, the 65 Binder
+attributes as targets, 20 alphas, 5 outer x 5 inner folds (alpha chosen per target by inner
+K-fold, test folds predicted by the refit). All three run the same folds on the same float32
+arrays in this process; per feature set times are the best of --repeats runs after a warm-up
+(jaxprobe's warm-up includes compilation).
+
+  himalaya: RidgeCV(cv=inner splits, fit_intercept=True) per outer fold; backend numpy on CPU,
+            torch_cuda on GPU. Alpha per target, selected by mean squared error, like jaxprobe
+            here (scoring="neg_mse").
+  scikit-learn: RidgeCV(cv=inner splits) per outer fold (GridSearchCV over Ridge: one shared
+            alpha, the only K-fold mode it has), always on the CPU.
+
+BLAS threads: the peers run with OpenBLAS limited to --blas-threads (default 1). On a small
+shared host, multi-threaded OpenBLAS is pathologically slow (a himalaya outer fold took 27 s with
+2 threads, 0.7 s with 1), so 1 is each peer's best setting there; jaxprobe limits itself the
+same way on the CPU backend (see crossval.host_lapack_single_threaded).
+
+  python scripts/bench_probes.py --device cpu --dims 768 1280 --json bench_probes.json
+  python scripts/bench_probes.py --device gpu --feature-sets 10000 --peer-sets 0   # the sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+BINDER = Path(__file__).resolve().parents[1] / "jaxprobe/norms/data/binder2016/WordSet1_Ratings.xlsx"
+ALPHAS = np.logspace(-2, 6, 20)
+
+
+class SyntheticFeatures(Sequence):
+    """F feature sets (n, d) built on demand from a small bank (no F x n x d array in memory):
+    ratings through random projections plus noise, scaled per index so no two are equal."""
+
+    def __init__(self, ratings: np.ndarray, n_sets: int, d: int, bank: int = 16, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        n = len(ratings)
+        self.bank = [(ratings @ rng.normal(size=(ratings.shape[1], d)) / 8
+                      + rng.normal(size=(n, d)) * 2).astype(np.float32) for _ in range(bank)]
+        self.n_sets = n_sets
+
+    def __len__(self) -> int:
+        return self.n_sets
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.bank[i % len(self.bank)] * np.float32(1 + 0.01 * (i // len(self.bank)))
+
+
+def binder_targets() -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sheet = pd.read_excel(BINDER)
+    ratings = sheet.iloc[:, 5:70].replace("na", np.nan).astype(float)
+    return ratings.fillna(ratings.mean()).to_numpy(np.float32)  # the peers take no missing values
+
+
+def outer_splits(plan) -> list[tuple[np.ndarray, np.ndarray, list]]:
+    """(train rows, test rows, inner (train, val) position pairs) of every outer fold."""
+    folds = []
+    for k in range(plan.n_outer):
+        train = plan.train[k][plan.train_mask[k]]
+        inner = [(np.setdiff1d(np.arange(len(train)), v[m]), v[m]) for v, m in zip(plan.val[k], plan.val_mask[k])]
+        folds.append((train, plan.test[k][plan.test_mask[k]], inner))
+    return folds
+
+
+def best_of(repeats: int, run) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_jaxprobe(X, Y, plan, repeats: int) -> tuple[float, np.ndarray]:
+    from jaxprobe.probes import cross_validate_ridge
+
+    def run():
+        return cross_validate_ridge(X, Y, plan, ALPHAS, standardize=False, scoring="neg_mse",
+                                    return_predictions=False)
+
+    warm = run()  # compiles
+    return best_of(repeats, run) / len(X), warm.alphas
+
+
+def bench_himalaya(X, Y, folds, backend: str, repeats: int) -> tuple[float, np.ndarray]:
+    from himalaya.backend import set_backend
+    from himalaya.ridge import RidgeCV
+
+    set_backend(backend, on_error="raise")
+    chosen = np.zeros((len(X), len(folds), Y.shape[1]))
+
+    def run():
+        for f in range(len(X)):
+            for k, (train, test, inner) in enumerate(folds):
+                model = RidgeCV(ALPHAS, cv=inner, fit_intercept=True)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # n < d: "kernel ridge would be faster"
+                    model.fit(X[f][train], Y[train])
+                model.predict(X[f][test])
+                chosen[f, k] = np.asarray(model.best_alphas_.cpu() if hasattr(model.best_alphas_, "cpu")
+                                          else model.best_alphas_)
+
+    run()  # warm-up (CUDA context, kernels)
+    return best_of(repeats, run) / len(X), chosen
+
+
+def bench_sklearn(X, Y, folds, repeats: int) -> float:
+    from sklearn.linear_model import RidgeCV
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # LinAlgWarning: ill-conditioned kernels at small alphas
+            for f in range(len(X)):
+                for train, test, inner in folds:
+                    RidgeCV(ALPHAS, cv=inner).fit(X[f][train], Y[train]).predict(X[f][test])
+
+    return best_of(repeats, run) / len(X)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--dims", type=int, nargs="+", default=[768, 1280])
+    parser.add_argument("--feature-sets", type=int, default=8, help="F for jaxprobe")
+    parser.add_argument("--peer-sets", type=int, default=1, help="F for himalaya and scikit-learn (0: skip)")
+    parser.add_argument("--no-sklearn", action="store_true")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads for the peers")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    import jax
+    jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
+    import himalaya
+    import sklearn
+    from threadpoolctl import threadpool_limits
+    from jaxprobe.probes import nested_plan
+
+    Y = binder_targets()
+    n = len(Y)
+    plan = nested_plan(n, outer=5, inner=5, seed=0)
+    folds = outer_splits(plan)
+    rows = []
+    for d in args.dims:
+        X = SyntheticFeatures(Y, args.feature_sets, d)
+        ours_s, ours_alphas = bench_jaxprobe(X, Y, plan, args.repeats)
+        row = {"d": d, "jaxprobe_ms": 1e3 * ours_s, "feature_sets": args.feature_sets}
+        if args.peer_sets:
+            peers = [X[i] for i in range(min(args.peer_sets, args.feature_sets))]
+            backend = "torch_cuda" if args.device == "gpu" else "numpy"
+            with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+                him_s, him_alphas = bench_himalaya(peers, Y, folds, backend, args.repeats)
+                row.update(himalaya_backend=backend, himalaya_ms=1e3 * him_s, himalaya_ratio=him_s / ours_s,
+                           same_alpha=float(np.isclose(him_alphas, ours_alphas[:len(peers)], rtol=1e-4).mean()))
+                if not args.no_sklearn:
+                    sk_s = bench_sklearn(peers, Y, folds, args.repeats)
+                    row.update(sklearn_ms=1e3 * sk_s, sklearn_ratio=sk_s / ours_s)
+        rows.append(row)
+        print(json.dumps(row))
+
+    meta = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "himalaya": himalaya.__version__, "sklearn": sklearn.__version__, "n": n,
+            "targets": Y.shape[1], "alphas": len(ALPHAS), "folds": "5x5",
+            "peer_blas_threads": args.blas_threads}
+    print(json.dumps(meta))
+    print("\n| d | jaxprobe ms/set | himalaya ms/set | x | scikit-learn ms/set | x | same alpha |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['d']} | {r['jaxprobe_ms']:.1f} | {r.get('himalaya_ms', float('nan')):.0f} | "
+              f"{r.get('himalaya_ratio', float('nan')):.1f} | {r.get('sklearn_ms', float('nan')):.0f} | "
+              f"{r.get('sklearn_ratio', float('nan')):.1f} | {r.get('same_alpha', float('nan')):.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
