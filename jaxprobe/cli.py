@@ -25,6 +25,23 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+@app.callback()
+def main(
+    distributed: Annotated[bool, typer.Option("--distributed", help="join a multi-process job found by JAX "
+                                              "(SLURM, Open MPI, TPU pods): each process takes its share")] = False,
+    coordinator: Annotated[Optional[str], typer.Option(help="host:port of process 0, for a job JAX cannot detect")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(help="with --coordinator: processes in the job")] = None,
+    process_id: Annotated[Optional[int], typer.Option(help="with --coordinator: this process's index")] = None,
+) -> None:
+    """Global options: multi-process jobs (`jaxprobe --distributed run cfg.toml` under srun)."""
+    from jaxprobe import distributed as dist
+
+    try:
+        dist.initialize(dist.Cluster(coordinator, num_processes, process_id, auto=distributed))
+    except JaxprobeError as err:
+        _fail(err)
+
+
 @app.command()
 def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the capture sites of this model")] = None,
          all_sites: Annotated[bool, typer.Option("--all", help="with --sites: every site, not only block level")] = False,
@@ -69,39 +86,42 @@ def extract(
     steps: Annotated[int, typer.Option(help="denoising steps (UNet sites)")] = 50,
     guidance_scale: Annotated[float, typer.Option()] = 7.5,
     seed: Annotated[int, typer.Option()] = 0,
-    batch_size: Annotated[int, typer.Option()] = 16,
+    batch_size: Annotated[int, typer.Option(help="prompts per device program (halved on out-of-memory)")] = 16,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     image_encoder: Annotated[Optional[str], typer.Option(help="CLIP vision checkpoint for image_encoder.* sites")] = None,
+    cache: Annotated[Path, typer.Option(help="feature store: finished chunks survive a crash and are reused")] = Path("jaxprobe-runs/cache"),
+    chunk_size: Annotated[int, typer.Option(help="prompts per committed chunk")] = 64,
+    force: Annotated[bool, typer.Option("--force", help="recompute cached chunks")] = False,
 ) -> None:
-    """Capture sites for a file of prompts.
+    """Capture sites for a file of prompts (resumable: rerun the same command after a crash).
 
     Example: jaxprobe extract -m tiny -p prompts.txt -s 'text_encoder.*' -s unet.mid_block -o feats/
     """
-    import numpy as np
-
     import jaxprobe
-    from jaxprobe.store import atomic_write_bytes, atomic_write_text
+    from jaxprobe import distributed
+    from jaxprobe.experiment import cached_capture
+    from jaxprobe.store import atomic_write_npy, atomic_write_text
 
     try:
-        lines = [line.strip() for line in prompts.read_text().splitlines()]
-        texts = [line for line in lines if line]
+        texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
         if not texts:
             raise jaxprobe.InputError(f"{prompts} holds no prompts (one per line)")
+        if chunk_size < 1:
+            raise jaxprobe.InputError(f"--chunk-size must be at least 1, not {chunk_size}")
         pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder)
-        feats = pipe.capture(texts, sites, reduce=reduce, num_inference_steps=steps, guidance_scale=guidance_scale,
-                             seed=seed, batch_size=batch_size, progress=True)
+        feats = cached_capture(pipe, texts, sites, cache=cache, chunk_size=chunk_size, force=force, reduce=reduce,
+                               num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                               batch_size=batch_size)
+        if not distributed.is_leader():
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        for site, value in feats.items():
+            atomic_write_npy(out / f"{site}.npy", value)
+        manifest = {"model": model, "prompts": texts, "reduce": reduce, "steps": steps,
+                    "guidance_scale": guidance_scale, "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
+        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     except (JaxprobeError, OSError) as err:
         _fail(err)
-    import io
-
-    out.mkdir(parents=True, exist_ok=True)
-    for site, value in feats.items():
-        buffer = io.BytesIO()
-        np.save(buffer, value)
-        atomic_write_bytes(out / f"{site}.npy", buffer.getvalue())
-    manifest = {"model": model, "prompts": texts, "reduce": reduce, "steps": steps, "guidance_scale": guidance_scale,
-                "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     typer.echo(f"wrote {len(feats)} site(s) for {len(texts)} prompts to {out}")
 
 
@@ -123,12 +143,13 @@ def probe(
     from jaxprobe.probes import run_probe_files
 
     try:
-        path = run_probe_files(features, targets, out, outer_cv=outer_cv,
-                               inner_cv=inner_cv if inner_cv == "loo" else int(inner_cv),
-                               n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed)
+        table = run_probe_files(features, targets, out, outer_cv=outer_cv,
+                                inner_cv=inner_cv if inner_cv == "loo" else int(inner_cv),
+                                n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed)
     except (JaxprobeError, OSError, ValueError) as err:
         _fail(err)
-    typer.echo(f"wrote {path}")
+    if table is not None:
+        typer.echo(f"wrote {len(table)} rows to {out}")
 
 
 @app.command()
@@ -177,6 +198,61 @@ def report(results: Annotated[Path, typer.Argument(help="a results folder writte
     except (JaxprobeError, OSError) as err:
         _fail(err)
     typer.echo(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------- store
+
+store_app = typer.Typer(no_args_is_help=True, help="Look after a feature store (the cache of `run` and `extract`).")
+app.add_typer(store_app, name="store")
+CacheArg = Annotated[Path, typer.Argument(help="feature store folder")]
+
+
+@store_app.command("ls")
+def store_ls(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
+    """Entries: key, kind, prompts, chunks present/total, size, last used, sites."""
+    import datetime
+
+    from jaxprobe.store import FeatureStore
+
+    entries = FeatureStore(cache).list()
+    if not entries:
+        typer.echo(f"{cache}: no entries")
+    for e in entries:
+        when = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M")
+        sites = ", ".join(e.sites[:3]) + (f", ... ({len(e.sites)} sites)" if len(e.sites) > 3 else "")
+        typer.echo(f"{e.key}  {e.kind:8s} {e.n_prompts:6d} prompts  {e.chunks_present}/{e.chunks_total} chunks  "
+                   f"{e.bytes / 2**20:8.1f} MiB  {when}  {sites}")
+
+
+@store_app.command("verify")
+def store_verify(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
+    """Read every chunk against its checksum; exit code 1 when anything is damaged or stray."""
+    from jaxprobe.store import FeatureStore
+
+    report = FeatureStore(cache).verify()
+    typer.echo(f"{len(report.ok)} chunk(s) ok, {len(report.damaged)} damaged, {len(report.stray)} stray file(s), "
+               f"{len(report.broken_entries)} broken entr(ies)")
+    for label, paths in (("damaged", report.damaged), ("stray", report.stray), ("broken", report.broken_entries)):
+        for path in paths:
+            typer.echo(f"  {label}: {path}")
+    if not report.clean:
+        typer.echo("`jaxprobe store gc` removes them; reruns recompute damaged chunks either way")
+        raise typer.Exit(1)
+
+
+@store_app.command("gc")
+def store_gc(
+    cache: CacheArg = Path("jaxprobe-runs/cache"),
+    older_than: Annotated[Optional[float], typer.Option(help="also remove entries unused for this many days")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list, remove nothing")] = False,
+) -> None:
+    """Remove damaged chunks, leftover temporary files and broken entries (older than an hour)."""
+    from jaxprobe.store import FeatureStore
+
+    removed = FeatureStore(cache).gc(older_than_days=older_than, dry_run=dry_run)
+    for path in removed:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    typer.echo(f"{len(removed)} path(s) {'to remove' if dry_run else 'removed'}")
 
 
 if __name__ == "__main__":

@@ -18,3 +18,7 @@ class SiteError(JaxprobeError, KeyError):
 
 class InputError(JaxprobeError, ValueError):
     """Bad user data: prompts, norms files, feature arrays, options."""
+
+
+class StoreError(JaxprobeError, OSError):
+    """Features that cannot be written or found: a full disk, a missing chunk of a multi-process run."""

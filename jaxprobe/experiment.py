@@ -127,46 +127,60 @@ def build_prompts(concepts: Sequence[str], templates: Sequence[str]) -> PromptSe
     return PromptSet(tuple(r[0] for r in rows), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
 
 
-def _model_fingerprint(pipe: Any, config: ExperimentConfig) -> dict[str, Any]:
+def model_fingerprint(pipe: Any) -> dict[str, Any]:
     """What identifies the weights: the source, dtype and every component's config (a changed
     checkpoint folder with the same configs is not detected: use --force after editing weights)."""
     return {"source": pipe.source, "dtype": str(np.dtype(pipe.dtype)) if pipe.dtype is not None else None,
             "configs": {name: repr(c.config) for name, c in pipe.components.items()},
-            "scheduler": repr(pipe.scheduler), "image_encoder": config.image_encoder}
+            "scheduler": repr(pipe.scheduler)}
+
+
+def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str, *, cache: str | Path,
+                   chunk_size: int = 64, force: bool = False, progress: bool = True, label: str = "features",
+                   batch_size: int = 8, **options: Any) -> dict[str, np.ndarray]:
+    """`pipe.capture(prompts, sites, **options)` through the feature store under `cache`.
+
+    Chunks of `chunk_size` prompts are committed as they finish, so a killed run resumes where it
+    stopped, a changed setting never returns stale features, and the processes of a multi-process
+    job share the chunks out. Text-only captures are keyed without the sampling options (they do not
+    depend on them). batch_size is not part of the key: it changes results only within
+    floating-point tolerance (README, Determinism).
+    """
+    from jaxprobe.store import FeatureStore
+
+    prompts = list(prompts)
+    sites = pipe.select(sites)
+    text_only = all(s.startswith("text_encoder.") for s in sites)
+    key_options = {"reduce": options.get("reduce", "mean")} if text_only else options
+    description = {"kind": "text" if text_only else "sampling", "model": model_fingerprint(pipe), "sites": sites,
+                   "prompts": prompts, "options": key_options}
+    return FeatureStore(cache).compute(
+        description, len(prompts),
+        lambda part: pipe.capture(prompts[part], sites, batch_size=batch_size, prompt_offset=part.start, **options),
+        chunk_size=chunk_size, force=force, progress=progress, label=label)
 
 
 def extract_features(pipe: Any, config: ExperimentConfig, prompt_set: PromptSet, *, progress: bool = True,
                      log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
     """{site: (n_prompts x n_seeds rows, [steps,] dim)}, rows ordered seed-major, through the cache."""
-    from jaxprobe.store import FeatureStore
-
-    store = FeatureStore(config.cache)
-    model = _model_fingerprint(pipe, config)
     prompts = list(prompt_set.prompts)
+    common = {"cache": config.cache, "force": config.force, "progress": progress, "batch_size": config.batch_size}
     features: dict[str, list[np.ndarray]] = {}
-    text_sites = pipe.select(config.text_sites) if config.text_sites else []
-    if text_sites:
-        description = {"kind": "text", "model": model, "sites": text_sites, "prompts": prompts,
-                       "reduce": config.token_reduce}
-        text = store.compute(description, len(prompts), lambda part: pipe.capture(
-            prompts[part], text_sites, reduce=config.token_reduce, batch_size=config.batch_size),
-            force=config.force, progress=progress, label="text encoder")
+    if config.text_sites:
+        text = cached_capture(pipe, prompts, config.text_sites, reduce=config.token_reduce, label="text encoder",
+                              **common)
         for site, value in text.items():  # text features do not depend on the sampling seed
             features[site] = [value] * len(config.seeds)
-    sampled = [s for s in pipe.select(config.unet_sites)] if config.unet_sites else []
+    sampled = pipe.select(config.unet_sites) if config.unet_sites else []
     if config.image_encoder:
         sampled += pipe.select(["image_encoder.visual_projection"])
-    if sampled:
-        for seed in config.seeds:
-            description = {"kind": "sampling", "model": model, "sites": sampled, "prompts": prompts,
-                           "reduce": config.spatial_reduce, "steps": config.num_inference_steps,
-                           "guidance": config.guidance_scale, "seed": seed}
-            values = store.compute(description, len(prompts), lambda part, seed=seed: pipe.capture(
-                prompts[part], sampled, reduce=config.spatial_reduce, num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale, seed=seed, batch_size=config.batch_size,
-                prompt_offset=part.start), force=config.force, progress=progress, label=f"sampling (seed {seed})")
-            for site, value in values.items():
-                features.setdefault(site, []).append(value)
+    for seed in config.seeds if sampled else ():
+        values = cached_capture(pipe, prompts, sampled, reduce=config.spatial_reduce,
+                                num_inference_steps=config.num_inference_steps,
+                                guidance_scale=config.guidance_scale, seed=seed, label=f"sampling (seed {seed})",
+                                **common)
+        for site, value in values.items():
+            features.setdefault(site, []).append(value)
     return {site: np.concatenate(chunks) for site, chunks in features.items()}
 
 
@@ -202,7 +216,9 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
                    log: Callable[[str], None] = print) -> Any:
     """Run the whole study and write tables, figures and report.html under `config.out`.
 
-    Returns the `jaxprobe.report.ExperimentResults` it reported on.
+    Returns the `jaxprobe.report.ExperimentResults` it reported on. In a multi-process job
+    (`jaxprobe.distributed`) every process extracts and probes its share; process 0 reports and
+    returns the results, the others return None.
     """
     import jax
 
@@ -210,7 +226,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     from jaxprobe import report
     from jaxprobe.analyses import disentanglement, groups
     from jaxprobe.norms import load_norms
-    from jaxprobe.probes import probe_sweep
+    from jaxprobe.probes.sweep import probe_sweep_across_processes
 
     run = RunLog()
     options = {"groups": config.norms_groups} if config.norms_groups else {}
@@ -236,10 +252,14 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     log(f"probing {sum(v.shape[1] if v.ndim == 3 else 1 for v in feats.values())} feature sets x "
         f"{len(norms.attributes)} attributes ({config.outer_cv}x{config.inner_cv} nested CV, "
         f"{config.n_permutations} permutations, {config.n_bootstrap} bootstraps)")
-    table, predictions = run.timed("probe", lambda: probe_sweep(
-        feats, targets, alphas=np.asarray(config.alphas), outer_cv=config.outer_cv, inner_cv=config.inner_cv,
-        groups=fold_groups, target_groups=norms.groups, n_permutations=config.n_permutations,
+    swept = run.timed("probe", lambda: probe_sweep_across_processes(
+        feats, targets, Path(config.out) / ".probe-parts", alphas=np.asarray(config.alphas), outer_cv=config.outer_cv,
+        inner_cv=config.inner_cv, groups=fold_groups, target_groups=norms.groups, n_permutations=config.n_permutations,
         n_bootstrap=config.n_bootstrap, seed=config.seed, return_predictions=True))
+    if swept is None:  # a multi-process job: process 0 analyses and reports
+        log(f"process {jax.process_index()}: my share of features and probes is done; process 0 writes the report")
+        return None
+    table, predictions = swept
     feature_sets = list(dict.fromkeys(table["feature_set"]))
     Y = targets.to_numpy(dtype=np.float64)
     results = report.ExperimentResults.build(

@@ -6,10 +6,11 @@ over all visible devices, run, pull back only the reduced activations that were 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxprobe.capture import (SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS, block_sites_of, flatten_intermediates,
                               reduce_tokens, select_sites)
-from jaxprobe.errors import CheckpointError, InputError, SiteError
+from jaxprobe.errors import CheckpointError, InputError, JaxprobeError, SiteError
 from jaxprobe.models import clip
 
 Reduce = str | Mapping[str, str]
@@ -38,13 +39,11 @@ class Component:
 
 
 def data_mesh() -> Mesh:
-    """All visible devices on one `data` axis: prompts are split over it, parameters replicated."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
+    """This process's devices on one `data` axis: prompts are split over it, parameters replicated.
 
-
-def _batches(n: int, batch_size: int) -> Iterator[slice]:
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
+    Local, not global, devices: in a multi-process job every process runs its own share of prompts
+    (`jaxprobe.distributed`), so no program ever waits on another host."""
+    return Mesh(np.asarray(jax.local_devices()), ("data",))
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -268,25 +267,63 @@ def _sown_names(component: Component, example: jax.Array) -> list[str]:
     return list(flatten_intermediates(jax.eval_shape(trace)))
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
+
+
 def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool = False,
                 label: str = "") -> dict[str, np.ndarray]:
-    """Apply a jitted `run` batch by batch, splitting each batch over all devices.
+    """Apply a jitted `run` batch by batch, splitting each batch over this process's devices.
 
     inputs: an array or a pytree of arrays sharing their leading (prompt) axis. Batches are padded
-    to one shape (a multiple of the device count), so the program compiles once.
+    to one shape (a multiple of the device count), so the program compiles once. When a batch runs
+    the device out of memory, the batch size is halved (one more compile) and the run goes on, with
+    a warning that names the size that fits.
     """
-    n_dev = jax.device_count()
+    n_dev = jax.local_device_count()
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
     sharding = NamedSharding(data_mesh(), PartitionSpec("data"))
+    n = len(jax.tree.leaves(inputs)[0])
     pieces: dict[str, list[np.ndarray]] = {}
-    slices = list(_batches(len(jax.tree.leaves(inputs)[0]), batch_size))
-    if progress and len(slices) > 1:
-        from rich.progress import track
-
-        slices = track(slices, description=label)
-    for part in slices:
-        rows = part.stop - part.start
-        batch = jax.device_put(jax.tree.map(lambda x: _pad_rows(x[part], batch_size), inputs), sharding)
-        for site, value in run(batch).items():
-            pieces.setdefault(site, []).append(np.asarray(value)[:rows])
+    with _row_progress(progress and n > batch_size, n, label) as advance:
+        start = 0
+        while start < n:
+            part = slice(start, min(start + batch_size, n))
+            rows = part.stop - part.start
+            try:
+                batch = jax.device_put(jax.tree.map(lambda x: _pad_rows(x[part], batch_size), inputs), sharding)
+                out = {site: np.asarray(value)[:rows] for site, value in run(batch).items()}
+            except jax.errors.JaxRuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+                batch_size = _smaller_batch(batch_size, n_dev, err)
+                continue
+            for site, value in out.items():
+                pieces.setdefault(site, []).append(value)
+            start = part.stop
+            advance(rows)
     return {site: np.concatenate(chunks) for site, chunks in pieces.items()}
+
+
+def _smaller_batch(batch_size: int, n_dev: int, err: BaseException) -> int:
+    import warnings
+
+    if batch_size <= n_dev:
+        raise JaxprobeError(f"device out of memory even at batch size {batch_size} ({n_dev} per device): capture "
+                            "fewer sites per run, reduce='mean' instead of 'none', or dtype='bfloat16'") from err
+    smaller = max(n_dev, (batch_size // 2) // n_dev * n_dev)
+    warnings.warn(f"device out of memory at batch size {batch_size}; retrying with batch size {smaller} "
+                  f"(pass batch_size={smaller} to skip the failed attempt next time)", RuntimeWarning, stacklevel=3)
+    return smaller
+
+
+@contextlib.contextmanager
+def _row_progress(show: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
+    if not show:
+        yield lambda rows: None
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda rows: bar.advance(task, rows)

@@ -171,10 +171,21 @@ def test_bad_inputs_are_named(sd, tmp_path):
     cfg = json.loads((mismatched / "text_encoder" / "config.json").read_text())
     cfg["hidden_size"] = 48
     (mismatched / "text_encoder" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="hidden_size|shape"):  # config and weights disagree
+        jaxprobe.load(mismatched)
+    other_family = transformers.CLIPTextConfig(**{**reference_text_config(path), "hidden_size": 48})
+    transformers.CLIPTextModel(other_family).save_pretrained(mismatched / "text_encoder")
+    with pytest.raises(CheckpointError, match=r"width \(48\) differs from the UNet's cross_attention_dim"):
         jaxprobe.load(mismatched)
     with pytest.raises(InputError, match="unknown scheduler|known"):
         jaxprobe.load(path, scheduler="heun_magic")
+
+
+def reference_text_config(path) -> dict:
+    keep = ("vocab_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+            "hidden_act", "eos_token_id", "bos_token_id", "pad_token_id")
+    cfg = json.loads((path / "text_encoder" / "config.json").read_text())
+    return {k: cfg[k] for k in keep if k in cfg}
 
 
 def test_fp16_variant_files_are_preferred(sd, tmp_path):

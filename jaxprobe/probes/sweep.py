@@ -19,6 +19,7 @@ Table columns, one row per (feature set, target):
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -123,11 +124,73 @@ def aggregate(table: pd.DataFrame, by: str | None = "group") -> pd.DataFrame:
     return out.reset_index()
 
 
+def probe_sweep_across_processes(
+    features: Mapping[str, np.ndarray], targets: pd.DataFrame | np.ndarray, parts_dir: str | os.PathLike,
+    **options,
+) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray] | None:
+    """`probe_sweep` with the sites shared out over the processes of a multi-process job.
+
+    Each process probes its share of sites on its own devices and writes its part of the table under
+    `parts_dir` (a folder every process sees); after a barrier process 0 joins the parts in the order
+    one process would have produced and returns the result (q-values recomputed over the whole
+    table); the other processes return None. Permutations and bootstrap samples depend only on the
+    targets and the seed, so the joined table equals a one-process sweep. With one process this is
+    `probe_sweep`.
+    """
+    import jax
+
+    from jaxprobe import distributed
+    from jaxprobe.store import atomic_write_bytes, atomic_write_npy
+
+    if jax.process_count() == 1:
+        return probe_sweep(features, targets, **options)
+    order, *_ = _feature_sets(features)
+    mine = _balanced_share(features, jax.process_index(), jax.process_count())
+    parts = Path(parts_dir)
+    part = parts / f"probes-{jax.process_index():04d}-of-{jax.process_count():04d}"
+    if mine:
+        table, predictions = probe_sweep({s: features[s] for s in mine}, targets,
+                                         **{**options, "return_predictions": True})
+        atomic_write_bytes(part.with_suffix(".parquet"), table.to_parquet())
+        atomic_write_npy(part.with_suffix(".npy"), predictions)
+    distributed.barrier("probe_sweep_across_processes")
+    if not distributed.is_leader():
+        return None
+    tables, predictions = [], []
+    for i in range(jax.process_count()):
+        path = parts / f"probes-{i:04d}-of-{jax.process_count():04d}.parquet"
+        if path.exists():
+            tables.append(pd.read_parquet(path))
+            predictions.append(np.load(path.with_suffix(".npy")))
+    shutil.rmtree(parts, ignore_errors=True)
+    table = pd.concat(tables, ignore_index=True)
+    rank = {name: i for i, name in enumerate(order)}
+    rows = np.argsort(table["feature_set"].map(rank).to_numpy(), kind="stable")
+    table = table.iloc[rows].reset_index(drop=True)
+    table["q"] = stats.fdr_bh(table["p"].to_numpy())
+    if not options.get("return_predictions"):
+        return table
+    joined = np.concatenate(predictions)
+    names = list(dict.fromkeys(pd.concat(tables)["feature_set"]))
+    return table, joined[np.argsort([rank[name] for name in names], kind="stable")]
+
+
+def _balanced_share(features: Mapping[str, np.ndarray], index: int, count: int) -> list[str]:
+    """Sites for process `index`: greedy longest-first packing by feature-set count x width."""
+    cost = {site: (np.shape(a)[1] if np.ndim(a) == 3 else 1) * np.shape(a)[-1] for site, a in features.items()}
+    loads = [0] * count
+    owner = {}
+    for site in sorted(cost, key=lambda s: -cost[s]):
+        owner[site] = min(range(count), key=loads.__getitem__)
+        loads[owner[site]] += cost[site]
+    return [site for site in features if owner[site] == index]
+
+
 def run_probe_files(
     features_path: str | os.PathLike, targets_path: str | os.PathLike, out_path: str | os.PathLike,
     *, concept_column: str | None = None, group_column: str | None = None,
     target_groups: str | os.PathLike | Mapping[str, str] | None = None, **options,
-) -> pd.DataFrame:
+) -> pd.DataFrame | None:
     """`probe_sweep` from files; writes the table as <out>.parquet and <out>.csv.
 
     features_path: .npz (one array per site; an optional "concepts" array names the rows), .npy
@@ -140,6 +203,7 @@ def run_probe_files(
     target_groups: target -> group mapping, or a CSV whose first two columns are target, group
         (e.g. Binder's attribute_domains.csv). Other options go to `probe_sweep`.
     Files are written under a temporary name and renamed, so a crash never leaves a partial table.
+    In a multi-process job the processes share the sites; process 0 writes and returns the table.
     """
     features, concepts = _load_features(Path(features_path))
     table = pd.read_csv(targets_path, na_values=["na"])
@@ -156,9 +220,12 @@ def run_probe_files(
     if isinstance(target_groups, (str, os.PathLike)):
         pairs = pd.read_csv(target_groups)
         target_groups = dict(zip(pairs.iloc[:, 0], pairs.iloc[:, 1]))
-    result = probe_sweep(features, table, groups=groups, target_groups=target_groups, **options)
     base = Path(out_path)
     base = base.with_suffix("") if base.suffix in (".parquet", ".csv") else base
+    result = probe_sweep_across_processes(features, table, base.with_name(f".{base.name}.parts"), groups=groups,
+                                          target_groups=target_groups, **options)
+    if result is None:  # not process 0 of a multi-process job
+        return None
     base.parent.mkdir(parents=True, exist_ok=True)
     for suffix, write in ((".parquet", result.to_parquet), (".csv", lambda p: result.to_csv(p, index=False))):
         tmp = base.with_name(f".{base.name}{suffix}.tmp")
