@@ -47,6 +47,7 @@ class ExperimentConfig:
     scheduler: str | None = None
     dtype: str = "float32"
     batch_size: int = 16
+    chunk_size: int = 64                       # prompts per committed feature-store chunk (the unit of resume)
     outer_cv: int = 5
     inner_cv: int | str = 5
     alphas: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 20))
@@ -164,7 +165,8 @@ def extract_features(pipe: Any, config: ExperimentConfig, prompt_set: PromptSet,
                      log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
     """{site: (n_prompts x n_seeds rows, [steps,] dim)}, rows ordered seed-major, through the cache."""
     prompts = list(prompt_set.prompts)
-    common = {"cache": config.cache, "force": config.force, "progress": progress, "batch_size": config.batch_size}
+    common = {"cache": config.cache, "force": config.force, "progress": progress, "batch_size": config.batch_size,
+              "chunk_size": config.chunk_size}
     features: dict[str, list[np.ndarray]] = {}
     if config.text_sites:
         text = cached_capture(pipe, prompts, config.text_sites, reduce=config.token_reduce, label="text encoder",
@@ -238,7 +240,8 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
                                                     scheduler=config.scheduler))
     prompt_set = build_prompts(norms.concepts, config.templates)
     log(f"model: {pipe.source}; {len(prompt_set.prompts)} prompts x {len(config.seeds)} seed(s); "
-        f"JAX on {jax.device_count()} {jax.default_backend()} device(s)")
+        f"JAX on {jax.local_device_count()} {jax.default_backend()} device(s)"
+        + (f" in each of {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     raw = run.timed("extract", lambda: extract_features(pipe, config, prompt_set, progress=progress, log=log))
     rows_concept = np.tile(prompt_set.concept_index, len(config.seeds))
     feats, row_concepts = concept_features(raw, rows_concept, len(norms.concepts), config.repeats)

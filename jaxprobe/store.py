@@ -235,7 +235,11 @@ class FeatureStore:
                                  "another process failed; rerun the same command (finished chunks are reused)")
             for site, value in arrays.items():
                 pieces.setdefault(site, []).append(value)
-        return {site: np.concatenate(chunks) for site, chunks in pieces.items()}
+        # Chunks read back list their arrays by name, fresh ones in capture order: answer in one order
+        # (the description's, else by name) so that every process sees the same dict.
+        named = [s for s in description.get("sites", ()) if s in pieces]
+        order = named + sorted(set(pieces) - set(named))
+        return {site: np.concatenate(pieces[site]) for site in order}
 
     # ---------------------------------------------------------------- housekeeping (`jaxprobe store`)
 

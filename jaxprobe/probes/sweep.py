@@ -180,7 +180,7 @@ def _balanced_share(features: Mapping[str, np.ndarray], index: int, count: int) 
     cost = {site: (np.shape(a)[1] if np.ndim(a) == 3 else 1) * np.shape(a)[-1] for site, a in features.items()}
     loads = [0] * count
     owner = {}
-    for site in sorted(cost, key=lambda s: -cost[s]):
+    for site in sorted(cost, key=lambda s: (-cost[s], s)):  # by name too: the same on every process
         owner[site] = min(range(count), key=loads.__getitem__)
         loads[owner[site]] += cost[site]
     return [site for site in features if owner[site] == index]
