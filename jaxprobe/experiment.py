@@ -284,8 +284,10 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
 def _metadata(config: ExperimentConfig, pipe: Any, norms: Any, run: RunLog) -> dict[str, Any]:
     import jax
 
+    from jaxprobe.tiny import RANDOM_MODELS
+
     return {
-        "model": pipe.source, "random_weights": pipe.source == "tiny", "norms": norms.name,
+        "model": pipe.source, "random_weights": pipe.source in RANDOM_MODELS, "norms": norms.name,
         "citation": norms.citation, "n_concepts": len(norms.concepts), "n_attributes": len(norms.attributes),
         "templates": list(config.templates), "seeds": list(config.seeds), "repeats": config.repeats,
         "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,

@@ -2,6 +2,7 @@
 
 Accepted sources:
 - `"tiny"`: the bundled randomly initialised SD-1.x-shaped model (offline, for demos and tests);
+- `"sd15-random"`: SD 1.5 at full size with random weights (speed and memory measurements);
 - a diffusers pipeline folder (`model_index.json` with text_encoder/, tokenizer/, unet/, vae/,
   scheduler/, optionally image_encoder/ and feature_extractor/; `variant="fp16"` weight files);
 - a transformers CLIP folder (`config.json` + safetensors/.bin, sharded or not): CLIPTextModel,
@@ -200,10 +201,10 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
     checkpoint's ("pndm", "ddim", "euler", "dpmpp_2m"), keeping its noise schedule.
     """
     dtype = compute_dtype(dtype)
-    if str(source) == "tiny":
-        from jaxprobe.tiny import tiny_parts
+    from jaxprobe.tiny import RANDOM_MODELS, random_parts
 
-        parts, label = tiny_parts(dtype), "tiny"
+    if str(source) in RANDOM_MODELS:
+        parts, label = random_parts(str(source), dtype), str(source)
     else:
         folder = resolve_source(source)
         label = str(source)

@@ -1,8 +1,11 @@
-"""The bundled `tiny` model: Stable Diffusion 1.x's architecture at toy widths, random weights.
+"""Models built in memory with random weights: `tiny` and `sd15-random`.
 
-Deterministic (fixed PRNG seeds), built in memory in seconds, no files beyond the small BPE
-vocabulary in assets/. It exists so that `jaxprobe run` and the tests work offline; a randomly
-initialised model carries no semantics, so its probes should decode at chance.
+`tiny` is Stable Diffusion 1.x's architecture at toy widths: deterministic (fixed seeds), built in
+seconds, no files beyond the small BPE vocabulary in assets/. It exists so that `jaxprobe run` and
+the tests work offline; a randomly initialised model carries no semantics, so its probes should
+decode at chance. `sd15-random` is SD 1.5 at full size (CLIP ViT-L/14 text, 860M-parameter UNet,
+512 px VAE) with random weights, for speed and memory measurements (they do not depend on the
+weights' values); it shares the tiny tokenizer (token ids fit any vocabulary).
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ def tiny_configs(vocab_size: int) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig
     return text, unet, vae
 
 
+def sd15_configs(vocab_size: int) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:
+    del vocab_size  # the full vocabulary: every tiny-tokenizer id is a valid SD 1.5 id
+    text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+    unet = UNetConfig(sample_size=64, attention_head_dim=8, cross_attention_dim=768)
+    vae = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    return text, unet, vae
+
+
+RANDOM_MODELS = {"tiny": tiny_configs, "sd15-random": sd15_configs}
+
+
 def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
     """Parameters for `module` drawn with numpy, leaf by leaf, from (seed, parameter path).
 
@@ -67,18 +82,20 @@ def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def tiny_parts(dtype: Any) -> dict[str, Any]:
+def random_parts(name: str, dtype: Any) -> dict[str, Any]:
+    """The components of the random model `name` (a key of RANDOM_MODELS)."""
     from jaxprobe.pipeline import Component
 
     tokenizer = PromptTokenizer.from_dir(TOKENIZER_DIR)
-    text_cfg, unet_cfg, vae_cfg = tiny_configs(tokenizer.vocab_size)
+    text_cfg, unet_cfg, vae_cfg = RANDOM_MODELS[name](tokenizer.vocab_size)
     cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
     text = CLIPTextModel(text_cfg, dtype=dtype)
     unet = UNet2DConditionModel(unet_cfg, dtype=dtype)
     vae = AutoencoderKL(vae_cfg, dtype=dtype)
     side = unet_cfg.sample_size
     text_params = random_params(text, jnp.zeros((1, 77), jnp.int32))
-    unet_params = random_params(unet, jnp.zeros((1, side, side, 4)), jnp.zeros(()), jnp.zeros((1, 77, TEXT_WIDTH)))
+    unet_params = random_params(unet, jnp.zeros((1, side, side, 4)), jnp.zeros(()),
+                                jnp.zeros((1, 77, text_cfg.hidden_size)))
     vae_params = random_params(vae, jnp.zeros((1, 2 * side, 2 * side, 3)))
     return {
         "tokenizer": tokenizer,
