@@ -15,7 +15,7 @@ runner = CliRunner()
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("info", "extract", "probe", "run", "report"):
+    for command in ("info", "extract", "probe", "run", "report", "store"):
         assert command in result.output
 
 
@@ -30,7 +30,7 @@ def test_extract_writes_one_array_per_site(tmp_path):
     prompts.write_text("a photo of a cat\n\na photo of a dog\n")
     out = tmp_path / "feats"
     result = runner.invoke(app, ["extract", "-p", str(prompts), "-o", str(out), "-s", "text_encoder.*",
-                                 "--reduce", "eos"])
+                                 "--reduce", "eos", "--cache", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["prompts"] == ["a photo of a cat", "a photo of a dog"]
@@ -47,7 +47,10 @@ def test_bad_input_exits_with_a_named_error(tmp_path):
     assert result.exit_code == 2 and "error" in result.output
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
-    result = runner.invoke(app, ["extract", "-p", str(prompts), "-o", str(tmp_path / "y"), "-s", "unet.nothing_here"])
+    result = runner.invoke(app, ["extract", "-p", str(prompts), "-o", str(tmp_path / "y"), "-s", "unet.nothing_here",
+                                 "--cache", str(tmp_path / "cache")])
     assert result.exit_code == 2 and "matches no site" in result.output
     result = runner.invoke(app, ["run", "--model", str(tmp_path / "no-such-model")])
     assert result.exit_code == 2 and "Hugging Face cache" in result.output
+    result = runner.invoke(app, ["--coordinator", "localhost:1", "info"])
+    assert result.exit_code == 2 and "--num-processes" in result.output
