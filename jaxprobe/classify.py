@@ -60,6 +60,12 @@ class ConvHeadConfig:
     epochs: int = 30
     batch_size: int = 64
 
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise InputError(f"conv head width, epochs and batch_size must be positive; got {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+
 
 class ConvHead(nn.Module):
     """Maps (b, h, w, c) -> class logits (b, n_classes): BatchNorm without affine parameters,
@@ -258,7 +264,7 @@ class ClassifyConfig:
     image_size: int | None = None
     dtype: str = "float32"
     batch_size: int = 16
-    linear: ProbeConfig = ProbeConfig(l2=1e-3, learning_rate=0.01, max_steps=2000, eval_every=10, patience=10)
+    linear: ProbeConfig = ProbeConfig()
     conv: ConvHeadConfig = ConvHeadConfig()
     out: str | None = "jaxprobe-runs/classify"
     cache: str = "jaxprobe-runs/cache"
