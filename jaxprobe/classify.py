@@ -233,6 +233,10 @@ def image_features(pipe: Any, dataset: ImageDataset, sites: Sequence[str], t: in
     from jaxprobe.store import FeatureStore
 
     chosen = pipe.select(sites)
+    other = [s for s in chosen if not s.startswith("unet.")]
+    if other:
+        raise InputError(f"real images are classified from UNet sites only; drop {', '.join(other)} "
+                         "(e.g. sites=['unet.mid_block', 'unet.up_blocks.*'])")
     paths = [str(p) for p in dataset.paths]
     # The experiment's fingerprint of the weights; real-image capture never uses an image encoder.
     model = _model_fingerprint(pipe, types.SimpleNamespace(image_encoder=None))
@@ -330,11 +334,12 @@ def run_classification(config: ClassifyConfig, *, pipe: Any = None, progress: bo
 
 
 def comparison_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Rows -> the tidy table, ordered by classifier, site (in capture order) and t."""
+    """Rows -> the tidy table, ordered by classifier (linear first), site (in capture order) and t."""
     table = pd.DataFrame(list(rows), columns=COLUMNS)
     site_rank = {s: i for i, s in enumerate(dict.fromkeys(table["site"]))}
-    order = table.assign(_site=table["site"].map(site_rank)).sort_values(["classifier", "_site", "t"], kind="stable")
-    return order.drop(columns="_site").reset_index(drop=True)
+    ranks = {"_classifier": table["classifier"].map(CLASSIFIERS.index), "_site": table["site"].map(site_rank)}
+    order = table.assign(**ranks).sort_values(["_classifier", "_site", "t"], kind="stable")
+    return order.drop(columns=list(ranks)).reset_index(drop=True)
 
 
 # --- outputs ---------------------------------------------------------------------------------------
@@ -351,7 +356,7 @@ def accuracy_figure(table: pd.DataFrame, classes: int | None = None):
     classifiers = list(dict.fromkeys(table["classifier"]))
     sites = list(dict.fromkeys(table["site"]))
     steps = sorted(table["t"].unique())
-    fig = Figure(figsize=(max(4.0, 1.1 * len(sites) * max(1, len(steps) / 2) + 1.5) * len(classifiers) / 1.4, 3.6),
+    fig = Figure(figsize=(1.5 + len(classifiers) * max(3.0, 0.4 * len(sites) * len(steps) + 1.0), 3.6),
                  layout="constrained")
     axes = fig.subplots(1, len(classifiers), squeeze=False, sharey=True)[0]
     colors = colormaps["viridis"](np.linspace(0.15, 0.85, len(steps)))
@@ -368,7 +373,7 @@ def accuracy_figure(table: pd.DataFrame, classes: int | None = None):
         ax.set_xticks(np.arange(len(sites)), [short_site(s) for s in sites], rotation=30, ha="right", fontsize=7)
         ax.set(title=f"{classifier} classifier", ylim=(0, 1.02))
     axes[0].set_ylabel("test accuracy (95% Wilson CI)")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 

@@ -24,7 +24,7 @@ SHAPES = {"red_circle": ((220, 40, 40), "circle"), "green_square": ((40, 200, 60
           "blue_triangle": ((50, 70, 230), "triangle")}
 SITES = ("unet.mid_block", "unet.up_blocks.0")   # equal widths: one vmapped linear fit
 STEPS = (10, 25)
-CONV = ConvHeadConfig(width=16, dropout=0.0, learning_rate=1e-2, epochs=20, batch_size=16)
+CONV = ConvHeadConfig(width=16, dropout=0.0, learning_rate=1e-2, epochs=40)   # batches of 64, as the CLI
 
 
 def draw_shapes(root: Path, per_class: int, size: int = 32, seed: int = 0) -> Path:
@@ -95,6 +95,8 @@ def test_features_come_from_the_cache_and_noise_follows_the_image_index(run, mon
     def no_capture(*args, **kwargs):
         raise AssertionError("features should have been read from the cache")
 
+    with pytest.raises(InputError, match="UNet sites only"):
+        image_features(pipe, dataset, ["unet.mid_block", "text_encoder.*"], 25, cache=config.cache)
     monkeypatch.setattr(sampling, "capture_images", no_capture)
     again = image_features(pipe, dataset, SITES, 25, cache=config.cache, reduce="none")
     np.testing.assert_array_equal(again[SITES[1]], maps[SITES[1]])
@@ -105,7 +107,7 @@ def test_cli_classify_writes_the_table_and_reports_errors(run, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
     args = ["classify", config.data, "--out", str(out), "--cache", config.cache, "--conv-width", "16",
-            "--epochs", "20", "--conv-lr", "0.01", "--dropout", "0", "-s", SITES[0], "-s", SITES[1], "--t", "10", "--t", "25"]
+            "--epochs", "40", "--conv-lr", "0.01", "--dropout", "0", "-s", SITES[0], "-s", SITES[1], "--t", "10", "--t", "25"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len(pd.read_csv(out / "accuracy.csv")) == 8
