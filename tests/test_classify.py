@@ -68,10 +68,10 @@ def test_both_classifiers_separate_coloured_shapes(run):
     assert sorted(zip(table["classifier"], table["site"], table["t"])) == sorted(
         (c, s, t) for c in ("linear", "conv") for s in SITES for t in STEPS)
     assert (table["n_test"] == 24).all() and (table["n_train"] == 72).all()
-    accuracy = table.set_index(["classifier", "t", "site"])["accuracy"].sort_index()   # chance: 1/3
-    assert accuracy["linear", 25].min() >= 0.9, table
-    assert accuracy["conv", 25].max() >= 0.9, table
-    assert accuracy.min() >= 0.6, table
+    accuracy = table.set_index("classifier")["accuracy"]   # chance: 1/3
+    assert accuracy["linear"].min() >= 0.9, table
+    assert accuracy["conv"].mean() >= 0.85, table
+    assert accuracy.min() >= 0.75, table
     assert ((table["ci_low"] <= table["accuracy"]) & (table["accuracy"] <= table["ci_high"])).all()
     out = Path(config.out)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "accuracy.parquet"), table)
