@@ -338,11 +338,12 @@ def _image_program(unet: Any, vae: Any, params: dict[str, Any], sched_config: sc
 
 def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = ("unet.mid_block",), *,
                    t: int = 25, prompt: str = "", seed: int = 0, reduce: Any = "mean", batch_size: int = 8,
-                   size: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+                   size: int | None = None, offset: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
     """Diffusion features of real images: {site: (n, dim)} (or unreduced maps with reduce="none").
 
     Each image is VAE-encoded (the posterior mean), noised to training timestep `t` with noise that
-    depends only on (seed, image index), and passed once through the UNet conditioned on `prompt`.
+    depends only on (seed, offset + image index), and passed once through the UNet conditioned on
+    `prompt`; `offset` lets a dataset extracted in chunks get the noise of one whole run.
     """
     from jaxprobe.pipeline import resolve_reductions, run_batched
 
@@ -359,7 +360,7 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     plan = CapturePlan(tuple(s.removeprefix("unet.") for s in chosen), reductions, "cond", guided=False)
     shape = (size // factor, size // factor, pipe.unet.config.in_channels)
     context = _text_context(pipe, [prompt])
-    inputs = {"images": arr, "noise": _initial_noise(pipe, len(arr), seed, None, shape),
+    inputs = {"images": arr, "noise": _initial_noise(pipe, len(arr), seed, None, shape, offset),
               "context": np.repeat(context, len(arr), axis=0)}
     params = {"unet": pipe._replicated("unet"), "vae": pipe._replicated("vae")}
     run = lambda batch: _image_program(pipe.unet.module, pipe.vae.module, params, pipe.scheduler, plan,  # noqa: E731
