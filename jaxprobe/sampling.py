@@ -156,9 +156,14 @@ def _initial_noise(pipe: "Pipeline", n: int, seed: int, latents: np.ndarray | No
             raise InputError(f"latents must be (n_prompts={n}, {shape[2]}, h, w) like diffusers' (NCHW); "
                              f"got {latents.shape}")
         return latents.transpose(0, 2, 3, 1)
+    padded = 1 << max(0, (n - 1).bit_length())  # one compile per power of two, not per chunk length
+    return np.asarray(_noise_program(seed, np.arange(offset, offset + padded), shape))[:n]
+
+
+@functools.partial(jax.jit, static_argnames="shape")
+def _noise_program(seed: int, indices: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
     key = jax.random.key(seed)
-    indices = jnp.arange(offset, offset + n)
-    return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices))
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
 
 
 def _text_context(pipe: "Pipeline", prompts: Sequence[str]) -> np.ndarray:
