@@ -1,0 +1,919 @@
+"""Decoding Diffusion (Zeng, Chen & Wong 2024): directions in h-space from prompts and captions, and the
+association (bias) analysis built on them.
+
+    build(config)   prompts -> h-space (UNet mid_block output, every step) and CLIP text features, cached
+                    -> one unit direction per concept, site and step -> OUT/directions.npz + tables
+    score(config)   project the generations onto the directions; associations of each query concept
+                    with each attribute axis, bootstrap intervals, side by side with CLIP text space;
+                    k-means clusters labelled with their nearest directions -> tables
+    report(out)     figures and one self-contained report.html from the saved tables
+
+The maths (definitions of directions and association scores) lives in `jaxprobe.analyses.directions`.
+`DirectionsConfig` holds every choice; `jaxprobe directions build|score|report` call these functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from jaxprobe.errors import InputError
+
+EXAMPLE = Path(__file__).parent / "assets" / "directions" / "professions.toml"
+NEUTRAL, BASELINE_FAMILY = "(neutral)", "(baseline)"
+DIRECTIONS, REPORT = "directions.npz", "report.html"
+
+
+@dataclass(frozen=True)
+class DirectionsConfig:
+    """Everything a directions study depends on (a TOML file can set any field; see the bundled example).
+
+    families: {family: concepts}; associations: (query family, attribute family) pairs. An attribute
+    family of two concepts is one axis (first vs second); of k > 2, k axes (each vs the rest).
+    prompt_files: {concept: text file, one prompt or caption per line} used instead of the templates.
+    images: a CSV with columns image, caption, concept (image paths relative to the CSV): directions from
+    the images themselves (`capture_images` at training step image_t) beside those from their captions.
+    baseline: "neutral" (the neutral prompts), "others" (all other concepts) or "family" (the other
+    concepts of the same family). whiten: use the inverse shrunk pooled within-concept covariance as the
+    metric. focus_step: the step the ranked bars, clusters and 2-D projections show (-1: the last).
+    """
+
+    families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    associations: tuple[tuple[str, str], ...] = ()
+    model: str = "tiny"
+    templates: tuple[str, ...] = ("a photo of a {concept}",)
+    prompt_files: Mapping[str, str] = field(default_factory=dict)
+    neutral_prompts: tuple[str, ...] = ("a photo", "a photo of a person")
+    baseline: str = "neutral"
+    whiten: bool = False
+    shrinkage: float = 0.1
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    sites: tuple[str, ...] = ("unet.mid_block",)
+    text_site: str | None = "text_encoder.text_model.final_layer_norm"
+    token_reduce: str = "eos"
+    spatial_reduce: str = "mean"
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str | None = None
+    dtype: str = "float32"
+    batch_size: int = 16
+    images: str | None = None
+    image_t: int = 25
+    n_bootstrap: int = 1000
+    level: float = 0.95
+    n_clusters: int = 6
+    focus_step: int = -1
+    seed: int = 0
+    out: str = "jaxprobe-runs/directions"
+    cache: str = "jaxprobe-runs/cache"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "families", {str(k): tuple(v) for k, v in dict(self.families).items()})
+        object.__setattr__(self, "associations", tuple(tuple(a) for a in self.associations))
+        if not self.families:
+            raise InputError("give at least one concept family, e.g. [directions.families] gender = ['man', 'woman']")
+        seen: dict[str, str] = {}
+        for family, concepts in self.families.items():
+            if not concepts:
+                raise InputError(f"family {family!r} has no concepts")
+            for concept in concepts:
+                if concept in seen:
+                    raise InputError(f"concept {concept!r} is in families {seen[concept]!r} and {family!r}; "
+                                     "give each concept one family")
+                seen[concept] = family
+        for pair in self.associations:
+            if len(pair) != 2 or any(p not in self.families for p in pair):
+                raise InputError(f"association {list(pair)} must name a query family and an attribute family "
+                                 f"among {sorted(self.families)}")
+            if len(self.families[pair[1]]) < 2:
+                raise InputError(f"attribute family {pair[1]!r} needs at least two concepts to make an axis")
+        if any("{concept}" not in t for t in self.templates):
+            raise InputError(f"every template needs a '{{concept}}' placeholder; got {list(self.templates)}")
+        unknown = sorted(set(self.prompt_files) - set(seen))
+        if unknown:
+            raise InputError(f"prompt_files names concept(s) {unknown} that are in no family")
+        if self.baseline == "neutral" and not self.neutral_prompts:
+            raise InputError("baseline='neutral' needs neutral_prompts (or choose baseline='others')")
+        if self.baseline not in ("neutral", "others", "family"):
+            raise InputError(f"baseline must be 'neutral', 'others' or 'family', not {self.baseline!r}")
+        if not self.seeds:
+            raise InputError("give at least one seed")
+        if not 0 < self.level < 1 or self.n_bootstrap < 10:
+            raise InputError("level must lie in (0, 1) and n_bootstrap be at least 10")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "DirectionsConfig":
+        """Fields from a TOML file (top level or a [directions] table), then `overrides` (None ignored).
+
+        Relative paths in prompt_files and images are taken relative to the file."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise InputError(f"cannot read config {path}: {err}") from err
+        data = dict(data.get("directions", data))
+        here = path.resolve().parent
+        if "prompt_files" in data:
+            data["prompt_files"] = {k: str(here / v) for k, v in data["prompt_files"].items()}
+        if data.get("images"):
+            data["images"] = str(here / data["images"])
+        return cls.from_mapping({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "options") -> "DirectionsConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise InputError(f"{source}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+        tuples = {name for name, f in fields.items() if str(f.type).startswith("tuple")}
+        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
+
+    @classmethod
+    def example(cls, **overrides: Any) -> "DirectionsConfig":
+        """The bundled example: professions x gender and professions x age on the tiny model."""
+        return cls.from_toml(EXAMPLE, **overrides)
+
+    def to_toml(self) -> str:
+        from jaxprobe.experiment import _toml_value
+
+        lines, tables = ["[directions]"], []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, Mapping):
+                tables += [f"\n[directions.{f.name}]"] + [f"{_toml_value(k)} = {_toml_value(_listed(v))}"
+                                                         for k, v in value.items()]
+            else:
+                lines.append(f"{f.name} = {_toml_value(_listed(value))}")
+        return "\n".join(lines + tables) + "\n"
+
+    @property
+    def axes(self) -> list[tuple[str, str, str, list[str]]]:
+        """(query family, attribute family, axis name, [positive concept, *negative concepts]) per axis."""
+        out = []
+        for query, attribute in self.associations:
+            members = list(self.families[attribute])
+            poles = [members] if len(members) == 2 else [[m, *(o for o in members if o != m)] for m in members]
+            for pole in poles:
+                name = f"{pole[0]} vs {pole[1]}" if len(members) == 2 else f"{pole[0]} vs rest"
+                out.append((query, attribute, name, pole))
+        return out
+
+
+def _listed(value: Any) -> Any:
+    return [_listed(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+# --- collection ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generations:
+    """Every generation (prompt x seed; rows seed-major, as `experiment.extract_features` returns them)
+    with its features: h-space {site: (n, T, d)} and CLIP text features (n, d) of its prompt."""
+
+    concepts: tuple[str, ...]         # C; the neutral set last when the baseline is neutral
+    family_of: dict[str, str]
+    rows: pd.DataFrame                # row, concept, family, prompt, seed
+    labels: np.ndarray                # (n,) concept index
+    features: dict[str, np.ndarray]   # site -> (n, T, d)
+    text: np.ndarray | None           # (n, d)
+    timesteps: np.ndarray             # (T,) training timestep of each step
+
+    @property
+    def neutral(self) -> int | None:
+        return self.concepts.index(NEUTRAL) if NEUTRAL in self.concepts else None
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines()]
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err}") from err
+    lines = [line for line in lines if line]
+    if not lines:
+        raise InputError(f"{what} {path} holds no prompts (one per line)")
+    return lines
+
+
+def concept_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
+    """{concept: its prompts}: the templates filled in, or the concept's prompt file; then the neutral set."""
+    prompts = {c: (_read_lines(config.prompt_files[c], f"prompt file of {c!r}") if c in config.prompt_files
+                   else [t.format(concept=c) for t in config.templates])
+               for concepts in config.families.values() for c in concepts}
+    if config.baseline == "neutral":
+        prompts[NEUTRAL] = list(config.neutral_prompts)
+    return prompts
+
+
+def _experiment_config(config: DirectionsConfig) -> Any:
+    """The ExperimentConfig whose feature extraction (and cache entries) the directions study shares."""
+    from jaxprobe.experiment import ExperimentConfig
+
+    return ExperimentConfig(
+        model=config.model, seeds=config.seeds, text_sites=(config.text_site,) if config.text_site else (),
+        unet_sites=config.sites, token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce,
+        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+        scheduler=config.scheduler, dtype=config.dtype, batch_size=config.batch_size, cache=config.cache,
+        force=config.force)
+
+
+def load_pipeline(config: DirectionsConfig) -> Any:
+    import jaxprobe
+
+    return jaxprobe.load(config.model, dtype=config.dtype, scheduler=config.scheduler)
+
+
+def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequence[str]], *,
+            family_of: Mapping[str, str] | None = None, progress: bool = False) -> Generations:
+    """Generate every concept's prompts with every seed and capture h-space (and the CLIP text site),
+    through the feature store (`experiment.extract_features`): finished chunks are never recomputed."""
+    from jaxprobe.experiment import PromptSet, extract_features
+    from jaxprobe.sampling import sampling_timesteps
+
+    concepts = tuple(prompts_of)
+    family_of = dict(family_of) if family_of is not None else {c: f for f, cs in config.families.items() for c in cs}
+    family_of.setdefault(NEUTRAL, BASELINE_FAMILY)
+    prompts = [p for c in concepts for p in prompts_of[c]]
+    prompt_concept = np.array([i for i, c in enumerate(concepts) for _ in prompts_of[c]])
+    exp = _experiment_config(config)
+    raw = extract_features(pipe, exp, PromptSet(tuple(prompts), prompt_concept, np.zeros(len(prompts), int)),
+                           progress=progress)
+    n_prompts, n_seeds = len(prompts), len(config.seeds)
+    labels = np.tile(prompt_concept, n_seeds)
+    rows = pd.DataFrame({"row": np.arange(len(labels)), "concept": [concepts[i] for i in labels],
+                         "family": [family_of[concepts[i]] for i in labels], "prompt": prompts * n_seeds,
+                         "seed": np.repeat(np.asarray(config.seeds), n_prompts)})
+    sites = pipe.select(config.sites)
+    return Generations(concepts, family_of, rows, labels, {s: raw[s] for s in sites},
+                       raw[pipe.select([config.text_site])[0]] if config.text_site else None,
+                       sampling_timesteps(pipe, config.num_inference_steps))
+
+
+# --- directions ----------------------------------------------------------------------------------------
+
+
+def _metric(features_ntd: np.ndarray, averaging_cn: np.ndarray, config: DirectionsConfig) -> Any:
+    from jaxprobe.analyses import directions as maths
+
+    if not config.whiten:
+        return None
+    return maths.whitening_metric(maths.pooled_covariance(features_ntd, averaging_cn), config.shrinkage)
+
+
+def directions_of(features_ntd: np.ndarray, labels: np.ndarray, concepts: Sequence[str], config: DirectionsConfig,
+                  *, neutral: int | None = None, groups: Sequence[str] | None = None, baseline: str | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Unit directions (C, T, d) and mean-difference lengths (C, T) of every concept (see the maths module)."""
+    from jaxprobe.analyses import directions as maths
+
+    features = np.asarray(features_ntd, np.float32)
+    averaging = maths.averaging_matrix(labels, len(concepts)).astype(np.float32)
+    base = maths.baseline_matrix(averaging, baseline or config.baseline, neutral,
+                                 np.asarray(groups) if groups is not None else None).astype(np.float32)
+    dirs, length = maths.concept_directions(features, averaging, base, _metric(features, averaging, config))
+    return np.asarray(dirs), np.asarray(length)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
+          log: Callable[[str], None] = print) -> Path:
+    """Collect the concepts' generations and write OUT/directions.npz (unit directions per site (C, T, d)
+    and in CLIP text space (C, d)), directions.parquet/.csv (one row per concept x site x step: the
+    mean-difference length and the cosine to the concept's last-step direction), prompts.parquet/.csv
+    (every generation: concept, family, prompt, seed) and config.toml; with `images`, image_directions.parquet/.csv. Returns the npz path."""
+    pipe = pipe or load_pipeline(config)
+    gens = collect(pipe, config, concept_prompts(config), progress=progress)
+    log(f"{len(gens.rows)} generations of {len(gens.concepts)} concepts; sites {list(gens.features)}")
+    groups = [gens.family_of[c] for c in gens.concepts]
+    arrays: dict[str, np.ndarray] = {"concepts": np.array(gens.concepts), "families": np.array(groups),
+                                     "sites": np.array(list(gens.features)), "timesteps": gens.timesteps}
+    frames = []
+    for site, h in gens.features.items():
+        dirs, length = directions_of(h, gens.labels, gens.concepts, config, neutral=gens.neutral, groups=groups)
+        arrays[f"site/{site}"] = dirs
+        steps = np.arange(dirs.shape[1])
+        frames.append(pd.DataFrame({
+            "concept": np.repeat(gens.concepts, len(steps)), "family": np.repeat(groups, len(steps)), "site": site,
+            "step": np.tile(steps, len(gens.concepts)), "timestep": np.tile(gens.timesteps[: len(steps)], len(gens.concepts)),
+            "length": length.ravel(), "cos_to_last_step": _cos(dirs, dirs[:, -1:]).ravel(),
+            "n_generations": np.repeat(np.bincount(gens.labels, minlength=len(gens.concepts)), len(steps))}))
+    if gens.text is not None:
+        text_dirs, _ = directions_of(gens.text[:, None], gens.labels, gens.concepts, config, neutral=gens.neutral,
+                                     groups=groups)
+        arrays["text"] = text_dirs[:, 0]
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {"directions": pd.concat(frames, ignore_index=True), "prompts": gens.rows}
+    if config.images:
+        image_table, image_arrays = image_directions(pipe, config, progress=progress)
+        tables["image_directions"] = image_table
+        arrays.update(image_arrays)
+    for name, frame in tables.items():
+        write_table(frame, out, name)
+    from jaxprobe.report import _write_atomic
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as file:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez_compressed(file, **arrays)
+
+    path = _write_atomic(out / DIRECTIONS, save)
+    _write_atomic(out / "config.toml", lambda p: p.write_text(config.to_toml()))
+    log(f"directions: {path}")
+    return path
+
+
+def write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
+    from jaxprobe.report import _write_atomic
+
+    for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv)):
+        _write_atomic(out / (name + suffix), lambda p, w=write: w(p, index=False))
+
+
+def read_directions(out: str | Path) -> dict[str, np.ndarray]:
+    path = Path(out) / DIRECTIONS
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: run `jaxprobe directions build` (directions.build) first")
+    with np.load(path, allow_pickle=False) as data:
+        return dict(data)
+
+
+# --- images with captions ------------------------------------------------------------------------------
+
+
+def _read_captions(path: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read the image captions file {path}: {err}") from err
+    missing = {"image", "caption", "concept"} - set(frame.columns)
+    if missing:
+        raise InputError(f"{path} lacks column(s) {sorted(missing)}; it needs image, caption, concept")
+    if frame["concept"].nunique() < 2:
+        raise InputError(f"{path}: image directions compare concepts with each other; give at least two")
+    frame = frame.assign(image=[str((Path(path).parent / p).resolve()) for p in frame["image"]])
+    return frame
+
+
+def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = False
+                     ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Directions from existing images and from their captions, side by side.
+
+    Image path: each image VAE-encoded, noised to training step `image_t`, one UNet pass (h at that
+    step, (n, d)). Caption path: the captions generated like any prompt (h at every step). Both use the
+    other image concepts as baseline (there are no neutral images). Returns one row per concept x site x
+    step with the cosine between the image direction and the caption direction at that step, and the
+    arrays images/<site> (C, d) and captions/<site> (C, T, d)."""
+    from jaxprobe.experiment import _model_fingerprint
+    from jaxprobe.store import FeatureStore
+
+    table = _read_captions(config.images)
+    concepts = tuple(dict.fromkeys(table["concept"]))
+    labels = np.array([concepts.index(c) for c in table["concept"]])
+    paths = list(table["image"])
+    sites = pipe.select(config.sites)
+    description = {"kind": "images", "model": _model_fingerprint(pipe, _experiment_config(config)), "sites": sites,
+                   "images": paths, "t": config.image_t, "seed": config.seed, "reduce": config.spatial_reduce}
+    # one chunk: capture_images draws image i's noise from (seed, i) within the call
+    images = FeatureStore(config.cache).compute(
+        description, len(paths), lambda part: pipe.capture_images(
+            paths[part], sites, t=config.image_t, seed=config.seed, reduce=config.spatial_reduce,
+            batch_size=config.batch_size), chunk_size=len(paths), force=config.force, progress=progress,
+        label="images")
+    captions = {c: list(table.loc[table["concept"] == c, "caption"]) for c in concepts}
+    gens = collect(pipe, dataclasses.replace(config, text_site=None), captions,
+                   family_of={c: "images" for c in concepts}, progress=progress)
+    arrays, frames = {}, []
+    for site in sites:
+        image_dirs, _ = directions_of(images[site][:, None], labels, concepts, config, baseline="others")
+        caption_dirs, _ = directions_of(gens.features[site], gens.labels, concepts, config, baseline="others")
+        arrays[f"images/{site}"], arrays[f"captions/{site}"] = image_dirs[:, 0], caption_dirs
+        steps = np.arange(caption_dirs.shape[1])
+        frames.append(pd.DataFrame({
+            "concept": np.repeat(concepts, len(steps)), "site": site, "step": np.tile(steps, len(concepts)),
+            "timestep": np.tile(gens.timesteps[: len(steps)], len(concepts)),
+            "cos_image_caption": _cos(image_dirs, caption_dirs).ravel(), "image_t": config.image_t}))
+    return pd.concat(frames, ignore_index=True), arrays
+
+
+# --- scoring -------------------------------------------------------------------------------------------
+
+
+def _axes_matrix(config: DirectionsConfig, concepts: Sequence[str]) -> np.ndarray:
+    from jaxprobe.analyses.directions import contrast
+
+    index = {c: i for i, c in enumerate(concepts)}
+    return np.stack([contrast(len(concepts), index[pole[0]], [index[c] for c in pole[1:]])
+                     for *_, pole in config.axes]).astype(np.float32)
+
+
+def _interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    from jaxprobe.probes.stats import percentile_interval
+
+    return percentile_interval(samples, level, axis=0)
+
+
+def _unet_effect(h: np.ndarray, clip: np.ndarray, level: float) -> np.ndarray:
+    """Per (step, axis, query): does the UNet push the association beyond the text encoder's, pull it back
+    towards 0, or flip its sign? From paired bootstrap samples h, clip (1 + B, ...), row 0 observed."""
+    h_lo, h_hi = _interval(h[1:], level)
+    c_lo, c_hi = _interval(clip[1:], level)
+    m_lo, m_hi = _interval(np.abs(h[1:]) - np.abs(clip[1:]), level)
+    effect = np.full(h.shape[1:], "no clear change", dtype=object)
+    effect[m_lo > 0] = "amplifies"
+    effect[m_hi < 0] = "attenuates"
+    effect[((h_lo > 0) & (c_hi < 0)) | ((h_hi < 0) & (c_lo > 0))] = "reverses"
+    return effect
+
+
+def association_table(gens: Generations, config: DirectionsConfig) -> pd.DataFrame:
+    """One row per site x step x axis x query concept: the association score with its bootstrap interval,
+    the same association in CLIP text space and their paired difference, ranked within site, step and axis."""
+    import jax.numpy as jnp
+
+    from jaxprobe.analyses import directions as maths
+
+    C = len(gens.concepts)
+    averaging = maths.averaging_matrix(gens.labels, C)
+    plans = np.concatenate([averaging[None], maths.bootstrap_averaging(
+        np.random.default_rng(config.seed), config.n_bootstrap, gens.labels, C)]).astype(np.float32)
+    axes = _axes_matrix(config, gens.concepts)
+    index = {c: i for i, c in enumerate(gens.concepts)}
+
+    def scores(features_ntd: np.ndarray) -> np.ndarray:
+        x = np.asarray(features_ntd, np.float32)
+        return np.asarray(maths.association_scores(x, jnp.asarray(plans), axes, _metric(x, averaging, config)))
+
+    clip = scores(gens.text[:, None]) if gens.text is not None else None   # (1 + B, 1, A, C)
+    frames = []
+    for site, h in gens.features.items():
+        s = scores(h)                                                      # (1 + B, T, A, C)
+        lo, hi = _interval(s[1:], config.level)
+        T = s.shape[1]
+        for a, (query_family, attribute_family, axis, _) in enumerate(config.axes):
+            queries = [index[q] for q in config.families[query_family]]
+            s_q, lo_q, hi_q = s[:, :, a][..., queries], lo[:, a][..., queries], hi[:, a][..., queries]  # (.., T, Q)
+            cols = {"site": site, "step": np.repeat(np.arange(T), len(queries)),
+                    "timestep": np.repeat(gens.timesteps[:T], len(queries)),
+                    "query_family": query_family, "attribute_family": attribute_family, "axis": axis,
+                    "query": np.tile([gens.concepts[q] for q in queries], T),
+                    "score": s_q[0].ravel(), "ci_low": lo_q.ravel(), "ci_high": hi_q.ravel()}
+            if clip is not None:
+                c = np.broadcast_to(clip[:, :, a][..., queries], s_q.shape)
+                c_lo, c_hi = _interval(c[1:], config.level)
+                d = s_q - c
+                d_lo, d_hi = _interval(d[1:], config.level)
+                cols |= {"clip_score": c[0].ravel(), "clip_ci_low": c_lo.ravel(), "clip_ci_high": c_hi.ravel(),
+                         "delta": d[0].ravel(), "delta_ci_low": d_lo.ravel(), "delta_ci_high": d_hi.ravel(),
+                         "unet_effect": _unet_effect(s_q, c, config.level).ravel()}
+            frames.append(pd.DataFrame(cols))
+    table = pd.concat(frames, ignore_index=True)
+    table["rank"] = table.groupby(["site", "step", "axis"])["score"].rank(ascending=False, method="first").astype(int)
+    return table
+
+
+def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: DirectionsConfig
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(generations, clusters). generations: one row per generation x site x step with its projection onto
+    every direction (dir:<concept>), its position on every axis (axis:<name>), its k-means cluster and its
+    first two principal components. clusters: one row per site x step x cluster with its size, the
+    concepts in it and the directions nearest to its centroid (cosine of centroid minus the mean)."""
+    import jax
+
+    from jaxprobe.analyses import directions as maths
+
+    C = len(gens.concepts)
+    averaging = maths.averaging_matrix(gens.labels, C).astype(np.float32)
+    axes = _axes_matrix(config, gens.concepts)
+    k = min(config.n_clusters, len(gens.rows))
+    frames, cluster_frames = [], []
+    for site, h in gens.features.items():
+        h = np.asarray(h, np.float32)
+        T = h.shape[1]
+        site_dirs = dirs[f"site/{site}"]
+        projection = np.asarray(maths.project(h, site_dirs))                              # (n, T, C)
+        positions = np.asarray(maths.generation_scores(h, averaging, axes, _metric(h, averaging, config)))
+        keys = jax.random.split(jax.random.key(config.seed), T)
+        centroids, members, _ = jax.vmap(lambda x, key: maths.kmeans(x, key, k))(np.moveaxis(h, 1, 0), keys)
+        centroids, members = np.asarray(centroids), np.asarray(members)                   # (T, k, d), (T, n)
+        nearest = np.asarray(jax.vmap(maths.nearest_directions)(centroids, h.mean(0), np.moveaxis(site_dirs, 1, 0)))
+        pcs = np.stack([_principal_components(h[:, t]) for t in range(T)], 1)           # (n, T, 2)
+        frame = pd.concat([gens.rows] * T, ignore_index=True)
+        frame = frame.assign(site=site, step=np.repeat(np.arange(T), len(gens.rows)),
+                             timestep=np.repeat(gens.timesteps[:T], len(gens.rows)),
+                             cluster=members.ravel(), pc1=pcs[..., 0].T.ravel(), pc2=pcs[..., 1].T.ravel())
+        extra = {f"dir:{c}": projection[:, :, i].T.ravel() for i, c in enumerate(gens.concepts)}
+        extra |= {f"axis:{name}": positions[:, :, a].T.ravel() for a, (_, _, name, _) in enumerate(config.axes)}
+        frames.append(pd.concat([frame, pd.DataFrame(extra)], axis=1))
+        for t in range(T):
+            for j in range(k):
+                inside = members[t] == j
+                if not inside.any():
+                    continue
+                shares = pd.Series(gens.labels[inside]).value_counts(normalize=True)
+                order = np.argsort(-nearest[t, j])[:3]
+                cluster_frames.append({
+                    "site": site, "step": t, "timestep": gens.timesteps[t], "cluster": j, "size": int(inside.sum()),
+                    "purity": float(shares.iloc[0]),
+                    "concepts": "; ".join(f"{gens.concepts[c]} {v:.0%}" for c, v in shares.head(3).items()),
+                    "nearest_direction": gens.concepts[order[0]], "nearest_cos": float(nearest[t, j, order[0]]),
+                    "nearest": "; ".join(f"{gens.concepts[c]} {nearest[t, j, c]:+.2f}" for c in order)})
+    return pd.concat(frames, ignore_index=True), pd.DataFrame(cluster_frames)
+
+
+def _principal_components(x_nd: np.ndarray) -> np.ndarray:
+    centred = x_nd - x_nd.mean(0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    pcs = u[:, :2] * s[:2]
+    return np.pad(pcs, ((0, 0), (0, 2 - pcs.shape[1])))
+
+
+def project_prompts(config: DirectionsConfig, prompts: Sequence[str], *, pipe: Any = None,
+                    progress: bool = False) -> pd.DataFrame:
+    """Any prompts, generated with the config's seeds and sampling settings, projected onto the saved
+    directions (OUT/directions.npz): one row per prompt x seed x site x step, a dir:<concept> column each."""
+    from jaxprobe.analyses.directions import project
+
+    dirs = read_directions(config.out)
+    pipe = pipe or load_pipeline(config)
+    gens = collect(pipe, dataclasses.replace(config, text_site=None), {"(prompts)": list(prompts)},
+                   family_of={"(prompts)": "(prompts)"}, progress=progress)
+    concepts = [str(c) for c in dirs["concepts"]]
+    _check_directions(dirs, gens)
+    frames = []
+    for site, h in gens.features.items():
+        projection = np.asarray(project(np.asarray(h, np.float32), dirs[f"site/{site}"]))
+        T = projection.shape[1]
+        frame = pd.concat([gens.rows.drop(columns=["concept", "family"])] * T, ignore_index=True)
+        frame = frame.assign(site=site, step=np.repeat(np.arange(T), len(gens.rows)),
+                             timestep=np.repeat(gens.timesteps[:T], len(gens.rows)))
+        frames.append(pd.concat([frame, pd.DataFrame({f"dir:{c}": projection[:, :, i].T.ravel()
+                                                      for i, c in enumerate(concepts)})], axis=1))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _check_directions(dirs: Mapping[str, np.ndarray], gens: Generations) -> None:
+    for site, h in gens.features.items():
+        key = f"site/{site}"
+        if key not in dirs:
+            raise InputError(f"{DIRECTIONS} has no directions at {site}: build them with the same sites")
+        if h.shape[1:] != dirs[key].shape[1:]:
+            raise InputError(f"{site}: features {h.shape[1:]} (steps, dim) do not match the directions "
+                             f"{dirs[key].shape[1:]}: score with the sampling settings the directions were built with")
+
+
+def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pipe: Any = None,
+          progress: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Score the study's generations against the directions `build` saved under OUT: associations.*,
+    generations.*, clusters.* (and prompt_projections.* for extra `prompts`). Returns OUT."""
+    dirs = read_directions(config.out)
+    pipe = pipe or load_pipeline(config)
+    gens = collect(pipe, config, concept_prompts(config), progress=progress)
+    if [str(c) for c in dirs["concepts"]] != list(gens.concepts):
+        raise InputError(f"{config.out}/{DIRECTIONS} was built for other concepts; run build with this config")
+    _check_directions(dirs, gens)
+    if not config.associations:
+        log("no associations configured: scoring projections and clusters only")
+    out = Path(config.out)
+    tables = dict(zip(("generations", "clusters"), generation_table(gens, dirs, config)))
+    if config.associations:
+        tables["associations"] = association_table(gens, config)
+    if prompts:
+        tables["prompt_projections"] = project_prompts(config, prompts, pipe=pipe, progress=progress)
+    for name, frame in tables.items():
+        write_table(frame, out, name)
+    meta = {"model": pipe.source, "random_weights": pipe.source == "tiny", "concepts": list(gens.concepts),
+            "families": dict(config.families), "axes": [a[2] for a in config.axes], "baseline": config.baseline,
+            "whiten": config.whiten, "seeds": list(config.seeds), "templates": list(config.templates),
+            "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
+            "n_generations": len(gens.rows), "n_bootstrap": config.n_bootstrap, "level": config.level,
+            "focus_step": config.focus_step, "text_site": config.text_site, "sites": list(gens.features)}
+    from jaxprobe.report import _write_atomic
+
+    _write_atomic(out / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    log(f"scores: {out}")
+    return out
+
+
+# --- report --------------------------------------------------------------------------------------------
+
+PAPER = ("Zeng, Chen & Wong (2024). Decoding Diffusion: A Scalable Framework for Unsupervised Analysis of "
+         "Latent Space Biases and Representations Using Natural Language Prompts. arXiv:2410.21314")
+_METHODS = (
+    "Direction of a concept at step t: the mean h (the UNet mid_block output, spatially averaged) over the "
+    "concept's generations (prompts x seeds) minus the mean over the baseline, normalised to unit length; "
+    "with whitening, multiplied first by the inverse of the shrunk pooled within-concept covariance.",
+    "Association of a query q with the axis a vs b at step t: 2 (mu_q - (mu_a + mu_b)/2) . (mu_a - mu_b) / "
+    "|mu_a - mu_b|^2, i.e. where q's mean falls on the line from b's mean (-1) to a's mean (+1); 0 is midway. "
+    "It does not depend on the baseline and has the same scale in h-space and in CLIP text space (the text "
+    "encoder's features of the same prompts), so the two are compared directly. An attribute family of k > 2 "
+    "concepts gives one axis per member against the mean of the others.",
+    "Intervals: percentile bootstrap, resampling generations with replacement within every concept (queries "
+    "and attributes), the same samples for h-space and CLIP text space, so the difference has a paired "
+    "interval. UNet effect: 'amplifies' / 'attenuates' when the interval of |h| - |CLIP| excludes 0, "
+    "'reverses' when both intervals exclude 0 with opposite signs.",
+    "Clusters: k-means (k-means++ seeding, restarts) on the generations' h at each step; each cluster is "
+    "labelled with the directions closest (cosine) to its centroid's offset from the mean of all generations.",
+)
+
+
+def _series_colors(names: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _focus(frame: pd.DataFrame, focus_step: int) -> int:
+    steps = sorted(frame["step"].unique())
+    return int(steps[focus_step]) if -len(steps) <= focus_step < len(steps) else int(steps[-1])
+
+
+def _association_steps(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    assoc = tables.get("associations")
+    if assoc is None or assoc.empty:
+        return None
+    site = meta["sites"][0]
+    assoc = assoc[assoc["site"] == site]
+    axes_names = list(dict.fromkeys(assoc["axis"]))
+    fig = Figure(figsize=(5.0 * len(axes_names), 3.8), layout="constrained")
+    for ax, name in zip(fig.subplots(1, len(axes_names), squeeze=False)[0], axes_names):
+        rows = assoc[assoc["axis"] == name]
+        colors = _series_colors(list(dict.fromkeys(rows["query"])))
+        for query, color in colors.items():
+            curve = rows[rows["query"] == query].sort_values("step")
+            ax.fill_between(curve["step"], curve["ci_low"], curve["ci_high"], color=color, alpha=0.12, linewidth=0)
+            ax.plot(curve["step"], curve["score"], "-o", markersize=3, color=color, label=query)
+            if "clip_score" in curve:
+                ax.axhline(curve["clip_score"].iloc[0], color=color, linestyle=":", linewidth=1)
+        ax.axhline(0, color="k", linewidth=0.5)
+        first, second = name.split(" vs ")
+        ax.set(xlabel="denoising step (0 = pure noise)", title=name,
+               ylabel=f"association (+1 = {first}, -1 = {second})")
+        ax.legend(fontsize=6, loc="best")
+    fig.suptitle(f"Association along the reverse diffusion at {site} (bands: {meta['level']:.0%} bootstrap; "
+                 "dotted: CLIP text space)", fontsize=9)
+    return fig
+
+
+def _association_ranked(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    assoc = tables.get("associations")
+    if assoc is None or assoc.empty:
+        return None
+    site = meta["sites"][0]
+    assoc = assoc[assoc["site"] == site]
+    step = _focus(assoc, meta["focus_step"])
+    assoc = assoc[assoc["step"] == step]
+    axes_names = list(dict.fromkeys(assoc["axis"]))
+    n_queries = assoc.groupby("axis").size().max()
+    fig = Figure(figsize=(4.6 * len(axes_names), 1.2 + 0.32 * n_queries), layout="constrained")
+    for ax, name in zip(fig.subplots(1, len(axes_names), squeeze=False)[0], axes_names):
+        rows = assoc[assoc["axis"] == name].sort_values("score")
+        y = np.arange(len(rows))
+        err = np.stack([rows["score"] - rows["ci_low"], rows["ci_high"] - rows["score"]]).clip(0)
+        colors = np.where(rows["ci_low"] > 0, "tab:blue", np.where(rows["ci_high"] < 0, "tab:orange", "0.65"))
+        ax.barh(y, rows["score"], xerr=err, color=colors, error_kw={"linewidth": 0.8}, label="h-space")
+        if "clip_score" in rows:
+            clip_err = np.stack([rows["clip_score"] - rows["clip_ci_low"], rows["clip_ci_high"] - rows["clip_score"]])
+            ax.errorbar(rows["clip_score"], y, xerr=clip_err.clip(0), fmt="D", color="k", markersize=4,
+                        linewidth=0.6, label="CLIP text space")
+        ax.axvline(0, color="k", linewidth=0.5)
+        ax.set_yticks(y, rows["query"], fontsize=7)
+        first, second = name.split(" vs ")
+        ax.set(xlabel=f"association (+1 = {first}, -1 = {second})", title=name)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Ranked associations at {site}, step {step} (bars: {meta['level']:.0%} bootstrap intervals; "
+                 "coloured when they exclude 0)", fontsize=9)
+    return fig
+
+
+def _hspace_vs_clip(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    assoc = tables.get("associations")
+    if assoc is None or assoc.empty or "clip_score" not in assoc:
+        return None
+    site = meta["sites"][0]
+    assoc = assoc[assoc["site"] == site]
+    step = _focus(assoc, meta["focus_step"])
+    assoc = assoc[assoc["step"] == step]
+    fig = Figure(figsize=(4.8, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for (name, rows), color in zip(assoc.groupby("axis", sort=False), _series_colors(list(assoc["axis"].unique())).values()):
+        ax.errorbar(rows["clip_score"], rows["score"], yerr=np.stack([rows["score"] - rows["ci_low"],
+                    rows["ci_high"] - rows["score"]]).clip(0), fmt="o", color=color, markersize=4, linewidth=0.6,
+                    label=name)
+        for row in rows.itertuples():
+            ax.annotate(row.query, (row.clip_score, row.score), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    lims = np.array([assoc[["clip_score", "score"]].min().min(), assoc[["clip_score", "score"]].max().max()])
+    ax.plot(lims, lims, "k--", linewidth=0.8, label="UNet adds nothing (y = x)")
+    ax.axhline(0, color="0.5", linewidth=0.4)
+    ax.axvline(0, color="0.5", linewidth=0.4)
+    ax.set(xlabel="association in CLIP text space", ylabel=f"association in h-space (step {step})",
+           title="Does the UNet add to what the text encoder carries?")
+    ax.legend(fontsize=6)
+    return fig
+
+
+def _projection_2d(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    gens = tables["generations"]
+    site = meta["sites"][0]
+    gens = gens[gens["site"] == site]
+    step = _focus(gens, meta["focus_step"])
+    gens = gens[gens["step"] == step]
+    axis_cols = [c for c in gens.columns if c.startswith("axis:")]
+    panels = (["axes"] if len(axis_cols) >= 2 else []) + ["pca"]
+    fig = Figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
+    colors = _series_colors(list(dict.fromkeys(gens["concept"])))
+    clusters = tables.get("clusters", pd.DataFrame())
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        x, y = (axis_cols[0], axis_cols[1]) if panel == "axes" else ("pc1", "pc2")
+        for concept, color in colors.items():
+            rows = gens[gens["concept"] == concept]
+            ax.scatter(rows[x], rows[y], s=12, color=color, label=concept, alpha=0.8)
+        if panel == "pca" and not clusters.empty:
+            here = clusters[(clusters["site"] == site) & (clusters["step"] == step)]
+            for row in here.itertuples():
+                members = gens[gens["cluster"] == row.cluster]
+                ax.annotate(f"C{row.cluster}: {row.nearest_direction}", (members["pc1"].mean(), members["pc2"].mean()),
+                            fontsize=7, ha="center", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.7})
+            ax.set(xlabel="PC 1", ylabel="PC 2", title="Principal components (clusters: nearest direction)")
+        else:
+            ax.axhline(0, color="0.5", linewidth=0.4)
+            ax.axvline(0, color="0.5", linewidth=0.4)
+            ax.set(xlabel=x.removeprefix("axis:"), ylabel=y.removeprefix("axis:"),
+                   title="Every generation on two attribute axes")
+    fig.axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"Generations in h-space at {site}, step {step}", fontsize=9)
+    return fig
+
+
+def _direction_stability(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    dirs = tables.get("directions")
+    if dirs is None or dirs["step"].nunique() < 2:
+        return None
+    site = meta["sites"][0]
+    dirs = dirs[(dirs["site"] == site) & (dirs["family"] != BASELINE_FAMILY)]
+    fig = Figure(figsize=(6.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for concept, color in _series_colors(list(dict.fromkeys(dirs["concept"]))).items():
+        curve = dirs[dirs["concept"] == concept].sort_values("step")
+        ax.plot(curve["step"], curve["cos_to_last_step"], "-", color=color, label=concept)
+    if "image_directions" in tables:
+        image = tables["image_directions"]
+        image = image[image["site"] == site]
+        for concept, curve in image.groupby("concept"):
+            ax.plot(curve["step"], curve["cos_image_caption"], "--", color="k", linewidth=0.8)
+    ax.set(xlabel="denoising step (0 = pure noise)", ylabel="cosine to the last step's direction",
+           title=f"When do the directions form? ({site})")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
+
+
+FIGURES: dict[str, tuple[Callable[[dict[str, pd.DataFrame], dict[str, Any]], Any], str]] = {
+    "association_steps": (_association_steps, "Association of every query with every attribute axis at each "
+                          "denoising step, with bootstrap bands; dotted lines: the same association in CLIP text "
+                          "space (no steps)."),
+    "association_ranked": (_association_ranked, "Queries ranked by association at the focus step, with bootstrap "
+                           "intervals; black diamonds: CLIP text space."),
+    "hspace_vs_clip": (_hspace_vs_clip, "h-space against CLIP text space, one point per query and axis: above "
+                       "the diagonal on the positive side (or below it on the negative side) the UNet amplifies "
+                       "the text encoder's association."),
+    "projection_2d": (_projection_2d, "Left: every generation's position on the first two attribute axes "
+                      "(-1/+1: the poles' means). Right: first two principal components, k-means clusters "
+                      "labelled with their nearest direction."),
+    "direction_stability": (_direction_stability, "Cosine between each concept's direction at a step and at the "
+                            "last step (dashed black, with images: cosine between image and caption directions)."),
+}
+
+
+def read_tables(out: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    out = Path(out)
+    needed = ["generations.parquet", "clusters.parquet", "directions.parquet", "metadata.json"]
+    missing = [f for f in needed if not (out / f).is_file()]
+    if missing:
+        raise InputError(f"{out} lacks {missing}: run `jaxprobe directions build` and `score` into it first")
+    tables = {p.stem: pd.read_parquet(p) for p in out.glob("*.parquet")}
+    return tables, json.loads((out / "metadata.json").read_text())
+
+
+def make_figures(out: str | Path, dpi: int = 110) -> dict[str, Path]:
+    """Every figure the tables under `out` allow, as out/figures/<name>.png (names: `FIGURES`)."""
+    from jaxprobe.report import _write_atomic
+
+    tables, meta = read_tables(out)
+    folder = Path(out) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, (draw, _) in FIGURES.items():
+        fig = draw(tables, meta)
+        if fig is not None:
+            paths[name] = _write_atomic(folder / f"{name}.png", lambda p, f=fig: f.savefig(p, format="png", dpi=dpi))
+    return paths
+
+
+def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str]:
+    """The findings in words, at the focus step of the first site."""
+    lines = []
+    if meta.get("random_weights"):
+        lines.append("This model has random weights (the bundled tiny model): any association here is noise from "
+                     "the sampling, and most intervals should include 0. Run a real checkpoint for findings.")
+    assoc = tables.get("associations")
+    if assoc is None or assoc.empty:
+        return lines + ["No associations were configured."]
+    site = meta["sites"][0]
+    assoc = assoc[assoc["site"] == site]
+    step = _focus(assoc, meta["focus_step"])
+    here = assoc[assoc["step"] == step]
+    clear = here[(here["ci_low"] > 0) | (here["ci_high"] < 0)]
+    lines.append(f"At {site}, step {step}: {len(clear)} of {len(here)} query x axis associations have a "
+                 f"{meta['level']:.0%} interval that excludes 0.")
+    for row in clear.reindex(clear["score"].abs().sort_values(ascending=False).index).head(5).itertuples():
+        pole = row.axis.split(" vs ")[0 if row.score > 0 else 1]
+        lines.append(f"{row.query} leans towards {pole} on {row.axis}: {row.score:+.2f} "
+                     f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]")
+    if "unet_effect" in here:
+        counts = here["unet_effect"].value_counts()
+        lines.append("Against CLIP text space of the same prompts, the UNet " + ", ".join(
+            f"{effect} {n}" for effect, n in counts.items()) + f" of {len(here)} associations.")
+    return lines
+
+
+def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: int) -> list[str]:
+    from jaxprobe.report import _table_html
+
+    site = meta["sites"][0]
+    parts = []
+    assoc = tables.get("associations")
+    if assoc is not None and not assoc.empty:
+        assoc = assoc[assoc["site"] == site]
+        step = _focus(assoc, meta["focus_step"])
+        here = assoc[assoc["step"] == step].sort_values(["axis", "rank"])
+        columns = [c for c in ("axis", "rank", "query", "score", "ci_low", "ci_high", "clip_score", "clip_ci_low",
+                               "clip_ci_high", "delta", "delta_ci_low", "delta_ci_high", "unet_effect") if c in here]
+        parts.append(_table_html(here[columns], f"Associations at {site}, step {step}, ranked (associations.csv has "
+                                 "every site and step)"))
+    clusters = tables["clusters"]
+    here = clusters[clusters["site"] == site]
+    if not here.empty:
+        step = _focus(here, meta["focus_step"])
+        parts.append(_table_html(here[here["step"] == step].drop(columns=["site"]).head(top),
+                                 f"k-means clusters at step {step} (clusters.csv has every step)"))
+    if "image_directions" in tables:
+        image = tables["image_directions"]
+        parts.append(_table_html(image.groupby(["site", "concept"], as_index=False)["cos_image_caption"].agg(["mean", "max"]),
+                                 "Image vs caption directions: cosine over the steps (image_directions.csv)"))
+    return parts
+
+
+def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
+    """Figures and out/report.html (figures embedded, summary, ranked tables, settings, methods) from the
+    tables `build` and `score` wrote under `out`. Returns the report's path."""
+    from jaxprobe.report import _STYLE, _write_atomic
+
+    out = Path(out)
+    figures = make_figures(out, dpi)
+    tables, meta = read_tables(out)
+    summary = summarize(tables, meta)
+    notice = summary.pop(0) if meta.get("random_weights") else None
+    images = [f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode("ascii")}" '
+              f'alt="{name}"><figcaption>{html.escape(FIGURES[name][1])}</figcaption></figure>'
+              for name, p in figures.items()]
+    settings = "".join(f"<tr><th>{html.escape(str(k))}</th><td class='left'>{html.escape(str(v))}</td></tr>"
+                       for k, v in meta.items())
+    title = f"jaxprobe: directions in h-space of {meta.get('model', 'the pipeline')}"
+    parts = [
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<p class='notice'><strong>Random weights.</strong> {html.escape(notice)}</p>" if notice else "",
+        "<h2>What the numbers show</h2><ul>", *(f"<li>{html.escape(line)}</li>" for line in summary), "</ul>",
+        "<h2>Figures</h2>", *images, "<h2>Tables</h2>", *_focus_tables(tables, meta, top),
+        f"<h2>Run settings</h2><table>{settings}</table>",
+        "<h2>Methods</h2>", *(f"<p class='small'>{html.escape(m)}</p>" for m in _METHODS),
+        f"<h2>Citation</h2><ul><li>Method reproduced: {html.escape(PAPER)}</li></ul></body></html>",
+    ]
+    page = "\n".join(p for p in parts if p)
+    return _write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
