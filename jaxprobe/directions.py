@@ -197,7 +197,7 @@ class Generations:
         return self.concepts.index(NEUTRAL) if NEUTRAL in self.concepts else None
 
 
-def _read_lines(path: str, what: str) -> list[str]:
+def read_prompt_file(path: str, what: str) -> list[str]:
     try:
         lines = [line.strip() for line in Path(path).read_text().splitlines()]
     except OSError as err:
@@ -210,7 +210,7 @@ def _read_lines(path: str, what: str) -> list[str]:
 
 def concept_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
     """{concept: its prompts}: the templates filled in, or the concept's prompt file; then the neutral set."""
-    prompts = {c: (_read_lines(config.prompt_files[c], f"prompt file of {c!r}") if c in config.prompt_files
+    prompts = {c: (read_prompt_file(config.prompt_files[c], f"prompt file of {c!r}") if c in config.prompt_files
                    else [t.format(concept=c) for t in config.templates])
                for concepts in config.families.values() for c in concepts}
     if config.baseline == "neutral":
