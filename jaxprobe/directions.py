@@ -296,7 +296,8 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
     """Collect the concepts' generations and write OUT/directions.npz (unit directions per site (C, T, d)
     and in CLIP text space (C, d)), directions.parquet/.csv (one row per concept x site x step: the
     mean-difference length and the cosine to the concept's last-step direction), prompts.parquet/.csv
-    (every generation: concept, family, prompt, seed) and config.toml; with `images`, image_directions.parquet/.csv. Returns the npz path."""
+    (every generation: concept, family, prompt, seed) and config.toml; with `images`, also
+    image_directions.parquet/.csv. Returns the npz path. (The neutral set's own direction is zero.)"""
     pipe = pipe or load_pipeline(config)
     gens = collect(pipe, config, concept_prompts(config), progress=progress)
     log(f"{len(gens.rows)} generations of {len(gens.concepts)} concepts; sites {list(gens.features)}")
@@ -512,7 +513,7 @@ def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: 
         centroids, members, _ = jax.vmap(lambda x, key: maths.kmeans(x, key, k))(np.moveaxis(h, 1, 0), keys)
         centroids, members = np.asarray(centroids), np.asarray(members)                   # (T, k, d), (T, n)
         nearest = np.asarray(jax.vmap(maths.nearest_directions)(centroids, h.mean(0), np.moveaxis(site_dirs, 1, 0)))
-        pcs = np.stack([_principal_components(h[:, t]) for t in range(T)], 1)           # (n, T, 2)
+        pcs = np.asarray(jax.vmap(maths.principal_components, in_axes=1, out_axes=1)(h))  # (n, T, 2)
         frame = pd.concat([gens.rows] * T, ignore_index=True)
         frame = frame.assign(site=site, step=np.repeat(np.arange(T), len(gens.rows)),
                              timestep=np.repeat(gens.timesteps[:T], len(gens.rows)),
@@ -534,13 +535,6 @@ def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: 
                     "nearest_direction": gens.concepts[order[0]], "nearest_cos": float(nearest[t, j, order[0]]),
                     "nearest": "; ".join(f"{gens.concepts[c]} {nearest[t, j, c]:+.2f}" for c in order)})
     return pd.concat(frames, ignore_index=True), pd.DataFrame(cluster_frames)
-
-
-def _principal_components(x_nd: np.ndarray) -> np.ndarray:
-    centred = x_nd - x_nd.mean(0)
-    u, s, _ = np.linalg.svd(centred, full_matrices=False)
-    pcs = u[:, :2] * s[:2]
-    return np.pad(pcs, ((0, 0), (0, 2 - pcs.shape[1])))
 
 
 def project_prompts(config: DirectionsConfig, prompts: Sequence[str], *, pipe: Any = None,
@@ -665,8 +659,8 @@ def _association_steps(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) ->
                 ax.axhline(curve["clip_score"].iloc[0], color=color, linestyle=":", linewidth=1)
         ax.axhline(0, color="k", linewidth=0.5)
         first, second = name.split(" vs ")
-        ax.set(xlabel="denoising step (0 = pure noise)", title=name,
-               ylabel=f"association (+1 = {first}, -1 = {second})")
+        ax.set(xlabel="denoising step (0 = pure noise)", title=f"{name} (+1 = {first}, -1 = {second})",
+               ylabel="association")
         ax.legend(fontsize=6, loc="best")
     fig.suptitle(f"Association along the reverse diffusion at {site} (bands: {meta['level']:.0%} bootstrap; "
                  "dotted: CLIP text space)", fontsize=9)

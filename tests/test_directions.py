@@ -145,6 +145,9 @@ def test_config_files_and_bad_input(tmp_path):
     path.write_text("[directions]\nbasline = 'others'\n")
     with pytest.raises(InputError, match="unknown setting"):
         directions.DirectionsConfig.from_toml(path)
+    result = CliRunner().invoke(app, ["directions", "build", str(path)])
+    assert result.exit_code == 2 and "unknown setting" in result.output
+    assert all(c in CliRunner().invoke(app, ["directions", "--help"]).output for c in ("build", "score", "report"))
 
 
 # --- end to end on the tiny model ------------------------------------------------------------------------

@@ -42,7 +42,8 @@ from jaxprobe.errors import InputError
 from jaxprobe.probes.stats import bootstrap_weights
 
 __all__ = ["association_scores", "averaging_matrix", "baseline_matrix", "bootstrap_averaging", "contrast",
-           "concept_directions", "generation_scores", "kmeans", "nearest_directions", "pooled_covariance", "project", "whitening_metric"]
+           "concept_directions", "generation_scores", "kmeans", "nearest_directions", "pooled_covariance",
+           "principal_components", "project", "whitening_metric"]
 
 
 # --- averaging plans (host side) -----------------------------------------------------------------------
@@ -195,8 +196,11 @@ def association_scores(features_ntd: jax.Array, averaging_bcn: jax.Array, axes_a
 def _kmeans_once(x_nd: jax.Array, key: jax.Array, k: int, n_iter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     n = x_nd.shape[0]
 
-    def sq_dist(centroids_kd):
-        return jnp.sum((x_nd[:, None, :] - centroids_kd[None]) ** 2, axis=-1)  # (n, k)
+    x_sq_n = jnp.sum(x_nd**2, axis=1)
+
+    def sq_dist(centroids_kd):  # (n, k), without an (n, k, d) intermediate
+        d2 = x_sq_n[:, None] - 2 * x_nd @ centroids_kd.T + jnp.sum(centroids_kd**2, axis=1)[None]
+        return jnp.maximum(d2, 0.0)
 
     # k-means++: each new seed drawn with probability proportional to its squared distance to the chosen ones
     # (Gumbel-max: argmax(log p + g) is a draw from p; one batch of noise keeps the program small)
@@ -230,6 +234,14 @@ def kmeans(x_nd: jax.Array, key: jax.Array, k: int, n_iter: int = 50, n_init: in
         x_nd, jax.random.split(key, n_init), k, n_iter)
     best = jnp.argmin(inertia)
     return centroids[best], labels[best], inertia[best]
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def principal_components(x_nd: jax.Array, k: int = 2) -> jax.Array:
+    """(n, k) scores of the rows of x on its first k principal axes."""
+    centred = x_nd - x_nd.mean(0)
+    u, s, _ = jnp.linalg.svd(centred, full_matrices=False)
+    return u[:, :k] * s[:k]
 
 
 @jax.jit
