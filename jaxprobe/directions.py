@@ -311,7 +311,8 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
         steps = np.arange(dirs.shape[1])
         frames.append(pd.DataFrame({
             "concept": np.repeat(gens.concepts, len(steps)), "family": np.repeat(groups, len(steps)), "site": site,
-            "step": np.tile(steps, len(gens.concepts)), "timestep": np.tile(gens.timesteps[: len(steps)], len(gens.concepts)),
+            "step": np.tile(steps, len(gens.concepts)),
+            "timestep": np.tile(gens.timesteps[: len(steps)], len(gens.concepts)),
             "length": length.ravel(), "cos_to_last_step": _cos(dirs, dirs[:, -1:]).ravel(),
             "n_generations": np.repeat(np.bincount(gens.labels, minlength=len(gens.concepts)), len(steps))}))
     if gens.text is not None:
@@ -712,7 +713,9 @@ def _hspace_vs_clip(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> An
     assoc = assoc[assoc["step"] == step]
     fig = Figure(figsize=(4.8, 4.2), layout="constrained")
     ax = fig.subplots()
-    for (name, rows), color in zip(assoc.groupby("axis", sort=False), _series_colors(list(assoc["axis"].unique())).values()):
+    colors = _series_colors(list(assoc["axis"].unique()))
+    for name, rows in assoc.groupby("axis", sort=False):
+        color = colors[name]
         ax.errorbar(rows["clip_score"], rows["score"], yerr=np.stack([rows["score"] - rows["ci_low"],
                     rows["ci_high"] - rows["score"]]).clip(0), fmt="o", color=color, markersize=4, linewidth=0.6,
                     label=name)
@@ -851,8 +854,8 @@ def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str
                      f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]")
     if "unet_effect" in here:
         counts = here["unet_effect"].value_counts()
-        lines.append("Against CLIP text space of the same prompts, the UNet " + ", ".join(
-            f"{effect} {n}" for effect, n in counts.items()) + f" of {len(here)} associations.")
+        lines.append(f"The UNet against CLIP text space of the same prompts, over the {len(here)} associations: "
+                     + ", ".join(f"{effect} {n}" for effect, n in counts.items()) + ".")
     return lines
 
 
@@ -878,8 +881,8 @@ def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: in
                                  f"k-means clusters at step {step} (clusters.csv has every step)"))
     if "image_directions" in tables:
         image = tables["image_directions"]
-        parts.append(_table_html(image.groupby(["site", "concept"], as_index=False)["cos_image_caption"].agg(["mean", "max"]),
-                                 "Image vs caption directions: cosine over the steps (image_directions.csv)"))
+        summary = image.groupby(["site", "concept"], as_index=False)["cos_image_caption"].agg(["mean", "max"])
+        parts.append(_table_html(summary, "Image vs caption directions: cosine over the steps (image_directions.csv)"))
     return parts
 
 
