@@ -19,6 +19,7 @@ import dataclasses
 import html
 import json
 import tomllib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,8 @@ class DirectionsConfig:
     the images themselves (`capture_images` at training step image_t) beside those from their captions.
     baseline: "neutral" (the neutral prompts), "others" (all other concepts) or "family" (the other
     concepts of the same family). whiten: use the inverse shrunk pooled within-concept covariance as the
-    metric. focus_step: the step the ranked bars, clusters and 2-D projections show (-1: the last).
+    metric. spatial_reduce: "mean" (default) or "max" pools h over space; "none" keeps the maps (their
+    directions are saved as (C, T, h, w, c)). text_site: one text-encoder site, the CLIP comparison. focus_step: the step the ranked bars, clusters and 2-D projections show (-1: the last).
     """
 
     families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -109,6 +111,9 @@ class DirectionsConfig:
             raise InputError(f"baseline must be 'neutral', 'others' or 'family', not {self.baseline!r}")
         if not self.seeds:
             raise InputError("give at least one seed")
+        if self.whiten and self.spatial_reduce == "none":
+            raise InputError("whiten=true cannot whiten whole spatial maps (a d x d covariance of h*w*c dimensions); "
+                             "use spatial_reduce='mean' or whiten=false")
         if not 0 < self.level < 1 or self.n_bootstrap < 10:
             raise InputError("level must lie in (0, 1) and n_bootstrap be at least 10")
 
@@ -188,9 +193,10 @@ class Generations:
     family_of: dict[str, str]
     rows: pd.DataFrame                # row, concept, family, prompt, seed
     labels: np.ndarray                # (n,) concept index
-    features: dict[str, np.ndarray]   # site -> (n, T, d)
+    features: dict[str, np.ndarray]   # site -> (n, T, d); maps (spatial_reduce="none") flattened to d = h*w*c
     text: np.ndarray | None           # (n, d)
     timesteps: np.ndarray             # (T,) training timestep of each step
+    map_shapes: dict[str, tuple[int, ...]]  # site -> (d,) or (h, w, c): the shape each direction is saved in
 
     @property
     def neutral(self) -> int | None:
@@ -257,12 +263,21 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
                          "family": [family_of[concepts[i]] for i in labels], "prompt": prompts * n_seeds,
                          "seed": np.repeat(np.asarray(config.seeds), n_prompts)})
     sites = pipe.select(config.sites)
-    return Generations(concepts, family_of, rows, labels, {s: raw[s] for s in sites},
-                       raw[pipe.select([config.text_site])[0]] if config.text_site else None,
-                       sampling_timesteps(pipe, config.num_inference_steps))
+    text = raw[pipe.select([config.text_site])[0]] if config.text_site else None
+    return Generations(concepts, family_of, rows, labels, {s: _flat(raw[s]) for s in sites},
+                       None if text is None else text.reshape(len(text), -1),
+                       sampling_timesteps(pipe, config.num_inference_steps), {s: raw[s].shape[2:] for s in sites})
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    """(rows, T, ...) -> (rows, T, d): a spatial map is one long vector to the direction maths."""
+    return x.reshape(*x.shape[:2], -1)
 
 
 # --- directions ----------------------------------------------------------------------------------------
+
+
+MAX_WHITENED_DIM = 2048   # whitening holds and eigendecomposes a d x d covariance per step
 
 
 def _metric(features_ntd: np.ndarray, averaging_cn: np.ndarray, config: DirectionsConfig) -> Any:
@@ -270,6 +285,14 @@ def _metric(features_ntd: np.ndarray, averaging_cn: np.ndarray, config: Directio
 
     if not config.whiten:
         return None
+    n, _, d = features_ntd.shape
+    if d > MAX_WHITENED_DIM:
+        raise InputError(f"whiten=true needs a {d} x {d} covariance per step (more than {MAX_WHITENED_DIM} "
+                         "dimensions: spatial maps?); pool the maps (spatial_reduce='mean') or set whiten=false")
+    if n - len(averaging_cn) < d:
+        warnings.warn(f"whitening {d} dimensions from {n} generations: the metric ignores most directions the "
+                      "generations do not span, and bootstrap intervals come out too narrow; raise shrinkage or "
+                      "add seeds", stacklevel=2)
     return maths.whitening_metric(maths.pooled_covariance(features_ntd, averaging_cn), config.shrinkage)
 
 
@@ -307,7 +330,7 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
     frames = []
     for site, h in gens.features.items():
         dirs, length = directions_of(h, gens.labels, gens.concepts, config, neutral=gens.neutral, groups=groups)
-        arrays[f"site/{site}"] = dirs
+        arrays[f"site/{site}"] = dirs.reshape(*dirs.shape[:2], *gens.map_shapes[site])
         steps = np.arange(dirs.shape[1])
         frames.append(pd.DataFrame({
             "concept": np.repeat(gens.concepts, len(steps)), "family": np.repeat(groups, len(steps)), "site": site,
@@ -402,9 +425,11 @@ def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = Fa
                    family_of={c: "images" for c in concepts}, progress=progress)
     arrays, frames = {}, []
     for site in sites:
-        image_dirs, _ = directions_of(images[site][:, None], labels, concepts, config, baseline="others")
+        image_dirs, _ = directions_of(_flat(images[site][:, None]), labels, concepts, config, baseline="others")
         caption_dirs, _ = directions_of(gens.features[site], gens.labels, concepts, config, baseline="others")
-        arrays[f"images/{site}"], arrays[f"captions/{site}"] = image_dirs[:, 0], caption_dirs
+        shape = gens.map_shapes[site]
+        arrays[f"images/{site}"] = image_dirs[:, 0].reshape(len(concepts), *shape)
+        arrays[f"captions/{site}"] = caption_dirs.reshape(*caption_dirs.shape[:2], *shape)
         steps = np.arange(caption_dirs.shape[1])
         frames.append(pd.DataFrame({
             "concept": np.repeat(concepts, len(steps)), "site": site, "step": np.tile(steps, len(concepts)),
@@ -507,7 +532,7 @@ def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: 
     for site, h in gens.features.items():
         h = np.asarray(h, np.float32)
         T = h.shape[1]
-        site_dirs = dirs[f"site/{site}"]
+        site_dirs = _flat(dirs[f"site/{site}"])
         projection = np.asarray(maths.project(h, site_dirs))                              # (n, T, C)
         positions = np.asarray(maths.generation_scores(h, averaging, axes, _metric(h, averaging, config)))
         keys = jax.random.split(jax.random.key(config.seed), T)
@@ -552,7 +577,7 @@ def project_prompts(config: DirectionsConfig, prompts: Sequence[str], *, pipe: A
     _check_directions(dirs, gens)
     frames = []
     for site, h in gens.features.items():
-        projection = np.asarray(project(np.asarray(h, np.float32), dirs[f"site/{site}"]))
+        projection = np.asarray(project(np.asarray(h, np.float32), _flat(dirs[f"site/{site}"])))
         T = projection.shape[1]
         frame = pd.concat([gens.rows.drop(columns=["concept", "family"])] * T, ignore_index=True)
         frame = frame.assign(site=site, step=np.repeat(np.arange(T), len(gens.rows)),
@@ -567,9 +592,10 @@ def _check_directions(dirs: Mapping[str, np.ndarray], gens: Generations) -> None
         key = f"site/{site}"
         if key not in dirs:
             raise InputError(f"{DIRECTIONS} has no directions at {site}: build them with the same sites")
-        if h.shape[1:] != dirs[key].shape[1:]:
+        if h.shape[1:] != _flat(dirs[key]).shape[1:]:
             raise InputError(f"{site}: features {h.shape[1:]} (steps, dim) do not match the directions "
-                             f"{dirs[key].shape[1:]}: score with the sampling settings the directions were built with")
+                             f"{_flat(dirs[key]).shape[1:]}: score with the sampling and reduction settings the "
+                             "directions were built with")
 
 
 def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pipe: Any = None,
@@ -620,7 +646,8 @@ _METHODS = (
     "concepts gives one axis per member against the mean of the others.",
     "Intervals: percentile bootstrap, resampling generations with replacement within every concept (queries "
     "and attributes), the same samples for h-space and CLIP text space, so the difference has a paired "
-    "interval. UNet effect: 'amplifies' / 'attenuates' when the interval of |h| - |CLIP| excludes 0, "
+    "interval (with whitening, the covariance is held fixed across samples and intervals come out too "
+    "narrow). UNet effect: 'amplifies' / 'attenuates' when the interval of |h| - |CLIP| excludes 0, "
     "'reverses' when both intervals exclude 0 with opposite signs.",
     "Clusters: k-means (k-means++ seeding, restarts) on the generations' h at each step; each cluster is "
     "labelled with the directions closest (cosine) to its centroid's offset from the mean of all generations.",
