@@ -139,7 +139,8 @@ def test_config_files_and_bad_input(tmp_path):
     for bad, message in (({"associations": [["professions", "nope"]]}, "query family and an attribute family"),
                          ({"families": {"a": ["x", "y"], "b": ["y", "z"]}}, "give each concept one family"),
                          ({"families": {"a": ["x", "y"], "b": ["z"]}, "associations": [["a", "b"]]}, "two concepts"),
-                         ({"baseline": "everyone"}, "baseline must be"), ({"templates": ["a photo"]}, "placeholder")):
+                         ({"baseline": "everyone"}, "baseline must be"), ({"templates": ["a photo"]}, "placeholder"),
+                         ({"whiten": True, "spatial_reduce": "none"}, "spatial maps")):
         with pytest.raises(InputError, match=message):
             directions.DirectionsConfig.from_mapping({"families": example.families, **bad})
     path.write_text("[directions]\nbasline = 'others'\n")
