@@ -296,6 +296,8 @@ def classify(
     except (JaxprobeError, OSError) as err:
         _fail(err)
     typer.echo(f"wrote {results.files['report']}")
+
+
 # --- directions (Decoding Diffusion: directions in h-space, associations) ------------------------------
 
 directions_app = typer.Typer(no_args_is_help=True, help="Directions in h-space from prompts, association (bias) "

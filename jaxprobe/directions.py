@@ -404,22 +404,20 @@ def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = Fa
     other image concepts as baseline (there are no neutral images). Returns one row per concept x site x
     step with the cosine between the image direction and the caption direction at that step, and the
     arrays images/<site> (C, d) and captions/<site> (C, T, d)."""
-    from jaxprobe.experiment import _model_fingerprint
-    from jaxprobe.store import FeatureStore
+    import os
+
+    from jaxprobe.classify import image_features
+    from jaxprobe.images import ImageDataset
 
     table = _read_captions(config.images)
     concepts = tuple(dict.fromkeys(table["concept"]))
     labels = np.array([concepts.index(c) for c in table["concept"]])
-    paths = list(table["image"])
+    paths = tuple(Path(p) for p in table["image"])
+    dataset = ImageDataset(root=Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent,
+                           classes=concepts, paths=paths, labels=labels, is_test=np.zeros(len(paths), bool))
     sites = pipe.select(config.sites)
-    description = {"kind": "images", "model": _model_fingerprint(pipe, _experiment_config(config)), "sites": sites,
-                   "images": paths, "t": config.image_t, "seed": config.seed, "reduce": config.spatial_reduce}
-    # one chunk: capture_images draws image i's noise from (seed, i) within the call
-    images = FeatureStore(config.cache).compute(
-        description, len(paths), lambda part: pipe.capture_images(
-            paths[part], sites, t=config.image_t, seed=config.seed, reduce=config.spatial_reduce,
-            batch_size=config.batch_size), chunk_size=len(paths), force=config.force, progress=progress,
-        label="images")
+    images = image_features(pipe, dataset, sites, config.image_t, cache=config.cache, reduce=config.spatial_reduce,
+                            seed=config.seed, batch_size=config.batch_size, force=config.force, progress=progress)
     captions = {c: list(table.loc[table["concept"] == c, "caption"]) for c in concepts}
     gens = collect(pipe, dataclasses.replace(config, text_site=None), captions,
                    family_of={c: "images" for c in concepts}, progress=progress)
