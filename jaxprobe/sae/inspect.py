@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from jaxprobe.errors import InputError
-from jaxprobe.sae.train import SAEs, as_source, latent_statistics
+from jaxprobe.sae.train import SAEs, as_source, latent_statistics, load_saes, reconstruction_metrics
 
 TABLE, PAGE = "latents", "sae_report.html"
 _CURVES = (("explained_variance", "explained variance"), ("l0", "L0 (active latents per input)"),
@@ -81,6 +82,14 @@ def latent_table(saes: SAEs, features: Any, *, labels: Sequence[str] | None = No
     top_rows, top_activations, top_labels and, with norms, best_attribute, best_r; with categories,
     top_category, purity.
     """
+    return _latents(saes, features, labels=labels, concepts=concepts, norms=norms, categories=categories,
+                    top_n=top_n, sites=sites)[0]
+
+
+def _latents(saes: SAEs, features: Any, *, labels: Sequence[str] | None, concepts: Sequence[str | None] | None,
+             norms: Any, categories: Sequence[str | None] | None, top_n: int, sites: Sequence[str] | None
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(latent_table, reconstruction_metrics) from one pass over the data."""
     source = as_source(features, sites)
     labels = [str(i) for i in range(source.n)] if labels is None else [str(x) for x in labels]
     if len(labels) != source.n:
@@ -106,7 +115,7 @@ def latent_table(saes: SAEs, features: Any, *, labels: Sequence[str] | None = No
         frame = pd.DataFrame({
             "feature_set": name, "latent": np.arange(len(s.fire_count)), "frequency": s.fire_count / n,
             "mean_activation": s.activation_sum / n, "top_rows": top_rows,
-            "top_activations": [values[values > 0].round(4).tolist() for values in s.top_values],
+            "top_activations": [values[values > 0].tolist() for values in s.top_values],
             "top_labels": [[labels[r] for r in rows] for rows in top_rows]})
         if targets is not None:
             r = _correlations(s, targets)
@@ -118,7 +127,7 @@ def latent_table(saes: SAEs, features: Any, *, labels: Sequence[str] | None = No
             top_category, purity = zip(*(_purity([categories[i] for i in rows]) for rows in top_rows))
             frame["top_category"], frame["purity"] = top_category, purity
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), reconstruction_metrics(stats)
 
 
 def _purity(categories: list[str | None]) -> tuple[str | None, float]:
@@ -232,22 +241,59 @@ def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: 
     return "\n".join(parts)
 
 
-def inspect_saes(saes: SAEs, features: Any, out: str | Path, *, images: Any = None, max_latents: int = 40,
-                 **table_options) -> Path:
+def _manifest_prompts(features: Any) -> list[str] | None:
+    """The prompts of a `jaxprobe extract` folder (manifest.json), or of a FeatureStore entry."""
+    if not isinstance(features, (str, Path)):
+        return None
+    manifest = Path(features) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    meta = json.loads(manifest.read_text())
+    prompts = meta.get("prompts") or meta.get("description", {}).get("prompts")
+    return [str(p) for p in prompts] if prompts else None
+
+
+def _image_list(images: Any) -> Any:
+    """A folder of image files (sorted by name), a .npy array file, or what `sampling.load_images` takes."""
+    if isinstance(images, (str, Path)):
+        path = Path(images)
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r")
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+            if not files:
+                raise InputError(f"no image files (.png, .jpg, .webp, .bmp) in {path}")
+            return files
+        raise InputError(f"images: {path} is neither a folder of images nor a .npy array")
+    return images
+
+
+def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, images: Any = None,
+                 norms: Any = None, labels: Sequence[str] | None = None, concepts: Sequence[str | None] | None = None,
+                 categories: Sequence[str | None] | None = None, top_n: int = 8,
+                 sites: Sequence[str] | None = None, max_latents: int = 40) -> Path:
     """latent_table -> out/latents.parquet (+ .csv) and out/sae_report.html. Returns the page's path.
 
-    images: (n, H, W, 3) array or n image paths, one per input, shown as thumbnails."""
+    saes: SAEs or the folder `train_saes` wrote. norms: a Norms or a `load_norms` name/path. labels:
+    default the prompts of a `jaxprobe extract` folder's manifest. images: (n, H, W, 3) array, n paths,
+    a folder of n image files or a .npy, one per input, shown as thumbnails."""
     from jaxprobe.report import _write_atomic
-    from jaxprobe.sae.train import evaluate
 
-    source = as_source(features, table_options.pop("sites", None))
+    saes = load_saes(saes)
+    if isinstance(norms, (str, Path)):
+        from jaxprobe.norms import load_norms
+
+        norms = load_norms(norms)
+    labels = _manifest_prompts(features) if labels is None else labels
+    source = as_source(features, sites)
+    images = _image_list(images)
     if images is not None and len(images) != source.n:
         raise InputError(f"{len(images)} images for {source.n} inputs: give one image (or path) per feature row")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = latent_table(saes, source, **table_options)
+    table, metrics = _latents(saes, source, labels=labels, concepts=concepts, norms=norms, categories=categories,
+                              top_n=top_n, sites=None)
     _write_atomic(out / f"{TABLE}.parquet", lambda p: table.to_parquet(p, index=False))
     _write_atomic(out / f"{TABLE}.csv", lambda p: table.to_csv(p, index=False))
-    metrics = evaluate(saes, source)
     page = sae_page(table, metrics, saes.history, images=images, max_latents=max_latents)
     return _write_atomic(out / PAGE, lambda p: p.write_text(page, encoding="utf-8"))

@@ -196,10 +196,11 @@ def sae_update(state: TrainState, x: jax.Array, config: SAEConfig) -> tuple[Trai
     return TrainState(params, opt_state, since_fired, state.scale), metrics
 
 
+@functools.lru_cache(maxsize=16)
 def make_train_step(config: SAEConfig):
     """jit(vmap(sae_update)): (stacked TrainState, x (S, B, d)) -> (TrainState, Metrics of (S,) arrays).
 
-    The state is donated: its buffers are reused for the new one."""
+    The state is donated: its buffers are reused for the new one. One compiled step per config."""
     return jax.jit(jax.vmap(lambda state, x: sae_update(state, x, config)), donate_argnums=0)
 
 

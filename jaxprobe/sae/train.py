@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
+import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -188,6 +190,10 @@ def input_stats(reader: BatchReader) -> tuple[dict[str, np.ndarray], dict[str, f
 # --- the trained SAEs ----------------------------------------------------------------------------------
 
 
+_encode = jax.jit(encode, static_argnums=2)
+_reconstruct = jax.jit(reconstruct, static_argnums=2)
+
+
 @dataclasses.dataclass(frozen=True)
 class SAEs:
     """Trained SAEs: `stacks[width]` holds the stacked TrainState of the feature sets `groups[width]`."""
@@ -245,14 +251,15 @@ def _save(manager, step: int, stacks: dict[int, TrainState], meta: dict[str, Any
     manager.wait_until_finished()
 
 
-def _restore(manager, config: SAEConfig) -> tuple[dict[int, TrainState], dict[str, Any]] | None:
+def _restore(manager) -> tuple[dict[int, TrainState], dict[str, Any]] | None:
+    """The latest checkpoint's stacks and metadata (its own config gives the shapes), or None."""
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
     if step is None:
         return None
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    config = config or SAEConfig(**meta["config"])
+    config = SAEConfig(**meta["config"])
     abstract = {str(w): jax.eval_shape(init_stack, jax.random.key(0), jnp.zeros((len(names), int(w))),
                                        jnp.ones(len(names)), config)
                 for w, names in meta["groups"].items()}
@@ -260,11 +267,13 @@ def _restore(manager, config: SAEConfig) -> tuple[dict[int, TrainState], dict[st
     return {int(w): s for w, s in state.items()}, meta
 
 
-def load_saes(out: str | Path) -> SAEs:
+def load_saes(out: str | Path | SAEs) -> SAEs:
     """The SAEs of the latest checkpoint under `out` (written by `train_saes`)."""
+    if isinstance(out, SAEs):
+        return out
     out = Path(out)
     manager = _manager(out) if (out / "checkpoints").is_dir() else None
-    restored = _restore(manager, None) if manager else None
+    restored = _restore(manager) if manager else None
     if restored is None:
         raise InputError(f"no SAE checkpoint under {out}: train first (`jaxprobe sae train ... --out {out}`)")
     stacks, meta = restored
@@ -301,8 +310,10 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
     for d in groups:
         config.n_latents(d)
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    if out is not None and not resume:
+        shutil.rmtree(Path(out) / "checkpoints", ignore_errors=True)
     manager = _manager(Path(out)) if out is not None else None
-    restored = _restore(manager, config) if manager is not None and resume else None
+    restored = _restore(manager) if manager is not None else None
     if restored is not None:
         stacks, meta = restored
         saved = {k: v for k, v in meta["config"].items() if k not in RESUMABLE_CHANGES}
@@ -333,7 +344,7 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
                    for d, names in groups.items()}
         stacks = {d: state for d, (state, _) in pending.items()}
         step += 1
-        if step % config.log_every == 0 or step == last:
+        if step % config.log_every == 0 or step == config.steps:
             rows = [row for d, (_, metrics) in pending.items() for row in _metric_rows(step, groups[d], metrics)]
             history.extend(rows)
             if bar:
@@ -370,6 +381,15 @@ def _progress(enabled: bool, total: int):
 # --- evaluation ----------------------------------------------------------------------------------------
 
 
+_accumulate = jax.jit(jax.vmap(accumulate_stats, in_axes=(0, 0, 0, None, None, None)), static_argnums=5)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _init_stats(n_saes: int, m: int, d: int, top_n: int, n_attributes: int) -> LatentStats:
+    return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (n_saes, *leaf.shape)),
+                        init_stats(m, d, top_n, n_attributes))
+
+
 def latent_statistics(saes: SAEs, features: Any, *, top_n: int = 16, targets: np.ndarray | None = None,
                       batch_size: int = 1024, sites: Sequence[str] | None = None) -> dict[str, LatentStats]:
     """One pass over every row: per feature set, host-side `LatentStats` (see model.py).
@@ -383,35 +403,34 @@ def latent_statistics(saes: SAEs, features: Any, *, top_n: int = 16, targets: np
     if targets.shape[0] != source.n:
         raise InputError(f"targets have {targets.shape[0]} rows, the features {source.n}")
     reader = BatchReader(source, batch_size, 0)
-    k = saes.config.k
-
-    @jax.jit
-    def add(stats, state, x, rows, y):
-        return jax.vmap(lambda s, st, xi: accumulate_stats(s, st, xi, rows, y, k))(stats, state, x)
-
-    stats = {d: jax.vmap(lambda _, m=saes.stacks[d].params["W_dec"].shape[1]: init_stats(
-        m, d, top_n, targets.shape[1]))(jnp.arange(len(names))) for d, names in saes.groups.items()}
+    stats = {d: _init_stats(len(names), saes.stacks[d].params["W_dec"].shape[1], d, top_n, targets.shape[1])
+             for d, names in saes.groups.items()}
     for start in range(0, source.n, batch_size):
         rows = np.full(batch_size, -1, np.int64)
         rows[:min(batch_size, source.n - start)] = np.arange(start, min(start + batch_size, source.n))
         batch = reader.rows(np.maximum(rows, 0))
         y = targets[np.maximum(rows, 0)]
         for d, names in saes.groups.items():
-            stats[d] = add(stats[d], saes.stacks[d], jnp.asarray(np.stack([batch[n] for n in names])),
-                           jnp.asarray(rows, jnp.int32), jnp.asarray(y))
+            stats[d] = _accumulate(stats[d], saes.stacks[d], jnp.asarray(np.stack([batch[n] for n in names])),
+                                   jnp.asarray(rows, jnp.int32), jnp.asarray(y), saes.config.k)
     return {name: jax.tree.map(lambda leaf, i=i: np.asarray(leaf[i]), stats[d])
             for d, names in saes.groups.items() for i, name in enumerate(names)}
 
 
-def evaluate(saes: SAEs, features: Any, **options) -> pd.DataFrame:
-    """Per feature set over every row: explained variance, L0, the fraction of latents that never fire."""
+def reconstruction_metrics(stats: dict[str, LatentStats]) -> pd.DataFrame:
+    """Per feature set: explained variance, L0 and the fraction of latents that never fired, over the pass."""
     rows = []
-    for name, s in latent_statistics(saes, features, top_n=1, **options).items():
+    for name, s in stats.items():
         total = s.x_square_sum - np.square(s.x_sum).sum() / s.n_rows
         rows.append({"feature_set": name, "explained_variance": 1.0 - float(s.sse / max(total, 1e-12)),
                      "l0": float(s.l0_sum / s.n_rows), "dead_fraction": float((s.fire_count == 0).mean()),
-                     "n_latents": len(s.fire_count)})
+                     "n_latents": len(s.fire_count), "n_inputs": int(s.n_rows)})
     return pd.DataFrame(rows)
+
+
+def evaluate(saes: SAEs, features: Any, **options) -> pd.DataFrame:
+    """`reconstruction_metrics` over every row of `features`."""
+    return reconstruction_metrics(latent_statistics(saes, features, top_n=1, **options))
 
 
 def write_training_outputs(saes: SAEs, features: Any, out: Path) -> None:
