@@ -149,7 +149,9 @@ def test_cli_sae_train_and_inspect(planted, tmp_path):
     np.save(feats / "text_encoder.layers.1.npy", planted[0]["site"][:300, 0, :8])
     (feats / "manifest.json").write_text(json.dumps({"prompts": [f"prompt {i}" for i in range(300)]}))
     runner = CliRunner()
-    common = ["--k", "3", "--expansion", "2", "--batch-size", "64", "--warmup", "2", "--checkpoint-every", "5"]
+    # The settings of the resume test: the same compiled programs
+    common = ["--k", "3", "--expansion", "2", "--batch-size", "96", "--warmup", "4", "--lr", "3e-3", "--aux-k", "2",
+              "--dead-tokens", "200", "--checkpoint-every", "5"]
     result = runner.invoke(app, ["sae", "train", "-f", str(feats), "-o", str(tmp_path / "sae"), "--steps", "6", *common])
     assert result.exit_code == 0, result.output
     metrics = pd.read_csv(tmp_path / "sae" / "metrics.csv")
@@ -161,4 +163,4 @@ def test_cli_sae_train_and_inspect(planted, tmp_path):
     assert result.exit_code == 0, result.output
     assert "prompt " in (tmp_path / "sae" / "inspect" / "sae_report.html").read_text()
     result = runner.invoke(app, ["sae", "train", "-f", str(feats), "-o", str(tmp_path / "x"), "--k", "99", *common[2:]])
-    assert result.exit_code == 2 and "error:" in result.output and "lower k" in result.output
+    assert result.exit_code == 2 and "error:" in result.output and "lower k" in result.output, result.output

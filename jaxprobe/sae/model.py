@@ -71,6 +71,11 @@ class SAEConfig:
                              f"(expansion {self.expansion} x width {d}): lower k or raise the expansion")
         return m
 
+    def program_key(self) -> SAEConfig:
+        """This config with the fields that do not change the compiled step (steps, seed, logging) fixed,
+        so that runs differing only in those share one compiled program."""
+        return dataclasses.replace(self, batch_size=1, steps=1, seed=0, log_every=1, checkpoint_every=1)
+
     def optimizer(self) -> optax.GradientTransformation:
         warmup = optax.linear_schedule(0.0, self.learning_rate, max(self.warmup_steps, 1))
         schedule = optax.join_schedules([warmup, optax.constant_schedule(self.learning_rate)],
@@ -196,17 +201,25 @@ def sae_update(state: TrainState, x: jax.Array, config: SAEConfig) -> tuple[Trai
     return TrainState(params, opt_state, since_fired, state.scale), metrics
 
 
-@functools.lru_cache(maxsize=16)
 def make_train_step(config: SAEConfig):
     """jit(vmap(sae_update)): (stacked TrainState, x (S, B, d)) -> (TrainState, Metrics of (S,) arrays).
 
-    The state is donated: its buffers are reused for the new one. One compiled step per config."""
+    The state is donated: its buffers are reused for the new one."""
+    return _train_step(config.program_key())
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step(config: SAEConfig):
     return jax.jit(jax.vmap(lambda state, x: sae_update(state, x, config)), donate_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames="config")
 def init_stack(key: jax.Array, means: jax.Array, scales: jax.Array, config: SAEConfig) -> TrainState:
     """S SAEs at once, for raw inputs of means (S, d) and scales (S,)."""
+    return _init_stack(key, means, scales, config.program_key())
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _init_stack(key: jax.Array, means: jax.Array, scales: jax.Array, config: SAEConfig) -> TrainState:
     keys = jax.random.split(key, means.shape[0])
     return jax.vmap(lambda k, mean, scale: init_state(k, mean, scale, config))(keys, means, scales)
 

@@ -260,8 +260,8 @@ def _restore(manager) -> tuple[dict[int, TrainState], dict[str, Any]] | None:
         return None
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     config = SAEConfig(**meta["config"])
-    abstract = {str(w): jax.eval_shape(init_stack, jax.random.key(0), jnp.zeros((len(names), int(w))),
-                                       jnp.ones(len(names)), config)
+    init = functools.partial(init_stack, config=config)
+    abstract = {str(w): jax.eval_shape(init, jax.random.key(0), jnp.zeros((len(names), int(w))), jnp.ones(len(names)))
                 for w, names in meta["groups"].items()}
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     return {int(w): s for w, s in state.items()}, meta
@@ -328,6 +328,8 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
                                 jnp.asarray([scales[n] for n in names]), config)
                   for d, names in groups.items()}
         step, history = 0, []
+    # Committed to the device as restored arrays are, so a resumed run reuses the compiled step.
+    stacks = jax.device_put(stacks, jax.devices()[0])
     train_step = make_train_step(config)
     last = config.steps if stop_after is None else min(stop_after, config.steps)
 
@@ -413,7 +415,8 @@ def latent_statistics(saes: SAEs, features: Any, *, top_n: int = 16, targets: np
         for d, names in saes.groups.items():
             stats[d] = _accumulate(stats[d], saes.stacks[d], jnp.asarray(np.stack([batch[n] for n in names])),
                                    jnp.asarray(rows, jnp.int32), jnp.asarray(y), saes.config.k)
-    return {name: jax.tree.map(lambda leaf, i=i: np.asarray(leaf[i]), stats[d])
+    host = {d: jax.tree.map(np.asarray, s) for d, s in stats.items()}
+    return {name: jax.tree.map(lambda leaf, i=i: leaf[i], host[d])
             for d, names in saes.groups.items() for i, name in enumerate(names)}
 
 
