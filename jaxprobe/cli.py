@@ -203,6 +203,7 @@ def sae_train(
     aux_k: Annotated[int, typer.Option(help="AuxK dead-latent loss with this many latents (0: off)")] = 0,
     dead_tokens: Annotated[int, typer.Option(help="a latent is dead after this many rows without firing")] = 1_000_000,
     decoder: Annotated[str, typer.Option(help="dense|sparse (same maths; speed differs by device)")] = "dense",
+    saes_at_once: Annotated[int, typer.Option(help="SAEs per vectorised group in a step (0: all; lower it on OOM)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 1000,
     force: Annotated[bool, typer.Option("--force", help="start afresh instead of resuming from OUT")] = False,
@@ -215,8 +216,8 @@ def sae_train(
 
     try:
         config = SAEConfig(k=k, expansion=expansion, steps=steps, batch_size=batch_size, learning_rate=lr,
-                           warmup_steps=warmup, aux_k=aux_k, dead_tokens=dead_tokens, decoder=decoder, seed=seed,
-                           checkpoint_every=checkpoint_every)
+                           warmup_steps=warmup, aux_k=aux_k, dead_tokens=dead_tokens, decoder=decoder,
+                           saes_at_once=saes_at_once, seed=seed, checkpoint_every=checkpoint_every)
         saes = train_saes(features, config, out, sites=sites, resume=not force, progress=True, log=typer.echo)
     except (JaxprobeError, OSError) as err:
         _fail(err)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from jaxprobe.cli import app
 from jaxprobe.errors import InputError
 from jaxprobe.sae import SAEConfig, inspect_saes, latent_table, load_saes, train_saes
-from jaxprobe.sae.model import dense_code, init_stack, loss_fn, pre_activations, remove_parallel, top_k
+from jaxprobe.sae.model import (dense_code, init_stack, loss_fn, make_train_step, pre_activations, remove_parallel,
+                                top_k)
 from jaxprobe.sae.train import ArraySource
 from jaxprobe.store import FeatureStore
 
@@ -62,6 +63,11 @@ def test_topk_code_is_exact_and_decoders_agree():
         grads[decoder] = jax.jit(jax.grad(lambda p, c=cfg: loss_fn(p, x, dead, c)[0]))(state.params)
     for name in grads["dense"]:
         np.testing.assert_allclose(grads["dense"][name], grads["sparse"][name], rtol=1e-5, atol=1e-6)
+    # A stack run 2 SAEs at a time (lax.map) takes the same step as all at once (vmap).
+    xs = jax.random.normal(jax.random.key(3), (3, 16, 8))
+    stepped = [make_train_step(SAEConfig(k=5, expansion=3, warmup_steps=0, saes_at_once=c))(
+        init_stack(jax.random.key(1), xs.mean(1), jnp.ones(3), config), xs)[0].params["W_dec"] for c in (0, 2)]
+    np.testing.assert_allclose(stepped[0], stepped[1], atol=1e-6)
 
 
 def test_decoder_rows_stay_unit_norm_and_move_along_the_sphere(trained):

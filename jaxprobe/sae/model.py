@@ -38,6 +38,8 @@ class SAEConfig:
     dead_tokens: a latent is dead when it has not fired in this many training rows.
     decoder: "dense" multiplies the dense (B, m) code by W_dec; "sparse" gathers the k rows of W_dec
     each input uses (its gradient is a scatter-add). Same maths; which is faster depends on the device.
+    saes_at_once: how many SAEs of a stack the step vectorises together (0: all); the others run in turn
+    inside the same compiled step (lax.map), bounding memory: one SAE's step holds ~3 (batch_size, m) arrays.
     seed: initialisation and data order. log_every, checkpoint_every: in steps (0: only at the end).
     """
 
@@ -51,6 +53,7 @@ class SAEConfig:
     aux_coef: float = 1 / 32
     dead_tokens: int = 1_000_000
     decoder: Literal["dense", "sparse"] = "dense"
+    saes_at_once: int = 0
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -59,8 +62,8 @@ class SAEConfig:
         for name in ("k", "expansion", "batch_size", "steps", "dead_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"SAEConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.aux_k < 0 or self.warmup_steps < 0 or self.learning_rate <= 0:
-            raise InputError("SAEConfig: aux_k and warmup_steps must be >= 0 and learning_rate > 0")
+        if min(self.aux_k, self.warmup_steps, self.saes_at_once) < 0 or self.learning_rate <= 0:
+            raise InputError("SAEConfig: aux_k, warmup_steps, saes_at_once must be >= 0 and learning_rate > 0")
         if self.decoder not in ("dense", "sparse"):
             raise InputError(f"SAEConfig.decoder must be 'dense' or 'sparse', got {self.decoder!r}")
 
@@ -204,13 +207,20 @@ def sae_update(state: TrainState, x: jax.Array, config: SAEConfig) -> tuple[Trai
 def make_train_step(config: SAEConfig):
     """jit(vmap(sae_update)): (stacked TrainState, x (S, B, d)) -> (TrainState, Metrics of (S,) arrays).
 
+    With config.saes_at_once = c < S, lax.map runs the stack c SAEs at a time in the same program.
     The state is donated: its buffers are reused for the new one."""
     return _train_step(config.program_key())
 
 
 @functools.lru_cache(maxsize=16)
 def _train_step(config: SAEConfig):
-    return jax.jit(jax.vmap(lambda state, x: sae_update(state, x, config)), donate_argnums=0)
+    def step(state: TrainState, x: jax.Array) -> tuple[TrainState, Metrics]:
+        update = functools.partial(sae_update, config=config)
+        if 0 < config.saes_at_once < x.shape[0]:
+            return jax.lax.map(lambda args: update(*args), (state, x), batch_size=config.saes_at_once)
+        return jax.vmap(update)(state, x)
+
+    return jax.jit(step, donate_argnums=0)
 
 
 def init_stack(key: jax.Array, means: jax.Array, scales: jax.Array, config: SAEConfig) -> TrainState:
