@@ -46,12 +46,20 @@ def trained(planted):
 def test_topk_code_is_exact_and_decoders_agree():
     config = SAEConfig(k=5, expansion=3, decoder="dense")
     state = jax.tree.map(lambda a: a[0], init_stack(jax.random.key(1), jnp.zeros((1, 8)), jnp.ones(1), config))
-    x = jax.random.normal(jax.random.key(2), (16, 8))
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
     pre = np.asarray(pre_activations(state.params, x))
     values, indices = top_k(jnp.asarray(pre), 5)
     expected = np.sort(pre, axis=1)[:, ::-1][:, :5]
     np.testing.assert_array_equal(np.asarray(indices), np.argsort(-pre, axis=1)[:, :5])
     np.testing.assert_array_equal(np.asarray(values), np.maximum(expected, 0))
+    # Wide rows take two stages (top k per chunk, then of the candidates): the same values, indices, gradient.
+    wide = rng.standard_normal((6, 64)).astype(np.float32)
+    wide[:, [9, 40]] = 0.5                                                                        # a tie
+    chunked = jax.jit(lambda p, c: (top_k(p, 5, chunk=c), jax.grad(lambda q: top_k(q, 5, chunk=c)[0].sum())(p)),
+                      static_argnums=1)
+    for a, b in zip(jax.tree.leaves(chunked(wide, 16)), jax.tree.leaves(chunked(wide, 64))):
+        np.testing.assert_array_equal(a, b)
     code = np.asarray(dense_code(values, indices, pre.shape[1]))
     assert ((code != 0).sum(1) <= 5).all() and (code >= 0).all()
     np.testing.assert_array_equal(np.sort(code, axis=1)[:, ::-1][:, :5], np.maximum(expected, 0))
@@ -64,16 +72,17 @@ def test_topk_code_is_exact_and_decoders_agree():
     for name in grads["dense"]:
         np.testing.assert_allclose(grads["dense"][name], grads["sparse"][name], rtol=1e-5, atol=1e-6)
     # A stack run 2 SAEs at a time (lax.map) takes the same step as all at once (vmap).
-    xs = jax.random.normal(jax.random.key(3), (3, 16, 8))
+    xs = jnp.asarray(rng.standard_normal((3, 16, 8)), jnp.float32)
     stepped = [make_train_step(SAEConfig(k=5, expansion=3, warmup_steps=0, saes_at_once=c))(
         init_stack(jax.random.key(1), xs.mean(1), jnp.ones(3), config), xs)[0].params["W_dec"] for c in (0, 2)]
     np.testing.assert_allclose(stepped[0], stepped[1], atol=1e-6)
 
 
 def test_decoder_rows_stay_unit_norm_and_move_along_the_sphere(trained):
-    w = jax.random.normal(jax.random.key(0), (20, 6))
-    w = w / jnp.linalg.norm(w, axis=1, keepdims=True)
-    g = remove_parallel(jax.random.normal(jax.random.key(1), (20, 6)), w)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((20, 6))
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    g = remove_parallel(rng.standard_normal((20, 6)), w)
     np.testing.assert_allclose(jnp.sum(g * w, axis=1), 0, atol=1e-6)
     np.testing.assert_allclose(jnp.linalg.norm(trained.stacks[D].params["W_dec"], axis=-1), 1.0, atol=1e-6)
 

@@ -38,6 +38,7 @@ class SAEConfig:
     dead_tokens: a latent is dead when it has not fired in this many training rows.
     decoder: "dense" multiplies the dense (B, m) code by W_dec; "sparse" gathers the k rows of W_dec
     each input uses (its gradient is a scatter-add). Same maths; which is faster depends on the device.
+    topk_chunk: how `top_k` splits rows (None: its default for the backend; 0: whole rows).
     saes_at_once: how many SAEs of a stack the step vectorises together (0: all); the others run in turn
     inside the same compiled step (lax.map), bounding memory: one SAE's step holds ~3 (batch_size, m) arrays.
     seed: initialisation and data order. log_every, checkpoint_every: in steps (0: only at the end).
@@ -53,6 +54,7 @@ class SAEConfig:
     aux_coef: float = 1 / 32
     dead_tokens: int = 1_000_000
     decoder: Literal["dense", "sparse"] = "dense"
+    topk_chunk: int | None = None
     saes_at_once: int = 0
     seed: int = 0
     log_every: int = 50
@@ -62,8 +64,9 @@ class SAEConfig:
         for name in ("k", "expansion", "batch_size", "steps", "dead_tokens"):
             if getattr(self, name) < 1:
                 raise InputError(f"SAEConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.aux_k, self.warmup_steps, self.saes_at_once) < 0 or self.learning_rate <= 0:
-            raise InputError("SAEConfig: aux_k, warmup_steps, saes_at_once must be >= 0 and learning_rate > 0")
+        if min(self.aux_k, self.warmup_steps, self.saes_at_once, self.topk_chunk or 0) < 0 or self.learning_rate <= 0:
+            raise InputError("SAEConfig: aux_k, warmup_steps, saes_at_once, topk_chunk must be >= 0 and "
+                             "learning_rate > 0")
         if self.decoder not in ("dense", "sparse"):
             raise InputError(f"SAEConfig.decoder must be 'dense' or 'sparse', got {self.decoder!r}")
 
@@ -123,10 +126,29 @@ def pre_activations(params: Params, x: jax.Array) -> jax.Array:
     return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
 
 
-def top_k(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """(B, m) -> values (B, k) after ReLU, latent indices (B, k), largest first."""
-    values, indices = jax.lax.top_k(pre, k)
-    return jax.nn.relu(values), indices
+TOPK_CHUNK = 2048
+
+
+def top_k(pre: jax.Array, k: int, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(B, m) -> values (B, k) after ReLU, latent indices (B, k), largest first (ties: lower index).
+
+    With a chunk, rows go in two exact stages: the top k of each chunk of `chunk` latents, then the top
+    k of those candidates (every global winner is a winner of its chunk). XLA's GPU TopK kernel stops
+    at k = 16 and beyond it sorts whole rows, so on GPUs wide rows are chunked by default (None:
+    TOPK_CHUNK on GPU, whole rows elsewhere, where XLA's partial sort is faster); 0: whole rows.
+    """
+    m = pre.shape[-1]
+    if chunk is None:
+        chunk = TOPK_CHUNK if jax.default_backend() == "gpu" and m > 2 * TOPK_CHUNK else 0
+    chunk = chunk or m
+    if chunk >= m or m % chunk or chunk < k:
+        values, indices = jax.lax.top_k(pre, k)
+        return jax.nn.relu(values), indices
+    local_values, local = jax.lax.top_k(pre.reshape(*pre.shape[:-1], m // chunk, chunk), k)  # (B, C, k)
+    offsets = (jnp.arange(m // chunk) * chunk)[:, None]
+    candidates = (local + offsets).reshape(*pre.shape[:-1], -1)                                 # (B, C*k)
+    values, where = jax.lax.top_k(local_values.reshape(*pre.shape[:-1], -1), k)
+    return jax.nn.relu(values), jnp.take_along_axis(candidates, where, axis=-1)
 
 
 def dense_code(values: jax.Array, indices: jax.Array, m: int) -> jax.Array:
@@ -162,13 +184,13 @@ def loss_fn(params: Params, x: jax.Array, dead: jax.Array, config: SAEConfig
             ) -> tuple[jax.Array, tuple[Metrics, jax.Array]]:
     """Normalised MSE (+ aux_coef * AuxK); also the metrics and which latents fired, (m,) bool."""
     pre = pre_activations(params, x)
-    values, indices = top_k(pre, config.k)
+    values, indices = top_k(pre, config.k, config.topk_chunk)
     x_hat = decode_code(params["W_dec"], values, indices, config.decoder) + params["b_dec"]
     fvu = _fvu(x, x_hat)
     aux = jnp.zeros(())
     if config.aux_k:
         # Dead latents learn to explain what the live ones leave; ReLU zeroes the -inf of live ones.
-        aux_values, aux_indices = top_k(jnp.where(dead, pre, -jnp.inf), config.aux_k)
+        aux_values, aux_indices = top_k(jnp.where(dead, pre, -jnp.inf), config.aux_k, config.topk_chunk)
         residual = jax.lax.stop_gradient(x - x_hat)
         aux = _fvu(residual, decode_code(params["W_dec"], aux_values, aux_indices, config.decoder))
         aux = jnp.where(dead.any(), aux, 0.0)
@@ -225,7 +247,10 @@ def _train_step(config: SAEConfig):
 
 def init_stack(key: jax.Array, means: jax.Array, scales: jax.Array, config: SAEConfig) -> TrainState:
     """S SAEs at once, for raw inputs of means (S, d) and scales (S,)."""
-    return _init_stack(key, means, scales, config.program_key())
+    # Initial values depend on the width and the optimizer only: one compiled init for any other settings.
+    init_key = SAEConfig(k=1, expansion=config.expansion, learning_rate=config.learning_rate,
+                         warmup_steps=config.warmup_steps)
+    return _init_stack(key, means, scales, init_key)
 
 
 @functools.partial(jax.jit, static_argnames="config")
