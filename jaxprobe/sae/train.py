@@ -317,9 +317,10 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
     if restored is not None:
         stacks, meta = restored
         saved = {k: v for k, v in meta["config"].items() if k not in RESUMABLE_CHANGES}
-        if saved != settings or meta["groups"] != {str(d): names for d, names in groups.items()}:
-            raise InputError(f"{out} holds SAEs trained with other settings or feature sets ({saved}); "
-                             "use another --out, or start afresh (resume=False / --force)")
+        if (saved != settings or meta["groups"] != {str(d): names for d, names in groups.items()}
+                or meta["n_rows"] != source.n):
+            raise InputError(f"{out} holds SAEs trained with other settings, feature sets or rows ({saved}, "
+                             f"{meta['n_rows']} rows); use another --out, or start afresh (resume=False / --force)")
         step, history = meta["step"], meta["history"]
     else:
         means, scales = input_stats(reader)
@@ -340,23 +341,25 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
             _save(manager, step, stacks, meta)
 
     bar = _progress(progress, last - step)
-    while step < last:
-        batch = reader.batch(step)
-        pending = {d: train_step(stacks[d], jnp.asarray(np.stack([batch[n] for n in names])))
-                   for d, names in groups.items()}
-        stacks = {d: state for d, (state, _) in pending.items()}
-        step += 1
-        if step % config.log_every == 0 or step == config.steps:
-            rows = [row for d, (_, metrics) in pending.items() for row in _metric_rows(step, groups[d], metrics)]
-            history.extend(rows)
+    try:
+        while step < last:
+            batch = reader.batch(step)
+            pending = {d: train_step(stacks[d], jnp.asarray(np.stack([batch[n] for n in names])))
+                       for d, names in groups.items()}
+            stacks = {d: state for d, (state, _) in pending.items()}
+            step += 1
+            if step % config.log_every == 0 or step == config.steps:
+                rows = [row for d, (_, metrics) in pending.items() for row in _metric_rows(step, groups[d], metrics)]
+                history.extend(rows)
+                if bar:
+                    bar[0].update(bar[1], description=_summary(rows))
             if bar:
-                bar[0].update(bar[1], description=_summary(rows))
+                bar[0].advance(bar[1])
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                checkpoint()
+    finally:
         if bar:
-            bar[0].advance(bar[1])
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            checkpoint()
-    if bar:
-        bar[0].stop()
+            bar[0].stop()
     checkpoint()
     saes = SAEs(config, groups, stacks, pd.DataFrame(history), step)
     if out is not None and step == config.steps:
