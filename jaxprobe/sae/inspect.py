@@ -179,11 +179,14 @@ def _thumbnail_css(images: Any, rows: set[int], size: int) -> str:
     return "\n".join(rules)
 
 
-def _order(frame: pd.DataFrame) -> pd.DataFrame:
-    """Live latents, most interpretable first: by |best_r|, else purity, else frequency."""
+def _order(frame: pd.DataFrame, min_inputs: int = 3) -> pd.DataFrame:
+    """Live latents, most interpretable first: by |best_r|, else purity, else frequency; latents that
+    fire on fewer than `min_inputs` inputs (whose r and purity mean little) come last."""
     live = frame[frame["frequency"] > 0]
     key = next((c for c in ("best_r", "purity") if c in live and live[c].notna().any()), "frequency")
-    return live.reindex(live[key].abs().sort_values(ascending=False, na_position="last").index)
+    few = live["top_rows"].map(len) < min(min_inputs, live["top_rows"].map(len).max())
+    order = pd.DataFrame({"few": few, "key": -live[key].abs()}).sort_values(["few", "key"], na_position="last")
+    return live.loc[order.index]
 
 
 def _latent_rows(frame: pd.DataFrame, images: bool) -> str:

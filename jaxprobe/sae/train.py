@@ -407,20 +407,29 @@ def latent_statistics(saes: SAEs, features: Any, *, top_n: int = 16, targets: np
     targets = np.zeros((source.n, 0), np.float32) if targets is None else np.asarray(targets, np.float32)
     if targets.shape[0] != source.n:
         raise InputError(f"targets have {targets.shape[0]} rows, the features {source.n}")
+    groups = {d: [n for n in names if n in source.dims] for d, names in saes.groups.items()}
+    groups = {d: names for d, names in groups.items() if names}
+    wrong = [n for d, names in groups.items() for n in names if source.dims[n] != d]
+    if wrong:
+        raise InputError(f"{wrong[:5]}: the features' width differs from their SAE's; pass the features it was "
+                         "trained on")
+    # The stacks of the SAEs of these feature sets only (the inputs may hold a subset of them)
+    stacks = {d: jax.tree.map(lambda a, d=d: a[np.array([saes.groups[d].index(n) for n in names])], saes.stacks[d])
+              for d, names in groups.items()}
     reader = BatchReader(source, batch_size, 0)
-    stats = {d: _init_stats(len(names), saes.stacks[d].params["W_dec"].shape[1], d, top_n, targets.shape[1])
-             for d, names in saes.groups.items()}
+    stats = {d: _init_stats(len(names), stacks[d].params["W_dec"].shape[1], d, top_n, targets.shape[1])
+             for d, names in groups.items()}
     for start in range(0, source.n, batch_size):
         rows = np.full(batch_size, -1, np.int64)
         rows[:min(batch_size, source.n - start)] = np.arange(start, min(start + batch_size, source.n))
         batch = reader.rows(np.maximum(rows, 0))
         y = targets[np.maximum(rows, 0)]
-        for d, names in saes.groups.items():
-            stats[d] = _accumulate(stats[d], saes.stacks[d], jnp.asarray(np.stack([batch[n] for n in names])),
+        for d, names in groups.items():
+            stats[d] = _accumulate(stats[d], stacks[d], jnp.asarray(np.stack([batch[n] for n in names])),
                                    jnp.asarray(rows, jnp.int32), jnp.asarray(y), saes.config.k)
     host = {d: jax.tree.map(np.asarray, s) for d, s in stats.items()}
     return {name: jax.tree.map(lambda leaf, i=i: leaf[i], host[d])
-            for d, names in saes.groups.items() for i, name in enumerate(names)}
+            for d, names in groups.items() for i, name in enumerate(names)}
 
 
 def reconstruction_metrics(stats: dict[str, LatentStats]) -> pd.DataFrame:
