@@ -16,7 +16,9 @@ device-resident batches (a few, cycled), so every contender measures its trainin
 Throughput is tokens (input rows) per second over --steps timed steps after --warmup untimed ones
 (compilation included in the warm-up). Ratios are jaxprobe / peer. Matmul precision is the same for
 every contender (--precision tf32: TF32 tensor cores, the speed setting; fp32: full float32).
-On a GPU, JAX is told not to preallocate, so the PyTorch peers have memory after it.
+On a GPU, JAX is told not to preallocate, so the PyTorch peers have memory after it; the stack
+workload needs ~3 GB per SAE for parameters and Adam state plus ~8 GB per SAE vectorised at once
+(lower --saes-at-once, or --sites, if it runs out of memory).
 
   python scripts/bench_sae.py                      # GPU, the full workload
   python scripts/bench_sae.py --sites 16 --saes-at-once 2 --json bench_sae.json
@@ -223,7 +225,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if args.smoke:
-        args.d, args.expansion, args.k, args.batch, args.sites, args.steps, args.warmup = 32, 4, 4, 256, 2, 2, 1
+        args.d, args.expansion, args.k, args.batch, args.sites, args.steps, args.warmup = 32, 4, 4, 256, 2, 3, 2
     set_precision(args.precision)
     peers = {"torch": TorchTopK, "overcomplete": OvercompleteTopK, "saelens": SAELensTopK}
     chosen = [p for p in args.peers.split(",") if p]
@@ -250,13 +252,14 @@ def main() -> None:
     stack_jax = stack_peer = None
     if args.sites:
         print(f"{args.sites} SAEs:")
-        stack_jax = attempt(f"jaxprobe, {args.sites} in one step (the best single setting, {args.saes_at_once} at once)",
-                            lambda: bench_jax(args.sites, args.d, args, decoder, topk_chunk), rows, tokens * args.sites,
-                            workload=f"{args.sites} SAEs")
+        # The peer first: JAX's allocator keeps the memory it grew to, and the stack needs the most.
         if "torch" in chosen:
             stack_peer = attempt(f"torch, {args.sites} sequential runs",
                                  lambda: bench_torch(TorchTopK, args.d, args, runs=args.sites), rows, tokens,
                                  workload=f"{args.sites} SAEs")
+        stack_jax = attempt(f"jaxprobe, {args.sites} in one step (the best single setting, {args.saes_at_once} at once)",
+                            lambda: bench_jax(args.sites, args.d, args, decoder, topk_chunk), rows, tokens * args.sites,
+                            workload=f"{args.sites} SAEs")
     print()
     print("| workload | contender | ms/step | tokens/s | note |")
     print("|---|---|---:|---:|---|")
