@@ -382,16 +382,16 @@ def _config_record(config: ClassifyConfig) -> dict[str, Any]:
 def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDataset) -> dict[str, Path]:
     """accuracy.parquet, accuracy.csv, accuracy.png, config.json and report.html under config.out,
     each written to a temporary name and renamed."""
-    from jaxprobe.report import _STYLE, _table_html, _write_atomic
+    from jaxprobe.report import STYLE, table_html, write_atomic
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"parquet": _write_atomic(out / f"{TABLE}.parquet", lambda p: table.to_parquet(p, index=False)),
-             "csv": _write_atomic(out / f"{TABLE}.csv", lambda p: table.to_csv(p, index=False))}
+    files = {"parquet": write_atomic(out / f"{TABLE}.parquet", lambda p: table.to_parquet(p, index=False)),
+             "csv": write_atomic(out / f"{TABLE}.csv", lambda p: table.to_csv(p, index=False))}
     fig = accuracy_figure(table, classes=len(dataset.classes))
-    files["figure"] = _write_atomic(out / FIGURE, lambda p: fig.savefig(p, format="png", dpi=110))
+    files["figure"] = write_atomic(out / FIGURE, lambda p: fig.savefig(p, format="png", dpi=110))
     record = _config_record(config)
-    files["config"] = _write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(record, indent=2)))
+    files["config"] = write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(record, indent=2)))
     import base64
 
     image = base64.b64encode(files["figure"].read_bytes()).decode("ascii")
@@ -399,17 +399,17 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
                        for k, v in record.items())
     page = "\n".join([
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>jaxprobe classify</title>"
-        f"<style>{_STYLE}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>Classifiers on diffusion features of {html.escape(str(dataset.root))}</h1>",
         f"<p>{len(dataset)} images, {len(dataset.classes)} classes ({html.escape(', '.join(dataset.classes[:20]))}"
         f"{', ...' if len(dataset.classes) > 20 else ''}); {len(dataset.train_index)} train, "
         f"{len(dataset.test_index)} test. Model: {html.escape(config.model)}.</p>",
         f'<figure><img src="data:image/png;base64,{image}" alt="accuracy"></figure>',
-        _table_html(table, "Test accuracy per site, timestep and classifier (95% Wilson score intervals)"),
+        table_html(table, "Test accuracy per site, timestep and classifier (95% Wilson score intervals)"),
         "<h2>Run settings</h2><table>", settings, "</table>",
         "<p class='small'>Method: Kim, Thomas &amp; Ghadiyaram, Revelio (ICCV 2025): VAE-encode, noise to t, one "
         "UNet step; a linear probe on mean-pooled features and a small conv head on the feature maps.</p>",
         "</body></html>"])
-    files["report"] = _write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
+    files["report"] = write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
     return files
 

@@ -364,5 +364,75 @@ def directions_report(results: Annotated[Path, typer.Argument(help="the folder b
     typer.echo(f"wrote {path}")
 
 
+# --- sparse autoencoders (`jaxprobe sae train|inspect`) -------------------------------------------------
+
+sae_app = typer.Typer(no_args_is_help=True, help="TopK sparse autoencoders on captured features, one per site x step.")
+app.add_typer(sae_app, name="sae")
+
+FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="folder from `jaxprobe extract` (<site>.npy), "
+                                                                     ".npz/.npy, or a feature-store entry folder")]
+SiteOpt = Annotated[Optional[list[str]], typer.Option("--sites", "-s", help="only sites matching these globs")]
+
+
+@sae_app.command("train")
+def sae_train(
+    features: FeaturesOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for checkpoints, history.csv, metrics.csv, curves")],
+    sites: SiteOpt = None,
+    k: Annotated[int, typer.Option(help="latents kept per input")] = 32,
+    expansion: Annotated[int, typer.Option(help="latents per input dimension")] = 64,
+    steps: Annotated[int, typer.Option()] = 10_000,
+    batch_size: Annotated[int, typer.Option()] = 8192,
+    lr: Annotated[float, typer.Option(help="Adam learning rate after warm-up")] = 4e-4,
+    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 500,
+    aux_k: Annotated[int, typer.Option(help="AuxK dead-latent loss with this many latents (0: off)")] = 0,
+    dead_tokens: Annotated[int, typer.Option(help="a latent is dead after this many rows without firing")] = 1_000_000,
+    decoder: Annotated[str, typer.Option(help="dense|sparse (same maths; speed differs by device)")] = "dense",
+    saes_at_once: Annotated[int, typer.Option(help="SAEs per vectorised group in a step (0: all; lower it on OOM)")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 1000,
+    force: Annotated[bool, typer.Option("--force", help="start afresh instead of resuming from OUT")] = False,
+) -> None:
+    """Train one SAE per feature set (site, or site@step), all at once; rerun to resume.
+
+    Example: jaxprobe sae train -f feats/ -s 'unet.*' -o runs/sae --steps 5000
+    """
+    from jaxprobe.sae import SAEConfig, train_saes
+
+    try:
+        config = SAEConfig(k=k, expansion=expansion, steps=steps, batch_size=batch_size, learning_rate=lr,
+                           warmup_steps=warmup, aux_k=aux_k, dead_tokens=dead_tokens, decoder=decoder,
+                           saes_at_once=saes_at_once, seed=seed, checkpoint_every=checkpoint_every)
+        saes = train_saes(features, config, out, sites=sites, resume=not force, progress=True, log=typer.echo)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+    typer.echo(f"trained {len(saes.names)} SAE(s) for {saes.step} steps; wrote {out}")
+
+
+@sae_app.command("inspect")
+def sae_inspect(
+    sae: Annotated[Path, typer.Argument(help="the --out folder of `jaxprobe sae train`")],
+    features: FeaturesOpt,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="default: SAE/inspect")] = None,
+    sites: SiteOpt = None,
+    norms: Annotated[Optional[str], typer.Option(help="binder|mcrae|things|concreteness or a CSV/TSV path")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="folder of one image per input (by name), or a .npy")] = None,
+    top_n: Annotated[int, typer.Option(help="top-activating inputs kept per latent")] = 8,
+    max_latents: Annotated[int, typer.Option(help="latents shown per feature set in the page")] = 40,
+) -> None:
+    """Top-activating inputs, norms correlations and category purity per latent; latents.csv and an HTML page.
+
+    Example: jaxprobe sae inspect runs/sae -f feats/ --norms binder
+    """
+    from jaxprobe.sae import inspect_saes
+
+    try:
+        page = inspect_saes(sae, features, out or sae / "inspect", sites=sites, norms=norms, images=images,
+                            top_n=top_n, max_latents=max_latents)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+    typer.echo(f"wrote {page}")
+
+
 if __name__ == "__main__":
     app()

@@ -150,7 +150,7 @@ class DirectionsConfig:
         return cls.from_toml(EXAMPLE, **overrides)
 
     def to_toml(self) -> str:
-        from jaxprobe.experiment import _toml_value
+        from jaxprobe.experiment import toml_value
 
         lines, tables = ["[directions]"], []
         for f in dataclasses.fields(self):
@@ -158,10 +158,10 @@ class DirectionsConfig:
             if value is None:
                 continue
             if isinstance(value, Mapping):
-                tables += [f"\n[directions.{f.name}]"] + [f"{_toml_value(k)} = {_toml_value(_listed(v))}"
+                tables += [f"\n[directions.{f.name}]"] + [f"{toml_value(k)} = {toml_value(_listed(v))}"
                                                          for k, v in value.items()]
             else:
-                lines.append(f"{f.name} = {_toml_value(_listed(value))}")
+                lines.append(f"{f.name} = {toml_value(_listed(value))}")
         return "\n".join(lines + tables) + "\n"
 
     @property
@@ -351,23 +351,23 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
         arrays.update(image_arrays)
     for name, frame in tables.items():
         write_table(frame, out, name)
-    from jaxprobe.report import _write_atomic
+    from jaxprobe.report import write_atomic
 
     def save(path: Path) -> None:
         with open(path, "wb") as file:  # a file object: np.savez would append ".npz" to the temporary name
             np.savez_compressed(file, **arrays)
 
-    path = _write_atomic(out / DIRECTIONS, save)
-    _write_atomic(out / "config.toml", lambda p: p.write_text(config.to_toml()))
+    path = write_atomic(out / DIRECTIONS, save)
+    write_atomic(out / "config.toml", lambda p: p.write_text(config.to_toml()))
     log(f"directions: {path}")
     return path
 
 
 def write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
-    from jaxprobe.report import _write_atomic
+    from jaxprobe.report import write_atomic
 
     for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv)):
-        _write_atomic(out / (name + suffix), lambda p, w=write: w(p, index=False))
+        write_atomic(out / (name + suffix), lambda p, w=write: w(p, index=False))
 
 
 def read_directions(out: str | Path) -> dict[str, np.ndarray]:
@@ -622,9 +622,9 @@ def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pip
             "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
             "n_generations": len(gens.rows), "n_bootstrap": config.n_bootstrap, "level": config.level,
             "focus_step": config.focus_step, "text_site": config.text_site, "sites": list(gens.features)}
-    from jaxprobe.report import _write_atomic
+    from jaxprobe.report import write_atomic
 
-    _write_atomic(out / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+    write_atomic(out / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     log(f"scores: {out}")
     return out
 
@@ -844,7 +844,7 @@ def read_tables(out: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any
 
 def make_figures(out: str | Path, dpi: int = 110) -> dict[str, Path]:
     """Every figure the tables under `out` allow, as out/figures/<name>.png (names: `FIGURES`)."""
-    from jaxprobe.report import _write_atomic
+    from jaxprobe.report import write_atomic
 
     tables, meta = read_tables(out)
     folder = Path(out) / "figures"
@@ -853,7 +853,7 @@ def make_figures(out: str | Path, dpi: int = 110) -> dict[str, Path]:
     for name, (draw, _) in FIGURES.items():
         fig = draw(tables, meta)
         if fig is not None:
-            paths[name] = _write_atomic(folder / f"{name}.png", lambda p, f=fig: f.savefig(p, format="png", dpi=dpi))
+            paths[name] = write_atomic(folder / f"{name}.png", lambda p, f=fig: f.savefig(p, format="png", dpi=dpi))
     return paths
 
 
@@ -885,7 +885,7 @@ def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str
 
 
 def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: int) -> list[str]:
-    from jaxprobe.report import _table_html
+    from jaxprobe.report import table_html
 
     site = meta["sites"][0]
     parts = []
@@ -896,25 +896,25 @@ def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: in
         here = assoc[assoc["step"] == step].sort_values(["axis", "rank"])
         columns = [c for c in ("axis", "rank", "query", "score", "ci_low", "ci_high", "clip_score", "clip_ci_low",
                                "clip_ci_high", "delta", "delta_ci_low", "delta_ci_high", "unet_effect") if c in here]
-        parts.append(_table_html(here[columns], f"Associations at {site}, step {step}, ranked (associations.csv has "
+        parts.append(table_html(here[columns], f"Associations at {site}, step {step}, ranked (associations.csv has "
                                  "every site and step)"))
     clusters = tables["clusters"]
     here = clusters[clusters["site"] == site]
     if not here.empty:
         step = _focus(here, meta["focus_step"])
-        parts.append(_table_html(here[here["step"] == step].drop(columns=["site"]).head(top),
+        parts.append(table_html(here[here["step"] == step].drop(columns=["site"]).head(top),
                                  f"k-means clusters at step {step} (clusters.csv has every step)"))
     if "image_directions" in tables:
         image = tables["image_directions"]
         summary = image.groupby(["site", "concept"], as_index=False)["cos_image_caption"].agg(["mean", "max"])
-        parts.append(_table_html(summary, "Image vs caption directions: cosine over the steps (image_directions.csv)"))
+        parts.append(table_html(summary, "Image vs caption directions: cosine over the steps (image_directions.csv)"))
     return parts
 
 
 def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     """Figures and out/report.html (figures embedded, summary, ranked tables, settings, methods) from the
     tables `build` and `score` wrote under `out`. Returns the report's path."""
-    from jaxprobe.report import _STYLE, _write_atomic
+    from jaxprobe.report import STYLE, write_atomic
 
     out = Path(out)
     figures = make_figures(out, dpi)
@@ -929,7 +929,7 @@ def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     title = f"jaxprobe: directions in h-space of {meta.get('model', 'the pipeline')}"
     parts = [
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
         f"<p class='notice'><strong>Random weights.</strong> {html.escape(notice)}</p>" if notice else "",
         "<h2>What the numbers show</h2><ul>", *(f"<li>{html.escape(line)}</li>" for line in summary), "</ul>",
         "<h2>Figures</h2>", *images, "<h2>Tables</h2>", *_focus_tables(tables, meta, top),
@@ -938,4 +938,4 @@ def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
         f"<h2>Citation</h2><ul><li>Method reproduced: {html.escape(PAPER)}</li></ul></body></html>",
     ]
     page = "\n".join(p for p in parts if p)
-    return _write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
+    return write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))

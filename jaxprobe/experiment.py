@@ -95,7 +95,7 @@ class ExperimentConfig:
                 continue
             if isinstance(value, tuple):
                 value = list(value)
-            lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append(f"{f.name} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 
@@ -104,13 +104,13 @@ class ExperimentConfig:
 EMBEDDED_DEFAULT = ExperimentConfig(num_inference_steps=10, n_permutations=20, n_bootstrap=100)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -54,7 +54,7 @@ class ReportConfig:
 # --- files ---------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """write(tmp) to a temporary name beside `path`, then rename it over `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -79,7 +79,7 @@ def write_tables(results: ExperimentResults, out_dir: str | os.PathLike) -> dict
     written = {}
     for name, frame in _tables(results).items():
         for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv)):
-            written[name + suffix] = _write_atomic(out / (name + suffix), lambda p, w=write: w(p, index=False))
+            written[name + suffix] = write_atomic(out / (name + suffix), lambda p, w=write: w(p, index=False))
 
     def save_matrices(path: Path) -> None:
         with open(path, "wb") as file:  # a file object: np.savez would append ".npz" to the temporary name
@@ -89,9 +89,9 @@ def write_tables(results: ExperimentResults, out_dir: str | os.PathLike) -> dict
                 human_correlation=results.human_correlation, predicted_correlation=results.predicted_correlation,
                 confusion=results.confusion)
 
-    written[MATRICES] = _write_atomic(out / MATRICES, save_matrices)
+    written[MATRICES] = write_atomic(out / MATRICES, save_matrices)
     text = json.dumps(results.metadata, indent=2, default=str)  # non-JSON values (paths, numpy scalars) as text
-    written[METADATA] = _write_atomic(out / METADATA, lambda p: p.write_text(text))
+    written[METADATA] = write_atomic(out / METADATA, lambda p: p.write_text(text))
     return written
 
 
@@ -341,13 +341,13 @@ def make_figures(results: ExperimentResults, out_dir: str | os.PathLike,
         fig = draw(results, config)
         if fig is not None:
             save = lambda p, f=fig: f.savefig(p, format="png", dpi=config.dpi)  # noqa: E731
-            paths[name] = _write_atomic(folder / f"{name}.png", save)
+            paths[name] = write_atomic(folder / f"{name}.png", save)
     return paths
 
 
 # --- the HTML report -----------------------------------------------------------------------------------
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ccc; }
 .notice { background: #fff4d6; border-left: 4px solid #e0a800; padding: 0.6em 1em; }
@@ -376,7 +376,7 @@ _METHODS = (
 )
 
 
-def _table_html(frame: pd.DataFrame, caption: str, empty: str = "No rows.") -> str:
+def table_html(frame: pd.DataFrame, caption: str, empty: str = "No rows.") -> str:
     body = frame.to_html(index=False, border=0, na_rep="-", float_format=lambda v: f"{v:.3g}") if len(frame) else \
         f"<p>{html.escape(empty)}</p>"
     return f"<h3>{html.escape(caption)}</h3>\n{body}"
@@ -397,11 +397,11 @@ def _result_tables(results: ExperimentResults, config: ReportConfig) -> list[str
     text = _evenly(followed[followed["stage"] == "text"], top)
     steps = _evenly(followed[followed["site"] == site].sort_values("timestep"), top)
     return [
-        _table_html(results.profile.sort_values("score", ascending=False).head(top),
+        table_html(results.profile.sort_values("score", ascending=False).head(top),
                     f"Decoding per feature set, best {top} (decoding.csv has all)"),
-        _table_html(groups.head(top), f"Attribute groups that differ from the average at q < {level:g}, largest "
+        table_html(groups.head(top), f"Attribute groups that differ from the average at q < {level:g}, largest "
                     "first (groups.csv has all)", empty=f"No group differs from the average at q < {level:g}."),
-        _table_html(pd.concat([text, steps]), "Disentanglement along the text encoder and at "
+        table_html(pd.concat([text, steps]), "Disentanglement along the text encoder and at "
                     f"{short_site(site) if site else 'no UNet site'} (similarity.csv, confusability.csv have all)"),
     ]
 
@@ -438,7 +438,7 @@ def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportCo
     dropped = results.dropped
     parts = [
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='notice'><strong>Random weights.</strong> {html.escape(random)}</p>" if random else "",
         "<h2>What the numbers show</h2><ul>",
@@ -448,7 +448,7 @@ def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportCo
         "<h2>Tables</h2>", *_result_tables(results, config),
         "<h2>Run settings</h2>", _settings_html(results),
         f"<h2>Concepts left out ({len(dropped)})</h2>",
-        _table_html(dropped.head(config.top_rows), f"First {config.top_rows} (dropped.csv has all)",
+        table_html(dropped.head(config.top_rows), f"First {config.top_rows} (dropped.csv has all)",
                     empty="None: every concept of the norms was probed."),
         "<h2>Methods</h2>", *(f"<p class='small'>{html.escape(m)}</p>" for m in _METHODS),
         "<h2>Citations</h2><ul>", *(f"<li>{html.escape(c)}</li>" for c in _citations(results)), "</ul>",
@@ -464,7 +464,7 @@ def write_report(results: ExperimentResults, out_dir: str | os.PathLike,
     citations. Returns the report's path."""
     out = Path(out_dir)
     page = _html(results, make_figures(results, out, config), config)
-    return _write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
+    return write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
 
 
 def rerender(out_dir: str | os.PathLike, config: ReportConfig = ReportConfig()) -> Path:

@@ -64,7 +64,7 @@ def probe_sweep(
     alpha (per target unless alpha_per_target=False). See the module docstring for the columns.
     return_predictions: also return out-of-fold predictions (F, n, t), F in table order.
     """
-    names, sites, steps, arrays = _feature_sets(features)
+    names, sites, steps, arrays = feature_sets(features)
     target_names, Y = _targets(targets)
     n = len(Y)
     dims = {a.shape[-1] for a in arrays}
@@ -144,7 +144,7 @@ def probe_sweep_across_processes(
 
     if jax.process_count() == 1:
         return probe_sweep(features, targets, **options)
-    order, *_ = _feature_sets(features)
+    order, *_ = feature_sets(features)
     mine = _balanced_share(features, jax.process_index(), jax.process_count())
     parts = Path(parts_dir)
     part = parts / f"probes-{jax.process_index():04d}-of-{jax.process_count():04d}"
@@ -205,7 +205,7 @@ def run_probe_files(
     Files are written under a temporary name and renamed, so a crash never leaves a partial table.
     In a multi-process job the processes share the sites; process 0 writes and returns the table.
     """
-    features, concepts = _load_features(Path(features_path))
+    features, concepts = load_features(Path(features_path))
     table = pd.read_csv(targets_path, na_values=["na"])
     concept_column = concept_column or ("concept" if "concept" in table else table.columns[0])
     table = table.set_index(concept_column)
@@ -234,7 +234,7 @@ def run_probe_files(
     return result
 
 
-def _feature_sets(features) -> tuple[list[str], list[str], list[int], list[np.ndarray]]:
+def feature_sets(features) -> tuple[list[str], list[str], list[int], list[np.ndarray]]:
     """(names, sites, timesteps, (n, d) arrays — views, not copies) of every feature set."""
     if not isinstance(features, Mapping):
         features = np.asarray(features)
@@ -271,7 +271,7 @@ def _targets(targets) -> tuple[list[str], np.ndarray]:
     return [str(i) for i in range(values.shape[1])], values
 
 
-def _load_features(path: Path) -> tuple[dict[str, np.ndarray], list[str] | None]:
+def load_features(path: Path) -> tuple[dict[str, np.ndarray], list[str] | None]:
     if path.is_dir():
         files = sorted(path.glob("*.npy"))
         if not files:

@@ -1,0 +1,302 @@
+"""What the SAE latents respond to: top-activating inputs, human-norm correlations, category purity, HTML.
+
+    table = latent_table(saes, features, labels=prompts, norms=load_norms("binder"))
+    inspect_saes(saes, features, "runs/sae/inspect", labels=prompts, norms=..., images=None)
+
+One row per (feature set, latent): how often it fires, its mean activation over all inputs, its `top_n`
+top-activating inputs; with norms, the attribute its activation correlates with best across inputs
+(Pearson r over the inputs whose concept is rated) and, where the norms give categories, the purity of
+its top inputs (the share of them in their most common category). The page shows, per feature set,
+the explained variance, L0 and dead fraction, the training curves, and the latents with their inputs
+(thumbnails where the inputs are images).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from jaxprobe.errors import InputError
+from jaxprobe.sae.train import SAEs, as_source, latent_statistics, load_saes, reconstruction_metrics
+
+TABLE, PAGE = "latents", "sae_report.html"
+_CURVES = (("explained_variance", "explained variance"), ("l0", "L0 (active latents per input)"),
+           ("dead_fraction", "dead-latent fraction"), ("loss", "training loss"))
+
+
+def training_curves(history: pd.DataFrame) -> Figure:
+    """Explained variance, L0, dead fraction and loss against the step, one line per feature set."""
+    figure = Figure(figsize=(10, 6.5), layout="constrained")
+    axes = figure.subplots(2, 2).ravel()
+    for ax, (column, title) in zip(axes, _CURVES):
+        for name, rows in history.groupby("feature_set", sort=False):
+            ax.plot(rows["step"], rows[column], lw=1, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    if history["feature_set"].nunique() <= 12:
+        axes[0].legend(fontsize=7)
+    return figure
+
+
+def concepts_in(prompts: Sequence[str], concepts: Sequence[str]) -> list[str | None]:
+    """Per prompt, the longest concept it contains as whole words (None: none)."""
+    ordered = sorted(concepts, key=len, reverse=True)
+    patterns = [(c, re.compile(rf"(?<!\w){re.escape(c)}(?!\w)", re.IGNORECASE)) for c in ordered]
+    return [next((c for c, p in patterns if p.search(prompt)), None) for prompt in prompts]
+
+
+def _correlations(s: Any, y: np.ndarray) -> np.ndarray:
+    """Pearson r (m, A) of each latent's activation with each attribute, over the rows rating it."""
+    rated = np.isfinite(y)
+    n = rated.sum(0).astype(np.float64)
+    y0 = np.where(rated, y, 0.0)
+    sy, syy = y0.sum(0), np.square(y0).sum(0)
+    cov = n * s.a_y - s.a_rated * sy
+    var_a = n * s.a2_rated - np.square(s.a_rated)
+    var_y = n * syy - np.square(sy)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = cov / np.sqrt(var_a * var_y)
+    return np.where((var_a > 1e-12 * np.maximum(n, 1) ** 2) & (var_y > 0), r, np.nan)
+
+
+def latent_table(saes: SAEs, features: Any, *, labels: Sequence[str] | None = None,
+                 concepts: Sequence[str | None] | None = None, norms: Any = None,
+                 categories: Sequence[str | None] | None = None, top_n: int = 8,
+                 sites: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per (feature set, latent); see the module docstring.
+
+    labels: per input, the text shown for it (default: its row number). concepts: per input, its norms
+    concept (default: the longest norms concept in its label). categories: per input (default: the
+    norms' `category` metadata of its concept). Columns: feature_set, latent, frequency, mean_activation,
+    top_rows, top_activations, top_labels and, with norms, best_attribute, best_r; with categories,
+    top_category, purity.
+    """
+    return _latents(saes, features, labels=labels, concepts=concepts, norms=norms, categories=categories,
+                    top_n=top_n, sites=sites)[0]
+
+
+def _latents(saes: SAEs, features: Any, *, labels: Sequence[str] | None, concepts: Sequence[str | None] | None,
+             norms: Any, categories: Sequence[str | None] | None, top_n: int, sites: Sequence[str] | None
+             ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(latent_table, reconstruction_metrics) from one pass over the data."""
+    source = as_source(features, sites)
+    labels = [str(i) for i in range(source.n)] if labels is None else [str(x) for x in labels]
+    if len(labels) != source.n:
+        raise InputError(f"{len(labels)} labels for {source.n} inputs: give one label (prompt) per feature row")
+    targets = None
+    if norms is not None:
+        concepts = concepts_in(labels, norms.concepts) if concepts is None else list(concepts)
+        if not any(concepts):
+            raise InputError("no input names a concept of the norms: pass concepts= (one per input)")
+        row = {c: i for i, c in enumerate(norms.concepts)}
+        targets = np.full((source.n, len(norms.attributes)), np.nan)
+        known = [i for i, c in enumerate(concepts) if c in row]
+        targets[known] = norms.values[[row[concepts[i]] for i in known]]
+        if categories is None:
+            column = next((c for c in ("category", "super_category") if c in norms.metadata), None)
+            if column:
+                categories = [norms.metadata[column].get(c) if c in row else None for c in concepts]
+    stats = latent_statistics(saes, source, top_n=top_n, targets=targets)
+    frames = []
+    for name, s in stats.items():
+        n = float(s.n_rows)
+        top_rows = [rows[values > 0].tolist() for rows, values in zip(s.top_rows, s.top_values)]
+        frame = pd.DataFrame({
+            "feature_set": name, "latent": np.arange(len(s.fire_count)), "frequency": s.fire_count / n,
+            "mean_activation": s.activation_sum / n, "top_rows": top_rows,
+            "top_activations": [values[values > 0].tolist() for values in s.top_values],
+            "top_labels": [[labels[r] for r in rows] for rows in top_rows]})
+        if targets is not None:
+            r = _correlations(s, targets)
+            best = np.nanargmax(np.where(np.isnan(r), -np.inf, np.abs(r)), axis=1)
+            frame["best_attribute"] = np.asarray(norms.attributes)[best]
+            frame["best_r"] = r[np.arange(len(r)), best]
+            frame.loc[np.isnan(frame["best_r"]), "best_attribute"] = None
+        if categories is not None:
+            top_category, purity = zip(*(_purity([categories[i] for i in rows]) for rows in top_rows))
+            frame["top_category"], frame["purity"] = top_category, purity
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True), reconstruction_metrics(stats)
+
+
+def _purity(categories: list[str | None]) -> tuple[str | None, float]:
+    known = [c for c in categories if c is not None and c == c]
+    if not known:
+        return None, float("nan")
+    category, count = Counter(known).most_common(1)[0]
+    return category, count / len(known)
+
+
+# --- the page ------------------------------------------------------------------------------------------
+
+
+def _png(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _frequency_histogram(table: pd.DataFrame) -> Figure:
+    figure = Figure(figsize=(6, 3), layout="constrained")
+    ax = figure.subplots()
+    for name, rows in table.groupby("feature_set", sort=False):
+        ax.hist(np.log10(rows["frequency"].clip(lower=1e-7)), bins=40, histtype="step", label=name)
+    ax.set_xlabel("log10 firing frequency (dead latents at -7)")
+    ax.set_ylabel("latents")
+    if table["feature_set"].nunique() <= 12:
+        ax.legend(fontsize=7)
+    return figure
+
+
+def _thumbnail_css(images: Any, rows: set[int], size: int) -> str:
+    """One CSS class per shown input (.i<row>) carrying its thumbnail, so each image is embedded once."""
+    from PIL import Image
+
+    from jaxprobe.sampling import load_images
+
+    rows = sorted(rows)
+    if isinstance(images, np.ndarray):
+        pixels = load_images(images[rows], size)
+    else:
+        pixels = load_images([images[r] for r in rows], size)
+    rules = []
+    for row, image in zip(rows, pixels):
+        buffer = io.BytesIO()
+        Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        rules.append(f".i{row}{{background-image:url(data:image/png;base64,{data})}}")
+    return "\n".join(rules)
+
+
+def _order(frame: pd.DataFrame, min_inputs: int = 3) -> pd.DataFrame:
+    """Live latents, most interpretable first: by |best_r|, else purity, else frequency; latents that
+    fire on fewer than `min_inputs` inputs (whose r and purity mean little) come last."""
+    live = frame[frame["frequency"] > 0]
+    key = next((c for c in ("best_r", "purity") if c in live and live[c].notna().any()), "frequency")
+    few = live["top_rows"].map(len) < min(min_inputs, live["top_rows"].map(len).max())
+    order = pd.DataFrame({"few": few, "key": -live[key].abs()}).sort_values(["few", "key"], na_position="last")
+    return live.loc[order.index]
+
+
+def _latent_rows(frame: pd.DataFrame, images: bool) -> str:
+    out = []
+    for row in frame.itertuples(index=False):
+        cells = [f"<td>{row.latent}</td>", f"<td>{row.frequency:.3g}</td>", f"<td>{row.mean_activation:.3g}</td>"]
+        if "best_r" in frame:
+            cells.append(f"<td>{html.escape(str(row.best_attribute or '-'))}</td><td>{row.best_r:.2f}</td>")
+        if "purity" in frame:
+            cells.append(f"<td>{html.escape(str(row.top_category or '-'))}</td><td>{row.purity:.2f}</td>")
+        inputs = []
+        for r, label, value in zip(row.top_rows, row.top_labels, row.top_activations):
+            tip = html.escape(f"{label} ({value:.3g})", quote=True)
+            inputs.append(f"<span class='thumb i{r}' title='{tip}'></span>" if images
+                          else f"<span class='input' title='{value:.3g}'>{html.escape(label)}</span>")
+        cells.append(f"<td class='left'>{''.join(inputs)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join(out)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}
+table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #ddd;padding:3px 6px;text-align:right}
+td.left{text-align:left}.input{display:inline-block;background:#eef;border-radius:3px;margin:1px 2px;padding:0 4px}
+.thumb{display:inline-block;width:{size}px;height:{size}px;margin:1px;background-size:cover}
+img{max-width:100%}details{margin:1em 0}summary{font-size:1.15em;font-weight:600;cursor:pointer}"""
+
+
+def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: pd.DataFrame | None = None,
+             images: Any = None, max_latents: int = 40, thumbnail: int = 64, title: str = "SAE latents") -> str:
+    """The self-contained HTML page of `latent_table`'s table (base64 figures and thumbnails)."""
+    shown = {name: _order(frame).head(max_latents) for name, frame in table.groupby("feature_set", sort=False)}
+    css = STYLE.replace("{size}", str(thumbnail))
+    if images is not None:
+        css += "\n" + _thumbnail_css(images, {r for f in shown.values() for rows in f["top_rows"] for r in rows},
+                                     thumbnail)
+    parts = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if metrics is not None:
+        parts.append("<h2>Reconstruction</h2>" + metrics.to_html(index=False, border=0, float_format=lambda v: f"{v:.3g}"))
+    if history is not None and len(history):
+        parts.append(f"<h2>Training</h2><img src='data:image/png;base64,{_png(training_curves(history))}' alt='curves'>")
+    parts.append(f"<h2>Latents</h2><img src='data:image/png;base64,{_png(_frequency_histogram(table))}' "
+                 "alt='frequencies'><p>Per feature set, up to "
+                 f"{max_latents} live latents, ordered by |best r| with the norms, else by the purity of their top "
+                 "inputs, else by firing frequency. Hover an input for its activation.</p>")
+    header = "<tr><th>latent</th><th>frequency</th><th>mean act.</th>"
+    header += "<th>best attribute</th><th>r</th>" if "best_r" in table else ""
+    header += "<th>top category</th><th>purity</th>" if "purity" in table else ""
+    header += "<th class='left'>top-activating inputs</th></tr>"
+    for i, (name, frame) in enumerate(shown.items()):
+        n_live = int((table.loc[table["feature_set"] == name, "frequency"] > 0).sum())
+        parts.append(f"<details{' open' if i == 0 else ''}><summary>{html.escape(name)} ({n_live} live latents)"
+                     f"</summary><table>{header}{_latent_rows(frame, images is not None)}</table></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _manifest_prompts(features: Any) -> list[str] | None:
+    """The prompts of a `jaxprobe extract` folder (manifest.json), or of a FeatureStore entry."""
+    if not isinstance(features, (str, Path)):
+        return None
+    manifest = Path(features) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    meta = json.loads(manifest.read_text())
+    prompts = meta.get("prompts") or meta.get("description", {}).get("prompts")
+    return [str(p) for p in prompts] if prompts else None
+
+
+def _image_list(images: Any) -> Any:
+    """A folder of image files (sorted by name), a .npy array file, or what `sampling.load_images` takes."""
+    if isinstance(images, (str, Path)):
+        path = Path(images)
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r")
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+            if not files:
+                raise InputError(f"no image files (.png, .jpg, .webp, .bmp) in {path}")
+            return files
+        raise InputError(f"images: {path} is neither a folder of images nor a .npy array")
+    return images
+
+
+def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, images: Any = None,
+                 norms: Any = None, labels: Sequence[str] | None = None, concepts: Sequence[str | None] | None = None,
+                 categories: Sequence[str | None] | None = None, top_n: int = 8,
+                 sites: Sequence[str] | None = None, max_latents: int = 40) -> Path:
+    """latent_table -> out/latents.parquet (+ .csv) and out/sae_report.html. Returns the page's path.
+
+    saes: SAEs or the folder `train_saes` wrote. norms: a Norms or a `load_norms` name/path. labels:
+    default the prompts of a `jaxprobe extract` folder's manifest. images: (n, H, W, 3) array, n paths,
+    a folder of n image files or a .npy, one per input, shown as thumbnails."""
+    from jaxprobe.report import write_atomic
+
+    saes = load_saes(saes)
+    if isinstance(norms, (str, Path)):
+        from jaxprobe.norms import load_norms
+
+        norms = load_norms(norms)
+    labels = _manifest_prompts(features) if labels is None else labels
+    source = as_source(features, sites)
+    images = _image_list(images)
+    if images is not None and len(images) != source.n:
+        raise InputError(f"{len(images)} images for {source.n} inputs: give one image (or path) per feature row")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table, metrics = _latents(saes, source, labels=labels, concepts=concepts, norms=norms, categories=categories,
+                              top_n=top_n, sites=None)
+    write_atomic(out / f"{TABLE}.parquet", lambda p: table.to_parquet(p, index=False))
+    write_atomic(out / f"{TABLE}.csv", lambda p: table.to_csv(p, index=False))
+    page = sae_page(table, metrics, saes.history, images=images, max_latents=max_latents)
+    return write_atomic(out / PAGE, lambda p: p.write_text(page, encoding="utf-8"))
