@@ -18,7 +18,6 @@ import base64
 import dataclasses
 import html
 import json
-import tomllib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from jaxprobe.config import from_mapping, read_toml, toml_value
 from jaxprobe.errors import InputError
 
 EXAMPLE = Path(__file__).parent / "assets" / "directions" / "professions.toml"
@@ -123,11 +123,7 @@ class DirectionsConfig:
 
         Relative paths in prompt_files and images are taken relative to the file."""
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise InputError(f"cannot read config {path}: {err}") from err
-        data = dict(data.get("directions", data))
+        data = read_toml(path, "directions")
         here = path.resolve().parent
         if "prompt_files" in data:
             data["prompt_files"] = {k: str(here / v) for k, v in data["prompt_files"].items()}
@@ -137,12 +133,7 @@ class DirectionsConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "options") -> "DirectionsConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise InputError(f"{source}: unknown setting(s) {unknown}; known: {sorted(fields)}")
-        tuples = {name for name, f in fields.items() if str(f.type).startswith("tuple")}
-        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
+        return from_mapping(cls, data, source)
 
     @classmethod
     def example(cls, **overrides: Any) -> "DirectionsConfig":
@@ -150,8 +141,6 @@ class DirectionsConfig:
         return cls.from_toml(EXAMPLE, **overrides)
 
     def to_toml(self) -> str:
-        from jaxprobe.experiment import toml_value
-
         lines, tables = ["[directions]"], []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

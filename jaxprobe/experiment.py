@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxprobe.config import from_mapping, read_toml, toml_value
 from jaxprobe.errors import InputError
 
 DEFAULT_UNET_SITES = ("unet.down_blocks.*", "unet.mid_block", "unet.up_blocks.*", "latents", "pred_original_sample")
@@ -70,22 +70,12 @@ class ExperimentConfig:
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "ExperimentConfig":
         """Fields from a TOML file (top level or an [experiment] table), then `overrides` (None ignored)."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise InputError(f"cannot read config {path}: {err}") from err
-        data = data.get("experiment", data)
+        data = read_toml(path, "experiment")
         return cls.from_mapping({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "options") -> "ExperimentConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise InputError(f"{source}: unknown setting(s) {unknown}; known: {sorted(fields)}")
-        tuples = {name for name, f in fields.items() if str(f.type).startswith("tuple")}
-        return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
+        return from_mapping(cls, data, source)
 
     def to_toml(self) -> str:
         lines = ["[experiment]"]
@@ -102,16 +92,6 @@ class ExperimentConfig:
 # `jaxprobe run` with no config and the tiny model: the same pipeline, sized to finish in a few minutes
 # on 2 CPU cores (fewer steps, a smaller permutation null and bootstrap).
 EMBEDDED_DEFAULT = ExperimentConfig(num_inference_steps=10, n_permutations=20, n_bootstrap=100)
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass(frozen=True)
