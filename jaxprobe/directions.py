@@ -116,6 +116,9 @@ class DirectionsConfig:
                              "use spatial_reduce='mean' or whiten=false")
         if not 0 < self.level < 1 or self.n_bootstrap < 10:
             raise InputError("level must lie in (0, 1) and n_bootstrap be at least 10")
+        if not -self.num_inference_steps <= self.focus_step <= self.num_inference_steps:  # PNDM: steps + 1 entries
+            raise InputError(f"focus_step={self.focus_step} is outside the {self.num_inference_steps} steps; "
+                             "give a step index (0 = first, -1 = last)")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "DirectionsConfig":
@@ -650,7 +653,10 @@ def _series_colors(names: Sequence[str]) -> dict[str, Any]:
 
 def _focus(frame: pd.DataFrame, focus_step: int) -> int:
     steps = sorted(frame["step"].unique())
-    return int(steps[focus_step]) if -len(steps) <= focus_step < len(steps) else int(steps[-1])
+    if not -len(steps) <= focus_step < len(steps):
+        raise InputError(f"focus_step={focus_step} is outside the {len(steps)} captured steps; give 0..{len(steps) - 1} "
+                         "or a negative index from the end")
+    return int(steps[focus_step])
 
 
 def _association_steps(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
