@@ -1,0 +1,331 @@
+"""The Decoding Diffusion report: figures, a plain-language summary and one HTML page from the
+tables `jaxprobe.directions.build` and `score` wrote (so `jaxprobe directions report` needs no model)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from jaxprobe.errors import InputError
+
+# Shared with jaxprobe.directions: the saved files, and the labels of the neutral set and its family.
+DIRECTIONS, REPORT = "directions.npz", "report.html"
+NEUTRAL, BASELINE_FAMILY = "(neutral)", "(baseline)"
+PAPER = ("Zeng, Chen & Wong (2024). Decoding Diffusion: A Scalable Framework for Unsupervised Analysis of "
+         "Latent Space Biases and Representations Using Natural Language Prompts. arXiv:2410.21314")
+_METHODS = (
+    "Direction of a concept at step t: the mean h (the UNet mid_block output, spatially averaged) over the "
+    "concept's generations (prompts x seeds) minus the mean over the baseline, normalised to unit length; "
+    "with whitening, multiplied first by the inverse of the shrunk pooled within-concept covariance.",
+    "Association of a query q with the axis a vs b at step t: 2 (mu_q - (mu_a + mu_b)/2) . (mu_a - mu_b) / "
+    "|mu_a - mu_b|^2, i.e. where q's mean falls on the line from b's mean (-1) to a's mean (+1); 0 is midway. "
+    "It does not depend on the baseline and has the same scale in h-space and in CLIP text space (the text "
+    "encoder's features of the same prompts), so the two are compared directly. An attribute family of k > 2 "
+    "concepts gives one axis per member against the mean of the others.",
+    "Intervals: percentile bootstrap, resampling generations with replacement within every concept (queries "
+    "and attributes), the same samples for h-space and CLIP text space, so the difference has a paired "
+    "interval (with whitening, the covariance is held fixed across samples and intervals come out too "
+    "narrow). UNet effect: 'amplifies' / 'attenuates' when the interval of |h| - |CLIP| excludes 0, "
+    "'reverses' when both intervals exclude 0 with opposite signs.",
+    "Clusters: k-means (k-means++ seeding, restarts) on the generations' h at each step; each cluster is "
+    "labelled with the directions closest (cosine) to its centroid's offset from the mean of all generations.",
+)
+
+
+def _series_colors(names: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _focus(frame: pd.DataFrame, focus_step: int) -> int:
+    steps = sorted(frame["step"].unique())
+    if not -len(steps) <= focus_step < len(steps):
+        raise InputError(f"focus_step={focus_step} is outside the {len(steps)} captured steps; give 0..{len(steps) - 1} "
+                         "or a negative index from the end")
+    return int(steps[focus_step])
+
+
+def _association_steps(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    assoc = tables.get("associations")
+    if assoc is None or assoc.empty:
+        return None
+    site = meta["sites"][0]
+    assoc = assoc[assoc["site"] == site]
+    axes_names = list(dict.fromkeys(assoc["axis"]))
+    fig = Figure(figsize=(5.0 * len(axes_names), 3.8), layout="constrained")
+    for ax, name in zip(fig.subplots(1, len(axes_names), squeeze=False)[0], axes_names):
+        rows = assoc[assoc["axis"] == name]
+        colors = _series_colors(list(dict.fromkeys(rows["query"])))
+        for query, color in colors.items():
+            curve = rows[rows["query"] == query].sort_values("step")
+            ax.fill_between(curve["step"], curve["ci_low"], curve["ci_high"], color=color, alpha=0.12, linewidth=0)
+            ax.plot(curve["step"], curve["score"], "-o", markersize=3, color=color, label=query)
+            if "clip_score" in curve:
+                ax.axhline(curve["clip_score"].iloc[0], color=color, linestyle=":", linewidth=1)
+        ax.axhline(0, color="k", linewidth=0.5)
+        first, second = name.split(" vs ")
+        ax.set(xlabel="denoising step (0 = pure noise)", title=f"{name} (+1 = {first}, -1 = {second})",
+               ylabel="association")
+        ax.legend(fontsize=6, loc="best")
+    fig.suptitle(f"Association along the reverse diffusion at {site} (bands: {meta['level']:.0%} bootstrap; "
+                 "dotted: CLIP text space)", fontsize=9)
+    return fig
+
+
+def _association_ranked(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    assoc = tables.get("associations")
+    if assoc is None or assoc.empty:
+        return None
+    site = meta["sites"][0]
+    assoc = assoc[assoc["site"] == site]
+    step = _focus(assoc, meta["focus_step"])
+    assoc = assoc[assoc["step"] == step]
+    axes_names = list(dict.fromkeys(assoc["axis"]))
+    n_queries = assoc.groupby("axis").size().max()
+    fig = Figure(figsize=(4.6 * len(axes_names), 1.2 + 0.32 * n_queries), layout="constrained")
+    for ax, name in zip(fig.subplots(1, len(axes_names), squeeze=False)[0], axes_names):
+        rows = assoc[assoc["axis"] == name].sort_values("score")
+        y = np.arange(len(rows))
+        err = np.stack([rows["score"] - rows["ci_low"], rows["ci_high"] - rows["score"]]).clip(0)
+        colors = np.where(rows["ci_low"] > 0, "tab:blue", np.where(rows["ci_high"] < 0, "tab:orange", "0.65"))
+        ax.barh(y, rows["score"], xerr=err, color=colors, error_kw={"linewidth": 0.8}, label="h-space")
+        if "clip_score" in rows:
+            clip_err = np.stack([rows["clip_score"] - rows["clip_ci_low"], rows["clip_ci_high"] - rows["clip_score"]])
+            ax.errorbar(rows["clip_score"], y, xerr=clip_err.clip(0), fmt="D", color="k", markersize=4,
+                        linewidth=0.6, label="CLIP text space")
+        ax.axvline(0, color="k", linewidth=0.5)
+        ax.set_yticks(y, rows["query"], fontsize=7)
+        first, second = name.split(" vs ")
+        ax.set(xlabel=f"association (+1 = {first}, -1 = {second})", title=name)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Ranked associations at {site}, step {step} (bars: {meta['level']:.0%} bootstrap intervals; "
+                 "coloured when they exclude 0)", fontsize=9)
+    return fig
+
+
+def _hspace_vs_clip(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    assoc = tables.get("associations")
+    if assoc is None or assoc.empty or "clip_score" not in assoc:
+        return None
+    site = meta["sites"][0]
+    assoc = assoc[assoc["site"] == site]
+    step = _focus(assoc, meta["focus_step"])
+    assoc = assoc[assoc["step"] == step]
+    fig = Figure(figsize=(4.8, 4.2), layout="constrained")
+    ax = fig.subplots()
+    colors = _series_colors(list(assoc["axis"].unique()))
+    for name, rows in assoc.groupby("axis", sort=False):
+        color = colors[name]
+        ax.errorbar(rows["clip_score"], rows["score"], yerr=np.stack([rows["score"] - rows["ci_low"],
+                    rows["ci_high"] - rows["score"]]).clip(0), fmt="o", color=color, markersize=4, linewidth=0.6,
+                    label=name)
+        for row in rows.itertuples():
+            ax.annotate(row.query, (row.clip_score, row.score), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    lims = np.array([assoc[["clip_score", "score"]].min().min(), assoc[["clip_score", "score"]].max().max()])
+    ax.plot(lims, lims, "k--", linewidth=0.8, label="UNet adds nothing (y = x)")
+    ax.axhline(0, color="0.5", linewidth=0.4)
+    ax.axvline(0, color="0.5", linewidth=0.4)
+    ax.set(xlabel="association in CLIP text space", ylabel=f"association in h-space (step {step})",
+           title="Does the UNet add to what the text encoder carries?")
+    ax.legend(fontsize=6)
+    return fig
+
+
+def _projection_2d(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    gens = tables["generations"]
+    site = meta["sites"][0]
+    gens = gens[gens["site"] == site]
+    step = _focus(gens, meta["focus_step"])
+    gens = gens[gens["step"] == step]
+    axis_cols = [c for c in gens.columns if c.startswith("axis:")]
+    panels = (["axes"] if len(axis_cols) >= 2 else []) + ["pca"]
+    fig = Figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
+    colors = _series_colors(list(dict.fromkeys(gens["concept"])))
+    clusters = tables.get("clusters", pd.DataFrame())
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        x, y = (axis_cols[0], axis_cols[1]) if panel == "axes" else ("pc1", "pc2")
+        for concept, color in colors.items():
+            rows = gens[gens["concept"] == concept]
+            ax.scatter(rows[x], rows[y], s=12, color=color, label=concept, alpha=0.8)
+        if panel == "pca" and not clusters.empty:
+            here = clusters[(clusters["site"] == site) & (clusters["step"] == step)]
+            for row in here.itertuples():
+                members = gens[gens["cluster"] == row.cluster]
+                ax.annotate(f"C{row.cluster}: {row.nearest_direction}", (members["pc1"].mean(), members["pc2"].mean()),
+                            fontsize=7, ha="center", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.7})
+            ax.set(xlabel="PC 1", ylabel="PC 2", title="Principal components (clusters: nearest direction)")
+        else:
+            ax.axhline(0, color="0.5", linewidth=0.4)
+            ax.axvline(0, color="0.5", linewidth=0.4)
+            ax.set(xlabel=x.removeprefix("axis:"), ylabel=y.removeprefix("axis:"),
+                   title="Every generation on two attribute axes")
+    fig.axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"Generations in h-space at {site}, step {step}", fontsize=9)
+    return fig
+
+
+def _direction_stability(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    dirs = tables.get("directions")
+    if dirs is None or dirs["step"].nunique() < 2:
+        return None
+    site = meta["sites"][0]
+    dirs = dirs[(dirs["site"] == site) & (dirs["family"] != BASELINE_FAMILY)]
+    fig = Figure(figsize=(6.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for concept, color in _series_colors(list(dict.fromkeys(dirs["concept"]))).items():
+        curve = dirs[dirs["concept"] == concept].sort_values("step")
+        ax.plot(curve["step"], curve["cos_to_last_step"], "-", color=color, label=concept)
+    if "image_directions" in tables:
+        image = tables["image_directions"]
+        image = image[image["site"] == site]
+        for concept, curve in image.groupby("concept"):
+            ax.plot(curve["step"], curve["cos_image_caption"], "--", color="k", linewidth=0.8)
+    ax.set(xlabel="denoising step (0 = pure noise)", ylabel="cosine to the last step's direction",
+           title=f"When do the directions form? ({site})")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
+
+
+FIGURES: dict[str, tuple[Callable[[dict[str, pd.DataFrame], dict[str, Any]], Any], str]] = {
+    "association_steps": (_association_steps, "Association of every query with every attribute axis at each "
+                          "denoising step, with bootstrap bands; dotted lines: the same association in CLIP text "
+                          "space (no steps)."),
+    "association_ranked": (_association_ranked, "Queries ranked by association at the focus step, with bootstrap "
+                           "intervals; black diamonds: CLIP text space."),
+    "hspace_vs_clip": (_hspace_vs_clip, "h-space against CLIP text space, one point per query and axis: above "
+                       "the diagonal on the positive side (or below it on the negative side) the UNet amplifies "
+                       "the text encoder's association."),
+    "projection_2d": (_projection_2d, "Left: every generation's position on the first two attribute axes "
+                      "(-1/+1: the poles' means). Right: first two principal components, k-means clusters "
+                      "labelled with their nearest direction."),
+    "direction_stability": (_direction_stability, "Cosine between each concept's direction at a step and at the "
+                            "last step (dashed black, with images: cosine between image and caption directions)."),
+}
+
+
+def read_tables(out: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    out = Path(out)
+    needed = ["generations.parquet", "clusters.parquet", "directions.parquet", "metadata.json"]
+    missing = [f for f in needed if not (out / f).is_file()]
+    if missing:
+        raise InputError(f"{out} lacks {missing}: run `jaxprobe directions build` and `score` into it first")
+    tables = {p.stem: pd.read_parquet(p) for p in out.glob("*.parquet")}
+    return tables, json.loads((out / "metadata.json").read_text())
+
+
+def make_figures(out: str | Path, dpi: int = 110) -> dict[str, Path]:
+    """Every figure the tables under `out` allow, as out/figures/<name>.png (names: `FIGURES`)."""
+    from jaxprobe.report import write_atomic
+
+    tables, meta = read_tables(out)
+    folder = Path(out) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, (draw, _) in FIGURES.items():
+        fig = draw(tables, meta)
+        if fig is not None:
+            paths[name] = write_atomic(folder / f"{name}.png", lambda p, f=fig: f.savefig(p, format="png", dpi=dpi))
+    return paths
+
+
+def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str]:
+    """The findings in words, at the focus step of the first site."""
+    lines = []
+    if meta.get("random_weights"):
+        lines.append("This model has random weights (the bundled tiny model): any association here is noise from "
+                     "the sampling, and most intervals should include 0. Run a real checkpoint for findings.")
+    assoc = tables.get("associations")
+    if assoc is None or assoc.empty:
+        return lines + ["No associations were configured."]
+    site = meta["sites"][0]
+    assoc = assoc[assoc["site"] == site]
+    step = _focus(assoc, meta["focus_step"])
+    here = assoc[assoc["step"] == step]
+    clear = here[(here["ci_low"] > 0) | (here["ci_high"] < 0)]
+    lines.append(f"At {site}, step {step}: {len(clear)} of {len(here)} query x axis associations have a "
+                 f"{meta['level']:.0%} interval that excludes 0.")
+    for row in clear.reindex(clear["score"].abs().sort_values(ascending=False).index).head(5).itertuples():
+        pole = row.axis.split(" vs ")[0 if row.score > 0 else 1]
+        lines.append(f"{row.query} leans towards {pole} on {row.axis}: {row.score:+.2f} "
+                     f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]")
+    if "unet_effect" in here:
+        counts = here["unet_effect"].value_counts()
+        lines.append(f"The UNet against CLIP text space of the same prompts, over the {len(here)} associations: "
+                     + ", ".join(f"{effect} {n}" for effect, n in counts.items()) + ".")
+    return lines
+
+
+def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: int) -> list[str]:
+    from jaxprobe.report import table_html
+
+    site = meta["sites"][0]
+    parts = []
+    assoc = tables.get("associations")
+    if assoc is not None and not assoc.empty:
+        assoc = assoc[assoc["site"] == site]
+        step = _focus(assoc, meta["focus_step"])
+        here = assoc[assoc["step"] == step].sort_values(["axis", "rank"])
+        columns = [c for c in ("axis", "rank", "query", "score", "ci_low", "ci_high", "clip_score", "clip_ci_low",
+                               "clip_ci_high", "delta", "delta_ci_low", "delta_ci_high", "unet_effect") if c in here]
+        parts.append(table_html(here[columns], f"Associations at {site}, step {step}, ranked (associations.csv has "
+                                 "every site and step)"))
+    clusters = tables["clusters"]
+    here = clusters[clusters["site"] == site]
+    if not here.empty:
+        step = _focus(here, meta["focus_step"])
+        parts.append(table_html(here[here["step"] == step].drop(columns=["site"]).head(top),
+                                 f"k-means clusters at step {step} (clusters.csv has every step)"))
+    if "image_directions" in tables:
+        image = tables["image_directions"]
+        summary = image.groupby(["site", "concept"], as_index=False)["cos_image_caption"].agg(["mean", "max"])
+        parts.append(table_html(summary, "Image vs caption directions: cosine over the steps (image_directions.csv)"))
+    return parts
+
+
+def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
+    """Figures and out/report.html (figures embedded, summary, ranked tables, settings, methods) from the
+    tables `build` and `score` wrote under `out`. Returns the report's path."""
+    from jaxprobe.report import STYLE, write_atomic
+
+    out = Path(out)
+    figures = make_figures(out, dpi)
+    tables, meta = read_tables(out)
+    summary = summarize(tables, meta)
+    notice = summary.pop(0) if meta.get("random_weights") else None
+    images = [f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode("ascii")}" '
+              f'alt="{name}"><figcaption>{html.escape(FIGURES[name][1])}</figcaption></figure>'
+              for name, p in figures.items()]
+    settings = "".join(f"<tr><th>{html.escape(str(k))}</th><td class='left'>{html.escape(str(v))}</td></tr>"
+                       for k, v in meta.items())
+    title = f"jaxprobe: directions in h-space of {meta.get('model', 'the pipeline')}"
+    parts = [
+        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        f"<p class='notice'><strong>Random weights.</strong> {html.escape(notice)}</p>" if notice else "",
+        "<h2>What the numbers show</h2><ul>", *(f"<li>{html.escape(line)}</li>" for line in summary), "</ul>",
+        "<h2>Figures</h2>", *images, "<h2>Tables</h2>", *_focus_tables(tables, meta, top),
+        f"<h2>Run settings</h2><table>{settings}</table>",
+        "<h2>Methods</h2>", *(f"<p class='small'>{html.escape(m)}</p>" for m in _METHODS),
+        f"<h2>Citation</h2><ul><li>Method reproduced: {html.escape(PAPER)}</li></ul></body></html>",
+    ]
+    page = "\n".join(p for p in parts if p)
+    return write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
