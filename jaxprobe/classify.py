@@ -382,7 +382,7 @@ def _config_record(config: ClassifyConfig) -> dict[str, Any]:
 def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDataset) -> dict[str, Path]:
     """accuracy.parquet, accuracy.csv, accuracy.png, config.json and report.html under config.out,
     each written to a temporary name and renamed."""
-    from jaxprobe.report import STYLE, table_html, write_atomic
+    from jaxprobe.report import STYLE, figure_html, settings_html, table_html, write_atomic
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,11 +392,6 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
     files["figure"] = write_atomic(out / FIGURE, lambda p: fig.savefig(p, format="png", dpi=110))
     record = _config_record(config)
     files["config"] = write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(record, indent=2)))
-    import base64
-
-    image = base64.b64encode(files["figure"].read_bytes()).decode("ascii")
-    settings = "".join(f"<tr><th>{html.escape(k)}</th><td class='left'>{html.escape(str(v))}</td></tr>"
-                       for k, v in record.items())
     page = "\n".join([
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>jaxprobe classify</title>"
         f"<style>{STYLE}</style></head><body>",
@@ -404,9 +399,9 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
         f"<p>{len(dataset)} images, {len(dataset.classes)} classes ({html.escape(', '.join(dataset.classes[:20]))}"
         f"{', ...' if len(dataset.classes) > 20 else ''}); {len(dataset.train_index)} train, "
         f"{len(dataset.test_index)} test. Model: {html.escape(config.model)}.</p>",
-        f'<figure><img src="data:image/png;base64,{image}" alt="accuracy"></figure>',
+        figure_html(files["figure"].read_bytes(), "accuracy"),
         table_html(table, "Test accuracy per site, timestep and classifier (95% Wilson score intervals)"),
-        "<h2>Run settings</h2><table>", settings, "</table>",
+        "<h2>Run settings</h2>", settings_html(record),
         "<p class='small'>Method: Kim, Thomas &amp; Ghadiyaram, Revelio (ICCV 2025): VAE-encode, noise to t, one "
         "UNet step; a linear probe on mean-pooled features and a small conv head on the feature maps.</p>",
         "</body></html>"])

@@ -3,7 +3,6 @@ tables `jaxprobe.directions.build` and `score` wrote (so `jaxprobe directions re
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from collections.abc import Callable, Sequence
@@ -304,18 +303,14 @@ def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: in
 def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     """Figures and out/report.html (figures embedded, summary, ranked tables, settings, methods) from the
     tables `build` and `score` wrote under `out`. Returns the report's path."""
-    from jaxprobe.report import STYLE, write_atomic
+    from jaxprobe.report import STYLE, figure_html, settings_html, write_atomic
 
     out = Path(out)
     figures = make_figures(out, dpi)
     tables, meta = read_tables(out)
     summary = summarize(tables, meta)
     notice = summary.pop(0) if meta.get("random_weights") else None
-    images = [f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode("ascii")}" '
-              f'alt="{name}"><figcaption>{html.escape(FIGURES[name][1])}</figcaption></figure>'
-              for name, p in figures.items()]
-    settings = "".join(f"<tr><th>{html.escape(str(k))}</th><td class='left'>{html.escape(str(v))}</td></tr>"
-                       for k, v in meta.items())
+    images = [figure_html(p.read_bytes(), name, FIGURES[name][1]) for name, p in figures.items()]
     title = f"jaxprobe: directions in h-space of {meta.get('model', 'the pipeline')}"
     parts = [
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -323,7 +318,7 @@ def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
         f"<p class='notice'><strong>Random weights.</strong> {html.escape(notice)}</p>" if notice else "",
         "<h2>What the numbers show</h2><ul>", *(f"<li>{html.escape(line)}</li>" for line in summary), "</ul>",
         "<h2>Figures</h2>", *images, "<h2>Tables</h2>", *_focus_tables(tables, meta, top),
-        f"<h2>Run settings</h2><table>{settings}</table>",
+        "<h2>Run settings</h2>", settings_html(meta),
         "<h2>Methods</h2>", *(f"<p class='small'>{html.escape(m)}</p>" for m in _METHODS),
         f"<h2>Citation</h2><ul><li>Method reproduced: {html.escape(PAPER)}</li></ul></body></html>",
     ]

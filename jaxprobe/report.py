@@ -16,7 +16,7 @@ import dataclasses
 import html
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -414,10 +414,18 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
-def _settings_html(results: ExperimentResults) -> str:
+def settings_html(settings: Mapping[str, Any]) -> str:
+    """A two-column table of run settings for a report page."""
     rows = (f"<tr><th>{html.escape(str(k))}</th><td class='left'>{html.escape(_value_text(v))}</td></tr>"
-            for k, v in results.metadata.items() if k != "citation")
+            for k, v in settings.items())
     return "<table>" + "\n".join(rows) + "</table>"
+
+
+def figure_html(png: bytes, alt: str, caption: str = "") -> str:
+    """A PNG embedded in a self-contained page (base64), with an optional caption."""
+    data = base64.b64encode(png).decode("ascii")
+    caption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">{caption}</figure>'
 
 
 def _citations(results: ExperimentResults) -> list[str]:
@@ -429,12 +437,7 @@ def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportCo
     title = f"jaxprobe: semantic attributes in {results.metadata.get('model', 'the pipeline')}"
     summary = summarize(results, config.level, config.focus_site)
     random = summary[0] if results.random_weights else None  # summarize puts the warning first
-    images = []
-    for name, path in figures.items():
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        caption = html.escape(FIGURES[name][1])
-        images.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
-                      f"<figcaption>{caption}</figcaption></figure>")
+    images = [figure_html(path.read_bytes(), name, FIGURES[name][1]) for name, path in figures.items()]
     dropped = results.dropped
     parts = [
         f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -446,7 +449,7 @@ def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportCo
         "</ul>",
         "<h2>Figures</h2>", *images,
         "<h2>Tables</h2>", *_result_tables(results, config),
-        "<h2>Run settings</h2>", _settings_html(results),
+        "<h2>Run settings</h2>", settings_html({k: v for k, v in results.metadata.items() if k != "citation"}),
         f"<h2>Concepts left out ({len(dropped)})</h2>",
         table_html(dropped.head(config.top_rows), f"First {config.top_rows} (dropped.csv has all)",
                     empty="None: every concept of the norms was probed."),

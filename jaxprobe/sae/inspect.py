@@ -141,10 +141,10 @@ def _purity(categories: list[str | None]) -> tuple[str | None, float]:
 # --- the page ------------------------------------------------------------------------------------------
 
 
-def _png(figure: Figure) -> str:
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
 def _frequency_histogram(table: pd.DataFrame) -> Figure:
@@ -217,6 +217,8 @@ img{max-width:100%}details{margin:1em 0}summary{font-size:1.15em;font-weight:600
 def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: pd.DataFrame | None = None,
              images: Any = None, max_latents: int = 40, thumbnail: int = 64, title: str = "SAE latents") -> str:
     """The self-contained HTML page of `latent_table`'s table (base64 figures and thumbnails)."""
+    from jaxprobe.report import figure_html
+
     shown = {name: _order(frame).head(max_latents) for name, frame in table.groupby("feature_set", sort=False)}
     css = STYLE.replace("{size}", str(thumbnail))
     if images is not None:
@@ -227,9 +229,8 @@ def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: 
     if metrics is not None:
         parts.append("<h2>Reconstruction</h2>" + metrics.to_html(index=False, border=0, float_format=lambda v: f"{v:.3g}"))
     if history is not None and len(history):
-        parts.append(f"<h2>Training</h2><img src='data:image/png;base64,{_png(training_curves(history))}' alt='curves'>")
-    parts.append(f"<h2>Latents</h2><img src='data:image/png;base64,{_png(_frequency_histogram(table))}' "
-                 "alt='frequencies'><p>Per feature set, up to "
+        parts.append("<h2>Training</h2>" + figure_html(_png(training_curves(history)), "curves"))
+    parts.append("<h2>Latents</h2>" + figure_html(_png(_frequency_histogram(table)), "frequencies") + "<p>Per feature set, up to "
                  f"{max_latents} live latents, ordered by |best r| with the norms, else by the purity of their top "
                  "inputs, else by firing frequency. Hover an input for its activation.</p>")
     header = "<tr><th>latent</th><th>frequency</th><th>mean act.</th>"
