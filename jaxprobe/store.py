@@ -247,23 +247,24 @@ class FeatureStore:
         return sorted(p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
 
     @staticmethod
-    def _manifest(root: Path) -> dict[str, Any] | None:
+    def _read_entry(root: Path) -> FeatureEntry | None:
+        """The entry whose manifest is under `root`, or None when the manifest is missing or unreadable."""
         try:
-            return json.loads((root / "manifest.json").read_text())
-        except (OSError, ValueError):
+            manifest = json.loads((root / "manifest.json").read_text())
+            return FeatureEntry(root, manifest["description"], manifest["n_prompts"], manifest["chunk_size"])
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def list(self) -> list[EntrySummary]:
         """Every readable entry, most recently used first."""
         out = []
         for root in self._entry_dirs():
-            manifest = self._manifest(root)
-            if manifest is None:
+            entry = self._read_entry(root)
+            if entry is None:
                 continue
-            entry = FeatureEntry(root, manifest["description"], manifest["n_prompts"], manifest["chunk_size"])
             present = [p for p in entry.chunk_slices()
                        if entry.chunk_path(p).is_file() and entry.chunk_path(p).with_suffix(CHECK_SUFFIX).is_file()]
-            description = manifest["description"]
+            description = entry.description
             out.append(EntrySummary(
                 key=root.name, kind=str(description.get("kind", "?")), n_prompts=entry.n_prompts,
                 chunks_total=len(entry.chunk_slices()), chunks_present=len(present),
@@ -275,11 +276,10 @@ class FeatureStore:
         """Read every chunk and check it against its checksum."""
         ok, damaged, stray, broken = [], [], [], []
         for root in self._entry_dirs():
-            manifest = self._manifest(root)
-            if manifest is None:
+            entry = self._read_entry(root)
+            if entry is None:
                 broken.append(root)
                 continue
-            entry = FeatureEntry(root, manifest["description"], manifest["n_prompts"], manifest["chunk_size"])
             expected = {entry.chunk_path(p) for p in entry.chunk_slices()}
             for path in sorted(entry.chunk_dir.glob("*")) if entry.chunk_dir.is_dir() else []:
                 if path.name.endswith(TEMP_SUFFIX):
