@@ -4,7 +4,6 @@ limits ridge must reach (alpha -> 0: least squares; alpha -> infinity: the train
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,8 +15,8 @@ from sklearn.model_selection import KFold
 import jaxprobe
 from jaxprobe.probes import RidgeCV
 
-BINDER = Path(jaxprobe.__file__).parent / "norms/data/binder2016/WordSet1_Ratings.xlsx"
-CONCRETE = ["artifact", "living object", "natural object"]
+from binder_sheet import concrete_rows
+
 ALPHAS = np.logspace(-3, 5, 17)
 KFOLD_ALPHAS = ALPHAS[::2]  # scikit-learn refits once per alpha and fold: keep its share small
 
@@ -25,11 +24,7 @@ KFOLD_ALPHAS = ALPHAS[::2]  # scikit-learn refits once per alpha and fold: keep 
 @pytest.fixture(scope="module")
 def binder() -> pd.DataFrame:
     """Concrete nouns x 65 attribute ratings (columns F..BR of the sheet)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # openpyxl: unknown extension in the sheet
-        sheet = pd.read_excel(BINDER)
-    concrete = sheet[sheet["Super Category"].isin(CONCRETE)].set_index("Word")
-    ratings = concrete.iloc[:, 4:69].replace("na", np.nan).astype(float)
+    _, ratings = concrete_rows()
     assert ratings.shape == (275, 65) and ratings.columns[-1] == "Arousal"
     return ratings
 

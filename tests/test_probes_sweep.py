@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,24 +16,19 @@ from hypothesis import given, settings, strategies as st
 from sklearn.linear_model import RidgeCV as SkRidgeCV
 from sklearn.preprocessing import StandardScaler
 
-import jaxprobe
 from jaxprobe.probes import cross_validate_ridge, metrics, nested_plan, stats
 from jaxprobe.probes.folds import FoldPlan
 from jaxprobe.probes.sweep import aggregate, probe_sweep, run_probe_files
 
-BINDER = Path(jaxprobe.__file__).parent / "norms/data/binder2016/WordSet1_Ratings.xlsx"
-CONCRETE = ["artifact", "living object", "natural object"]
+from binder_sheet import concrete_rows
+
 ALPHAS = np.logspace(-2, 5, 8)
 
 
 @pytest.fixture(scope="module")
 def binder() -> pd.DataFrame:
     """Concrete nouns: 65 attribute ratings plus their category (for group-aware folds)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # openpyxl: unknown extension in the sheet
-        sheet = pd.read_excel(BINDER)
-    concrete = sheet[sheet["Super Category"].isin(CONCRETE)].set_index("Word")
-    ratings = concrete.iloc[:, 4:69].replace("na", np.nan).astype(float)
+    concrete, ratings = concrete_rows()
     ratings["category"] = concrete["Category"]
     return ratings
 
