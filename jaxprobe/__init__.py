@@ -3,22 +3,36 @@
     pipe = jaxprobe.load("tiny")                      # or a diffusers folder / HF-cache model id
     feats = pipe.capture(prompts, sites=["text_encoder.*", "unet.mid_block"], reduce="mean")
     table = jaxprobe.probe_sweep(feats, norms.to_frame())
+
+Importing jaxprobe loads no JAX: each public name is imported from its layer on first use.
 """
 
 from jaxprobe.errors import CheckpointError, InputError, JaxprobeError, SiteError
-from jaxprobe.loading import load
-from jaxprobe.pipeline import Component, Pipeline
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Pipeline", "Component", "JaxprobeError", "CheckpointError", "InputError", "SiteError",
-           "__version__"]
+_LAZY = {
+    "load": "jaxprobe.pipeline.load",
+    "Pipeline": "jaxprobe.pipeline.pipeline",
+    "Captures": "jaxprobe.features.captures",
+    "Component": "jaxprobe.checkpoints.component",
+    "RidgeCV": "jaxprobe.probes",
+    "probe_sweep": "jaxprobe.probes",
+}
+
+__all__ = ["load", "Pipeline", "Captures", "Component", "RidgeCV", "probe_sweep", "JaxprobeError",
+           "CheckpointError", "InputError", "SiteError", "__version__"]
 
 
 def __getattr__(name: str):
-    # The probe engine pulls in optax and pandas; import it only when asked for.
-    if name in ("RidgeCV", "probe_sweep"):
-        from jaxprobe import probes
+    if name in _LAZY:
+        import importlib
 
-        return getattr(probes, name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'jaxprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

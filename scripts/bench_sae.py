@@ -39,7 +39,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from jaxprobe.sae.model import SAEConfig, init_stack, make_train_step  # noqa: E402
 

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprobe import schedulers
+from jaxprobe.models import schedulers
 from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
-from jaxprobe.sampling import CapturePlan, sample_program, unet_block_sites
-from jaxprobe.tiny import SD15_SCHEDULER, random_params
+from jaxprobe.pipeline.sampling import CapturePlan, sample_program, unet_block_sites
+from jaxprobe.checkpoints.random import SD15_SCHEDULER, random_params
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 SMALL_UNET = dict(sample_size=16, cross_attention_dim=64, block_out_channels=(32, 64), layers_per_block=1,
@@ -94,7 +94,7 @@ def main() -> None:
     schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_dict(SD15_SCHEDULER), args.steps)
     evals = len(schedule.timesteps)
 
-    from jaxprobe.capture import flatten_intermediates
+    from jaxprobe.pipeline.sites import flatten_intermediates
 
     names = jax.eval_shape(lambda: module.apply({"params": params}, jnp.zeros((1, latent, latent, 4)), 0.0,
                                                 jnp.zeros((1, 77, width)), mutable=["intermediates"])[1]["intermediates"])

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
-from jaxprobe.pipeline import _text_program, run_batched
-from jaxprobe.tiny import random_params
+from jaxprobe.pipeline.pipeline import _text_program
+from jaxprobe.runtime.batching import run_batched
+from jaxprobe.checkpoints.random import random_params
 
 
 def token_ids(n: int, vocab: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

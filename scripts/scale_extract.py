@@ -1,7 +1,7 @@
 """How extraction time and memory grow with prompts, denoising steps and captured sites.
 
 One factor at a time around a base point, each timed on a warm (compiled) program; writes the rows,
-the fitted ms per prompt-evaluation (the cost model's extraction rate, `jaxprobe.costs.Rates`), a
+the fitted ms per prompt-evaluation (the cost model's extraction rate, `jaxprobe.probes.costs.Rates`), a
 figure and a JSON file.
 
     python scripts/scale_extract.py --model sd15-random --dtype bfloat16 --batch 16 --out scale/gpu   # GPU
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 import jaxprobe
-from jaxprobe.sampling import sampling_timesteps
+from jaxprobe.pipeline.sampling import sampling_timesteps
 
 SITE_SETS = {"mid_block": ["unet.mid_block"],
              "blocks": ["unet.down_blocks.*", "unet.mid_block", "unet.up_blocks.*"],

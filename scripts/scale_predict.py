@@ -1,4 +1,4 @@
-"""Predict a full real-SD sweep from measured rates (`jaxprobe.costs`).
+"""Predict a full real-SD sweep from measured rates (`jaxprobe.probes.costs`).
 
 The sweep: THINGS' 1,854 concepts x 4 templates x 50 steps (PNDM: 51 UNet evaluations) x every SD 1.5
 block output (spatial mean) and every text layer, probed against 66 THINGS dimensions with 5x5 nested
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxprobe.costs import Rates, Sweep, predict, probe_ms_per_set
+from jaxprobe.probes.costs import Rates, Sweep, predict, probe_ms_per_set
 
 THINGS_SWEEP = Sweep(n_concepts=1854, n_templates=4, steps=50, n_targets=66, n_permutations=100)
 # BENCHMARKS.md, peers on the H100: diffusers UNet fp16 eager, batch 16 with CFG, 53.8 ms per step;

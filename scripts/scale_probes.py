@@ -2,7 +2,7 @@
 
 Synthetic features and targets (time does not depend on their values); one factor at a time around
 a base point, each timed after a warm-up. Fits the cost model's probe coefficients
-(`jaxprobe.costs.Rates`: time per set = overhead + a x decomposition flops + b x prediction flops)
+(`jaxprobe.probes.costs.Rates`: time per set = overhead + a x decomposition flops + b x prediction flops)
 by least squares and writes rows, fit, figure and JSON.
 
     python scripts/scale_probes.py --out scale/gpu           # on the GPU

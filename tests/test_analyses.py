@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxprobe.analyses import decoding, disentanglement, groups, summary
-from jaxprobe.analyses.summary import ExperimentResults, summarize
+from jaxprobe.studies.norms_probing import decoding, disentanglement, groups, summary
+from jaxprobe.studies.norms_probing.summary import ExperimentResults, summarize
 from jaxprobe.errors import InputError
 from jaxprobe.probes.stats import fdr_bh
 

@@ -13,12 +13,18 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 import jaxprobe
-from jaxprobe import sampling
-from jaxprobe.classify import (ClassifyConfig, ConvHeadConfig, image_features, run_classification, train_conv_head,
-                               wilson_interval)
+from jaxprobe.pipeline import sampling
+from jaxprobe.studies.revelio.classify import (
+    ClassifyConfig,
+    ConvHeadConfig,
+    run_classification,
+    train_conv_head,
+    wilson_interval,
+)
+from jaxprobe.features.extract import image_features
 from jaxprobe.cli import app
 from jaxprobe.errors import InputError
-from jaxprobe.images import load_image_folder
+from jaxprobe.pipeline.images import load_image_folder
 
 SHAPES = {"red_circle": ((220, 40, 40), "circle"), "green_square": ((40, 200, 60), "square"),
           "blue_triangle": ((50, 70, 230), "triangle")}

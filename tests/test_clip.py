@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 import jaxprobe  # noqa: E402
 from jaxprobe.errors import CheckpointError, InputError, SiteError  # noqa: E402
-from jaxprobe.tokenizer import PromptTokenizer  # noqa: E402
-from jaxprobe.tiny import TOKENIZER_DIR  # noqa: E402
+from jaxprobe.checkpoints.tokenizer import PromptTokenizer  # noqa: E402
+from jaxprobe.checkpoints.random import TOKENIZER_DIR  # noqa: E402
 
 PROMPTS = ["a photo of a airplane", "a photo of a zebra", "a drawing of a banana and a knife", "x"]
 
@@ -121,7 +121,7 @@ def test_vision_tower_matches_transformers(vision_checkpoint):
     rng = np.random.default_rng(0)
     pixels = rng.normal(size=(3, 32, 32, 3)).astype(np.float32)  # already-normalised CLIP pixels
     import jax.numpy as jnp
-    from jaxprobe.capture import flatten_intermediates
+    from jaxprobe.pipeline.sites import flatten_intermediates
 
     comp = pipe.image_encoder
     out, state = comp.module.apply({"params": comp.params}, jnp.asarray(pixels), mutable=["intermediates"])

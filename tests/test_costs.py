@@ -1,6 +1,6 @@
 """The cost model's arithmetic: exact storage, linear time, perfect data parallelism."""
 
-from jaxprobe.costs import Rates, Sweep, predict
+from jaxprobe.probes.costs import Rates, Sweep, predict
 
 
 def test_things_sweep_storage_and_scaling():

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from jaxprobe import directions
-from jaxprobe.analyses import directions as maths
+from jaxprobe.studies.decoding_diffusion import directions
+from jaxprobe.studies.decoding_diffusion import maths
 from jaxprobe.cli import app
 from jaxprobe.errors import InputError
 from jaxprobe.probes.stats import percentile_interval
@@ -241,12 +241,12 @@ def test_report_and_resume_from_the_feature_cache(study, monkeypatch):
     assert page.count("data:image/png;base64") >= 4 and "Random weights" in page and "CLIP text space" in page
     assert json.loads((out / "metadata.json").read_text())["axes"] == ["man vs woman"]
 
-    import jaxprobe.pipeline
+    import jaxprobe.pipeline.pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("features were recomputed although cached")
 
-    monkeypatch.setattr(jaxprobe.pipeline.Pipeline, "capture", refuse)
+    monkeypatch.setattr(jaxprobe.Pipeline, "capture", refuse)
     directions.score(dataclasses.replace(config, n_bootstrap=20), pipe=pipe, log=lambda _: None)
     result = CliRunner().invoke(app, ["directions", "score", str(root / "study.toml"), "--out", str(root / "none")])
     assert result.exit_code == 2 and "directions build" in result.output

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jaxprobe.experiment import ExperimentConfig, run_experiment
-from jaxprobe.store import FeatureStore
+from jaxprobe.studies.norms_probing.experiment import ExperimentConfig, run_experiment
+from jaxprobe.features.store import FeatureStore
 
 CONFIG = """[experiment]
 model = "tiny"

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from jaxprobe.cli import app
 from jaxprobe.errors import InputError
-from jaxprobe.experiment import ExperimentConfig, build_prompts, concept_features, run_experiment
+from jaxprobe.studies.norms_probing.experiment import ExperimentConfig, concept_features, run_experiment
+from jaxprobe.features.extract import build_prompts
 
 SMALL = dict(max_concepts=24, num_inference_steps=3, n_permutations=3, n_bootstrap=10, outer_cv=3, inner_cv=3,
              unet_sites=("unet.mid_block", "latents"), templates=("a photo of a {concept}", "a drawing of a {concept}"))
@@ -45,12 +46,12 @@ def test_run_writes_tables_figures_and_a_report(finished):
 
 def test_resume_reuses_every_finished_feature(finished, monkeypatch):
     config, _ = finished
-    import jaxprobe.pipeline
+    import jaxprobe.pipeline.pipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("features were recomputed although cached")
 
-    monkeypatch.setattr(jaxprobe.pipeline.Pipeline, "capture", refuse)
+    monkeypatch.setattr(jaxprobe.Pipeline, "capture", refuse)
     run_experiment(dataclasses.replace(config, n_permutations=0, n_bootstrap=0), progress=False, log=lambda _: None)
     with pytest.raises(AssertionError, match="recomputed"):
         run_experiment(dataclasses.replace(config, force=True), progress=False, log=lambda _: None)

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 import jaxprobe
 from jaxprobe.cli import app
 from jaxprobe.errors import JaxprobeError, StoreError
-from jaxprobe.experiment import cached_capture
-from jaxprobe.pipeline import run_batched
-from jaxprobe.store import CHECK_SUFFIX, FeatureStore
+from jaxprobe.features.extract import cached_capture
+from jaxprobe.runtime.batching import run_batched
+from jaxprobe.features.store import CHECK_SUFFIX, FeatureStore
 
 PROMPTS = [f"a photo of a {c}" for c in ("cat", "dog", "car", "cup", "hat", "pen", "box", "owl", "fig", "jar")]
 SITES = ["text_encoder.text_model.encoder.layers.3", "unet.mid_block", "latents"]
@@ -119,7 +119,7 @@ def test_a_full_disk_leaves_nothing_half_written_and_finished_chunks_intact(tmp_
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr("jaxprobe.store.os.fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    monkeypatch.setattr("jaxprobe.runtime.files.os.fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
     store.entry({"k": 1}, 6, chunk_size=2)
     writes["n"] = 0  # the manifest is written: count chunk files only
     with pytest.raises(StoreError, match="no space left.*free disk space"):

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import jaxprobe  # noqa: E402
 from jaxprobe.errors import CheckpointError, InputError, SiteError  # noqa: E402
-from jaxprobe.tiny import SD15_SCHEDULER, TOKENIZER_DIR  # noqa: E402
+from jaxprobe.checkpoints.random import SD15_SCHEDULER, TOKENIZER_DIR  # noqa: E402
+from jaxprobe.pipeline.sampling import sampling_timesteps  # noqa: E402
 
 from sd_reference import CROSS_ATTENTION_DIM, PREDICTION_TYPE, make_unet, make_vae, nchw, run_with_hooks  # noqa: E402
 
@@ -91,7 +92,7 @@ def test_capture_shapes_reductions_and_branches(sd):
     kw = dict(num_inference_steps=4, latents=_noise(pipe, 2))
     sites = ["text_encoder.*", "unet.down_blocks.*", "unet.mid_block", "latents", "pred_original_sample"]
     feats = pipe.capture(PROMPTS[:2], sites, reduce={"text_encoder.*": "eos", "*": "mean"}, **kw)
-    n_evals = len(jaxprobe.sampling.sampling_timesteps(pipe, 4))
+    n_evals = len(sampling_timesteps(pipe, 4))
     assert n_evals == 5  # PNDM evaluates its warm-up step twice
     width = pipe.unet.config.block_out_channels[-1]
     assert feats["unet.mid_block"].shape == (2, n_evals, width)

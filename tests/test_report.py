@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from test_analyses import synthetic_run
 
-from jaxprobe import report
-from jaxprobe.analyses.summary import ExperimentResults, summarize
+from jaxprobe.studies.norms_probing import report
+from jaxprobe.studies.norms_probing.summary import ExperimentResults, summarize
 from jaxprobe.errors import InputError
 
 FAST = report.ReportConfig(dpi=30, top_rows=5)

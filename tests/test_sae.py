@@ -15,7 +15,7 @@ from jaxprobe.sae import SAEConfig, inspect_saes, latent_table, load_saes, train
 from jaxprobe.sae.model import (dense_code, init_stack, loss_fn, make_train_step, pre_activations, remove_parallel,
                                 top_k)
 from jaxprobe.sae.train import ArraySource
-from jaxprobe.store import FeatureStore
+from jaxprobe.features.store import FeatureStore
 
 N, D, ATOMS, ACTIVE = 4096, 24, 48, 3
 

@@ -19,9 +19,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from jaxprobe import schedulers  # noqa: E402
+from jaxprobe.models import schedulers  # noqa: E402
 from jaxprobe.errors import CheckpointError, InputError  # noqa: E402
-from jaxprobe.schedulers import SchedulerConfig  # noqa: E402
+from jaxprobe.models.schedulers import SchedulerConfig  # noqa: E402
 
 DIFFUSERS = {kind: getattr(diffusers, name) for kind, name in schedulers.DIFFUSERS_CLASSES.items()}
 

@@ -7,7 +7,7 @@ import pytest
 
 import jaxprobe
 from jaxprobe.errors import InputError
-from jaxprobe.store import FeatureStore, content_hash
+from jaxprobe.features.store import FeatureStore, content_hash
 
 
 def _extractor(calls: list):

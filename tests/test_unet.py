@@ -13,10 +13,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import sd_reference  # noqa: E402
-from jaxprobe.capture import flatten_intermediates  # noqa: E402
+from jaxprobe.pipeline.sites import flatten_intermediates  # noqa: E402
 from jaxprobe.errors import CheckpointError  # noqa: E402
-from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig, load_unet  # noqa: E402
-from jaxprobe.weights import torch_key  # noqa: E402
+from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from jaxprobe.checkpoints.diffusers import load_unet  # noqa: E402
+from jaxprobe.checkpoints.weights import torch_key  # noqa: E402
 
 # Options SD 1.x/2.x leave at their defaults, changed at once: only_cross_attention, per-block
 # layer and transformer-layer counts, time embedding options, asymmetric downsample padding, 1x1

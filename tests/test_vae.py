@@ -13,10 +13,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import sd_reference  # noqa: E402
-from jaxprobe.capture import flatten_intermediates  # noqa: E402
+from jaxprobe.pipeline.sites import flatten_intermediates  # noqa: E402
 from jaxprobe.errors import CheckpointError  # noqa: E402
-from jaxprobe.models.vae import AutoencoderKL, VAEConfig, load_vae, vae_state_dict_to_params  # noqa: E402
-from jaxprobe.weights import torch_key  # noqa: E402
+from jaxprobe.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from jaxprobe.checkpoints.diffusers import load_vae, vae_state_dict_to_params  # noqa: E402
+from jaxprobe.checkpoints.weights import torch_key  # noqa: E402
 
 ATOL = RTOL = 1e-4
 

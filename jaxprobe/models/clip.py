@@ -2,7 +2,7 @@
 
 Parameter paths equal the PyTorch keys of ordinary CLIP checkpoints (`text_model.encoder.layers.3.
 self_attn.q_proj`, `vision_model.embeddings.class_embedding`, `text_projection`), so weights load by
-`jaxprobe.weights.convert_state_dict`. Every layer sows its output into the `intermediates`
+`jaxprobe.checkpoints.weights.convert_state_dict`. Every layer sows its output into the `intermediates`
 collection; a site's name is its module path.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.layers import ACTIVATIONS, SownDense, SownLayerNorm, multi_head_attention
 
-# Sites a wildcard reaches without naming a deeper path (see jaxprobe.capture).
+# Sites a wildcard reaches without naming a deeper path (see jaxprobe.pipeline.sites).
 BLOCK_SITES = (
     r"(text|vision)_model\.(embeddings|pre_layrnorm|encoder\.layers\.\d+|final_layer_norm|post_layernorm)",
     r"text_projection", r"visual_projection",

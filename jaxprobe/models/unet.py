@@ -12,13 +12,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.blocks import (
@@ -26,12 +24,9 @@ from jaxprobe.models.blocks import (
     TransformerSpec, UpBlock2D, group_norm, timestep_embedding,
 )
 from jaxprobe.models.layers import ACTIVATIONS
-from jaxprobe.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
 
-if TYPE_CHECKING:
-    from jaxprobe.pipeline import Component
 
-# Sites a wildcard reaches without naming a deeper path (see jaxprobe.capture).
+# Sites a wildcard reaches without naming a deeper path (see jaxprobe.pipeline.sites).
 BLOCK_SITES = (r"down_blocks\.\d+", r"mid_block", r"up_blocks\.\d+")
 
 _CROSS_DOWN, _CROSS_UP, _CROSS_MID = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UNetMidBlock2DCrossAttn"
@@ -217,22 +212,3 @@ class UNet2DConditionModel(nn.Module):
         x = SownConv(cfg.out_channels, (cfg.conv_out_kernel,) * 2, padding=(cfg.conv_out_kernel - 1) // 2,
                      dtype=dtype, name="conv_out")(x)
         return x.astype(sample.dtype)
-
-
-def unet_state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: UNetConfig,
-                              dtype: Any = jnp.float32) -> dict[str, Any]:
-    """A diffusers UNet state dict -> the `params` of UNet2DConditionModel(config), cast to dtype."""
-    side = 2 ** (len(config.block_out_channels) - 1)  # smallest latent every downsampler accepts
-    example = (jnp.zeros((1, side, side, config.in_channels)), jnp.zeros(()),
-               jnp.zeros((1, 1, config.cross_attention_dim)))
-    expected = jax.eval_shape(UNet2DConditionModel(config).init, jax.random.key(0), *example)["params"]
-    return convert_state_dict(state_dict, expected, dtype=dtype, what="UNet checkpoint")
-
-
-def load_unet(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Component:
-    """A diffusers `unet/` folder (config.json + weights) -> Component("unet", module, params, config)."""
-    from jaxprobe.pipeline import Component  # the pipeline imports the models, never the reverse
-
-    config = UNetConfig.from_dict(read_config(Path(folder) / "config.json", "UNet"))
-    params = unet_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)), config, dtype)
-    return Component("unet", UNet2DConditionModel(config, dtype), jax.tree.map(jnp.asarray, params), config)

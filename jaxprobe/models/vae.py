@@ -12,33 +12,25 @@ kernels); `vae_state_dict_to_params` renames them as diffusers does on load.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.blocks import (
     Attention, DownBlock2D, ResnetBlock2D, ResnetSpec, UpBlock2D, conv, group_norm,
 )
 from jaxprobe.models.layers import ACTIVATIONS
-from jaxprobe.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
 
-if TYPE_CHECKING:
-    from jaxprobe.pipeline import Component
 
-# Sites a wildcard reaches without naming a deeper path (see jaxprobe.capture).
+# Sites a wildcard reaches without naming a deeper path (see jaxprobe.pipeline.sites).
 BLOCK_SITES = (r"encoder\.(down_blocks\.\d+|mid_block)", r"decoder\.(mid_block|up_blocks\.\d+)")
 
 _EPS = 1e-6  # every norm of diffusers' VAE Encoder/Decoder, whatever the config says
-_DEPRECATED_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-_RENAMED = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 @dataclass(frozen=True)
@@ -179,33 +171,3 @@ class AutoencoderKL(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         mean, _ = self.encode(images)
         return self.decode(mean)
-
-
-def rename_deprecated_attention_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`...attentions.0.query.weight` -> `...attentions.0.to_q.weight` (key/value/proj_attn alike),
-    as diffusers' `_fix_state_dict_keys_on_load` does for VAEs saved before its Attention rewrite."""
-    def rename(key: str) -> str:
-        match = _DEPRECATED_ATTENTION.match(key)
-        return f"{match[1]}.{_RENAMED[match[2]]}.{match[3]}" if match else key
-
-    return {rename(k): v for k, v in state_dict.items()}
-
-
-def vae_state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: VAEConfig,
-                             dtype: Any = jnp.float32) -> dict[str, Any]:
-    """A diffusers AutoencoderKL state dict (current or deprecated attention names) -> the `params`
-    of AutoencoderKL(config), cast to dtype."""
-    side = 2 ** (len(config.block_out_channels) - 1)
-    example = jnp.zeros((1, side, side, config.in_channels))
-    expected = jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), example)["params"]
-    return convert_state_dict(rename_deprecated_attention_keys(state_dict), expected, dtype=dtype,
-                              what="VAE checkpoint")
-
-
-def load_vae(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Component:
-    """A diffusers `vae/` folder (config.json + weights) -> Component("vae", module, params, config)."""
-    from jaxprobe.pipeline import Component  # the pipeline imports the models, never the reverse
-
-    config = VAEConfig.from_dict(read_config(Path(folder) / "config.json", "VAE"))
-    params = vae_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)), config, dtype)
-    return Component("vae", AutoencoderKL(config, dtype), jax.tree.map(jnp.asarray, params), config)

@@ -119,7 +119,7 @@ def cross_validate(
     patterns = [_pattern_inputs(Y, cols, plan, rng, n_permutations, n_bootstrap, alpha_per_target)
                 for cols in _missing_patterns(Y)]
 
-    devices = jax.local_devices()  # other processes take other feature sets (jaxprobe.distributed)
+    devices = jax.local_devices()  # other processes take other feature sets (jaxprobe.runtime.distributed)
     with jax.enable_x64(np.dtype(dtype) == np.float64), host_lapack_single_threaded():
         if batch_size is None:
             widest = max(p.y.shape[1] for p in patterns)

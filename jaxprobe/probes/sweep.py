@@ -139,8 +139,8 @@ def probe_sweep_across_processes(
     """
     import jax
 
-    from jaxprobe import distributed
-    from jaxprobe.store import atomic_write_bytes, atomic_write_npy
+    from jaxprobe.runtime import distributed
+    from jaxprobe.runtime.files import atomic_write_bytes, atomic_write_npy
 
     if jax.process_count() == 1:
         return probe_sweep(features, targets, **options)

@@ -141,12 +141,6 @@ def _purity(categories: list[str | None]) -> tuple[str | None, float]:
 # --- the page ------------------------------------------------------------------------------------------
 
 
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
 def _frequency_histogram(table: pd.DataFrame) -> Figure:
     figure = Figure(figsize=(6, 3), layout="constrained")
     ax = figure.subplots()
@@ -163,7 +157,7 @@ def _thumbnail_css(images: Any, rows: set[int], size: int) -> str:
     """One CSS class per shown input (.i<row>) carrying its thumbnail, so each image is embedded once."""
     from PIL import Image
 
-    from jaxprobe.sampling import load_images
+    from jaxprobe.pipeline.images import load_images
 
     rows = sorted(rows)
     if isinstance(images, np.ndarray):
@@ -207,9 +201,8 @@ def _latent_rows(frame: pd.DataFrame, images: bool) -> str:
     return "\n".join(out)
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}
-table{border-collapse:collapse;font-size:13px}td,th{border-bottom:1px solid #ddd;padding:3px 6px;text-align:right}
-td.left{text-align:left}.input{display:inline-block;background:#eef;border-radius:3px;margin:1px 2px;padding:0 4px}
+_EXTRA_CSS = """body{max-width:1300px}
+.input{display:inline-block;background:#eef;border-radius:3px;margin:1px 2px;padding:0 4px}
 .thumb{display:inline-block;width:{size}px;height:{size}px;margin:1px;background-size:cover}
 img{max-width:100%}details{margin:1em 0}summary{font-size:1.15em;font-weight:600;cursor:pointer}"""
 
@@ -217,20 +210,19 @@ img{max-width:100%}details{margin:1em 0}summary{font-size:1.15em;font-weight:600
 def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: pd.DataFrame | None = None,
              images: Any = None, max_latents: int = 40, thumbnail: int = 64, title: str = "SAE latents") -> str:
     """The self-contained HTML page of `latent_table`'s table (base64 figures and thumbnails)."""
-    from jaxprobe.report import figure_html
+    from jaxprobe.reporting.html import figure_html, page, png_bytes
 
     shown = {name: _order(frame).head(max_latents) for name, frame in table.groupby("feature_set", sort=False)}
-    css = STYLE.replace("{size}", str(thumbnail))
+    css = _EXTRA_CSS.replace("{size}", str(thumbnail))
     if images is not None:
         css += "\n" + _thumbnail_css(images, {r for f in shown.values() for rows in f["top_rows"] for r in rows},
                                      thumbnail)
-    parts = [f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = []
     if metrics is not None:
         parts.append("<h2>Reconstruction</h2>" + metrics.to_html(index=False, border=0, float_format=lambda v: f"{v:.3g}"))
     if history is not None and len(history):
-        parts.append("<h2>Training</h2>" + figure_html(_png(training_curves(history)), "curves"))
-    parts.append("<h2>Latents</h2>" + figure_html(_png(_frequency_histogram(table)), "frequencies") + "<p>Per feature set, up to "
+        parts.append("<h2>Training</h2>" + figure_html(png_bytes(training_curves(history)), "curves"))
+    parts.append("<h2>Latents</h2>" + figure_html(png_bytes(_frequency_histogram(table)), "frequencies") + "<p>Per feature set, up to "
                  f"{max_latents} live latents, ordered by |best r| with the norms, else by the purity of their top "
                  "inputs, else by firing frequency. Hover an input for its activation.</p>")
     header = "<tr><th>latent</th><th>frequency</th><th>mean act.</th>"
@@ -241,8 +233,7 @@ def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: 
         n_live = int((table.loc[table["feature_set"] == name, "frequency"] > 0).sum())
         parts.append(f"<details{' open' if i == 0 else ''}><summary>{html.escape(name)} ({n_live} live latents)"
                      f"</summary><table>{header}{_latent_rows(frame, images is not None)}</table></details>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return page(title, parts, extra_css=css)
 
 
 def _manifest_prompts(features: Any) -> list[str] | None:
@@ -281,7 +272,7 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
     saes: SAEs or the folder `train_saes` wrote. norms: a Norms or a `load_norms` name/path. labels:
     default the prompts of a `jaxprobe extract` folder's manifest. images: (n, H, W, 3) array, n paths,
     a folder of n image files or a .npy, one per input, shown as thumbnails."""
-    from jaxprobe.report import write_atomic
+    from jaxprobe.runtime.files import write_atomic
 
     saes = load_saes(saes)
     if isinstance(norms, (str, Path)):

@@ -38,7 +38,7 @@ import pandas as pd
 from jaxprobe.errors import InputError
 from jaxprobe.sae.model import (LatentStats, SAEConfig, TrainState, accumulate_stats, encode, init_stack,
                                 init_stats, make_train_step, reconstruct)
-from jaxprobe.store import FeatureEntry
+from jaxprobe.features.store import FeatureEntry
 
 STATS_ROWS = 65_536
 HISTORY, METRICS, CURVES = "history.csv", "metrics.csv", "loss_curves.png"
@@ -450,7 +450,7 @@ def evaluate(saes: SAEs, features: Any, **options) -> pd.DataFrame:
 
 def write_training_outputs(saes: SAEs, features: Any, out: Path) -> None:
     """out/history.csv (the logged metrics), out/metrics.csv (`evaluate` on every row), out/loss_curves.png."""
-    from jaxprobe.report import write_atomic
+    from jaxprobe.runtime.files import write_atomic
     from jaxprobe.sae.inspect import training_curves
 
     out.mkdir(parents=True, exist_ok=True)

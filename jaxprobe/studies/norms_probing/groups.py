@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from jaxprobe.analyses.decoding import check_table, feature_set_index
+from jaxprobe.studies.norms_probing.decoding import check_table, feature_set_index
 from jaxprobe.errors import InputError
 from jaxprobe.probes.stats import fdr_bh
 

@@ -19,18 +19,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from jaxprobe.errors import SiteError
 
-TOKEN_REDUCTIONS = ("eos", "mean", "last_content", "none")
-SPATIAL_REDUCTIONS = ("mean", "max", "none")
+SAMPLER_SITES = ("latents", "pred_original_sample")  # the sampler's own sites, beside the models' modules
 
 
-def flatten_intermediates(tree: Mapping[str, Any], prefix: str = "") -> dict[str, jax.Array]:
+def flatten_intermediates(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """The `intermediates` collection -> {site: array}. `output` leaves name their module's site."""
-    sites: dict[str, jax.Array] = {}
+    sites: dict[str, Any] = {}
     for name, value in tree.items():
         if isinstance(value, Mapping):
             sites.update(flatten_intermediates(value, f"{prefix}{name}."))
@@ -79,32 +75,3 @@ def block_sites_of(available: Iterable[str], component: str, patterns: Sequence[
     regex = re.compile("|".join(f"(?:{p})" for p in patterns))
     start = len(component) + 1
     return [s for s in available if s.startswith(component + ".") and regex.fullmatch(s[start:])]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reductions (pure, traced inside the jitted programs)
-
-
-def reduce_tokens(x: jax.Array, eos: jax.Array, how: str) -> jax.Array:
-    """x: (b, tokens, d) or (b, d) (already pooled sites pass through); eos: (b,) EOS positions.
-
-    eos: the EOS token; mean: over BOS..EOS (the tokenizer's attention mask, padding excluded);
-    last_content: the token before EOS; none: every position.
-    """
-    if x.ndim == 2 or how == "none":
-        return x
-    rows = jnp.arange(x.shape[0])
-    if how == "eos":
-        return x[rows, eos]
-    if how == "last_content":
-        return x[rows, jnp.maximum(eos - 1, 0)]
-    real = (jnp.arange(x.shape[1])[None, :] <= eos[:, None]).astype(jnp.float32)  # (b, tokens)
-    return jnp.einsum("btd,bt->bd", x.astype(jnp.float32), real) / real.sum(axis=1, keepdims=True)
-
-
-def reduce_spatial(x: jax.Array, how: str) -> jax.Array:
-    """x: (b, h, w, c) -> (b, c) for mean/max, unchanged for none; (b, d) passes through."""
-    if x.ndim != 4 or how == "none":
-        return x
-    x = x.astype(jnp.float32)
-    return x.mean(axis=(1, 2)) if how == "mean" else x.max(axis=(1, 2))

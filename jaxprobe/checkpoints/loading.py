@@ -24,9 +24,10 @@ import numpy as np
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
-from jaxprobe.pipeline import Component, Pipeline
-from jaxprobe.tokenizer import PromptTokenizer
-from jaxprobe.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
+from jaxprobe.checkpoints.component import Component
+from jaxprobe.checkpoints.tokenizer import PromptTokenizer
+from jaxprobe.checkpoints.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
+from jaxprobe.models.schedulers import scheduler_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Keys a checkpoint may hold that no forward pass reads.
@@ -164,9 +165,9 @@ def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dic
 
 
 def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[str, Any]:
-    from jaxprobe.models.unet import load_unet
-    from jaxprobe.models.vae import load_vae
-    from jaxprobe.schedulers import SchedulerConfig
+    from jaxprobe.checkpoints.diffusers import load_unet
+    from jaxprobe.checkpoints.diffusers import load_vae
+    from jaxprobe.models.schedulers import SchedulerConfig
 
     index = read_config(folder / "model_index.json", "pipeline")
     listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
@@ -191,17 +192,11 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[s
     return parts
 
 
-def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: str | None = None,
-         image_encoder: str | Path | None = None, scheduler: str | None = None) -> Pipeline:
-    """Load a pipeline (or just CLIP towers) from `source`; see the module docstring for what it accepts.
-
-    dtype: compute and parameter dtype ("float32", "bfloat16"). variant: weight-file variant such as
-    "fp16" (falls back to plain files). image_encoder: a CLIP vision checkpoint (folder or id) used to
-    embed generated images (`image_encoder.*` sites). scheduler: sampler name overriding the
-    checkpoint's ("pndm", "ddim", "euler", "dpmpp_2m"), keeping its noise schedule.
-    """
-    dtype = compute_dtype(dtype)
-    from jaxprobe.tiny import RANDOM_MODELS, random_parts
+def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant: str | None = None,
+               image_encoder: str | Path | None = None, scheduler: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(label, {component name: Component, "tokenizer": ..., "scheduler": ...}) for `source`; see the
+    module docstring for what it accepts. `jaxprobe.load` makes a Pipeline of them."""
+    from jaxprobe.checkpoints.random import RANDOM_MODELS, random_parts
 
     if str(source) in RANDOM_MODELS:
         parts, label = random_parts(str(source), dtype), str(source)
@@ -218,9 +213,5 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
     if image_encoder is not None:
         parts.update(_image_parts(resolve_source(image_encoder), dtype=dtype, variant=variant))
     if scheduler is not None:
-        from jaxprobe.schedulers import scheduler_config
-
         parts["scheduler"] = scheduler_config(scheduler, parts.get("scheduler"))
-    pipe = Pipeline(source=label, dtype=dtype, **parts)
-    pipe.check_compatible()
-    return pipe
+    return label, parts

@@ -8,7 +8,7 @@ association (bias) analysis built on them.
                     k-means clusters labelled with their nearest directions -> tables
     report(out)     figures and one self-contained report.html from the saved tables
 
-The maths (definitions of directions and association scores) lives in `jaxprobe.analyses.directions`.
+The maths (definitions of directions and association scores) lives in `maths`.
 `DirectionsConfig` holds every choice; `jaxprobe directions build|score|report` call these functions.
 """
 
@@ -25,9 +25,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from jaxprobe.config import from_mapping, read_toml, toml_value
-from jaxprobe.directions_report import (BASELINE_FAMILY, DIRECTIONS, NEUTRAL, PAPER, REPORT,  # noqa: F401
-                                       make_figures, read_tables, report, summarize)
+from jaxprobe.runtime.configfile import from_mapping, read_toml, toml_value
+from jaxprobe.studies.decoding_diffusion.report import (  # noqa: F401 - the study's public names
+    BASELINE_FAMILY,
+    DIRECTIONS,
+    NEUTRAL,
+    PAPER,
+    REPORT,
+    make_figures,
+    read_tables,
+    report,
+    summarize,
+)
 from jaxprobe.errors import InputError
 
 EXAMPLE = Path(__file__).parent / "assets" / "directions" / "professions.toml"
@@ -176,7 +185,7 @@ def _listed(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Generations:
-    """Every generation (prompt x seed; rows seed-major, as `experiment.extract_features` returns them)
+    """Every generation (prompt x seed; rows seed-major, as `features.extract_features` returns them)
     with its features: h-space {site: (n, T, d)} and CLIP text features (n, d) of its prompt."""
 
     concepts: tuple[str, ...]         # C; the neutral set last when the baseline is neutral
@@ -214,18 +223,6 @@ def concept_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
     return prompts
 
 
-def _experiment_config(config: DirectionsConfig) -> Any:
-    """The ExperimentConfig whose feature extraction (and cache entries) the directions study shares."""
-    from jaxprobe.experiment import ExperimentConfig
-
-    return ExperimentConfig(
-        model=config.model, seeds=config.seeds, text_sites=(config.text_site,) if config.text_site else (),
-        unet_sites=config.sites, token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce,
-        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-        scheduler=config.scheduler, dtype=config.dtype, batch_size=config.batch_size, cache=config.cache,
-        force=config.force)
-
-
 def load_pipeline(config: DirectionsConfig) -> Any:
     import jaxprobe
 
@@ -235,18 +232,21 @@ def load_pipeline(config: DirectionsConfig) -> Any:
 def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequence[str]], *,
             family_of: Mapping[str, str] | None = None, progress: bool = False) -> Generations:
     """Generate every concept's prompts with every seed and capture h-space (and the CLIP text site),
-    through the feature store (`experiment.extract_features`): finished chunks are never recomputed."""
-    from jaxprobe.experiment import PromptSet, extract_features
-    from jaxprobe.sampling import sampling_timesteps
+    through the feature store (`features.extract_features`): finished chunks are never recomputed."""
+    from jaxprobe.features.extract import extract_features
+    from jaxprobe.features.settings import RunSettings, SamplingSettings
+    from jaxprobe.pipeline.sampling import sampling_timesteps
 
     concepts = tuple(prompts_of)
     family_of = dict(family_of) if family_of is not None else {c: f for f, cs in config.families.items() for c in cs}
     family_of.setdefault(NEUTRAL, BASELINE_FAMILY)
     prompts = [p for c in concepts for p in prompts_of[c]]
     prompt_concept = np.array([i for i, c in enumerate(concepts) for _ in prompts_of[c]])
-    exp = _experiment_config(config)
-    raw = extract_features(pipe, exp, PromptSet(tuple(prompts), prompt_concept, np.zeros(len(prompts), int)),
-                           progress=progress)
+    raw = extract_features(
+        pipe, prompts, text_sites=(config.text_site,) if config.text_site else (), sampled_sites=config.sites,
+        token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce,
+        sampling=SamplingSettings(config.num_inference_steps, config.guidance_scale, config.seeds),
+        run=RunSettings(config.batch_size, cache=config.cache, force=config.force), progress=progress)
     n_prompts, n_seeds = len(prompts), len(config.seeds)
     labels = np.tile(prompt_concept, n_seeds)
     rows = pd.DataFrame({"row": np.arange(len(labels)), "concept": [concepts[i] for i in labels],
@@ -271,7 +271,7 @@ MAX_WHITENED_DIM = 2048   # whitening holds and eigendecomposes a d x d covarian
 
 
 def _metric(features_ntd: np.ndarray, averaging_cn: np.ndarray, config: DirectionsConfig) -> Any:
-    from jaxprobe.analyses import directions as maths
+    from jaxprobe.studies.decoding_diffusion import maths
 
     if not config.whiten:
         return None
@@ -290,7 +290,7 @@ def directions_of(features_ntd: np.ndarray, labels: np.ndarray, concepts: Sequen
                   *, neutral: int | None = None, groups: Sequence[str] | None = None, baseline: str | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Unit directions (C, T, d) and mean-difference lengths (C, T) of every concept (see the maths module)."""
-    from jaxprobe.analyses import directions as maths
+    from jaxprobe.studies.decoding_diffusion import maths
 
     features = np.asarray(features_ntd, np.float32)
     averaging = maths.averaging_matrix(labels, len(concepts)).astype(np.float32)
@@ -341,7 +341,7 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
         arrays.update(image_arrays)
     for name, frame in tables.items():
         write_table(frame, out, name)
-    from jaxprobe.report import write_atomic
+    from jaxprobe.runtime.files import write_atomic
 
     def save(path: Path) -> None:
         with open(path, "wb") as file:  # a file object: np.savez would append ".npz" to the temporary name
@@ -354,7 +354,7 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
 
 
 def write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
-    from jaxprobe.report import write_atomic
+    from jaxprobe.runtime.files import write_atomic
 
     for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv)):
         write_atomic(out / (name + suffix), lambda p, w=write: w(p, index=False))
@@ -396,8 +396,8 @@ def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = Fa
     arrays images/<site> (C, d) and captions/<site> (C, T, d)."""
     import os
 
-    from jaxprobe.classify import image_features
-    from jaxprobe.images import ImageDataset
+    from jaxprobe.features.extract import image_features
+    from jaxprobe.pipeline.images import ImageDataset
 
     table = _read_captions(config.images)
     concepts = tuple(dict.fromkeys(table["concept"]))
@@ -430,7 +430,7 @@ def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = Fa
 
 
 def _axes_matrix(config: DirectionsConfig, concepts: Sequence[str]) -> np.ndarray:
-    from jaxprobe.analyses.directions import contrast
+    from jaxprobe.studies.decoding_diffusion.maths import contrast
 
     index = {c: i for i, c in enumerate(concepts)}
     return np.stack([contrast(len(concepts), index[pole[0]], [index[c] for c in pole[1:]])
@@ -461,7 +461,7 @@ def association_table(gens: Generations, config: DirectionsConfig) -> pd.DataFra
     the same association in CLIP text space and their paired difference, ranked within site, step and axis."""
     import jax.numpy as jnp
 
-    from jaxprobe.analyses import directions as maths
+    from jaxprobe.studies.decoding_diffusion import maths
 
     C = len(gens.concepts)
     averaging = maths.averaging_matrix(gens.labels, C)
@@ -510,7 +510,7 @@ def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: 
     concepts in it and the directions nearest to its centroid (cosine of centroid minus the mean)."""
     import jax
 
-    from jaxprobe.analyses import directions as maths
+    from jaxprobe.studies.decoding_diffusion import maths
 
     C = len(gens.concepts)
     averaging = maths.averaging_matrix(gens.labels, C).astype(np.float32)
@@ -555,7 +555,7 @@ def project_prompts(config: DirectionsConfig, prompts: Sequence[str], *, pipe: A
                     progress: bool = False) -> pd.DataFrame:
     """Any prompts, generated with the config's seeds and sampling settings, projected onto the saved
     directions (OUT/directions.npz): one row per prompt x seed x site x step, a dir:<concept> column each."""
-    from jaxprobe.analyses.directions import project
+    from jaxprobe.studies.decoding_diffusion.maths import project
 
     dirs = read_directions(config.out)
     pipe = pipe or load_pipeline(config)
@@ -612,7 +612,7 @@ def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pip
             "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
             "n_generations": len(gens.rows), "n_bootstrap": config.n_bootstrap, "level": config.level,
             "focus_step": config.focus_step, "text_site": config.text_site, "sites": list(gens.features)}
-    from jaxprobe.report import write_atomic
+    from jaxprobe.runtime.files import write_atomic
 
     write_atomic(out / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     log(f"scores: {out}")

@@ -1,5 +1,5 @@
 """The Decoding Diffusion report: figures, a plain-language summary and one HTML page from the
-tables `jaxprobe.directions.build` and `score` wrote (so `jaxprobe directions report` needs no model)."""
+tables `directions.build` and `score` wrote (so `jaxprobe directions report` needs no model)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pandas as pd
 
 from jaxprobe.errors import InputError
 
-# Shared with jaxprobe.directions: the saved files, and the labels of the neutral set and its family.
+# Shared with directions.py: the saved files, and the labels of the neutral set and its family.
 DIRECTIONS, REPORT = "directions.npz", "report.html"
 NEUTRAL, BASELINE_FAMILY = "(neutral)", "(baseline)"
 PAPER = ("Zeng, Chen & Wong (2024). Decoding Diffusion: A Scalable Framework for Unsupervised Analysis of "
@@ -233,7 +233,7 @@ def read_tables(out: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any
 
 def make_figures(out: str | Path, dpi: int = 110) -> dict[str, Path]:
     """Every figure the tables under `out` allow, as out/figures/<name>.png (names: `FIGURES`)."""
-    from jaxprobe.report import write_atomic
+    from jaxprobe.runtime.files import write_atomic
 
     tables, meta = read_tables(out)
     folder = Path(out) / "figures"
@@ -274,7 +274,7 @@ def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str
 
 
 def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: int) -> list[str]:
-    from jaxprobe.report import table_html
+    from jaxprobe.reporting.html import table_html
 
     site = meta["sites"][0]
     parts = []
@@ -303,7 +303,8 @@ def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: in
 def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     """Figures and out/report.html (figures embedded, summary, ranked tables, settings, methods) from the
     tables `build` and `score` wrote under `out`. Returns the report's path."""
-    from jaxprobe.report import STYLE, figure_html, settings_html, write_atomic
+    from jaxprobe.reporting.html import figure_html, page, settings_html
+    from jaxprobe.runtime.files import write_atomic
 
     out = Path(out)
     figures = make_figures(out, dpi)
@@ -312,15 +313,11 @@ def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     notice = summary.pop(0) if meta.get("random_weights") else None
     images = [figure_html(p.read_bytes(), name, FIGURES[name][1]) for name, p in figures.items()]
     title = f"jaxprobe: directions in h-space of {meta.get('model', 'the pipeline')}"
-    parts = [
-        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-        f"<p class='notice'><strong>Random weights.</strong> {html.escape(notice)}</p>" if notice else "",
+    document = page(title, [
         "<h2>What the numbers show</h2><ul>", *(f"<li>{html.escape(line)}</li>" for line in summary), "</ul>",
         "<h2>Figures</h2>", *images, "<h2>Tables</h2>", *_focus_tables(tables, meta, top),
         "<h2>Run settings</h2>", settings_html(meta),
         "<h2>Methods</h2>", *(f"<p class='small'>{html.escape(m)}</p>" for m in _METHODS),
-        f"<h2>Citation</h2><ul><li>Method reproduced: {html.escape(PAPER)}</li></ul></body></html>",
-    ]
-    page = "\n".join(p for p in parts if p)
-    return write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
+        f"<h2>Citation</h2><ul><li>Method reproduced: {html.escape(PAPER)}</li></ul>",
+    ], notice=notice)
+    return write_atomic(out / REPORT, lambda p: p.write_text(document, encoding="utf-8"))

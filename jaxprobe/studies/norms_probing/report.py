@@ -11,14 +11,12 @@ interrupted run never leaves a half-written file.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,10 +25,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from jaxprobe.analyses.decoding import best, short_site, site_order, stage_of
-from jaxprobe.analyses.disentanglement import entanglement_index
-from jaxprobe.analyses.summary import PAPER, SAMPLED_STAGES, ExperimentResults, along_steps, summarize
+from jaxprobe.studies.norms_probing.decoding import best, short_site, site_order, stage_of
+from jaxprobe.studies.norms_probing.disentanglement import entanglement_index
+from jaxprobe.studies.norms_probing.summary import PAPER, SAMPLED_STAGES, ExperimentResults, along_steps, summarize
 from jaxprobe.errors import InputError
+from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
+from jaxprobe.runtime.files import write_atomic
 
 __all__ = ["ExperimentResults", "ReportConfig", "make_figures", "read_results", "rerender", "write_report",
            "write_tables"]
@@ -52,17 +52,6 @@ class ReportConfig:
 
 
 # --- files ---------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    """write(tmp) to a temporary name beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _tables(results: ExperimentResults) -> dict[str, pd.DataFrame]:
@@ -347,16 +336,6 @@ def make_figures(results: ExperimentResults, out_dir: str | os.PathLike,
 
 # --- the HTML report -----------------------------------------------------------------------------------
 
-STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #ccc; }
-.notice { background: #fff4d6; border-left: 4px solid #e0a800; padding: 0.6em 1em; }
-figure { margin: 1.2em 0; } figure img { max-width: 100%; } figcaption { font-size: 0.85em; color: #555; }
-table { border-collapse: collapse; font-size: 0.8em; margin: 0.5em 0; }
-th, td { padding: 2px 8px; border-bottom: 1px solid #e4e4e4; text-align: right; } th { background: #f3f3f3; }
-.small { font-size: 0.85em; color: #555; } td.left { text-align: left; }
-"""
-
 _METHODS = (
     "Decoding: a ridge probe per attribute and feature set (a site, at one denoising step for UNet and latent "
     "sites), fit by nested cross-validation; its score is the Pearson correlation between the out-of-fold "
@@ -374,12 +353,6 @@ _METHODS = (
     "the own score shrinks, so read the index beside the decoding curve: a rising index with falling decoding "
     "may be noise rather than entanglement.",
 )
-
-
-def table_html(frame: pd.DataFrame, caption: str, empty: str = "No rows.") -> str:
-    body = frame.to_html(index=False, border=0, na_rep="-", float_format=lambda v: f"{v:.3g}") if len(frame) else \
-        f"<p>{html.escape(empty)}</p>"
-    return f"<h3>{html.escape(caption)}</h3>\n{body}"
 
 
 def _evenly(frame: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -406,28 +379,6 @@ def _result_tables(results: ExperimentResults, config: ReportConfig) -> list[str
     ]
 
 
-def _value_text(value: Any) -> str:
-    if isinstance(value, dict):
-        return "; ".join(f"{k}: {v}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value)
-    return str(value)
-
-
-def settings_html(settings: Mapping[str, Any]) -> str:
-    """A two-column table of run settings for a report page."""
-    rows = (f"<tr><th>{html.escape(str(k))}</th><td class='left'>{html.escape(_value_text(v))}</td></tr>"
-            for k, v in settings.items())
-    return "<table>" + "\n".join(rows) + "</table>"
-
-
-def figure_html(png: bytes, alt: str, caption: str = "") -> str:
-    """A PNG embedded in a self-contained page (base64), with an optional caption."""
-    data = base64.b64encode(png).decode("ascii")
-    caption = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">{caption}</figure>'
-
-
 def _citations(results: ExperimentResults) -> list[str]:
     cited = results.metadata.get("citation") or []
     return [*([cited] if isinstance(cited, str) else cited), f"Method reproduced: {PAPER}"]
@@ -439,11 +390,7 @@ def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportCo
     random = summary[0] if results.random_weights else None  # summarize puts the warning first
     images = [figure_html(path.read_bytes(), name, FIGURES[name][1]) for name, path in figures.items()]
     dropped = results.dropped
-    parts = [
-        f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p class='notice'><strong>Random weights.</strong> {html.escape(random)}</p>" if random else "",
+    return page(title, [
         "<h2>What the numbers show</h2><ul>",
         *(f"<li>{html.escape(line)}</li>" for line in summary if line != random),
         "</ul>",
@@ -455,9 +402,7 @@ def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportCo
                     empty="None: every concept of the norms was probed."),
         "<h2>Methods</h2>", *(f"<p class='small'>{html.escape(m)}</p>" for m in _METHODS),
         "<h2>Citations</h2><ul>", *(f"<li>{html.escape(c)}</li>" for c in _citations(results)), "</ul>",
-        "</body></html>",
-    ]
-    return "\n".join(p for p in parts if p)
+    ], notice=random)
 
 
 def write_report(results: ExperimentResults, out_dir: str | os.PathLike,

@@ -1,5 +1,5 @@
 """Directions in h-space from language, association scores with bootstrap intervals, k-means (Zeng, Chen &
-Wong 2024): the maths, on arrays, jitted. `jaxprobe.directions` drives it from prompts and writes reports.
+Wong 2024): the maths, on arrays, jitted. `directions` drives it from prompts and writes reports.
 
 Notation: n generations (prompt x seed), T denoising steps, d feature dimensions, C concepts, B bootstrap
 samples, A association axes. Every concept statistic is a weighted average of generations, written as an

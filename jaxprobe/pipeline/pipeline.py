@@ -6,51 +6,28 @@ over all visible devices, run, pull back only the reduced activations that were 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxprobe.capture import (SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS, block_sites_of, flatten_intermediates,
-                              reduce_tokens, select_sites)
-from jaxprobe.errors import CheckpointError, InputError, JaxprobeError, SiteError
+from jaxprobe.pipeline.reductions import SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS, reduce_tokens
+from jaxprobe.pipeline.sites import block_sites_of, flatten_intermediates, select_sites
+from jaxprobe.errors import CheckpointError, InputError, SiteError
 from jaxprobe.models import clip
+from jaxprobe.checkpoints.component import Component
+from jaxprobe.runtime.batching import run_batched
+from jaxprobe.runtime.devices import data_mesh
 
 Reduce = str | Mapping[str, str]
 KNOWN_REDUCTIONS = tuple(dict.fromkeys((*TOKEN_REDUCTIONS, *SPATIAL_REDUCTIONS, "cls")))
-
-
-@dataclass(frozen=True)
-class Component:
-    """One Flax model with its parameters: `name` is the prefix of its site names."""
-
-    name: str
-    module: Any
-    params: Any
-    config: Any
-
-
-def data_mesh() -> Mesh:
-    """This process's devices on one `data` axis: prompts are split over it, parameters replicated.
-
-    Local, not global, devices: in a multi-process job every process runs its own share of prompts
-    (`jaxprobe.distributed`), so no program ever waits on another host."""
-    return Mesh(np.asarray(jax.local_devices()), ("data",))
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """Pad the leading axis to `rows` by repeating the last row, so every batch has one shape."""
-    if len(x) == rows:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
 
 
 def resolve_reductions(sites: Sequence[str], reduce: Reduce, allowed_for: callable) -> tuple[str, ...]:
@@ -146,7 +123,7 @@ class Pipeline:
             every += [f"text_encoder.{n}" for n in names]
             blocks += block_sites_of(every, "text_encoder", clip.BLOCK_SITES)
         if self.unet is not None:
-            from jaxprobe import sampling
+            from jaxprobe.pipeline import sampling
 
             unet_sites = [f"unet.{n}" for n in sampling.unet_site_names(self.unet)]
             every += unet_sites + list(sampling.SAMPLER_SITES)
@@ -199,7 +176,7 @@ class Pipeline:
         if text_sites:
             out.update(self._capture_text(prompts, text_sites, reduce, batch_size, progress))
         if sampling_sites:
-            from jaxprobe import sampling
+            from jaxprobe.pipeline import sampling
 
             out.update(sampling.capture_sampling(
                 self, prompts, sampling_sites, timesteps=timesteps, num_inference_steps=num_inference_steps,
@@ -237,14 +214,14 @@ class Pipeline:
         return {site: chunks[name] for site, name in zip(chosen, local)}
 
     def generate(self, prompts: Sequence[str], **options: Any):
-        """Decoded images for the prompts (see `jaxprobe.sampling.generate`)."""
-        from jaxprobe import sampling
+        """Decoded images for the prompts (see `jaxprobe.pipeline.sampling.generate`)."""
+        from jaxprobe.pipeline import sampling
 
         return sampling.generate(self, list(prompts), **options)
 
     def capture_images(self, images: Any, sites: str | Iterable[str] = ("unet.mid_block",), **options: Any):
         """Revelio's setting: VAE-encode real images, noise them to step t, one UNet pass, capture."""
-        from jaxprobe import sampling
+        from jaxprobe.pipeline import sampling
 
         return sampling.capture_images(self, images, sites, **options)
 
@@ -267,63 +244,3 @@ def _sown_names(component: Component, example: jax.Array) -> list[str]:
     return list(flatten_intermediates(jax.eval_shape(trace)))
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
-
-
-def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool = False,
-                label: str = "") -> dict[str, np.ndarray]:
-    """Apply a jitted `run` batch by batch, splitting each batch over this process's devices.
-
-    inputs: an array or a pytree of arrays sharing their leading (prompt) axis. Batches are padded
-    to one shape (a multiple of the device count), so the program compiles once. When a batch runs
-    the device out of memory, the batch size is halved (one more compile) and the run goes on, with
-    a warning that names the size that fits.
-    """
-    n_dev = jax.local_device_count()
-    batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
-    sharding = NamedSharding(data_mesh(), PartitionSpec("data"))
-    n = len(jax.tree.leaves(inputs)[0])
-    pieces: dict[str, list[np.ndarray]] = {}
-    with _row_progress(progress and n > batch_size, n, label) as advance:
-        start = 0
-        while start < n:
-            part = slice(start, min(start + batch_size, n))
-            rows = part.stop - part.start
-            try:
-                batch = jax.device_put(jax.tree.map(lambda x: _pad_rows(x[part], batch_size), inputs), sharding)
-                out = {site: np.asarray(value)[:rows] for site, value in run(batch).items()}
-            except jax.errors.JaxRuntimeError as err:
-                if not is_out_of_memory(err):
-                    raise
-                batch_size = _smaller_batch(batch_size, n_dev, err)
-                continue
-            for site, value in out.items():
-                pieces.setdefault(site, []).append(value)
-            start = part.stop
-            advance(rows)
-    return {site: np.concatenate(chunks) for site, chunks in pieces.items()}
-
-
-def _smaller_batch(batch_size: int, n_dev: int, err: BaseException) -> int:
-    import warnings
-
-    if batch_size <= n_dev:
-        raise JaxprobeError(f"device out of memory even at batch size {batch_size} ({n_dev} per device): capture "
-                            "fewer sites per run, reduce='mean' instead of 'none', or dtype='bfloat16'") from err
-    smaller = max(n_dev, (batch_size // 2) // n_dev * n_dev)
-    warnings.warn(f"device out of memory at batch size {batch_size}; retrying with batch size {smaller} "
-                  f"(pass batch_size={smaller} to skip the failed attempt next time)", RuntimeWarning, stacklevel=3)
-    return smaller
-
-
-@contextlib.contextmanager
-def _row_progress(show: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
-    if not show:
-        yield lambda rows: None
-        return
-    from rich.progress import Progress
-
-    with Progress() as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda rows: bar.advance(task, rows)

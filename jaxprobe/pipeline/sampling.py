@@ -18,15 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprobe import schedulers
-from jaxprobe.capture import SPATIAL_REDUCTIONS, flatten_intermediates, reduce_spatial
+from jaxprobe.models import schedulers
+from jaxprobe.pipeline.reductions import SPATIAL_REDUCTIONS, reduce_spatial
+from jaxprobe.pipeline.sites import flatten_intermediates
 from jaxprobe.errors import InputError, SiteError
 from jaxprobe.models import unet as unet_model
+from jaxprobe.pipeline.images import load_images
 
 if TYPE_CHECKING:
-    from jaxprobe.pipeline import Component, Pipeline
+    from jaxprobe.checkpoints.component import Component
+    from jaxprobe.pipeline.pipeline import Pipeline
 
-SAMPLER_SITES = ("latents", "pred_original_sample")
 _PROBS = ".probs"
 
 
@@ -190,7 +192,8 @@ def run_sampling(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str],
                  branch: str, negative_prompt: str, height: int | None, width: int | None,
                  progress: bool, prompt_offset: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Final latents (n, h, w, c) and {site: (n, steps, ...)} for UNet/sampler sites (full names)."""
-    from jaxprobe.pipeline import resolve_reductions, run_batched
+    from jaxprobe.pipeline.pipeline import resolve_reductions
+    from jaxprobe.runtime.batching import run_batched
 
     _require(pipe, "unet", "scheduler", "text_encoder", "tokenizer")
     if branch not in ("cond", "uncond"):
@@ -252,7 +255,7 @@ def _decode_program(module: Any, params: Any, latents: jax.Array) -> jax.Array:
 
 
 def decode_latents(pipe: "Pipeline", latents: np.ndarray, *, batch_size: int = 8) -> np.ndarray:
-    from jaxprobe.pipeline import run_batched
+    from jaxprobe.runtime.batching import run_batched
 
     _require(pipe, "vae")
     params = pipe._replicated("vae")
@@ -303,30 +306,6 @@ def _to_pil(images: np.ndarray) -> list:
 # Real images in (Revelio)
 
 
-def load_images(images: Any, size: int) -> np.ndarray:
-    """Paths, PIL images or arrays -> (n, size, size, 3) float32 in [0, 1] (resized, centre-cropped)."""
-    from PIL import Image
-
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        arr = images.astype(np.float32)
-        if arr.max() > 1.0:
-            arr = arr / 255.0
-        if arr.shape[1:3] != (size, size):
-            arr = np.asarray(jax.image.resize(arr, (len(arr), size, size, 3), "bilinear", antialias=True))
-        return arr
-    out = []
-    for item in images:
-        im = Image.open(item) if not isinstance(item, Image.Image) else item
-        im = im.convert("RGB")
-        scale = size / min(im.size)
-        im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-        out.append(np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 255.0)
-    if not out:
-        raise InputError("no images given")
-    return np.stack(out)
-
-
 @functools.partial(jax.jit, static_argnames=("unet", "vae", "sched_config", "plan"))
 def _image_program(unet: Any, vae: Any, params: dict[str, Any], sched_config: schedulers.SchedulerConfig,
                    plan: CapturePlan, inputs: dict[str, jax.Array], t: jax.Array) -> dict[str, jax.Array]:
@@ -350,7 +329,8 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     depends only on (seed, offset + image index), and passed once through the UNet conditioned on
     `prompt`; `offset` lets a dataset extracted in chunks get the noise of one whole run.
     """
-    from jaxprobe.pipeline import resolve_reductions, run_batched
+    from jaxprobe.pipeline.pipeline import resolve_reductions
+    from jaxprobe.runtime.batching import run_batched
 
     _require(pipe, "unet", "vae", "scheduler", "text_encoder", "tokenizer")
     if not 0 <= t < pipe.scheduler.num_train_timesteps:

@@ -36,8 +36,9 @@ import optax
 import pandas as pd
 
 from jaxprobe.errors import InputError
-from jaxprobe.images import ImageDataset, load_image_folder, validation_mask
+from jaxprobe.pipeline.images import ImageDataset, load_image_folder, validation_mask
 from jaxprobe.probes.linear import ProbeConfig, fit_probe, predict
+from jaxprobe.features.extract import image_features
 
 CLASSIFIERS = ("linear", "conv")
 TABLE, FIGURE, REPORT = "accuracy", "accuracy.png", "report.html"
@@ -152,7 +153,7 @@ def train_conv_head(x: np.ndarray, y: np.ndarray, n_classes: int, config: ConvHe
 
 def conv_head_predict(model: ConvHead, variables: Any, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """Predicted class labels (n,) for maps x (n, h, w, c), in batches split over all devices."""
-    from jaxprobe.pipeline import run_batched
+    from jaxprobe.runtime.batching import run_batched
 
     out = run_batched(lambda b: {"logits": _head_logits(model, variables, b)}, np.asarray(x, np.float32), batch_size)
     return out["logits"].argmax(-1)
@@ -223,34 +224,12 @@ def accuracy_row(site: str, t: int, classifier: str, predicted: np.ndarray, labe
 # --- features --------------------------------------------------------------------------------------
 
 
-def image_features(pipe: Any, dataset: ImageDataset, sites: Sequence[str], t: int, *, cache: str | Path,
-                   reduce: str = "mean", prompt: str = "", seed: int = 0, batch_size: int = 16,
-                   size: int | None = None, force: bool = False, progress: bool = False) -> dict[str, np.ndarray]:
-    """{site: (n_images, dim)} (reduce="mean") or maps (n_images, h, w, c) (reduce="none") at step t,
-    cached in the feature store (content-hashed on the model, the files, t and every setting)."""
-    from jaxprobe.experiment import model_fingerprint
-    from jaxprobe.store import FeatureStore
-
-    chosen = pipe.select(sites)
-    other = [s for s in chosen if not s.startswith("unet.")]
-    if other:
-        raise InputError(f"real images are classified from UNet sites only; drop {', '.join(other)} "
-                         "(e.g. sites=['unet.mid_block', 'unet.up_blocks.*'])")
-    paths = [str(p) for p in dataset.paths]
-    model = model_fingerprint(pipe)
-    description = {"kind": "images", "model": model, "sites": chosen, "data": dataset.describe(), "t": t,
-                   "reduce": reduce, "prompt": prompt, "seed": seed, "size": size}
-    return FeatureStore(cache).compute(description, len(paths), lambda part: pipe.capture_images(
-        paths[part], chosen, t=t, prompt=prompt, seed=seed, reduce=reduce, batch_size=batch_size, size=size,
-        offset=part.start), force=force, progress=progress, label=f"images at t={t}")
-
-
 # --- the whole run ---------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassifyConfig:
-    """One classification run. `data`: an image folder (see `jaxprobe.images`); `timesteps`: training
+    """One classification run. `data`: an image folder (see `jaxprobe.pipeline.images`); `timesteps`: training
     timesteps t the images are noised to; `classifiers`: any of "linear", "conv". `linear`: the probe
     settings (n_classes is set from the data). `out`: tables, figure and report.html (None: none)."""
 
@@ -349,7 +328,7 @@ def accuracy_figure(table: pd.DataFrame, classes: int | None = None):
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from jaxprobe.analyses.decoding import short_site
+    from jaxprobe.studies.norms_probing.decoding import short_site
 
     classifiers = list(dict.fromkeys(table["classifier"]))
     sites = list(dict.fromkeys(table["site"]))
@@ -382,7 +361,8 @@ def _config_record(config: ClassifyConfig) -> dict[str, Any]:
 def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDataset) -> dict[str, Path]:
     """accuracy.parquet, accuracy.csv, accuracy.png, config.json and report.html under config.out,
     each written to a temporary name and renamed."""
-    from jaxprobe.report import STYLE, figure_html, settings_html, table_html, write_atomic
+    from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
+    from jaxprobe.runtime.files import write_atomic
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,10 +372,7 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
     files["figure"] = write_atomic(out / FIGURE, lambda p: fig.savefig(p, format="png", dpi=110))
     record = _config_record(config)
     files["config"] = write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(record, indent=2)))
-    page = "\n".join([
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>jaxprobe classify</title>"
-        f"<style>{STYLE}</style></head><body>",
-        f"<h1>Classifiers on diffusion features of {html.escape(str(dataset.root))}</h1>",
+    document = page(f"Classifiers on diffusion features of {dataset.root}", [
         f"<p>{len(dataset)} images, {len(dataset.classes)} classes ({html.escape(', '.join(dataset.classes[:20]))}"
         f"{', ...' if len(dataset.classes) > 20 else ''}); {len(dataset.train_index)} train, "
         f"{len(dataset.test_index)} test. Model: {html.escape(config.model)}.</p>",
@@ -403,8 +380,7 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
         table_html(table, "Test accuracy per site, timestep and classifier (95% Wilson score intervals)"),
         "<h2>Run settings</h2>", settings_html(record),
         "<p class='small'>Method: Kim, Thomas &amp; Ghadiyaram, Revelio (ICCV 2025): VAE-encode, noise to t, one "
-        "UNet step; a linear probe on mean-pooled features and a small conv head on the feature maps.</p>",
-        "</body></html>"])
-    files["report"] = write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
+        "UNet step; a linear probe on mean-pooled features and a small conv head on the feature maps.</p>"])
+    files["report"] = write_atomic(out / REPORT, lambda p: p.write_text(document, encoding="utf-8"))
     return files
 

@@ -7,7 +7,7 @@ to a temporary name, fsync, rename) together with a checksum file written after 
 finished only when its checksum exists and matches, so a kill at any moment leaves either a finished
 chunk or nothing that is ever read. Interrupted runs resume from the finished chunks.
 
-Several processes or hosts may fill one entry at once (`jaxprobe.distributed`): each takes every
+Several processes or hosts may fill one entry at once (`jaxprobe.runtime.distributed`): each takes every
 process_count-th chunk; temporary names are unique and renames atomic, so disjoint writers never
 meet, and two writers of the same chunk write the same bytes.
 
@@ -22,13 +22,10 @@ locking: the manifest plus `NNNNNN-NNNNNN.safetensors` names are the index.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from jaxprobe.errors import InputError, StoreError
+from jaxprobe.runtime.files import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -45,40 +43,6 @@ FORMAT_VERSION = 1
 def content_hash(description: Mapping[str, Any]) -> str:
     canonical = json.dumps(description, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
-
-
-TEMP_SUFFIX = ".tmp"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file, or the new one whole, never a part.
-
-    A full disk (or quota) raises StoreError and leaves no temporary file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError(f"no space left writing {path} ({len(data):,} bytes): free disk space or point the "
-                             "cache/output at another disk; finished files are intact and reused on rerun") from err
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array))
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _sha256(data: bytes) -> str:
@@ -204,7 +168,7 @@ class FeatureStore:
         """
         import jax
 
-        from jaxprobe import distributed
+        from jaxprobe.runtime import distributed
 
         if n_prompts < 1:
             raise InputError("nothing to extract: the prompt list is empty")

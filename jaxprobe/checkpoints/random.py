@@ -21,8 +21,8 @@ import numpy as np
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
 from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
 from jaxprobe.models.vae import AutoencoderKL, VAEConfig
-from jaxprobe.schedulers import SchedulerConfig
-from jaxprobe.tokenizer import PromptTokenizer
+from jaxprobe.models.schedulers import SchedulerConfig
+from jaxprobe.checkpoints.tokenizer import PromptTokenizer
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 SEED = 0
@@ -84,7 +84,7 @@ def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
 
 def random_parts(name: str, dtype: Any) -> dict[str, Any]:
     """The components of the random model `name` (a key of RANDOM_MODELS)."""
-    from jaxprobe.pipeline import Component
+    from jaxprobe.checkpoints.component import Component
 
     tokenizer = PromptTokenizer.from_dir(TOKENIZER_DIR)
     text_cfg, unet_cfg, vae_cfg = RANDOM_MODELS[name](tokenizer.vocab_size)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from jaxprobe.analyses import decoding, disentanglement
+from jaxprobe.studies.norms_probing import decoding, disentanglement
 from jaxprobe.errors import InputError
 from jaxprobe.norms.base import dropped_frame, preview
 
@@ -31,7 +31,7 @@ _FOLD_MEANS = ("a probe that learns nothing predicts the training folds' means, 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExperimentResults:
-    """One run's tables, matrices and settings: what `jaxprobe.report` renders and writes.
+    """One run's tables, matrices and settings: what `report` renders and writes.
 
     Every per-feature-set table carries feature_set, stage, site and timestep (-1 for text sites).
     metadata: run settings shown in the report as given. Keys it reads: "model", "random_weights"

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from jaxprobe.errors import InputError
-from jaxprobe.sampling import SAMPLER_SITES
+from jaxprobe.pipeline.sites import SAMPLER_SITES
 
 STAGES = ("text", "unet", "latent", "image")  # pipeline order
 _STAGE_PREFIXES = (("text_encoder.", "text"), ("unet.", "unet"), ("image_encoder.", "image"))

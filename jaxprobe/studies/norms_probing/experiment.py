@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxprobe.config import from_mapping, read_toml, toml_value
+from jaxprobe.runtime.configfile import from_mapping, read_toml, toml_value
 from jaxprobe.errors import InputError
+from jaxprobe.features.extract import build_prompts, extract_features
+from jaxprobe.features.settings import RunSettings, SamplingSettings
 
 DEFAULT_UNET_SITES = ("unet.down_blocks.*", "unet.mid_block", "unet.up_blocks.*", "latents", "pred_original_sample")
 
@@ -77,6 +79,14 @@ class ExperimentConfig:
     def from_mapping(cls, data: dict[str, Any], source: str = "options") -> "ExperimentConfig":
         return from_mapping(cls, data, source)
 
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.seeds)
+
+    @property
+    def run(self) -> RunSettings:
+        return RunSettings(self.batch_size, self.chunk_size, self.cache, self.force)
+
     def to_toml(self) -> str:
         lines = ["[experiment]"]
         for f in dataclasses.fields(self):
@@ -92,78 +102,6 @@ class ExperimentConfig:
 # `jaxprobe run` with no config and the tiny model: the same pipeline, sized to finish in a few minutes
 # on 2 CPU cores (fewer steps, a smaller permutation null and bootstrap).
 EMBEDDED_DEFAULT = ExperimentConfig(num_inference_steps=10, n_permutations=20, n_bootstrap=100)
-
-
-@dataclass(frozen=True)
-class PromptSet:
-    """Rows of the experiment: prompt text, the concept it names, its template and sampling seed."""
-
-    prompts: tuple[str, ...]      # one per (concept, template)
-    concept_index: np.ndarray      # (n_prompts,) index into the norms' concepts
-    template_index: np.ndarray
-
-
-def build_prompts(concepts: Sequence[str], templates: Sequence[str]) -> PromptSet:
-    rows = [(template.format(concept=c), ci, ti) for ci, c in enumerate(concepts) for ti, template in enumerate(templates)]
-    return PromptSet(tuple(r[0] for r in rows), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
-
-
-def model_fingerprint(pipe: Any) -> dict[str, Any]:
-    """What identifies the weights: the source, dtype and every component's config (a changed
-    checkpoint folder with the same configs is not detected: use --force after editing weights)."""
-    return {"source": pipe.source, "dtype": str(np.dtype(pipe.dtype)) if pipe.dtype is not None else None,
-            "configs": {name: repr(c.config) for name, c in pipe.components.items()},
-            "scheduler": repr(pipe.scheduler)}
-
-
-def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str, *, cache: str | Path,
-                   chunk_size: int = 64, force: bool = False, progress: bool = True, label: str = "features",
-                   batch_size: int = 8, **options: Any) -> dict[str, np.ndarray]:
-    """`pipe.capture(prompts, sites, **options)` through the feature store under `cache`.
-
-    Chunks of `chunk_size` prompts are committed as they finish, so a killed run resumes where it
-    stopped, a changed setting never returns stale features, and the processes of a multi-process
-    job share the chunks out. Text-only captures are keyed without the sampling options (they do not
-    depend on them). batch_size is not part of the key: it changes results only within
-    floating-point tolerance (README, Determinism).
-    """
-    from jaxprobe.store import FeatureStore
-
-    prompts = list(prompts)
-    sites = pipe.select(sites)
-    text_only = all(s.startswith("text_encoder.") for s in sites)
-    key_options = {"reduce": options.get("reduce", "mean")} if text_only else options
-    description = {"kind": "text" if text_only else "sampling", "model": model_fingerprint(pipe), "sites": sites,
-                   "prompts": prompts, "options": key_options}
-    return FeatureStore(cache).compute(
-        description, len(prompts),
-        lambda part: pipe.capture(prompts[part], sites, batch_size=batch_size, prompt_offset=part.start, **options),
-        chunk_size=chunk_size, force=force, progress=progress, label=label)
-
-
-def extract_features(pipe: Any, config: ExperimentConfig, prompt_set: PromptSet, *, progress: bool = True,
-                     log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
-    """{site: (n_prompts x n_seeds rows, [steps,] dim)}, rows ordered seed-major, through the cache."""
-    prompts = list(prompt_set.prompts)
-    common = {"cache": config.cache, "force": config.force, "progress": progress, "batch_size": config.batch_size,
-              "chunk_size": config.chunk_size}
-    features: dict[str, list[np.ndarray]] = {}
-    if config.text_sites:
-        text = cached_capture(pipe, prompts, config.text_sites, reduce=config.token_reduce, label="text encoder",
-                              **common)
-        for site, value in text.items():  # text features do not depend on the sampling seed
-            features[site] = [value] * len(config.seeds)
-    sampled = pipe.select(config.unet_sites) if config.unet_sites else []
-    if config.image_encoder:
-        sampled += pipe.select(["image_encoder.visual_projection"])
-    for seed in config.seeds if sampled else ():
-        values = cached_capture(pipe, prompts, sampled, reduce=config.spatial_reduce,
-                                num_inference_steps=config.num_inference_steps,
-                                guidance_scale=config.guidance_scale, seed=seed, label=f"sampling (seed {seed})",
-                                **common)
-        for site, value in values.items():
-            features.setdefault(site, []).append(value)
-    return {site: np.concatenate(chunks) for site, chunks in features.items()}
 
 
 def concept_features(features: dict[str, np.ndarray], concept_index: np.ndarray, n_concepts: int,
@@ -198,15 +136,15 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
                    log: Callable[[str], None] = print) -> Any:
     """Run the whole study and write tables, figures and report.html under `config.out`.
 
-    Returns the `jaxprobe.report.ExperimentResults` it reported on. In a multi-process job
-    (`jaxprobe.distributed`) every process extracts and probes its share; process 0 reports and
+    Returns the `summary.ExperimentResults` it reported on. In a multi-process job
+    (`jaxprobe.runtime.distributed`) every process extracts and probes its share; process 0 reports and
     returns the results, the others return None.
     """
     import jax
 
     import jaxprobe
-    from jaxprobe import report
-    from jaxprobe.analyses import disentanglement, groups
+    from jaxprobe.studies.norms_probing import report
+    from jaxprobe.studies.norms_probing import disentanglement, groups
     from jaxprobe.norms import load_norms
     from jaxprobe.probes.sweep import probe_sweep_across_processes
 
@@ -222,7 +160,11 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     log(f"model: {pipe.source}; {len(prompt_set.prompts)} prompts x {len(config.seeds)} seed(s); "
         f"JAX on {jax.local_device_count()} {jax.default_backend()} device(s)"
         + (f" in each of {jax.process_count()} processes" if jax.process_count() > 1 else ""))
-    raw = run.timed("extract", lambda: extract_features(pipe, config, prompt_set, progress=progress, log=log))
+    sampled = [*config.unet_sites, *(["image_encoder.visual_projection"] if config.image_encoder else [])]
+    raw = run.timed("extract", lambda: extract_features(
+        pipe, prompt_set.prompts, text_sites=config.text_sites, sampled_sites=sampled,
+        token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce, sampling=config.sampling,
+        run=config.run, progress=progress))
     rows_concept = np.tile(prompt_set.concept_index, len(config.seeds))
     feats, row_concepts = concept_features(raw, rows_concept, len(norms.concepts), config.repeats)
     targets = norms.to_frame().iloc[row_concepts].reset_index(drop=True)
@@ -264,7 +206,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
 def _metadata(config: ExperimentConfig, pipe: Any, norms: Any, run: RunLog) -> dict[str, Any]:
     import jax
 
-    from jaxprobe.tiny import RANDOM_MODELS
+    from jaxprobe.checkpoints.random import RANDOM_MODELS
 
     return {
         "model": pipe.source, "random_weights": pipe.source in RANDOM_MODELS, "norms": norms.name,

@@ -7,6 +7,7 @@ Two layouts are understood:
 
 Files are listed in sorted order and every file's header is read once up front, so an unreadable
 file, an empty class or a one-class dataset is reported before any feature is extracted.
+`load_images` turns paths, PIL images or arrays into the (n, size, size, 3) arrays the programs take.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,3 +146,29 @@ def validation_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
             rng = np.random.default_rng([seed, 1, zlib.crc32(str(c).encode())])
             mask[rng.permutation(rows)[:n_val]] = True
     return mask
+
+
+def load_images(images: Any, size: int) -> np.ndarray:
+    """Paths, PIL images or arrays -> (n, size, size, 3) float32 in [0, 1] (resized, centre-cropped)."""
+    from PIL import Image
+
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        arr = images.astype(np.float32)
+        if arr.max() > 1.0:
+            arr = arr / 255.0
+        if arr.shape[1:3] != (size, size):
+            import jax  # resizing arrays only; the folder readers stay jax-free
+
+            arr = np.asarray(jax.image.resize(arr, (len(arr), size, size, 3), "bilinear", antialias=True))
+        return arr
+    out = []
+    for item in images:
+        im = Image.open(item) if not isinstance(item, Image.Image) else item
+        im = im.convert("RGB")
+        scale = size / min(im.size)
+        im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        out.append(np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 255.0)
+    if not out:
+        raise InputError("no images given")
+    return np.stack(out)

@@ -34,7 +34,7 @@ def main(
     process_id: Annotated[Optional[int], typer.Option(help="with --coordinator: this process's index")] = None,
 ) -> None:
     """Global options: multi-process jobs (`jaxprobe --distributed run cfg.toml` under srun)."""
-    from jaxprobe import distributed as dist
+    from jaxprobe.runtime import distributed as dist
 
     try:
         dist.initialize(dist.Cluster(coordinator, num_processes, process_id, auto=distributed))
@@ -51,7 +51,7 @@ def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the 
 
     import jax
 
-    from jaxprobe.loading import hf_cache_dir
+    from jaxprobe.checkpoints.loading import hf_cache_dir
 
     typer.echo(f"JAX backend: {jax.default_backend()}; devices: {', '.join(str(d) for d in jax.devices())}")
     versions = []
@@ -98,9 +98,9 @@ def extract(
     Example: jaxprobe extract -m tiny -p prompts.txt -s 'text_encoder.*' -s unet.mid_block -o feats/
     """
     import jaxprobe
-    from jaxprobe import distributed
-    from jaxprobe.experiment import cached_capture
-    from jaxprobe.store import atomic_write_npy, atomic_write_text
+    from jaxprobe.runtime import distributed
+    from jaxprobe.features.extract import cached_capture
+    from jaxprobe.runtime.files import atomic_write_npy, atomic_write_text
 
     try:
         texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
@@ -171,7 +171,7 @@ def run(
     """
     import dataclasses
 
-    from jaxprobe.experiment import EMBEDDED_DEFAULT, ExperimentConfig, run_experiment
+    from jaxprobe.studies.norms_probing.experiment import EMBEDDED_DEFAULT, ExperimentConfig, run_experiment
 
     overrides = {"model": model, "norms": norms, "out": out, "num_inference_steps": steps,
                  "max_concepts": max_concepts, "image_encoder": image_encoder, "dtype": dtype,
@@ -191,7 +191,7 @@ def run(
 @app.command()
 def report(results: Annotated[Path, typer.Argument(help="a results folder written by `jaxprobe run`")]) -> None:
     """Re-render figures and report.html from a run's saved tables."""
-    from jaxprobe import report as report_module
+    from jaxprobe.studies.norms_probing import report as report_module
 
     try:
         path = report_module.rerender(results)
@@ -212,7 +212,7 @@ def store_ls(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
     """Entries: key, kind, prompts, chunks present/total, size, last used, sites."""
     import datetime
 
-    from jaxprobe.store import FeatureStore
+    from jaxprobe.features.store import FeatureStore
 
     entries = FeatureStore(cache).list()
     if not entries:
@@ -227,7 +227,7 @@ def store_ls(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
 @store_app.command("verify")
 def store_verify(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
     """Read every chunk against its checksum; exit code 1 when anything is damaged or stray."""
-    from jaxprobe.store import FeatureStore
+    from jaxprobe.features.store import FeatureStore
 
     report = FeatureStore(cache).verify()
     typer.echo(f"{len(report.ok)} chunk(s) ok, {len(report.damaged)} damaged, {len(report.stray)} stray file(s), "
@@ -247,7 +247,7 @@ def store_gc(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list, remove nothing")] = False,
 ) -> None:
     """Remove damaged chunks, leftover temporary files and broken entries (older than an hour)."""
-    from jaxprobe.store import FeatureStore
+    from jaxprobe.features.store import FeatureStore
 
     removed = FeatureStore(cache).gc(older_than_days=older_than, dry_run=dry_run)
     for path in removed:
@@ -255,7 +255,7 @@ def store_gc(
     typer.echo(f"{len(removed)} path(s) {'to remove' if dry_run else 'removed'}")
 
 
-# --- classify: classifiers on diffusion features of real images (jaxprobe.classify) --------------------
+# --- classify: classifiers on diffusion features of real images (studies.revelio) --------------------
 
 
 @app.command()
@@ -283,7 +283,7 @@ def classify(
 
     Example: jaxprobe classify pets/ -m runwayml/stable-diffusion-v1-5 -s unet.mid_block -s 'unet.up_blocks.*' --t 25
     """
-    from jaxprobe.classify import ClassifyConfig, ConvHeadConfig, run_classification
+    from jaxprobe.studies.revelio.classify import ClassifyConfig, ConvHeadConfig, run_classification
 
     conv = {"width": conv_width, "epochs": epochs, "learning_rate": conv_lr, "dropout": dropout}
     try:
@@ -310,7 +310,7 @@ DirectionsOutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="re
 
 
 def _directions_config(config: Optional[Path], **overrides):
-    from jaxprobe.directions import EXAMPLE, DirectionsConfig
+    from jaxprobe.studies.decoding_diffusion.directions import EXAMPLE, DirectionsConfig
 
     return DirectionsConfig.from_toml(config or EXAMPLE, **overrides)
 
@@ -325,7 +325,7 @@ def directions_build(
 
     Example: jaxprobe directions build study.toml --model runwayml/stable-diffusion-v1-5 --out runs/bias
     """
-    from jaxprobe.directions import build
+    from jaxprobe.studies.decoding_diffusion.directions import build
 
     try:
         build(_directions_config(config, model=model, out=out, num_inference_steps=steps, force=force or None),
@@ -342,7 +342,7 @@ def directions_score(
                                                     "directions, one per line")] = None,
 ) -> None:
     """Associations with bootstrap intervals (h-space and CLIP text space), projections, clusters -> tables."""
-    from jaxprobe.directions import read_prompt_file, score
+    from jaxprobe.studies.decoding_diffusion.directions import read_prompt_file, score
 
     try:
         extra = read_prompt_file(str(prompts), "prompts file") if prompts else None
@@ -355,7 +355,7 @@ def directions_score(
 @directions_app.command("report")
 def directions_report(results: Annotated[Path, typer.Argument(help="the folder build and score wrote")]) -> None:
     """Figures and report.html from the saved tables."""
-    from jaxprobe.directions import report as directions_report_fn
+    from jaxprobe.studies.decoding_diffusion.directions import report as directions_report_fn
 
     try:
         path = directions_report_fn(results)

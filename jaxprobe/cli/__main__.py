@@ -1,0 +1,3 @@
+from jaxprobe.cli import app
+
+app()

@@ -1,0 +1,110 @@
+"""Cached extraction: a pipeline's captures through the feature store, shared by every study.
+
+`cached_capture` is `pipe.capture` with chunked, resumable, content-keyed storage; `extract_features`
+runs text and sampled sites for several seeds; `image_features` is Revelio's real-image path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxprobe.errors import InputError
+from jaxprobe.features.settings import RunSettings, SamplingSettings
+from jaxprobe.features.store import FeatureStore
+from jaxprobe.pipeline.images import ImageDataset
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Rows of the experiment: prompt text, the concept it names, its template and sampling seed."""
+
+    prompts: tuple[str, ...]      # one per (concept, template)
+    concept_index: np.ndarray      # (n_prompts,) index into the norms' concepts
+    template_index: np.ndarray
+
+
+def build_prompts(concepts: Sequence[str], templates: Sequence[str]) -> PromptSet:
+    rows = [(template.format(concept=c), ci, ti) for ci, c in enumerate(concepts) for ti, template in enumerate(templates)]
+    return PromptSet(tuple(r[0] for r in rows), np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
+
+
+def model_fingerprint(pipe: Any) -> dict[str, Any]:
+    """What identifies the weights: the source, dtype and every component's config (a changed
+    checkpoint folder with the same configs is not detected: use --force after editing weights)."""
+    return {"source": pipe.source, "dtype": str(np.dtype(pipe.dtype)) if pipe.dtype is not None else None,
+            "configs": {name: repr(c.config) for name, c in pipe.components.items()},
+            "scheduler": repr(pipe.scheduler)}
+
+
+def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str, *, cache: str | Path,
+                   chunk_size: int = 64, force: bool = False, progress: bool = True, label: str = "features",
+                   batch_size: int = 8, **options: Any) -> dict[str, np.ndarray]:
+    """`pipe.capture(prompts, sites, **options)` through the feature store under `cache`.
+
+    Chunks of `chunk_size` prompts are committed as they finish, so a killed run resumes where it
+    stopped, a changed setting never returns stale features, and the processes of a multi-process
+    job share the chunks out. Text-only captures are keyed without the sampling options (they do not
+    depend on them). batch_size is not part of the key: it changes results only within
+    floating-point tolerance (README, Determinism).
+    """
+    prompts = list(prompts)
+    sites = pipe.select(sites)
+    text_only = all(s.startswith("text_encoder.") for s in sites)
+    key_options = {"reduce": options.get("reduce", "mean")} if text_only else options
+    description = {"kind": "text" if text_only else "sampling", "model": model_fingerprint(pipe), "sites": sites,
+                   "prompts": prompts, "options": key_options}
+    return FeatureStore(cache).compute(
+        description, len(prompts),
+        lambda part: pipe.capture(prompts[part], sites, batch_size=batch_size, prompt_offset=part.start, **options),
+        chunk_size=chunk_size, force=force, progress=progress, label=label)
+
+
+def extract_features(pipe: Any, prompts: Sequence[str], *, text_sites: Sequence[str] = (),
+                     sampled_sites: Sequence[str] = (), token_reduce: str = "eos", spatial_reduce: str = "mean",
+                     sampling: SamplingSettings = SamplingSettings(), run: RunSettings = RunSettings(),
+                     progress: bool = True) -> dict[str, np.ndarray]:
+    """{site: (n_prompts x n_seeds rows, [steps,] dim)}, rows ordered seed-major, through the cache.
+
+    Text sites are captured once (they do not depend on the sampling seed) and repeated per seed;
+    sampled sites (UNet, sampler, image encoder) once per seed of `sampling.seeds`."""
+    prompts = list(prompts)
+    common = {"cache": run.cache, "force": run.force, "progress": progress, "batch_size": run.batch_size,
+              "chunk_size": run.chunk_size}
+    features: dict[str, list[np.ndarray]] = {}
+    if text_sites:
+        text = cached_capture(pipe, prompts, text_sites, reduce=token_reduce, label="text encoder", **common)
+        for site, value in text.items():
+            features[site] = [value] * len(sampling.seeds)
+    sampled = pipe.select(sampled_sites) if sampled_sites else []
+    for seed in sampling.seeds if sampled else ():
+        values = cached_capture(pipe, prompts, sampled, reduce=spatial_reduce,
+                                num_inference_steps=sampling.num_inference_steps,
+                                guidance_scale=sampling.guidance_scale, seed=seed, label=f"sampling (seed {seed})",
+                                **common)
+        for site, value in values.items():
+            features.setdefault(site, []).append(value)
+    return {site: np.concatenate(chunks) for site, chunks in features.items()}
+
+
+def image_features(pipe: Any, dataset: ImageDataset, sites: Sequence[str], t: int, *, cache: str | Path,
+                   reduce: str = "mean", prompt: str = "", seed: int = 0, batch_size: int = 16,
+                   size: int | None = None, force: bool = False, progress: bool = False) -> dict[str, np.ndarray]:
+    """{site: (n_images, dim)} (reduce="mean") or maps (n_images, h, w, c) (reduce="none") at step t,
+    cached in the feature store (content-hashed on the model, the files, t and every setting)."""
+    chosen = pipe.select(sites)
+    other = [s for s in chosen if not s.startswith("unet.")]
+    if other:
+        raise InputError(f"real images are classified from UNet sites only; drop {', '.join(other)} "
+                         "(e.g. sites=['unet.mid_block', 'unet.up_blocks.*'])")
+    paths = [str(p) for p in dataset.paths]
+    model = model_fingerprint(pipe)
+    description = {"kind": "images", "model": model, "sites": chosen, "data": dataset.describe(), "t": t,
+                   "reduce": reduce, "prompt": prompt, "seed": seed, "size": size}
+    return FeatureStore(cache).compute(description, len(paths), lambda part: pipe.capture_images(
+        paths[part], chosen, t=t, prompt=prompt, seed=seed, reduce=reduce, batch_size=batch_size, size=size,
+        offset=part.start), force=force, progress=progress, label=f"images at t={t}")

@@ -1,0 +1,84 @@
+"""Running a jitted program over many rows: fixed-shape batches sharded over the data mesh, out-of-memory
+halving, progress."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxprobe.errors import JaxprobeError
+from jaxprobe.runtime.devices import data_mesh
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Pad the leading axis to `rows` by repeating the last row, so every batch has one shape."""
+    if len(x) == rows:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
+
+
+def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool = False,
+                label: str = "") -> dict[str, np.ndarray]:
+    """Apply a jitted `run` batch by batch, splitting each batch over this process's devices.
+
+    inputs: an array or a pytree of arrays sharing their leading (prompt) axis. Batches are padded
+    to one shape (a multiple of the device count), so the program compiles once. When a batch runs
+    the device out of memory, the batch size is halved (one more compile) and the run goes on, with
+    a warning that names the size that fits.
+    """
+    n_dev = jax.local_device_count()
+    batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+    sharding = NamedSharding(data_mesh(), PartitionSpec("data"))
+    n = len(jax.tree.leaves(inputs)[0])
+    pieces: dict[str, list[np.ndarray]] = {}
+    with _row_progress(progress and n > batch_size, n, label) as advance:
+        start = 0
+        while start < n:
+            part = slice(start, min(start + batch_size, n))
+            rows = part.stop - part.start
+            try:
+                batch = jax.device_put(jax.tree.map(lambda x: _pad_rows(x[part], batch_size), inputs), sharding)
+                out = {site: np.asarray(value)[:rows] for site, value in run(batch).items()}
+            except jax.errors.JaxRuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+                batch_size = _smaller_batch(batch_size, n_dev, err)
+                continue
+            for site, value in out.items():
+                pieces.setdefault(site, []).append(value)
+            start = part.stop
+            advance(rows)
+    return {site: np.concatenate(chunks) for site, chunks in pieces.items()}
+
+
+def _smaller_batch(batch_size: int, n_dev: int, err: BaseException) -> int:
+    import warnings
+
+    if batch_size <= n_dev:
+        raise JaxprobeError(f"device out of memory even at batch size {batch_size} ({n_dev} per device): capture "
+                            "fewer sites per run, reduce='mean' instead of 'none', or dtype='bfloat16'") from err
+    smaller = max(n_dev, (batch_size // 2) // n_dev * n_dev)
+    warnings.warn(f"device out of memory at batch size {batch_size}; retrying with batch size {smaller} "
+                  f"(pass batch_size={smaller} to skip the failed attempt next time)", RuntimeWarning, stacklevel=3)
+    return smaller
+
+
+@contextlib.contextmanager
+def _row_progress(show: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
+    if not show:
+        yield lambda rows: None
+        return
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda rows: bar.advance(task, rows)

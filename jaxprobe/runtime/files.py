@@ -1,0 +1,76 @@
+"""The one way jaxprobe writes a file: to a unique temporary name beside it, fsynced, then renamed.
+
+Readers see the old file or the new one whole, never a part, and a crash or kill leaves at most a
+`.<name>.<random>.tmp` beside it (which `jaxprobe store gc` removes). A full disk or quota is a
+StoreError that says what to do, and leaves no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxprobe.errors import StoreError
+
+TEMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path) -> Iterator[tuple[int, Path]]:
+    """(open fd, temporary path) in path's folder; renamed over `path` when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    tmp = Path(tmp)
+    try:
+        yield fd, tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError(f"no space left writing {path}: free disk space or point the cache/output at "
+                             "another disk; finished files are intact and reused on rerun") from err
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with _temporary_beside(Path(path)) as (fd, _):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """write(tmp) for writers that take a path (parquet, savefig, orbax-free npz), then fsync and rename."""
+    path = Path(path)
+    with _temporary_beside(path) as (fd, tmp):
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    return path

@@ -1,0 +1,1 @@
+"""Decoding Diffusion: directions in h-space from prompts and captions (`jaxprobe directions`)."""

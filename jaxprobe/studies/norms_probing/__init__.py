@@ -1,0 +1,1 @@
+"""Probing against human norms (`jaxprobe run`): experiment, analyses, report."""

@@ -1,0 +1,1 @@
+"""Revelio: linear and conv classifiers on diffusion features of real images (`jaxprobe classify`)."""
