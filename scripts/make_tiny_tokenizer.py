@@ -1,4 +1,4 @@
-"""Build the bundled tiny CLIP BPE tokenizer (jaxprobe/assets/tiny_tokenizer).
+"""Build the bundled tiny CLIP BPE tokenizer (jaxprobe/checkpoints/assets/tiny_tokenizer).
 
 The real CLIP vocabulary (49,408 entries) cannot be fetched offline, so the `tiny` model ships a small
 vocabulary in CLIP's own format (vocab.json + merges.txt, byte-level, `</w>` word ends), learned with
@@ -19,7 +19,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "jaxprobe" / "norms" / "data"
-OUT = ROOT / "jaxprobe" / "assets" / "tiny_tokenizer"
+OUT = ROOT / "jaxprobe" / "checkpoints" / "assets" / "tiny_tokenizer"
 NUM_MERGES = 1500
 TEMPLATE_TEXT = ("a photo of a an the picture image drawing painting rendering close-up of one two "
                  "man woman person doctor nurse engineer teacher young old child")

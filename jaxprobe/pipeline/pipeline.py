@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxprobe.pipeline.reductions import SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS, reduce_tokens
-from jaxprobe.pipeline.sites import block_sites_of, flatten_intermediates, select_sites
+from jaxprobe.pipeline.sites import SAMPLER_SITES, block_sites_of, flatten_intermediates, select_sites
 from jaxprobe.errors import CheckpointError, InputError, SiteError
 from jaxprobe.models import clip
 from jaxprobe.checkpoints.component import Component
@@ -126,8 +126,8 @@ class Pipeline:
             from jaxprobe.pipeline import sampling
 
             unet_sites = [f"unet.{n}" for n in sampling.unet_site_names(self.unet)]
-            every += unet_sites + list(sampling.SAMPLER_SITES)
-            blocks += sampling.unet_block_sites(unet_sites) + list(sampling.SAMPLER_SITES)
+            every += unet_sites + list(SAMPLER_SITES)
+            blocks += sampling.unet_block_sites(unet_sites) + list(SAMPLER_SITES)
         if self.image_encoder is not None:
             cfg = self.image_encoder.config
             names = _sown_names(self.image_encoder, jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels)))

@@ -249,7 +249,7 @@ def _manifest_prompts(features: Any) -> list[str] | None:
 
 
 def _image_list(images: Any) -> Any:
-    """A folder of image files (sorted by name), a .npy array file, or what `sampling.load_images` takes."""
+    """A folder of image files (sorted by name), a .npy array file, or what `pipeline.images.load_images` takes."""
     if isinstance(images, (str, Path)):
         path = Path(images)
         if path.suffix == ".npy":
