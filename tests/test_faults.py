@@ -201,3 +201,28 @@ def test_out_of_memory_halves_the_batch_and_says_so():
             run_batched(lambda batch: (_ for _ in ()).throw(_oom_error()), x, batch_size=4)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):  # other errors are not retried
         run_batched(lambda batch: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INVALID_ARGUMENT: x")), x, 4)
+
+
+class _FailsOnCopy:
+    """A device output whose copy to the host runs out of memory (what an async OOM looks like)."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise _oom_error()
+
+
+def test_out_of_memory_on_the_copy_back_reruns_that_batch_once():
+    """With one batch in flight the OOM of batch k surfaces after batch k+1 was dispatched: the rows of
+    batch k must be computed again, exactly once, and nothing of a failed attempt kept."""
+    failed = []
+
+    def run(batch):
+        if len(batch) == 4 and float(batch[0, 0]) == 4.0 and not failed:
+            failed.append(True)
+            return {"site": _FailsOnCopy()}
+        return {"site": batch * 2}
+
+    x = np.arange(10, dtype=np.float32)[:, None]
+    with pytest.warns(RuntimeWarning, match="out of memory at batch size 4"):
+        out = run_batched(run, x, batch_size=4)
+    assert failed == [True]
+    np.testing.assert_array_equal(out["site"], x * 2)

@@ -209,3 +209,36 @@ def test_image_encoder_embeds_the_generated_images(tmp_path):
     images = pipe.generate(prompts, num_inference_steps=2)
     again = pipe.embed_images(images)["image_encoder.visual_projection"]
     np.testing.assert_allclose(feats["image_encoder.visual_projection"], again, atol=1e-5)
+
+
+def _count_compiles():
+    from jax._src import dispatch, monitoring
+
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            seen.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    return seen, lambda: monitoring.unregister_event_duration_listener(listener)
+
+
+def test_one_compile_per_capture_and_none_on_a_second_call(sd):
+    _, _, pipe = sd
+    prompts = ["a red cube", "a blue sphere", "a cat"]
+    options = dict(sites=["text_encoder.*", "unet.mid_block", "latents"], num_inference_steps=3,
+                   timesteps=[0, 2], batch_size=2)
+    pipe.select(options["sites"])  # site tracing is abstract and happens once per pipeline
+    seen, stop = _count_compiles()
+    try:
+        first = pipe.capture(prompts, **options)
+        compiles_first = len(seen)
+        second = pipe.capture(prompts, **options)
+    finally:
+        stop()
+    assert compiles_first == 1
+    assert len(seen) == 1
+    assert first["unet.mid_block"].shape[:2] == (3, 2)
+    for site in first:
+        np.testing.assert_array_equal(first[site], second[site])

@@ -12,34 +12,47 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprobe.checkpoints.component import Component
-from jaxprobe.checkpoints.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
-from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
+from jaxprobe.checkpoints.weights import (abstract_params, convert_state_dict, find_weight_files, read_config,
+                                          read_state_dict)
+from jaxprobe.models import vae
+from jaxprobe.models.families import family_for_checkpoint, family_of_config
 from jaxprobe.models.vae import AutoencoderKL, VAEConfig
+from jaxprobe.runtime.devices import place_params
 
 _DEPRECATED_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _RENAMED = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def unet_state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: UNetConfig,
-                              dtype: Any = jnp.float32) -> dict[str, Any]:
-    """A diffusers UNet state dict -> the `params` of UNet2DConditionModel(config), cast to dtype."""
-    side = 2 ** (len(config.block_out_channels) - 1)  # smallest latent every downsampler accepts
-    example = (jnp.zeros((1, side, side, config.in_channels)), jnp.zeros(()),
-               jnp.zeros((1, 1, config.cross_attention_dim)))
-    expected = jax.eval_shape(UNet2DConditionModel(config).init, jax.random.key(0), *example)["params"]
-    return convert_state_dict(state_dict, expected, dtype=dtype, what="UNet checkpoint")
+def denoiser_state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: Any,
+                                  dtype: Any = jnp.float32) -> dict[str, Any]:
+    """A diffusers denoiser state dict -> the host `params` of its family's module, cast to dtype."""
+    family = family_of_config(config)
+    expected = abstract_params(family.module(config, dtype), family.example_inputs(config))
+    return convert_state_dict(family.rename_keys(state_dict), expected, dtype=dtype,
+                              what=f"{family.component} checkpoint")
+
+
+unet_state_dict_to_params = denoiser_state_dict_to_params
+
+
+def load_denoiser(folder: str | Path, *, component: str = "unet", dtype: Any = jnp.float32,
+                  variant: str | None = None) -> Component:
+    """A diffusers denoiser folder (`unet/`, `transformer/`: config.json + weights) -> its Component,
+    read by the family that its config's `_class_name` names."""
+    raw = read_config(Path(folder) / "config.json", component)
+    family = family_for_checkpoint(raw.get("_class_name"), component)
+    config = family.read_config(raw)
+    params = denoiser_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)),
+                                           config, dtype)
+    return Component(component, family.module(config, dtype), place_params(params, dtype), config)
 
 
 def load_unet(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Component:
-    """A diffusers `unet/` folder (config.json + weights) -> Component("unet", module, params, config)."""
-    config = UNetConfig.from_dict(read_config(Path(folder) / "config.json", "UNet"))
-    params = unet_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)), config, dtype)
-    return Component("unet", UNet2DConditionModel(config, dtype), jax.tree.map(jnp.asarray, params), config)
+    return load_denoiser(folder, component="unet", dtype=dtype, variant=variant)
 
 
 def rename_deprecated_attention_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -56,9 +69,7 @@ def vae_state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: VAECo
                              dtype: Any = jnp.float32) -> dict[str, Any]:
     """A diffusers AutoencoderKL state dict (current or deprecated attention names) -> the `params`
     of AutoencoderKL(config), cast to dtype."""
-    side = 2 ** (len(config.block_out_channels) - 1)
-    example = jnp.zeros((1, side, side, config.in_channels))
-    expected = jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), example)["params"]
+    expected = abstract_params(AutoencoderKL(config), vae.example_inputs(config))
     return convert_state_dict(rename_deprecated_attention_keys(state_dict), expected, dtype=dtype,
                               what="VAE checkpoint")
 
@@ -67,4 +78,4 @@ def load_vae(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | Non
     """A diffusers `vae/` folder (config.json + weights) -> Component("vae", module, params, config)."""
     config = VAEConfig.from_dict(read_config(Path(folder) / "config.json", "VAE"))
     params = vae_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)), config, dtype)
-    return Component("vae", AutoencoderKL(config, dtype), jax.tree.map(jnp.asarray, params), config)
+    return Component("vae", AutoencoderKL(config, dtype), place_params(params, dtype), config)

@@ -18,15 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
 from jaxprobe.checkpoints.component import Component
+from jaxprobe.checkpoints.diffusers import load_denoiser, load_vae
 from jaxprobe.checkpoints.tokenizer import PromptTokenizer
-from jaxprobe.checkpoints.weights import convert_state_dict, find_weight_files, read_config, read_state_dict
+from jaxprobe.checkpoints.weights import (abstract_params, convert_state_dict, find_weight_files, read_config,
+                                          read_state_dict)
+from jaxprobe.models.clip import example_inputs as clip_example_inputs
+from jaxprobe.runtime.devices import place_params
 from jaxprobe.models.schedulers import scheduler_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -72,14 +75,6 @@ def resolve_source(source: str | Path) -> Path:
             "`jaxprobe info` lists the models in the cache.") from err
 
 
-def _expected_params(module: Any, *example_inputs: Any) -> Any:
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs))["params"]
-
-
-def _on_device(params: Any, dtype: Any) -> Any:
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
-
-
 def _with_prefix(state: dict[str, np.ndarray], prefix: str, tops: tuple[str, ...]) -> dict[str, np.ndarray]:
     """transformers >= 5 saves CLIPTextModel/CLIPVisionModel without the `text_model.`/`vision_model.`
     level that older checkpoints (all SD releases) have; put it back so one mapping serves both."""
@@ -100,11 +95,6 @@ class _Tower:
     other: tuple[str, ...]                # keys of the other tower in a CLIPModel, unused here
     config_cls: type
     module_cls: type
-
-    def example(self, cfg: Any) -> jax.Array:
-        if self.component == "text_encoder":
-            return jnp.zeros((1, cfg.max_position_embeddings), jnp.int32)
-        return jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels))
 
 
 TEXT_TOWER = _Tower("text_encoder", {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}, "text_config",
@@ -130,9 +120,9 @@ def load_clip_tower(tower: _Tower, folder: Path, *, dtype: Any, variant: str | N
     state = state if state is not None else read_state_dict(find_weight_files(folder, variant=variant))
     state = _with_prefix(state, tower.prefix, tower.tops)
     ignore = (*_BUFFERS, *tower.other) if full_clip else _BUFFERS
-    params = convert_state_dict(state, _expected_params(module, tower.example(cfg)), ignore=ignore,
+    params = convert_state_dict(state, abstract_params(module, clip_example_inputs(cfg)), ignore=ignore,
                                 what=f"{tower.component} at {folder}")
-    return Component(tower.component, module, _on_device(params, dtype), cfg)
+    return Component(tower.component, module, place_params(params, dtype), cfg)
 
 
 def _image_parts(folder: Path, *, dtype: Any, variant: str | None = None, **loaded: Any) -> dict[str, Any]:
@@ -165,8 +155,6 @@ def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dic
 
 
 def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[str, Any]:
-    from jaxprobe.checkpoints.diffusers import load_unet
-    from jaxprobe.checkpoints.diffusers import load_vae
     from jaxprobe.models.schedulers import SchedulerConfig
 
     index = read_config(folder / "model_index.json", "pipeline")
@@ -182,7 +170,7 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[s
         length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
         parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
     if "unet" in listed:
-        parts["unet"] = load_unet(folder / "unet", dtype=dtype, variant=variant)
+        parts["unet"] = load_denoiser(folder / "unet", component="unet", dtype=dtype, variant=variant)
     if "vae" in listed:
         parts["vae"] = load_vae(folder / "vae", dtype=dtype, variant=variant)
     if "scheduler" in listed:

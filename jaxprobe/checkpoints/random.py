@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxprobe.checkpoints.component import Component
+from jaxprobe.checkpoints.weights import abstract_params
+from jaxprobe.models import clip
+from jaxprobe.models import unet as unet_model
+from jaxprobe.models import vae as vae_model
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
+from jaxprobe.runtime.devices import place_params
 from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
 from jaxprobe.models.vae import AutoencoderKL, VAEConfig
 from jaxprobe.models.schedulers import SchedulerConfig
@@ -66,7 +71,7 @@ def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
     initialiser (minutes for a UNet on 2 CPU cores) and keeps the weights identical across JAX and
     Flax versions. Kernels and embeddings ~ N(0, 1/fan_in), norm scales 1, biases 0.
     """
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *example))["params"]
+    shapes = abstract_params(module, example)
 
     def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
         name = ".".join(str(getattr(k, "key", k)) for k in path)
@@ -84,23 +89,18 @@ def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
 
 def random_parts(name: str, dtype: Any) -> dict[str, Any]:
     """The components of the random model `name` (a key of RANDOM_MODELS)."""
-    from jaxprobe.checkpoints.component import Component
-
     tokenizer = PromptTokenizer.from_dir(TOKENIZER_DIR)
     text_cfg, unet_cfg, vae_cfg = RANDOM_MODELS[name](tokenizer.vocab_size)
-    cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
     text = CLIPTextModel(text_cfg, dtype=dtype)
     unet = UNet2DConditionModel(unet_cfg, dtype=dtype)
     vae = AutoencoderKL(vae_cfg, dtype=dtype)
-    side = unet_cfg.sample_size
-    text_params = random_params(text, jnp.zeros((1, 77), jnp.int32))
-    unet_params = random_params(unet, jnp.zeros((1, side, side, 4)), jnp.zeros(()),
-                                jnp.zeros((1, 77, text_cfg.hidden_size)))
-    vae_params = random_params(vae, jnp.zeros((1, 2 * side, 2 * side, 3)))
+    text_params = place_params(random_params(text, *clip.example_inputs(text_cfg)), dtype)
+    unet_params = place_params(random_params(unet, *unet_model.example_inputs(unet_cfg)), dtype)
+    vae_params = place_params(random_params(vae, *vae_model.example_inputs(vae_cfg)), dtype)
     return {
         "tokenizer": tokenizer,
-        "text_encoder": Component("text_encoder", text, cast(text_params), text_cfg),
-        "unet": Component("unet", unet, cast(unet_params), unet_cfg),
-        "vae": Component("vae", vae, cast(vae_params), vae_cfg),
+        "text_encoder": Component("text_encoder", text, text_params, text_cfg),
+        "unet": Component("unet", unet, unet_params, unet_cfg),
+        "vae": Component("vae", vae, vae_params, vae_cfg),
         "scheduler": SchedulerConfig.from_dict(SD15_SCHEDULER),
     }

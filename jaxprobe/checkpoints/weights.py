@@ -199,3 +199,10 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             "(`save_pretrained(..., safe_serialization=True)`).") from err
     tensors = torch.load(path, map_location="cpu", weights_only=True)
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in tensors.items()}
+
+
+def abstract_params(module: Any, example_inputs: tuple[Any, ...]) -> Any:
+    """The `params` tree `module.init` would make, as shapes only (traced, never computed)."""
+    import jax
+
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs))["params"]

@@ -251,3 +251,10 @@ def preprocess_images(images: jax.Array, spec: ImagePreprocess = ImagePreprocess
     crop = resized[:, top:top + spec.crop_size, left:left + spec.crop_size]
     mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
     return (jnp.clip(crop, 0.0, 1.0) - mean) / std
+
+
+def example_inputs(config: CLIPTextConfig | CLIPVisionConfig, batch: int = 1) -> tuple[jax.Array, ...]:
+    """Zeros shaped like a tower's inputs: token ids (b, positions) or images (b, size, size, channels)."""
+    if isinstance(config, CLIPTextConfig):
+        return (jnp.zeros((batch, config.max_position_embeddings), jnp.int32),)
+    return (jnp.zeros((batch, config.image_size, config.image_size, config.num_channels)),)

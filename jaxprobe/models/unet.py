@@ -212,3 +212,10 @@ class UNet2DConditionModel(nn.Module):
         x = SownConv(cfg.out_channels, (cfg.conv_out_kernel,) * 2, padding=(cfg.conv_out_kernel - 1) // 2,
                      dtype=dtype, name="conv_out")(x)
         return x.astype(sample.dtype)
+
+
+def example_inputs(config: UNetConfig, batch: int = 1, tokens: int = 77) -> tuple[jax.Array, ...]:
+    """Zeros shaped like one evaluation's inputs: latents (b, side, side, c), a timestep, context (b, tokens, d)."""
+    side = config.sample_size
+    return (jnp.zeros((batch, side, side, config.in_channels)), jnp.zeros(()),
+            jnp.zeros((batch, tokens, config.cross_attention_dim)))

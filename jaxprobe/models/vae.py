@@ -171,3 +171,9 @@ class AutoencoderKL(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         mean, _ = self.encode(images)
         return self.decode(mean)
+
+
+def example_inputs(config: VAEConfig, batch: int = 1) -> tuple[jax.Array, ...]:
+    """Zeros shaped like an image batch (b, sample_size, sample_size, in_channels)."""
+    side = config.sample_size
+    return (jnp.zeros((batch, side, side, config.in_channels)),)

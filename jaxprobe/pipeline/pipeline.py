@@ -1,79 +1,30 @@
 """The Pipeline: loaded components plus the capture API (`capture`, `generate`, `capture_images`).
 
-Every public method is a thin host-side driver around a jitted program: tokenize, shard the batch
-over all visible devices, run, pull back only the reduced activations that were asked for.
+Every public method is a thin host-side driver (`pipeline.sampling`) around one jitted program
+(`pipeline.programs`): tokenize, shard the batch over all visible devices, run, pull back only the
+reduced activations that were asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxprobe.pipeline.reductions import SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS, reduce_tokens
-from jaxprobe.pipeline.sites import SAMPLER_SITES, block_sites_of, flatten_intermediates, select_sites
-from jaxprobe.errors import CheckpointError, InputError, SiteError
-from jaxprobe.models import clip
 from jaxprobe.checkpoints.component import Component
+from jaxprobe.errors import CheckpointError, SiteError
+from jaxprobe.models import clip
+from jaxprobe.models.families import DenoiserFamily, family_of_config
+from jaxprobe.pipeline import sampling
+from jaxprobe.pipeline.programs import Plan, image_program
+from jaxprobe.pipeline.sampling import IMAGE_REDUCTIONS, Reduce, resolve_reductions
+from jaxprobe.pipeline.sites import SAMPLER_SITES, block_sites_of, flatten_intermediates, select_sites
 from jaxprobe.runtime.batching import run_batched
-from jaxprobe.runtime.devices import data_mesh
-
-Reduce = str | Mapping[str, str]
-KNOWN_REDUCTIONS = tuple(dict.fromkeys((*TOKEN_REDUCTIONS, *SPATIAL_REDUCTIONS, "cls")))
-
-
-def resolve_reductions(sites: Sequence[str], reduce: Reduce, allowed_for: callable) -> tuple[str, ...]:
-    """One reduction per site. `reduce` is a name for all sites, or {glob: name}, first match winning."""
-    chosen = []
-    for site in sites:
-        if isinstance(reduce, str):
-            how = reduce
-        else:
-            how = next((r for pattern, r in reduce.items() if fnmatch.fnmatchcase(site, pattern)), None)
-            if how is None:
-                raise InputError(f"no reduction given for site {site!r}: add a pattern such as '*': 'mean'")
-        allowed = allowed_for(site)
-        if how not in KNOWN_REDUCTIONS:
-            raise InputError(f"unknown reduction {how!r}; choose one of {', '.join(KNOWN_REDUCTIONS)}")
-        if how not in allowed:
-            raise InputError(f"reduction {how!r} does not apply to {site!r} (it allows {', '.join(allowed)}); "
-                             "pass reduce as a mapping, e.g. {'text_encoder.*': 'eos', '*': 'mean'}")
-        chosen.append(how)
-    return tuple(chosen)
-
-
-@functools.partial(jax.jit, static_argnames=("module", "sites", "reductions"))
-def _text_program(module: clip.CLIPTextModel, params: Any, tokens: tuple[jax.Array, jax.Array],
-                  sites: tuple[str, ...], reductions: tuple[str, ...]) -> dict[str, jax.Array]:
-    """tokens: ids (b, n) and EOS positions (b,) -> {site: reduced activation} (paths inside the encoder)."""
-    input_ids, eos = tokens
-    _, state = module.apply({"params": params}, input_ids, mutable=["intermediates"])
-    acts = flatten_intermediates(state["intermediates"])
-    return {s: reduce_tokens(acts[s], eos, r).astype(jnp.float32) for s, r in zip(sites, reductions)}
-
-
-@functools.partial(jax.jit, static_argnames=("module", "preprocess", "sites", "reductions"))
-def _image_program(module: clip.CLIPVisionModel, params: Any, images: jax.Array, preprocess: clip.ImagePreprocess,
-                   sites: tuple[str, ...], reductions: tuple[str, ...]) -> dict[str, jax.Array]:
-    """images (b, H, W, 3) in [0, 1] -> {site: reduced activation}; `cls` pools the class token."""
-    pixels = clip.preprocess_images(images, preprocess).astype(module.dtype)
-    _, state = module.apply({"params": params}, pixels, mutable=["intermediates"])
-    acts = flatten_intermediates(state["intermediates"])
-    out = {}
-    for site, how in zip(sites, reductions):
-        x = acts[site]
-        if x.ndim == 3:
-            x = x[:, 0] if how == "cls" else (x.mean(axis=1) if how == "mean" else x)
-        out[site] = x.astype(jnp.float32)
-    return out
 
 
 @dataclass(frozen=True)
@@ -112,28 +63,29 @@ class Pipeline:
     def replace(self, **changes: Any) -> "Pipeline":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def family(self) -> DenoiserFamily | None:
+        """The denoiser's family (how it is conditioned, its block and bottleneck sites), if there is one."""
+        return family_of_config(self.unet.config) if self.unet is not None else None
+
     @functools.cached_property
     def _site_table(self) -> tuple[list[str], list[str]]:
         """(every site, block-level sites), found by tracing each component once, abstractly."""
         every: list[str] = []
         blocks: list[str] = []
-        if self.text_encoder is not None:
-            cfg = self.text_encoder.config
-            names = _sown_names(self.text_encoder, jnp.zeros((1, cfg.max_position_embeddings), jnp.int32))
-            every += [f"text_encoder.{n}" for n in names]
-            blocks += block_sites_of(every, "text_encoder", clip.BLOCK_SITES)
-        if self.unet is not None:
-            from jaxprobe.pipeline import sampling
-
-            unet_sites = [f"unet.{n}" for n in sampling.unet_site_names(self.unet)]
-            every += unet_sites + list(SAMPLER_SITES)
-            blocks += sampling.unet_block_sites(unet_sites) + list(SAMPLER_SITES)
-        if self.image_encoder is not None:
-            cfg = self.image_encoder.config
-            names = _sown_names(self.image_encoder, jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels)))
-            image_sites = [f"image_encoder.{n}" for n in names]
-            every += image_sites
-            blocks += block_sites_of(image_sites, "image_encoder", clip.BLOCK_SITES)
+        for component, example, patterns in (
+                (self.text_encoder, clip.example_inputs, clip.BLOCK_SITES),
+                (self.unet, self.family.example_inputs if self.family else None,
+                 self.family.block_sites if self.family else ()),
+                (self.image_encoder, clip.example_inputs, clip.BLOCK_SITES)):
+            if component is None:
+                continue
+            names = [f"{component.name}.{n}" for n in traced_sites(component, example(component.config))]
+            every += names
+            blocks += block_sites_of(names, component.name, patterns)
+            if component is self.unet:
+                every += list(SAMPLER_SITES)
+                blocks += list(SAMPLER_SITES)
         return every, blocks
 
     def sites(self, all: bool = False) -> list[str]:  # noqa: A002 - mirrors the CLI flag
@@ -167,36 +119,15 @@ class Pipeline:
         timesteps: "all" or step indices (0 = first denoising step) to keep. `branch`: "cond" or
         "uncond" (the classifier-free-guidance half captured). `latents`: initial noise (n, 4, h, w);
         otherwise prompt i gets the noise of (seed, prompt_offset + i), whatever the batching.
+        One compiled program per shape runs all of it (`jaxprobe.pipeline.programs`).
         """
-        prompts = list(prompts)
         chosen = self.select(sites)
-        text_sites = [s for s in chosen if s.startswith("text_encoder.")]
-        sampling_sites = [s for s in chosen if not s.startswith("text_encoder.")]
-        out: dict[str, np.ndarray] = {}
-        if text_sites:
-            out.update(self._capture_text(prompts, text_sites, reduce, batch_size, progress))
-        if sampling_sites:
-            from jaxprobe.pipeline import sampling
-
-            out.update(sampling.capture_sampling(
-                self, prompts, sampling_sites, timesteps=timesteps, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, seed=seed, reduce=reduce, latents=latents,
-                batch_size=batch_size, branch=branch, negative_prompt=negative_prompt,
-                height=height, width=width, prompt_offset=prompt_offset, progress=progress))
+        out = sampling.run_capture(
+            self, prompts, chosen, timesteps=timesteps, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=seed, reduce=reduce, latents=latents, batch_size=batch_size,
+            branch=branch, negative_prompt=negative_prompt, height=height, width=width,
+            prompt_offset=prompt_offset, progress=progress)
         return {s: out[s] for s in chosen}
-
-    def _capture_text(self, prompts: Sequence[str], sites: Sequence[str], reduce: Reduce,
-                      batch_size: int, progress: bool, allow_empty: bool = False) -> dict[str, np.ndarray]:
-        if self.text_encoder is None:
-            raise SiteError(f"{self.source} has no text encoder")
-        ids = self.tokenize(prompts, allow_empty=allow_empty)
-        eos = self.tokenizer.eos_positions(ids)
-        reductions = resolve_reductions(sites, reduce, lambda s: TOKEN_REDUCTIONS)
-        local = tuple(s.removeprefix("text_encoder.") for s in sites)
-        run = lambda batch: _text_program(self.text_encoder.module, self._replicated("text_encoder"),  # noqa: E731
-                                          batch, local, reductions)
-        chunks = run_batched(run, (ids, eos), batch_size, progress=progress, label="text encoder")
-        return {site: chunks[name] for site, name in zip(sites, local)}
 
     def embed_images(self, images: np.ndarray, sites: str | Iterable[str] = ("image_encoder.visual_projection",),
                      *, reduce: Reduce = "cls", batch_size: int = 8, progress: bool = False) -> dict[str, np.ndarray]:
@@ -205,42 +136,26 @@ class Pipeline:
             raise SiteError("this pipeline has no image encoder; pass image_encoder=PATH to jaxprobe.load "
                             "(or --image-encoder PATH) with a CLIP vision checkpoint")
         chosen = [s for s in self.select(sites) if s.startswith("image_encoder.")]
-        reductions = resolve_reductions(chosen, reduce, lambda s: ("cls", "mean", "none"))
-        local = tuple(s.removeprefix("image_encoder.") for s in chosen)
-        preprocess = self.image_preprocess or clip.ImagePreprocess()
-        run = lambda batch: _image_program(self.image_encoder.module, self._replicated("image_encoder"),  # noqa: E731
-                                           batch, preprocess, local, reductions)
-        chunks = run_batched(run, np.asarray(images, np.float32), batch_size, progress=progress, label="image encoder")
-        return {site: chunks[name] for site, name in zip(chosen, local)}
+        plan = Plan(image_sites=tuple(s.removeprefix("image_encoder.") for s in chosen),
+                    image_reductions=resolve_reductions(chosen, reduce, lambda s: IMAGE_REDUCTIONS))
+        models, params = sampling.models_of(self), sampling.params_of(self)
+        out = run_batched(lambda batch: image_program(models, params, batch, plan), np.asarray(images, np.float32),
+                          batch_size, progress=progress, label="image encoder")
+        return {site: out[f"image:{local}"] for site, local in zip(chosen, plan.image_sites)}
 
     def generate(self, prompts: Sequence[str], **options: Any):
         """Decoded images for the prompts (see `jaxprobe.pipeline.sampling.generate`)."""
-        from jaxprobe.pipeline import sampling
-
         return sampling.generate(self, list(prompts), **options)
 
     def capture_images(self, images: Any, sites: str | Iterable[str] = ("unet.mid_block",), **options: Any):
         """Revelio's setting: VAE-encode real images, noise them to step t, one UNet pass, capture."""
-        from jaxprobe.pipeline import sampling
-
         return sampling.capture_images(self, images, sites, **options)
 
-    # ------------------------------------------------------------------ devices
 
-    def _replicated(self, name: str) -> Any:
-        """A component's parameters replicated over the data mesh, computed once per pipeline."""
-        cache = self.__dict__.setdefault("_replicated_params", {})
-        if name not in cache:
-            sharding = NamedSharding(data_mesh(), PartitionSpec())
-            cache[name] = jax.device_put(self.components[name].params, sharding)
-        return cache[name]
-
-
-def _sown_names(component: Component, example: jax.Array) -> list[str]:
+def traced_sites(component: Component, example: tuple[jax.Array, ...]) -> list[str]:
+    """Every site a component sows, in call order, from one abstract trace (nothing is computed)."""
     def trace():
-        _, state = component.module.apply({"params": component.params}, example, mutable=["intermediates"])
+        _, state = component.module.apply({"params": component.params}, *example, mutable=["intermediates"])
         return state["intermediates"]
 
     return list(flatten_intermediates(jax.eval_shape(trace)))
-
-

@@ -31,9 +31,12 @@ def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool =
     """Apply a jitted `run` batch by batch, splitting each batch over this process's devices.
 
     inputs: an array or a pytree of arrays sharing their leading (prompt) axis. Batches are padded
-    to one shape (a multiple of the device count), so the program compiles once. When a batch runs
-    the device out of memory, the batch size is halved (one more compile) and the run goes on, with
-    a warning that names the size that fits.
+    to one shape (a multiple of the device count), so the program compiles once. One batch stays in
+    flight: batch k+1 is uploaded and dispatched (JAX dispatches asynchronously) before batch k's
+    results are copied to the host, so host and device work overlap. Per batch that is one upload of
+    the inputs and one download per returned array. When a batch runs the device out of memory (at
+    dispatch or on the copy back), the batch size is halved (one more compile) and the run resumes
+    from the first batch not yet on the host, with a warning that names the size that fits.
     """
     n_dev = jax.local_device_count()
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
@@ -41,22 +44,31 @@ def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool =
     n = len(jax.tree.leaves(inputs)[0])
     pieces: dict[str, list[np.ndarray]] = {}
     with _row_progress(progress and n > batch_size, n, label) as advance:
-        start = 0
-        while start < n:
-            part = slice(start, min(start + batch_size, n))
-            rows = part.stop - part.start
+        start = 0                                            # first row not yet dispatched
+        in_flight: tuple[int, int, Any] | None = None        # (start, rows, device outputs)
+        while start < n or in_flight is not None:
             try:
-                batch = jax.device_put(jax.tree.map(lambda x: _pad_rows(x[part], batch_size), inputs), sharding)
-                out = {site: np.asarray(value)[:rows] for site, value in run(batch).items()}
+                launched = None
+                if start < n:
+                    part = slice(start, min(start + batch_size, n))
+                    batch = jax.device_put(jax.tree.map(lambda x: _pad_rows(x[part], batch_size), inputs), sharding)
+                    launched = (part.start, part.stop - part.start, run(batch))
+                if in_flight is not None:
+                    _, rows, out = in_flight
+                    host = {site: np.asarray(value)[:rows] for site, value in out.items()}
+                    for site, value in host.items():
+                        pieces.setdefault(site, []).append(value)
+                    advance(rows)
+                in_flight = launched
+                if launched is not None:
+                    start = launched[0] + launched[1]
             except jax.errors.JaxRuntimeError as err:
                 if not is_out_of_memory(err):
                     raise
                 batch_size = _smaller_batch(batch_size, n_dev, err)
-                continue
-            for site, value in out.items():
-                pieces.setdefault(site, []).append(value)
-            start = part.stop
-            advance(rows)
+                if in_flight is not None:           # its results never reached the host: run it again
+                    start = in_flight[0]
+                in_flight = None
     return {site: np.concatenate(chunks) for site, chunks in pieces.items()}
 
 

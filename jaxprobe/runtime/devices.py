@@ -20,3 +20,10 @@ def data_mesh() -> Mesh:
 def replicate(params: Any) -> Any:
     """Place a parameter pytree once on every device of the data mesh (one copy per device, no more)."""
     return jax.device_put(params, NamedSharding(data_mesh(), PartitionSpec()))
+
+
+def place_params(params: Any, dtype: Any) -> Any:
+    """Host parameters (numpy) -> `dtype`, replicated over the data mesh in one transfer per leaf.
+
+    Loaders call this once, so a pipeline holds exactly one copy of each parameter per device."""
+    return replicate(jax.tree.map(lambda a: np.asarray(a, dtype=dtype), params))

@@ -1,0 +1,87 @@
+"""The denoiser-family seam: everything jaxprobe needs to know about one kind of denoiser.
+
+A family (SD 1.x/2.x UNet today; SDXL, DiT, PixArt, SD3/FLUX MMDiT next) is one `DenoiserFamily`
+value in `FAMILIES`. The rest of the package asks the family, never the model class:
+
+    config      `read_config(checkpoint config.json)` -> its frozen Config
+    module      `module(config, dtype)` -> the Flax module, named like the checkpoint's torch modules
+    weights     `rename_keys(state_dict)`: renames the checkpoint needs before the mechanical
+                torch -> Flax mapping (`checkpoints.weights.convert_state_dict`); identity for most
+    inputs      `example_inputs(config, batch)` -> zeros for shape tracing (params, sites)
+    sites       `block_sites` (regexes that wildcards reach) and `bottleneck_site` (h-space)
+    conditioning `text_encoders` and `context_site` it reads, and `conditioning(activations)` ->
+                the keyword inputs of one evaluation beyond latents and timestep
+    evaluation  `apply(module, params, latents, t, conditioning)` -> (prediction, sown intermediates)
+
+Adding a family is a model file in models/, a `DenoiserFamily` entry here and, if its prompts need
+another encoder, that encoder's model file: the pipeline, programs, loaders and studies stay as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from jaxprobe.errors import CheckpointError
+from jaxprobe.models import unet
+
+
+@dataclass(frozen=True)
+class DenoiserFamily:
+    name: str
+    component: str                                  # checkpoint folder and site prefix ("unet", "transformer")
+    class_names: tuple[str, ...]                    # the diffusers `_class_name`s it reads
+    config_cls: type
+    read_config: Callable[[Mapping[str, Any]], Any]
+    module: Callable[[Any, Any], Any]               # (config, dtype) -> flax module
+    example_inputs: Callable[..., tuple[jax.Array, ...]]
+    block_sites: tuple[str, ...]
+    bottleneck_site: str
+    text_encoders: tuple[str, ...]                  # pipeline components the conditioning reads, in order
+    context_site: str                               # the text-encoder site whose activation conditions
+    conditioning: Callable[[Mapping[str, jax.Array]], dict[str, jax.Array]]
+    apply: Callable[..., tuple[jax.Array, Any]]
+    rename_keys: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda state: state
+
+
+def _sd_conditioning(context: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """SD 1.x/2.x condition on the text encoder's last hidden state (b, tokens, d), nothing else."""
+    return {"encoder_hidden_states": context["text_encoder"]}
+
+
+def _sd_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
+              conditioning: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    out, state = module.apply({"params": params}, latents, t, conditioning["encoder_hidden_states"],
+                              mutable=["intermediates"])
+    return out, state["intermediates"]
+
+
+STABLE_DIFFUSION = DenoiserFamily(
+    name="stable-diffusion", component="unet", class_names=("UNet2DConditionModel",),
+    config_cls=unet.UNetConfig, read_config=unet.UNetConfig.from_dict,
+    module=lambda config, dtype: unet.UNet2DConditionModel(config, dtype), example_inputs=unet.example_inputs,
+    block_sites=unet.BLOCK_SITES, bottleneck_site="mid_block", text_encoders=("text_encoder",),
+    context_site="text_model.final_layer_norm", conditioning=_sd_conditioning, apply=_sd_apply)
+
+FAMILIES: dict[str, DenoiserFamily] = {STABLE_DIFFUSION.name: STABLE_DIFFUSION}
+
+
+def family_of_config(config: Any) -> DenoiserFamily:
+    """The family whose Config type `config` is."""
+    for family in FAMILIES.values():
+        if isinstance(config, family.config_cls):
+            return family
+    raise CheckpointError(f"no denoiser family reads a {type(config).__name__}; known: {', '.join(FAMILIES)}")
+
+
+def family_for_checkpoint(class_name: str | None, component: str) -> DenoiserFamily:
+    """The family that reads a diffusers `component/` folder whose config names `class_name`."""
+    for family in FAMILIES.values():
+        if family.component == component and (class_name is None or class_name in family.class_names):
+            return family
+    readable = ", ".join(f"{f.component}/ {'|'.join(f.class_names)} ({f.name})" for f in FAMILIES.values())
+    raise CheckpointError(f"{component}/ holds a {class_name}, which no jaxprobe denoiser family reads "
+                          f"(it reads {readable}).")

@@ -1,0 +1,207 @@
+"""The device programs: one jitted function per capture shape, from token ids to the reductions asked for.
+
+`capture_program` runs, inside one XLA program: the text encoder (user text sites and the
+conditioning from the same pass), the unconditional embedding broadcast on device, the initial noise
+drawn from (seed, prompt index) with `fold_in`, the `lax.scan` over denoising steps with
+classifier-free guidance, the requested steps selected, and optionally the VAE decode and the CLIP
+image embedding of the result. Only the reduced activations that were asked for leave the device.
+
+Everything that changes the program's structure (modules, sites, reductions, kept steps, branch,
+what runs at all) is static in `Plan`; values (parameters, ids, seed, guidance scale, schedule
+arrays) are traced, so a second call of the same shape compiles nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxprobe.models import clip, schedulers
+from jaxprobe.models.families import DenoiserFamily
+from jaxprobe.pipeline.reductions import reduce_spatial, reduce_tokens
+from jaxprobe.pipeline.sites import flatten_intermediates
+
+PROBS = ".probs"          # cross-attention probability sites: (b, h*w, tokens)
+
+
+@dataclass(frozen=True)
+class Models:
+    """The Flax modules of a pipeline (static under jit) and how its denoiser family is driven."""
+
+    text_encoder: Any = None
+    denoiser: Any = None
+    family: DenoiserFamily | None = None
+    vae: Any = None
+    image_encoder: Any = None
+    image_preprocess: clip.ImagePreprocess | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one program computes and returns (static). Site names are paths inside their component."""
+
+    text_sites: tuple[str, ...] = ()
+    text_reductions: tuple[str, ...] = ()
+    denoiser_sites: tuple[str, ...] = ()     # paths inside the denoiser, or the sampler's own sites
+    denoiser_reductions: tuple[str, ...] = ()
+    image_sites: tuple[str, ...] = ()        # CLIP image-encoder sites of the decoded images
+    image_reductions: tuple[str, ...] = ()
+    sample: bool = False                     # run the denoising loop at all
+    guided: bool = False                     # classifier-free guidance (guidance_scale > 1)
+    branch: str = "cond"                     # which CFG half the denoiser sites capture
+    steps: tuple[int, ...] | None = None     # kept entries of the step axis; None keeps all
+    latent_shape: tuple[int, int, int] = (0, 0, 0)   # (h, w, c)
+    given_noise: bool = False                # inputs carry "noise" instead of drawing it
+    return_latents: bool = False
+    return_images: bool = False
+
+
+def _text_pass(models: Models, params: Any, ids: jax.Array) -> dict[str, jax.Array]:
+    _, state = models.text_encoder.apply({"params": params["text_encoder"]}, ids, mutable=["intermediates"])
+    return flatten_intermediates(state["intermediates"])
+
+
+def reduce_denoiser_site(site: str, x: jax.Array, how: str) -> jax.Array:
+    if site.endswith(PROBS):  # (b, h*w, tokens) -> mean over positions, or maps (b, tokens, h*w)
+        return x.mean(axis=1) if how == "mean" else jnp.swapaxes(x, 1, 2)
+    return reduce_spatial(x, how)
+
+
+def capture_denoiser_sites(plan: Plan, acts: Mapping[str, jax.Array], batch: int) -> dict[str, jax.Array]:
+    """Keep the requested CFG half of each denoiser activation (the batch is [uncond; cond]) and reduce it."""
+    half = slice(batch, None) if plan.branch == "cond" else slice(0, batch)
+    out = {}
+    for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
+        if site in acts:
+            x = acts[site][half] if plan.guided else acts[site]
+            out[site] = reduce_denoiser_site(site, x, how).astype(jnp.float32)
+    return out
+
+
+def initial_noise(seed: jax.Array, prompt_index: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+    """(b, h, w, c): prompt i's noise depends only on (seed, i), whatever the batching or the host."""
+    key = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(prompt_index)
+
+
+def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Plan, noise: jax.Array,
+            conditioning: Mapping[str, jax.Array], guidance_scale: jax.Array
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The sampling loop: final latents (b, h, w, c) and {site: (steps, b, ...)} captured at every step.
+
+    conditioning: the family's inputs, already [uncond; cond] along the batch when guided."""
+    family, batch = models.family, noise.shape[0]
+    latents = noise * schedulers.init_noise_sigma(schedule)
+
+    def step(carry, i):
+        latents, state = carry
+        model_in = schedulers.scale_model_input(schedule, latents, i)
+        model_in = jnp.concatenate([model_in, model_in]) if plan.guided else model_in
+        t = jnp.asarray(schedule.timesteps)[i]
+        eps, inter = family.apply(models.denoiser, params["denoiser"], model_in.astype(models.denoiser.dtype), t,
+                                  conditioning)
+        eps = eps.astype(jnp.float32)
+        if plan.guided:
+            eps_uncond, eps_cond = eps[:batch], eps[batch:]
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        state, latents, x0 = schedulers.step(schedule, state, eps, i, latents)
+        captured = capture_denoiser_sites(plan, flatten_intermediates(inter), batch)
+        sampler = {"latents": latents, "pred_original_sample": x0}
+        for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
+            if site in sampler:
+                captured[site] = reduce_spatial(sampler[site], how).astype(jnp.float32)
+        return (latents, state), captured
+
+    init = (latents, schedulers.init_state(schedule, latents))
+    (latents, _), captured = jax.lax.scan(step, init, jnp.arange(len(schedule.timesteps)))
+    return latents, captured
+
+
+def decode(vae: Any, params: Any, latents: jax.Array) -> jax.Array:
+    """Scaled latents (b, h, w, c) -> images (b, H, W, 3) in [0, 1]."""
+    images = vae.apply({"params": params}, latents / vae.config.scaling_factor, method="decode")
+    return jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def embed_images(models: Models, params: Any, images: jax.Array, sites: tuple[str, ...],
+                 reductions: tuple[str, ...]) -> dict[str, jax.Array]:
+    """images (b, H, W, 3) in [0, 1] -> {image-encoder site: reduced activation}; `cls` pools the class token."""
+    module = models.image_encoder
+    pixels = clip.preprocess_images(images, models.image_preprocess or clip.ImagePreprocess()).astype(module.dtype)
+    _, state = module.apply({"params": params["image_encoder"]}, pixels, mutable=["intermediates"])
+    acts = flatten_intermediates(state["intermediates"])
+    out = {}
+    for site, how in zip(sites, reductions):
+        x = acts[site]
+        if x.ndim == 3:
+            x = x[:, 0] if how == "cls" else (x.mean(axis=1) if how == "mean" else x)
+        out[site] = x.astype(jnp.float32)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("models", "plan"))
+def capture_program(models: Models, params: dict[str, Any], schedule: schedulers.Schedule | None, plan: Plan,
+                    inputs: dict[str, jax.Array], seed: jax.Array, guidance_scale: jax.Array) -> dict[str, jax.Array]:
+    """inputs: "ids" (b, tokens), "eos" (b,), "prompt_index" (b,), "uncond_ids" (1, tokens) when guided,
+    "noise" (b, h, w, c) when given. Returns {"text:SITE": (b, ...), "denoiser:SITE": (b, kept steps, ...),
+    "image:SITE": (b, ...), "latents": (b, h, w, c), "images": (b, H, W, 3)}, as the plan asks."""
+    out: dict[str, jax.Array] = {}
+    acts = _text_pass(models, params, inputs["ids"])
+    for site, how in zip(plan.text_sites, plan.text_reductions):
+        out[f"text:{site}"] = reduce_tokens(acts[site], inputs["eos"], how).astype(jnp.float32)
+    if not plan.sample:
+        return out
+    family = models.family
+    context = acts[family.context_site]                                            # (b, tokens, d)
+    if plan.guided:
+        uncond = _text_pass(models, params, inputs["uncond_ids"])[family.context_site]  # (1, tokens, d)
+        context = jnp.concatenate([jnp.broadcast_to(uncond, context.shape), context])
+    conditioning = family.conditioning({"text_encoder": context})
+    shape = plan.latent_shape
+    noise = inputs["noise"] if plan.given_noise else initial_noise(seed, inputs["prompt_index"], shape)
+    latents, captured = denoise(models, params, schedule, plan, noise, conditioning, guidance_scale)
+    keep = slice(None) if plan.steps is None else jnp.asarray(plan.steps)
+    for site, value in captured.items():
+        out[f"denoiser:{site}"] = jnp.moveaxis(value[keep], 0, 1)                  # (b, kept steps, ...)
+    if plan.return_latents:
+        out["latents"] = latents
+    if plan.return_images or plan.image_sites:
+        images = decode(models.vae, params["vae"], latents)
+        if plan.return_images:
+            out["images"] = images
+        if plan.image_sites:
+            for site, value in embed_images(models, params, images, plan.image_sites, plan.image_reductions).items():
+                out[f"image:{site}"] = value
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("models", "plan"))
+def image_program(models: Models, params: dict[str, Any], images: jax.Array, plan: Plan) -> dict[str, jax.Array]:
+    """images (b, H, W, 3) in [0, 1] -> {"image:SITE": reduced activation} of the CLIP image encoder."""
+    return {f"image:{s}": v for s, v in embed_images(models, params, images, plan.image_sites,
+                                                      plan.image_reductions).items()}
+
+
+@functools.partial(jax.jit, static_argnames=("models", "sched_config", "plan"))
+def real_image_program(models: Models, params: dict[str, Any], sched_config: schedulers.SchedulerConfig, plan: Plan,
+                       inputs: dict[str, jax.Array], seed: jax.Array, t: jax.Array) -> dict[str, jax.Array]:
+    """Revelio: images (b, H, W, 3) in [0, 1] -> VAE posterior mean -> noised to training timestep t with
+    the noise of (seed, image index) -> one denoiser pass conditioned on one prompt -> captures."""
+    vae = models.vae
+    images = inputs["images"] * 2.0 - 1.0
+    mean, _ = vae.apply({"params": params["vae"]}, images.astype(vae.dtype), method="encode")
+    x0 = mean.astype(jnp.float32) * vae.config.scaling_factor
+    batch = x0.shape[0]
+    noise = initial_noise(seed, inputs["prompt_index"], x0.shape[1:])
+    noisy = schedulers.add_noise(sched_config, x0, noise, jnp.full((batch,), t))
+    context = _text_pass(models, params, inputs["prompt_ids"])[models.family.context_site]
+    conditioning = models.family.conditioning({"text_encoder": jnp.broadcast_to(context, (batch, *context.shape[1:]))})
+    _, inter = models.family.apply(models.denoiser, params["denoiser"], noisy.astype(models.denoiser.dtype), t,
+                                   conditioning)
+    captured = capture_denoiser_sites(plan, flatten_intermediates(inter), batch)
+    return {f"denoiser:{site}": value for site, value in captured.items()}
