@@ -13,6 +13,7 @@ inputs in the same process; optionally the largest batch that fits (--max-batch)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -21,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprobe.models import schedulers
-from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
-from jaxprobe.pipeline.sampling import CapturePlan, sample_program, unet_block_sites
 from jaxprobe.checkpoints.random import SD15_SCHEDULER, random_params
+from jaxprobe.models import schedulers
+from jaxprobe.models.families import STABLE_DIFFUSION
+from jaxprobe.models.unet import BLOCK_SITES, UNet2DConditionModel, UNetConfig, example_inputs
+from jaxprobe.pipeline.programs import Models, Plan, denoise
+from jaxprobe.pipeline.sites import block_sites_of, flatten_intermediates
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 SMALL_UNET = dict(sample_size=16, cross_attention_dim=64, block_out_channels=(32, 64), layers_per_block=1,
@@ -32,18 +35,24 @@ SMALL_UNET = dict(sample_size=16, cross_attention_dim=64, block_out_channels=(32
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
+@functools.partial(jax.jit, static_argnames=("models", "plan"))
+def sample_program(models, params, schedule, plan, noise, context, scale):
+    """The sampling loop of jaxprobe's capture program, on given conditioning ([uncond; cond])."""
+    return denoise(models, params, schedule, plan, noise, {"encoder_hidden_states": context}, scale)
+
+
 def jax_step_ms(module, params, schedule, plan, batch, latent, width, steps) -> tuple[float, float]:
     rng = np.random.default_rng(0)
-    inputs = {"noise": jnp.asarray(rng.standard_normal((batch, latent, latent, 4)), jnp.float32),
-              "cond": jnp.asarray(rng.standard_normal((batch, 77, width)), jnp.float32),
-              "uncond": jnp.asarray(rng.standard_normal((batch, 77, width)), jnp.float32)}
-    scale = jnp.float32(7.5)
+    noise = jnp.asarray(rng.standard_normal((batch, latent, latent, 4)), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((2 * batch, 77, width)), jnp.float32)
+    models, scale = Models(denoiser=module, family=STABLE_DIFFUSION), jnp.float32(7.5)
+    params = {"denoiser": params}
     start = time.perf_counter()
-    compiled = sample_program.lower(module, params, schedule, plan, inputs, scale).compile()
+    compiled = sample_program.lower(models, params, schedule, plan, noise, context, scale).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, schedule, inputs, scale))
+    jax.block_until_ready(compiled(params, schedule, noise, context, scale))
     start = time.perf_counter()
-    jax.block_until_ready(compiled(params, schedule, inputs, scale))
+    jax.block_until_ready(compiled(params, schedule, noise, context, scale))
     return (time.perf_counter() - start) / steps * 1e3, compile_s
 
 
@@ -88,19 +97,18 @@ def main() -> None:
     config = UNetConfig(**kwargs)
     module = UNet2DConditionModel(config, dtype=jnp.bfloat16)
     latent, width = config.sample_size, config.cross_attention_dim
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), random_params(
-        module, jnp.zeros((1, latent, latent, 4)), jnp.zeros(()), jnp.zeros((1, 77, width))))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), random_params(module, *example_inputs(config)))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_dict(SD15_SCHEDULER), args.steps)
     evals = len(schedule.timesteps)
 
-    from jaxprobe.pipeline.sites import flatten_intermediates
-
-    names = jax.eval_shape(lambda: module.apply({"params": params}, jnp.zeros((1, latent, latent, 4)), 0.0,
-                                                jnp.zeros((1, 77, width)), mutable=["intermediates"])[1]["intermediates"])
-    blocks = tuple(s.removeprefix("unet.") for s in unet_block_sites(f"unet.{n}" for n in flatten_intermediates(names)))
-    plans = {"capture_off": CapturePlan((), (), "cond", True),
-             "capture_blocks": CapturePlan(blocks, ("mean",) * len(blocks), "cond", True)}
+    names = jax.eval_shape(lambda: module.apply({"params": params}, *example_inputs(config),
+                                                mutable=["intermediates"])[1]["intermediates"])
+    blocks = tuple(s.removeprefix("unet.") for s in
+                   block_sites_of([f"unet.{n}" for n in flatten_intermediates(names)], "unet", BLOCK_SITES))
+    plans = {"capture_off": Plan(sample=True, guided=True),
+             "capture_blocks": Plan(denoiser_sites=blocks, denoiser_reductions=("mean",) * len(blocks), sample=True,
+                                    guided=True)}
     figures: dict = {"device": jax.devices()[0].device_kind, "unet_parameters": int(n_params), "batch": args.batch,
                      "cfg_unet_batch": 2 * args.batch, "steps": args.steps, "unet_evaluations": evals,
                      "captured_sites": list(blocks), "jax": jax.__version__, "python": platform.python_version()}

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
-from jaxprobe.pipeline.pipeline import _text_program
-from jaxprobe.runtime.batching import run_batched
 from jaxprobe.checkpoints.random import random_params
+from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, example_inputs
+from jaxprobe.pipeline.programs import Models, Plan, capture_program
+from jaxprobe.runtime.batching import run_batched
 
 
 def token_ids(n: int, vocab: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -57,13 +57,16 @@ def main() -> None:
                          num_hidden_layers=args.layers, num_attention_heads=max(1, args.width // 64))
     ids, eos = token_ids(args.prompts, cfg.vocab_size, np.random.default_rng(0))
     module = CLIPTextModel(cfg, dtype=jnp.bfloat16)
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), random_params(module, jnp.zeros((1, 77), jnp.int32)))
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), random_params(module, *example_inputs(cfg)))
     sites = tuple(f"text_model.encoder.layers.{i}" for i in range(cfg.num_hidden_layers))
-    programs = {how: (sites, (how,) * len(sites)) for how in ("eos", "mean")}
+    plans = [Plan(text_sites=sites, text_reductions=(how,) * len(sites)) for how in ("eos", "mean")]
+    models, weights = Models(text_encoder=module), {"text_encoder": params}
+    index = np.arange(len(ids), dtype=np.int32)
 
     def ours():
-        for local, reductions in programs.values():
-            out = run_batched(lambda b: _text_program(module, params, b, local, reductions), (ids, eos), args.batch)
+        for plan in plans:  # the capture program with text sites only: what pipe.capture runs for them
+            out = run_batched(lambda b: capture_program(models, weights, None, plan, b, 0, 0.0),
+                              {"ids": ids, "eos": eos, "prompt_index": index}, args.batch)
         return out
 
     jax_s = timed(ours, args.repeats)
