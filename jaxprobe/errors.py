@@ -22,3 +22,7 @@ class InputError(JaxprobeError, ValueError):
 
 class StoreError(JaxprobeError, OSError):
     """Features that cannot be written or found: a full disk, a missing chunk of a multi-process run."""
+
+
+class AlignmentError(InputError):
+    """Features and targets that cannot be paired row for row by concept: a repeated, unmatched or missing name."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 from typer.testing import CliRunner
 
 from jaxprobe.cli import app
@@ -29,13 +30,21 @@ def test_extract_writes_one_array_per_site(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n\na photo of a dog\n")
     out = tmp_path / "feats"
-    result = runner.invoke(app, ["extract", "-p", str(prompts), "-o", str(out), "-s", "text_encoder.*",
-                                 "--reduce", "eos", "--cache", str(tmp_path / "cache")])
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("cat\ndog\n")
+    args = ["extract", "-p", str(prompts), "-o", str(out), "-s", "text_encoder.*", "--reduce", "eos",
+            "--cache", str(tmp_path / "cache")]
+    result = runner.invoke(app, [*args, "--concepts", str(concepts)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["prompts"] == ["a photo of a cat", "a photo of a dog"]
+    assert manifest["concepts"] == ["cat", "dog"] and (out / "concepts.txt").read_text() == "cat\ndog\n"
     layer = np.load(out / "text_encoder.text_model.encoder.layers.3.npy")
     assert layer.shape == (2, 64)
+    # again without concepts (from the cache): the earlier concepts.txt must not name these rows
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert not (out / "concepts.txt").exists() and json.loads((out / "manifest.json").read_text())["concepts"] is None
 
 
 def test_bad_input_exits_with_a_named_error(tmp_path):
@@ -54,3 +63,53 @@ def test_bad_input_exits_with_a_named_error(tmp_path):
     assert result.exit_code == 2 and "Hugging Face cache" in result.output
     result = runner.invoke(app, ["--coordinator", "localhost:1", "info"])
     assert result.exit_code == 2 and "--num-processes" in result.output
+
+
+def _extracted(folder, prompts, rng):
+    """A folder laid out as `jaxprobe extract` writes it: one site and the manifest's prompts."""
+    folder.mkdir()
+    np.save(folder / "text_encoder.text_model.final_layer_norm.npy", rng.normal(size=(len(prompts), 6)))
+    (folder / "manifest.json").write_text(json.dumps({"model": "tiny", "prompts": prompts}))
+    return folder
+
+
+def test_probe_matches_ratings_by_concept_not_by_position(tmp_path):
+    rng = np.random.default_rng(0)
+    concepts = [f"concept{i}" for i in range(24)]
+    feats = _extracted(tmp_path / "feats", concepts, rng)
+    ratings = pd.DataFrame({"concept": concepts, "size": rng.normal(size=24), "colour": rng.normal(size=24)})
+    ratings.to_csv(tmp_path / "sorted.csv", index=False)
+    ratings.sample(frac=1, random_state=1).to_csv(tmp_path / "shuffled.csv", index=False)
+
+    def probe(features, targets, out, *more):
+        return runner.invoke(app, ["probe", "-f", str(features), "-t", str(tmp_path / targets), "-o",
+                                   str(tmp_path / out), "--outer-cv", "3", "--inner-cv", "2", *more])
+
+    for name in ("sorted", "shuffled"):
+        result = probe(feats, f"{name}.csv", f"probes-{name}")
+        assert result.exit_code == 0, result.output
+        assert "matched 24 feature rows to targets rows by prompt" in result.output
+    ordered = pd.read_parquet(tmp_path / "probes-sorted.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "probes-shuffled.parquet"), ordered, check_exact=True)
+    # templated prompts match no concept by their exact text; --concepts names the rows
+    templated = _extracted(tmp_path / "templated", [f"a photo of a {c}" for c in concepts], rng)
+    result = probe(templated, "shuffled.csv", "t")
+    assert result.exit_code == 2 and "'a photo of a concept0'" in result.output and "--concepts" in result.output
+    (tmp_path / "concepts.txt").write_text("\n".join(concepts) + "\n")
+    result = probe(templated, "shuffled.csv", "t", "--concepts", str(tmp_path / "concepts.txt"))
+    assert result.exit_code == 0, result.output
+    assert "matched 24 feature rows to targets rows by concept" in result.output
+    # a repeated concept, unmatched rows, unnamed rows: exit code 2 and the reason
+    pd.concat([ratings, ratings.iloc[[3]]]).to_csv(tmp_path / "twice.csv", index=False)
+    result = probe(feats, "twice.csv", "x")
+    assert result.exit_code == 2 and "'concept3' appear more than once" in result.output
+    ratings.iloc[2:].to_csv(tmp_path / "fewer.csv", index=False)
+    result = probe(feats, "fewer.csv", "x")
+    assert result.exit_code == 2 and "2 of 24 feature rows have no row" in result.output
+    assert "'concept0', 'concept1'" in result.output
+    (feats / "manifest.json").unlink()
+    result = probe(feats, "shuffled.csv", "x")
+    assert result.exit_code == 2 and "--assume-same-order" in result.output
+    result = probe(feats, "sorted.csv", "x", "--assume-same-order")
+    assert result.exit_code == 0 and "paired 24 feature rows with the targets rows by position" in result.output
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "x.parquet"), ordered, check_exact=True)

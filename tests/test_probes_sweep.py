@@ -4,6 +4,7 @@ simulated devices, permutation p-values, FDR and bootstrap intervals, the tidy t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from hypothesis import given, settings, strategies as st
 from sklearn.linear_model import RidgeCV as SkRidgeCV
 from sklearn.preprocessing import StandardScaler
 
-from jaxprobe.probes import cross_validate_ridge, metrics, nested_plan, stats
+from jaxprobe.errors import AlignmentError
+from jaxprobe.probes import align_by_concept, cross_validate_ridge, metrics, nested_plan, stats
 from jaxprobe.probes.folds import FoldPlan
 from jaxprobe.probes.sweep import aggregate, probe_sweep, run_probe_files
 
@@ -292,13 +294,108 @@ def test_run_probe_files(binder, data, tmp_path):
                          outer_cv=4, inner_cv=3, groups=binder["category"].to_numpy())
     np.testing.assert_allclose(table.score, direct.score)  # rows realigned to the features' concepts
     assert not list(out.parent.glob(".*tmp"))
-    # a directory of .npy files with no concept list: rows taken in the targets' order (the same
-    # shapes as above, so no new compilation)
+    # a directory of .npy files with no concept list: rows taken in the targets' order only when asked
+    # (the same shapes as above, so no new compilation)
     (tmp_path / "store").mkdir()
     np.save(tmp_path / "store" / "text_encoder.layers.3.npy", X[0])
     plain = targets.assign(category=binder["category"]).reset_index()
     (tmp_path / "plain.csv").write_text(plain.to_csv(index=False, na_rep="na"))
     table = run_probe_files(tmp_path / "store", tmp_path / "plain.csv", tmp_path / "layer3.parquet",
-                            group_column="category", alphas=ALPHAS, outer_cv=4, inner_cv=3)
+                            group_column="category", alphas=ALPHAS, outer_cv=4, inner_cv=3, assume_same_order=True)
     assert table.site.unique().tolist() == ["text_encoder.layers.3"]
     assert (tmp_path / "layer3.csv").exists() and (tmp_path / "layer3.parquet").exists()
+
+
+def _rated(binder) -> pd.DataFrame:
+    """test_run_probe_files's targets (same shapes and missing pattern: no new compilation), indexed by concept."""
+    targets = binder.iloc[:, :3].copy()
+    targets.iloc[0, 1] = np.nan
+    targets.index.name = "concept"
+    return targets.assign(category=binder["category"])
+
+
+def test_shuffled_targets_give_identical_scores(binder, data, tmp_path, caplog):
+    X, _ = data
+    rated = _rated(binder)
+    shuffled = rated.sample(frac=1, random_state=0)
+    assert not shuffled.index.equals(rated.index)
+    rated.to_csv(tmp_path / "sorted.csv", na_rep="na")
+    shuffled.to_csv(tmp_path / "shuffled.csv", na_rep="na")
+    site = {"unet.mid_block": X[0][:, None].repeat(2, 1)}
+    np.savez(tmp_path / "features.npz", **site, concepts=np.asarray(rated.index, dtype=str))
+    options = {"group_column": "category", "alphas": ALPHAS, "outer_cv": 4, "inner_cv": 3}
+    said = []
+    ordered = run_probe_files(tmp_path / "features.npz", tmp_path / "sorted.csv", tmp_path / "a", log=said.append,
+                              **options)
+    reordered = run_probe_files(tmp_path / "features.npz", tmp_path / "shuffled.csv", tmp_path / "b",
+                                log=said.append, **options)
+    pd.testing.assert_frame_equal(reordered, ordered, check_exact=True)
+    assert said == ["matched 275 feature rows to targets rows by concept"] * 2
+    # the API: a shuffled DataFrame indexed by concept, and the groups as a Series, paired by concept=
+    with caplog.at_level("INFO", logger="jaxprobe.probes.sweep"):
+        api = probe_sweep(site, shuffled.drop(columns="category"), concepts=list(rated.index),
+                          groups=shuffled["category"], alphas=ALPHAS, outer_cv=4, inner_cv=3)
+    np.testing.assert_array_equal(api.score, ordered.score)
+    assert "matched 275 feature rows to targets rows by concept" in caplog.text
+    # the prompts of an extract folder's manifest name the rows when they are the concepts themselves
+    folder = tmp_path / "extracted"
+    folder.mkdir()
+    np.save(folder / "unet.mid_block.npy", site["unet.mid_block"])
+    (folder / "manifest.json").write_text(json.dumps({"prompts": list(rated.index)}))
+    by_prompt = run_probe_files(folder, tmp_path / "shuffled.csv", tmp_path / "c", log=said.append, **options)
+    pd.testing.assert_frame_equal(by_prompt, ordered, check_exact=True)
+    assert said[-1] == "matched 275 feature rows to targets rows by prompt"
+
+
+def test_repeated_and_unmatched_concepts_are_named_errors(binder, data, tmp_path):
+    X, _ = data
+    rated = _rated(binder)
+    concepts = list(rated.index)
+    site = {"unet.mid_block": X[0]}
+    np.savez(tmp_path / "features.npz", **site, concepts=np.asarray(concepts))
+    options = {"group_column": "category", "alphas": ALPHAS, "outer_cv": 4, "inner_cv": 3}
+    twice = pd.concat([rated, rated.iloc[[7]]])
+    twice.to_csv(tmp_path / "twice.csv", na_rep="na")
+    with pytest.raises(AlignmentError, match=f"'{concepts[7]}' appear more than once"):
+        run_probe_files(tmp_path / "features.npz", tmp_path / "twice.csv", tmp_path / "x", **options)
+    rated.to_csv(tmp_path / "rated.csv", na_rep="na")
+    repeated = concepts[:-1] + [concepts[0]]
+    np.savez(tmp_path / "repeated.npz", **site, concepts=np.asarray(repeated))
+    with pytest.raises(AlignmentError, match=f"'{concepts[0]}' on more than one row"):
+        run_probe_files(tmp_path / "repeated.npz", tmp_path / "rated.csv", tmp_path / "x", **options)
+    unrated = ["zebra crossing", "unicorn"] + concepts[2:]
+    np.savez(tmp_path / "unrated.npz", **site, concepts=np.asarray(unrated))
+    with pytest.raises(AlignmentError, match="2 of 275 feature rows have no row in .*'zebra crossing', 'unicorn'"):
+        run_probe_files(tmp_path / "unrated.npz", tmp_path / "rated.csv", tmp_path / "x", **options)
+    # templated prompts do not name concepts: the error says to give them
+    folder = tmp_path / "extracted"
+    folder.mkdir()
+    np.save(folder / "unet.mid_block.npy", X[0])
+    (folder / "manifest.json").write_text(json.dumps({"prompts": [f"a photo of a {c}" for c in concepts]}))
+    with pytest.raises(AlignmentError, match=r"275 of 275 .*'a photo of a .*--concepts FILE"):
+        run_probe_files(folder, tmp_path / "rated.csv", tmp_path / "x", **options)
+    # unnamed rows: refused unless paired by position on request, which needs equal counts
+    (folder / "manifest.json").unlink()
+    with pytest.raises(AlignmentError, match="--assume-same-order"):
+        run_probe_files(folder, tmp_path / "rated.csv", tmp_path / "x", **options)
+    rated.iloc[:-1].to_csv(tmp_path / "short.csv", na_rep="na")
+    with pytest.raises(AlignmentError, match="275 feature rows and 274 rows"):
+        run_probe_files(folder, tmp_path / "short.csv", tmp_path / "x", assume_same_order=True, **options)
+    # the API: a DataFrame indexed with repeats, or targets without names, next to named features
+    with pytest.raises(AlignmentError, match="more than once"):
+        probe_sweep(site, twice.drop(columns="category").iloc[1:], concepts=concepts)
+    with pytest.raises(AlignmentError, match="does not"):
+        probe_sweep(site, rated.drop(columns="category").to_numpy(), concepts=concepts)
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_align_by_concept_counts_and_leaves_out_unnamed_targets_rows():
+    alignment = align_by_concept(["b", "c"], ["a", "b", "c", "d"], n_features=2, n_targets=4)
+    assert alignment.rows.tolist() == [1, 2] and alignment.n_matched == 2 and alignment.n_unused == 2
+    assert alignment.message() == "matched 2 feature rows to targets rows by concept; 2 targets rows without " \
+                                  "features left out"
+    with pytest.raises(AlignmentError, match="'Dog' would match if case were ignored"):
+        align_by_concept(["Dog"], ["dog"], n_features=1, n_targets=1)
+    with pytest.raises(AlignmentError, match="3 feature concepts for 2 feature rows"):
+        align_by_concept(["a", "b", "c"], ["a", "b", "c"], n_features=2, n_targets=3)
+    assert align_by_concept(None, None, n_features=3, n_targets=3, assume_same_order=True).by == "position"

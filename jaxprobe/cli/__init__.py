@@ -92,6 +92,8 @@ def extract(
     cache: Annotated[Path, typer.Option(help="feature store: finished chunks survive a crash and are reused")] = Path("jaxprobe-runs/cache"),
     chunk_size: Annotated[int, typer.Option(help="prompts per committed chunk")] = 64,
     force: Annotated[bool, typer.Option("--force", help="recompute cached chunks")] = False,
+    concepts: Annotated[Optional[Path], typer.Option("--concepts", help="text file, the concept of each prompt, one "
+                                                     "per line: written as OUT/concepts.txt for `probe`")] = None,
 ) -> None:
     """Capture sites for a file of prompts (resumable: rerun the same command after a crash).
 
@@ -108,6 +110,10 @@ def extract(
             raise jaxprobe.InputError(f"{prompts} holds no prompts (one per line)")
         if chunk_size < 1:
             raise jaxprobe.InputError(f"--chunk-size must be at least 1, not {chunk_size}")
+        names = [line.strip() for line in concepts.read_text().splitlines() if line.strip()] if concepts else None
+        if names is not None and len(names) != len(texts):
+            raise jaxprobe.InputError(f"{concepts} holds {len(names)} concepts for {len(texts)} prompts: give one "
+                                      "concept per prompt, in the same order")
         pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder)
         feats = cached_capture(pipe, texts, sites, cache=cache, chunk_size=chunk_size, force=force, reduce=reduce,
                                num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
@@ -117,7 +123,11 @@ def extract(
         out.mkdir(parents=True, exist_ok=True)
         for site, value in feats.items():
             atomic_write_npy(out / f"{site}.npy", value)
-        manifest = {"model": model, "prompts": texts, "reduce": reduce, "steps": steps,
+        if names is not None:
+            atomic_write_text(out / "concepts.txt", "\n".join(names) + "\n")
+        else:  # a concepts.txt left by an earlier extract into OUT would name these rows wrongly
+            (out / "concepts.txt").unlink(missing_ok=True)
+        manifest = {"model": model, "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
                     "guidance_scale": guidance_scale, "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
         atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     except (JaxprobeError, OSError) as err:
@@ -135,8 +145,19 @@ def probe(
     n_permutations: Annotated[int, typer.Option()] = 0,
     n_bootstrap: Annotated[int, typer.Option()] = 0,
     seed: Annotated[int, typer.Option()] = 0,
+    concept_column: Annotated[Optional[str], typer.Option(help="targets column naming each row's concept "
+                                                          "(default: 'concept', else the first column)")] = None,
+    concepts: Annotated[Optional[Path], typer.Option("--concepts", help="text file, the concept of each feature "
+                                                     "row, one per line (instead of the features' own)")] = None,
+    assume_same_order: Annotated[bool, typer.Option("--assume-same-order", help="features that name no concepts: "
+                                                    "pair feature row i with targets row i")] = False,
 ) -> None:
     """Nested cross-validated ridge probes for every feature set x target, as a tidy table.
+
+    Feature rows are matched to targets rows by concept, never silently by position: by --concepts,
+    else the features' own concepts (.npz "concepts", concepts.txt from `extract --concepts`), else
+    the prompts of extract's manifest.json matched by exact text to the concept column (so prompts
+    like "a photo of a dog" need --concepts). Repeated or unmatched concepts are an error.
 
     Example: jaxprobe probe -f feats/ -t ratings.csv -o probes.parquet --n-permutations 100
     """
@@ -145,7 +166,9 @@ def probe(
     try:
         table = run_probe_files(features, targets, out, outer_cv=outer_cv,
                                 inner_cv=inner_cv if inner_cv == "loo" else int(inner_cv),
-                                n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed)
+                                n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed,
+                                concept_column=concept_column, concepts=concepts,
+                                assume_same_order=assume_same_order, log=typer.echo)
     except (JaxprobeError, OSError, ValueError) as err:
         _fail(err)
     if table is not None:

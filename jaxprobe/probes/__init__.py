@@ -5,6 +5,7 @@ feature sets), `cross_validate_ridge` / `cross_validate` (the batched engine), f
 and statistics.
 """
 
+from jaxprobe.probes.alignment import Alignment, align_by_concept
 from jaxprobe.probes.crossval import CVResult, cross_validate, cross_validate_ridge
 from jaxprobe.probes.estimators import LogisticProbe, RidgeCV
 from jaxprobe.probes.folds import FoldPlan, nested_plan
@@ -12,6 +13,6 @@ from jaxprobe.probes.linear import ProbeConfig
 from jaxprobe.probes.sweep import aggregate, probe_sweep, run_probe_files
 
 __all__ = [
-    "CVResult", "FoldPlan", "LogisticProbe", "ProbeConfig", "RidgeCV", "cross_validate",
-    "aggregate", "cross_validate_ridge", "nested_plan", "probe_sweep", "run_probe_files",
+    "Alignment", "CVResult", "FoldPlan", "LogisticProbe", "ProbeConfig", "RidgeCV", "cross_validate",
+    "aggregate", "align_by_concept", "cross_validate_ridge", "nested_plan", "probe_sweep", "run_probe_files",
 ]

@@ -18,9 +18,11 @@ Table columns, one row per (feature set, target):
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +30,19 @@ import pandas as pd
 
 from jaxprobe.errors import InputError
 from jaxprobe.probes import stats
+from jaxprobe.probes.alignment import align_by_concept
 from jaxprobe.probes.crossval import DEFAULT_ALPHAS, cross_validate_ridge
 from jaxprobe.probes.folds import nested_plan
 from jaxprobe.probes.metrics import Metric
+
+logger = logging.getLogger(__name__)
 
 
 def probe_sweep(
     features: Mapping[str, np.ndarray] | np.ndarray,
     targets: pd.DataFrame | np.ndarray,
     *,
+    concepts: Sequence[str] | None = None,
     alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS,
     outer_cv: int = 5,
     inner_cv: int | str = 5,
@@ -57,14 +63,24 @@ def probe_sweep(
     """Probe every feature set against every target with nested cross-validated ridge.
 
     features: site -> (n, d) or (n, n_timesteps, d) array (one feature set per timestep), or an
-        (F, n, d) array (sites "0", "1", ...). Rows are concepts, in the order of `targets`.
+        (F, n, d) array (sites "0", "1", ...).
     targets: (n, t) DataFrame (columns = target names; NaN or "na" = missing, masked per target)
-        or array. groups: (n,) concept labels kept on one side of every split (e.g. category).
+        or array.
+    concepts: (n,) the concept of each feature row. Given, the targets must be a DataFrame indexed by
+        concept: each feature row is paired with the targets row of the same concept (exact text), a
+        concept repeated on either side or missing from the targets raises `AlignmentError`, targets
+        rows no feature row names are left out, and "matched n feature rows ..." is logged (INFO,
+        logger jaxprobe.probes.sweep); see `jaxprobe.probes.alignment`. Not given, rows are paired by
+        position: feature row i with targets row i.
+    groups: (n,) labels kept on one side of every split (e.g. category), one per feature row; with
+        `concepts`, a pandas Series indexed by concept is matched by concept like the targets.
     outer_cv folds score; inner_cv (int or "loo") folds inside each outer training set choose
     alpha (per target unless alpha_per_target=False). See the module docstring for the columns.
     return_predictions: also return out-of-fold predictions (F, n, t), F in table order.
     """
     names, sites, steps, arrays = feature_sets(features)
+    if concepts is not None:
+        targets, groups = _align_to_concepts(targets, groups, concepts, len(arrays[0]))
     target_names, Y = _targets(targets)
     n = len(Y)
     dims = {a.shape[-1] for a in arrays}
@@ -112,6 +128,19 @@ def probe_sweep(
     if return_predictions:
         return table, stacked(lambda r: r.predictions)
     return table
+
+
+def _align_to_concepts(targets, groups, concepts: Sequence[str], n_features: int):
+    """(targets, groups) reordered to the feature rows' `concepts` with `align_by_concept`."""
+    named = isinstance(targets, pd.DataFrame) and not isinstance(targets.index, pd.RangeIndex)
+    alignment = align_by_concept(concepts, targets.index if named else None, n_features=n_features,
+                                 n_targets=len(targets), targets_label="the targets DataFrame")
+    logger.info(alignment.message())
+    targets = targets.iloc[alignment.rows]
+    if isinstance(groups, pd.Series) and not isinstance(groups.index, pd.RangeIndex):
+        groups = groups.iloc[align_by_concept(concepts, groups.index, n_features=n_features, n_targets=len(groups),
+                                              targets_label="the groups Series").rows].to_numpy()
+    return targets, groups
 
 
 def aggregate(table: pd.DataFrame, by: str | None = "group") -> pd.DataFrame:
@@ -189,7 +218,9 @@ def _balanced_share(features: Mapping[str, np.ndarray], index: int, count: int) 
 def run_probe_files(
     features_path: str | os.PathLike, targets_path: str | os.PathLike, out_path: str | os.PathLike,
     *, concept_column: str | None = None, group_column: str | None = None,
-    target_groups: str | os.PathLike | Mapping[str, str] | None = None, **options,
+    target_groups: str | os.PathLike | Mapping[str, str] | None = None,
+    concepts: Sequence[str] | str | os.PathLike | None = None, assume_same_order: bool = False,
+    log: Callable[[str], None] | None = None, **options,
 ) -> pd.DataFrame | None:
     """`probe_sweep` from files; writes the table as <out>.parquet and <out>.csv.
 
@@ -198,22 +229,37 @@ def run_probe_files(
         optional concepts.txt, one concept per line).
     targets_path: CSV with a concept column (`concept_column`, default "concept" or the first
         column) and one numeric column per target ("na" = missing); `group_column` names a column
-        of concept groups for group-aware folds (not a target). When the features name their
-        concepts, targets are aligned to them; otherwise rows must already be in the same order.
+        of concept groups for group-aware folds (not a target).
+    Feature rows are matched to targets rows by name (`jaxprobe.probes.alignment.align_by_concept`),
+    never silently by position. The names, first found first: `concepts` (a list, or a text file with
+    one concept per feature row); the features' own concepts ("concepts" in the .npz, concepts.txt in
+    the folder, as `jaxprobe extract --concepts` writes); the prompts in the folder's manifest.json
+    (`jaxprobe extract`), matched by their exact text, so templated prompts ("a photo of a dog") need
+    the concepts. Repeated or unmatched names raise `AlignmentError`; targets rows that no feature row
+    names are left out. assume_same_order: pair rows by position instead, when the features name no
+    concepts (their prompts are then ignored); the row counts must agree. The line saying how many
+    rows were matched goes to `log` (default: logging at INFO level).
     target_groups: target -> group mapping, or a CSV whose first two columns are target, group
         (e.g. Binder's attribute_domains.csv). Other options go to `probe_sweep`.
     Files are written under a temporary name and renamed, so a crash never leaves a partial table.
     In a multi-process job the processes share the sites; process 0 writes and returns the table.
     """
-    features, concepts = load_features(Path(features_path))
+    features, names = load_features(Path(features_path))
+    by = "concept"
+    if concepts is not None:
+        names = read_names(concepts) if isinstance(concepts, (str, os.PathLike)) else list(concepts)
+    elif names is None and not assume_same_order:
+        names, by = manifest_prompts(Path(features_path)), "prompt"
     table = pd.read_csv(targets_path, na_values=["na"])
     concept_column = concept_column or ("concept" if "concept" in table else table.columns[0])
+    if concept_column not in table:
+        raise InputError(f"{targets_path} has no column {concept_column!r}; its columns: {list(table.columns)[:8]}")
     table = table.set_index(concept_column)
-    if concepts is not None:
-        missing = [c for c in concepts if c not in table.index]
-        if missing:
-            raise InputError(f"{len(missing)} feature concepts have no targets row, e.g. {missing[:3]}")
-        table = table.loc[concepts]
+    alignment = align_by_concept(names, table.index, n_features=len(next(iter(features.values()))),
+                                 n_targets=len(table), by=by, assume_same_order=assume_same_order,
+                                 targets_label=str(targets_path))
+    (log or logger.info)(alignment.message())
+    table = table.iloc[alignment.rows]
     groups = None
     if group_column is not None:
         groups = table.pop(group_column).to_numpy()
@@ -269,6 +315,20 @@ def _targets(targets) -> tuple[list[str], np.ndarray]:
     values = np.asarray(targets, float)
     values = values[:, None] if values.ndim == 1 else values
     return [str(i) for i in range(values.shape[1])], values
+
+
+def read_names(path: str | os.PathLike) -> list[str]:
+    """One name per non-blank line of a text file (surrounding spaces dropped)."""
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def manifest_prompts(path: Path) -> list[str] | None:
+    """The prompts, one per feature row, in the manifest.json `jaxprobe extract` wrote in a feature folder."""
+    manifest = path / "manifest.json" if path.is_dir() else None
+    if manifest is None or not manifest.is_file():
+        return None
+    prompts = json.loads(manifest.read_text()).get("prompts")
+    return [str(p) for p in prompts] if prompts else None
 
 
 def load_features(path: Path) -> tuple[dict[str, np.ndarray], list[str] | None]:

@@ -97,6 +97,8 @@ def _latents(saes: SAEs, features: Any, *, labels: Sequence[str] | None, concept
     targets = None
     if norms is not None:
         concepts = concepts_in(labels, norms.concepts) if concepts is None else list(concepts)
+        if len(concepts) != source.n:
+            raise InputError(f"{len(concepts)} concepts for {source.n} inputs: give one concept per feature row")
         if not any(concepts):
             raise InputError("no input names a concept of the norms: pass concepts= (one per input)")
         row = {c: i for i, c in enumerate(norms.concepts)}
@@ -270,8 +272,9 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
     """latent_table -> out/latents.parquet (+ .csv) and out/sae_report.html. Returns the page's path.
 
     saes: SAEs or the folder `train_saes` wrote. norms: a Norms or a `load_norms` name/path. labels:
-    default the prompts of a `jaxprobe extract` folder's manifest. images: (n, H, W, 3) array, n paths,
-    a folder of n image files or a .npy, one per input, shown as thumbnails."""
+    default the prompts of a `jaxprobe extract` folder's manifest; concepts: default its concepts.txt
+    (`jaxprobe extract --concepts`), else guessed from the labels (`concepts_in`). images: (n, H, W, 3)
+    array, n paths, a folder of n image files or a .npy, one per input, shown as thumbnails."""
     from jaxprobe.runtime.files import write_atomic
 
     saes = load_saes(saes)
@@ -280,6 +283,10 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
 
         norms = load_norms(norms)
     labels = _manifest_prompts(features) if labels is None else labels
+    if concepts is None and isinstance(features, (str, Path)) and (Path(features) / "concepts.txt").is_file():
+        from jaxprobe.probes.sweep import read_names  # written by `jaxprobe extract --concepts`: exact, no guessing
+
+        concepts = read_names(Path(features) / "concepts.txt")
     source = as_source(features, sites)
     images = _image_list(images)
     if images is not None and len(images) != source.n:
