@@ -1,9 +1,15 @@
-"""scikit-learn-style estimators over the batched probe solvers.
+"""scikit-learn estimators over the batched probe solvers.
 
 `RidgeCV` follows scikit-learn's `RidgeCV` conventions (fit/predict/score, `alpha_`, `coef_` of
 shape (n_targets, n_features), `intercept_`, `best_score_`) and adds `cv_scores_`. It is the
 single-feature-set face of `ridge.py`: the same decomposition, deletion-based selection and
 coefficients the sweep uses. `LogisticProbe` is the same for the optax classifiers of `linear.py`.
+
+`RidgeCV` is a real scikit-learn estimator (BaseEstimator + RegressorMixin): it clones, sits in a
+Pipeline, and tunes under GridSearchCV. Inputs go through scikit-learn's own
+`validate_data`, so it takes what any estimator takes (DataFrames, lists, read-only memmaps) and
+rejects what any estimator rejects, but as `InputError` (a ValueError) like the rest of jaxprobe.
+This module loads scikit-learn; `jaxprobe.probes` imports it only on first use of its names.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from jaxprobe.errors import InputError
 from jaxprobe.probes import folds, linear
@@ -23,7 +31,7 @@ from jaxprobe.probes.ridge import (
     Scoring, coefficients, decompose, inner_cv_scores, select_alphas, training_targets)
 
 
-class RidgeCV:
+class RidgeCV(RegressorMixin, BaseEstimator):
     """Ridge regression with the alpha chosen by cross-validation, closed form, in JAX.
 
     alphas: candidate penalties. cv: None -> exact leave-one-out (scikit-learn's default, scored by
@@ -39,6 +47,9 @@ class RidgeCV:
     averaged when shared); cv_scores_ (n_alphas, n_targets), or (n_alphas,) for 1-D y: the
     selection score of every candidate alpha — mean over folds of R², or minus the mean squared
     leave-one-out error.
+
+    A scikit-learn regressor: get_params/set_params, clone, Pipeline and GridSearchCV work, and
+    `score` is scikit-learn's R² (uniform average over targets).
     """
 
     def __init__(
@@ -53,8 +64,17 @@ class RidgeCV:
         self.scoring = scoring
         self.dtype = dtype
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True     # y (n, t): one ridge per column, fitted at once
+        return tags
+
     def fit(self, X, y) -> RidgeCV:
-        X, Y, ravel = _check_xy(X, y)
+        # Cross-validation needs two rows at the least (one to fit, one to score).
+        X, y = _validate(self, X, y, multi_output=True, y_numeric=True, ensure_min_samples=2)
+        X, y = np.asarray(X, float), np.asarray(y, float)   # 2-D, finite, same n: validated
+        ravel = y.ndim == 1
+        Y = y[:, None] if ravel else y
         alphas = np.asarray(self.alphas, float).reshape(-1)
         if (alphas <= 0).any():
             raise InputError("alphas must be positive")
@@ -79,18 +99,9 @@ class RidgeCV:
         return self
 
     def predict(self, X) -> np.ndarray:
-        X = np.asarray(X, float)
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise InputError(f"X must be (n, {self.n_features_in_}), got {X.shape}")
+        check_is_fitted(self)
+        X = np.asarray(_validate(self, X, reset=False), float)
         return X @ self.coef_.T + self.intercept_
-
-    def score(self, X, y) -> float:
-        """R² of the predictions, averaged uniformly over targets (scikit-learn's convention)."""
-        y = np.asarray(y, float)
-        pred = self.predict(X)
-        ss_res = ((y - pred) ** 2).sum(0)
-        ss_tot = ((y - y.mean(0)) ** 2).sum(0)
-        return float(np.mean(1 - ss_res / ss_tot))
 
 
 @functools.partial(jax.jit, static_argnames=("alpha_per_target", "fit_intercept", "scoring"))
@@ -153,16 +164,14 @@ class LogisticProbe:
 _fit_probe = jax.jit(linear.fit_probe, static_argnames="config")
 
 
-def _check_xy(X, y) -> tuple[np.ndarray, np.ndarray, bool]:
-    X = np.asarray(X, float)
-    y = np.asarray(y, float)
-    ravel = y.ndim == 1
-    Y = y[:, None] if ravel else y
-    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
-        raise InputError(f"X must be (n, d) and y (n,) or (n, t) with the same n; got {X.shape}, {y.shape}")
-    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
-        raise InputError("X and y must be finite: probe_sweep masks missing targets (NaN) per target")
-    return X, Y, ravel
+def _validate(estimator, *args, **kwargs):
+    """scikit-learn's input checks (which also set or compare n_features_in_ and
+    feature_names_in_), with its ValueErrors raised as InputError, jaxprobe's bad-input error."""
+    try:
+        return validate_data(estimator, *args, **kwargs)
+    except ValueError as error:
+        hint = "; probe_sweep masks missing targets (NaN) per target" if "NaN" in str(error) else ""
+        raise InputError(f"{error}{hint}") from error
 
 
 def _scoring(scoring: str | None, leave_one_out: bool) -> Scoring:
