@@ -5,11 +5,11 @@ shape (n_targets, n_features), `intercept_`, `best_score_`) and adds `cv_scores_
 single-feature-set face of `ridge.py`: the same decomposition, deletion-based selection and
 coefficients the sweep uses. `LogisticProbe` is the same for the optax classifiers of `linear.py`.
 
-`RidgeCV` is a real scikit-learn estimator (BaseEstimator + RegressorMixin): it clones, sits in a
-Pipeline, and tunes under GridSearchCV. Inputs go through scikit-learn's own
-`validate_data`, so it takes what any estimator takes (DataFrames, lists, read-only memmaps) and
-rejects what any estimator rejects, but as `InputError` (a ValueError) like the rest of jaxprobe.
-This module loads scikit-learn; `jaxprobe.probes` imports it only on first use of its names.
+Both are real scikit-learn estimators (BaseEstimator + RegressorMixin / ClassifierMixin): they
+clone, sit in a Pipeline, and tune under GridSearchCV. Inputs go through scikit-learn's own
+`validate_data`, so they take what any estimator takes (DataFrames, lists, read-only memmaps) and
+reject what any estimator rejects, but as `InputError` (a ValueError) like the rest of jaxprobe.
+This module loads scikit-learn; `jaxprobe.probes` imports it only on first use of these names.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from jaxprobe.errors import InputError
@@ -118,47 +119,56 @@ def _fit(x, y, plan: folds.FoldPlan, alphas, *, alpha_per_target: bool, fit_inte
     return coef, intercept, scores, best
 
 
-class LogisticProbe:
+class LogisticProbe(ClassifierMixin, BaseEstimator):
     """Logistic-regression probe (binary or multi-class) trained with optax, with L2 and early
     stopping on a random validation split of `val_fraction` of the rows (0: train to convergence
     on all rows); see `linear.ProbeConfig` for the training options.
 
     Fitted attributes: classes_, coef_ (n_classes or 1, n_features), intercept_, n_steps_ (steps
     until the best validation loss).
+
+    A scikit-learn classifier: get_params/set_params, clone, Pipeline and GridSearchCV work
+    (config=None stands for `ProbeConfig(loss="logistic")`, resolved in fit); `score` is accuracy;
+    `decision_function` is (n,) for two classes, like LogisticRegression's.
     """
 
     def __init__(self, config: linear.ProbeConfig | None = None, *, val_fraction: float = 0.2,
                  seed: int = 0):
-        self.config = config or linear.ProbeConfig(loss="logistic")
+        self.config = config
         self.val_fraction = val_fraction
         self.seed = seed
 
     def fit(self, X, y) -> LogisticProbe:
+        X, y = _validate(self, X, y)
+        check_classification_targets(y)
         X = np.asarray(X, np.float32)
-        self.classes_, labels = np.unique(np.asarray(y), return_inverse=True)
+        self.classes_, labels = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise InputError("a classifier needs at least two classes in y")
+            raise InputError("y holds one class; a classifier needs at least two")
         rng = np.random.default_rng(self.seed)
         val = (rng.permutation(len(X)) < round(self.val_fraction * len(X))).astype(np.float32)
-        config = dataclasses.replace(self.config, loss="logistic", n_classes=len(self.classes_))
+        config = dataclasses.replace(self.config or linear.ProbeConfig(loss="logistic"),
+                                     loss="logistic", n_classes=len(self.classes_))
         params, steps = _fit_probe(X, labels.astype(np.float32), 1 - val, val, config=config)
         self.coef_, self.intercept_ = np.asarray(params["w"]).T, np.asarray(params["b"])
         self.n_steps_ = int(steps)
-        self.n_features_in_ = X.shape[1]
         return self
 
+    def _logits(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = np.asarray(_validate(self, X, reset=False), np.float32)
+        return X @ self.coef_.T + self.intercept_                    # (n, n_classes or 1)
+
     def decision_function(self, X) -> np.ndarray:
-        return np.asarray(X, np.float32) @ self.coef_.T + self.intercept_
+        logits = self._logits(X)
+        return logits[:, 0] if logits.shape[1] == 1 else logits
 
     def predict_proba(self, X) -> np.ndarray:
-        return np.asarray(linear.class_probabilities(jnp.asarray(self.decision_function(X))))
+        return np.asarray(linear.class_probabilities(jnp.asarray(self._logits(X))))
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(-1)]
-
-    def score(self, X, y) -> float:
-        """Accuracy."""
-        return float(np.mean(self.predict(X) == np.asarray(y)))
+        proba = self.predict_proba(X)                  # first: it raises NotFittedError before fit
+        return self.classes_[proba.argmax(-1)]
 
 
 _fit_probe = jax.jit(linear.fit_probe, static_argnames="config")
