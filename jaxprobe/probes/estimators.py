@@ -1,9 +1,15 @@
-"""scikit-learn-style estimators over the batched probe solvers.
+"""scikit-learn estimators over the batched probe solvers.
 
 `RidgeCV` follows scikit-learn's `RidgeCV` conventions (fit/predict/score, `alpha_`, `coef_` of
 shape (n_targets, n_features), `intercept_`, `best_score_`) and adds `cv_scores_`. It is the
 single-feature-set face of `ridge.py`: the same decomposition, deletion-based selection and
 coefficients the sweep uses. `LogisticProbe` is the same for the optax classifiers of `linear.py`.
+
+Both are real scikit-learn estimators (BaseEstimator + RegressorMixin / ClassifierMixin): they
+clone, sit in a Pipeline, and tune under GridSearchCV. Inputs go through scikit-learn's own
+`validate_data`, so they take what any estimator takes (DataFrames, lists, read-only memmaps) and
+reject what any estimator rejects, but as `InputError` (a ValueError) like the rest of jaxprobe.
+This module loads scikit-learn; `jaxprobe.probes` imports it only on first use of these names.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from jaxprobe.errors import InputError
 from jaxprobe.probes import folds, linear
@@ -23,7 +32,7 @@ from jaxprobe.probes.ridge import (
     Scoring, coefficients, decompose, inner_cv_scores, select_alphas, training_targets)
 
 
-class RidgeCV:
+class RidgeCV(RegressorMixin, BaseEstimator):
     """Ridge regression with the alpha chosen by cross-validation, closed form, in JAX.
 
     alphas: candidate penalties. cv: None -> exact leave-one-out (scikit-learn's default, scored by
@@ -39,6 +48,9 @@ class RidgeCV:
     averaged when shared); cv_scores_ (n_alphas, n_targets), or (n_alphas,) for 1-D y: the
     selection score of every candidate alpha — mean over folds of R², or minus the mean squared
     leave-one-out error.
+
+    A scikit-learn regressor: get_params/set_params, clone, Pipeline and GridSearchCV work, and
+    `score` is scikit-learn's R² (uniform average over targets).
     """
 
     def __init__(
@@ -53,8 +65,17 @@ class RidgeCV:
         self.scoring = scoring
         self.dtype = dtype
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True     # y (n, t): one ridge per column, fitted at once
+        return tags
+
     def fit(self, X, y) -> RidgeCV:
-        X, Y, ravel = _check_xy(X, y)
+        # Cross-validation needs two rows at the least (one to fit, one to score).
+        X, y = _validate(self, X, y, multi_output=True, y_numeric=True, ensure_min_samples=2)
+        X, y = np.asarray(X, float), np.asarray(y, float)   # 2-D, finite, same n: validated
+        ravel = y.ndim == 1
+        Y = y[:, None] if ravel else y
         alphas = np.asarray(self.alphas, float).reshape(-1)
         if (alphas <= 0).any():
             raise InputError("alphas must be positive")
@@ -79,18 +100,9 @@ class RidgeCV:
         return self
 
     def predict(self, X) -> np.ndarray:
-        X = np.asarray(X, float)
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise InputError(f"X must be (n, {self.n_features_in_}), got {X.shape}")
+        check_is_fitted(self)
+        X = np.asarray(_validate(self, X, reset=False), float)
         return X @ self.coef_.T + self.intercept_
-
-    def score(self, X, y) -> float:
-        """R² of the predictions, averaged uniformly over targets (scikit-learn's convention)."""
-        y = np.asarray(y, float)
-        pred = self.predict(X)
-        ss_res = ((y - pred) ** 2).sum(0)
-        ss_tot = ((y - y.mean(0)) ** 2).sum(0)
-        return float(np.mean(1 - ss_res / ss_tot))
 
 
 @functools.partial(jax.jit, static_argnames=("alpha_per_target", "fit_intercept", "scoring"))
@@ -107,62 +119,69 @@ def _fit(x, y, plan: folds.FoldPlan, alphas, *, alpha_per_target: bool, fit_inte
     return coef, intercept, scores, best
 
 
-class LogisticProbe:
+class LogisticProbe(ClassifierMixin, BaseEstimator):
     """Logistic-regression probe (binary or multi-class) trained with optax, with L2 and early
     stopping on a random validation split of `val_fraction` of the rows (0: train to convergence
     on all rows); see `linear.ProbeConfig` for the training options.
 
     Fitted attributes: classes_, coef_ (n_classes or 1, n_features), intercept_, n_steps_ (steps
     until the best validation loss).
+
+    A scikit-learn classifier: get_params/set_params, clone, Pipeline and GridSearchCV work
+    (config=None stands for `ProbeConfig(loss="logistic")`, resolved in fit); `score` is accuracy;
+    `decision_function` is (n,) for two classes, like LogisticRegression's.
     """
 
     def __init__(self, config: linear.ProbeConfig | None = None, *, val_fraction: float = 0.2,
                  seed: int = 0):
-        self.config = config or linear.ProbeConfig(loss="logistic")
+        self.config = config
         self.val_fraction = val_fraction
         self.seed = seed
 
     def fit(self, X, y) -> LogisticProbe:
+        X, y = _validate(self, X, y)
+        check_classification_targets(y)
         X = np.asarray(X, np.float32)
-        self.classes_, labels = np.unique(np.asarray(y), return_inverse=True)
+        self.classes_, labels = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise InputError("a classifier needs at least two classes in y")
+            raise InputError("y holds one class; a classifier needs at least two")
         rng = np.random.default_rng(self.seed)
         val = (rng.permutation(len(X)) < round(self.val_fraction * len(X))).astype(np.float32)
-        config = dataclasses.replace(self.config, loss="logistic", n_classes=len(self.classes_))
+        config = dataclasses.replace(self.config or linear.ProbeConfig(loss="logistic"),
+                                     loss="logistic", n_classes=len(self.classes_))
         params, steps = _fit_probe(X, labels.astype(np.float32), 1 - val, val, config=config)
         self.coef_, self.intercept_ = np.asarray(params["w"]).T, np.asarray(params["b"])
         self.n_steps_ = int(steps)
-        self.n_features_in_ = X.shape[1]
         return self
 
+    def _logits(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = np.asarray(_validate(self, X, reset=False), np.float32)
+        return X @ self.coef_.T + self.intercept_                    # (n, n_classes or 1)
+
     def decision_function(self, X) -> np.ndarray:
-        return np.asarray(X, np.float32) @ self.coef_.T + self.intercept_
+        logits = self._logits(X)
+        return logits[:, 0] if logits.shape[1] == 1 else logits
 
     def predict_proba(self, X) -> np.ndarray:
-        return np.asarray(linear.class_probabilities(jnp.asarray(self.decision_function(X))))
+        return np.asarray(linear.class_probabilities(jnp.asarray(self._logits(X))))
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(-1)]
-
-    def score(self, X, y) -> float:
-        """Accuracy."""
-        return float(np.mean(self.predict(X) == np.asarray(y)))
+        proba = self.predict_proba(X)                  # first: it raises NotFittedError before fit
+        return self.classes_[proba.argmax(-1)]
 
 
 _fit_probe = jax.jit(linear.fit_probe, static_argnames="config")
 
 
-def _check_xy(X, y) -> tuple[np.ndarray, np.ndarray, bool]:
-    X = np.asarray(X, float)
-    y = np.asarray(y, float)
-    ravel = y.ndim == 1
-    Y = y[:, None] if ravel else y
-    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
-        raise InputError(f"X must be (n, d) and y (n,) or (n, t) with the same n; got {X.shape}, {y.shape}")
-    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
-        raise InputError("X and y must be finite: probe_sweep masks missing targets (NaN) per target")
-    return X, Y, ravel
+def _validate(estimator, *args, **kwargs):
+    """scikit-learn's input checks (which also set or compare n_features_in_ and
+    feature_names_in_), with its ValueErrors raised as InputError, jaxprobe's bad-input error."""
+    try:
+        return validate_data(estimator, *args, **kwargs)
+    except ValueError as error:
+        hint = "; probe_sweep masks missing targets (NaN) per target" if "NaN" in str(error) else ""
+        raise InputError(f"{error}{hint}") from error
 
 
 def _scoring(scoring: str | None, leave_one_out: bool) -> Scoring:
