@@ -28,25 +28,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from jaxprobe.errors import InputError
+from jaxprobe.sae.curves import training_curves
 from jaxprobe.sae.train import SAEs, as_source, latent_statistics, load_saes, reconstruction_metrics
 
 TABLE, PAGE = "latents", "sae_report.html"
-_CURVES = (("explained_variance", "explained variance"), ("l0", "L0 (active latents per input)"),
-           ("dead_fraction", "dead-latent fraction"), ("loss", "training loss"))
-
-
-def training_curves(history: pd.DataFrame) -> Figure:
-    """Explained variance, L0, dead fraction and loss against the step, one line per feature set."""
-    figure = Figure(figsize=(10, 6.5), layout="constrained")
-    axes = figure.subplots(2, 2).ravel()
-    for ax, (column, title) in zip(axes, _CURVES):
-        for name, rows in history.groupby("feature_set", sort=False):
-            ax.plot(rows["step"], rows[column], lw=1, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    if history["feature_set"].nunique() <= 12:
-        axes[0].legend(fontsize=7)
-    return figure
 
 
 def concepts_in(prompts: Sequence[str], concepts: Sequence[str]) -> list[str | None]:
