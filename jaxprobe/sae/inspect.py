@@ -28,6 +28,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from jaxprobe.errors import InputError
+from jaxprobe.pipeline.images import load_images
+from jaxprobe.reporting.html import figure_html, page, png_bytes
+from jaxprobe.runtime.files import write_atomic
 from jaxprobe.sae.curves import training_curves
 from jaxprobe.sae.train import SAEs, as_source, latent_statistics, load_saes, reconstruction_metrics
 
@@ -142,8 +145,6 @@ def _thumbnail_css(images: Any, rows: set[int], size: int) -> str:
     """One CSS class per shown input (.i<row>) carrying its thumbnail, so each image is embedded once."""
     from PIL import Image
 
-    from jaxprobe.pipeline.images import load_images
-
     rows = sorted(rows)
     if isinstance(images, np.ndarray):
         pixels = load_images(images[rows], size)
@@ -195,8 +196,6 @@ img{max-width:100%}details{margin:1em 0}summary{font-size:1.15em;font-weight:600
 def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: pd.DataFrame | None = None,
              images: Any = None, max_latents: int = 40, thumbnail: int = 64, title: str = "SAE latents") -> str:
     """The self-contained HTML page of `latent_table`'s table (base64 figures and thumbnails)."""
-    from jaxprobe.reporting.html import figure_html, page, png_bytes
-
     shown = {name: _order(frame).head(max_latents) for name, frame in table.groupby("feature_set", sort=False)}
     css = _EXTRA_CSS.replace("{size}", str(thumbnail))
     if images is not None:
@@ -257,8 +256,6 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
     saes: SAEs or the folder `train_saes` wrote. norms: a Norms or a `load_norms` name/path. labels:
     default the prompts of a `jaxprobe extract` folder's manifest. images: (n, H, W, 3) array, n paths,
     a folder of n image files or a .npy, one per input, shown as thumbnails."""
-    from jaxprobe.runtime.files import write_atomic
-
     saes = load_saes(saes)
     if isinstance(norms, (str, Path)):
         from jaxprobe.norms import load_norms
