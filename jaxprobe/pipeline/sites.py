@@ -75,3 +75,12 @@ def block_sites_of(available: Iterable[str], component: str, patterns: Sequence[
     regex = re.compile("|".join(f"(?:{p})" for p in patterns))
     start = len(component) + 1
     return [s for s in available if s.startswith(component + ".") and regex.fullmatch(s[start:])]
+
+
+def short_site(site: str) -> str:
+    """A site name without the prefixes every site of its component shares, for axis labels."""
+    for prefix in ("text_encoder.text_model.encoder.", "text_encoder.text_model.", "text_encoder.",
+                   "image_encoder.vision_model.", "image_encoder.", "unet."):
+        if site.startswith(prefix):
+            return site.removeprefix(prefix)
+    return site

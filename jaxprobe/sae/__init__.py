@@ -5,7 +5,8 @@
     inspect_saes(saes, feats, "runs/sae/inspect", labels=prompts, norms=load_norms("binder"))
 """
 
-from jaxprobe.sae.inspect import inspect_saes, latent_table, sae_page, training_curves
+from jaxprobe.sae.curves import training_curves
+from jaxprobe.sae.inspect import inspect_saes, latent_table, sae_page
 from jaxprobe.sae.model import SAEConfig, TrainState
 from jaxprobe.sae.train import SAEs, as_source, evaluate, latent_statistics, load_saes, train_saes
 

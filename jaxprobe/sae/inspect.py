@@ -28,25 +28,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from jaxprobe.errors import InputError
+from jaxprobe.pipeline.images import load_images
+from jaxprobe.reporting.html import figure_html, page, png_bytes
+from jaxprobe.runtime.files import write_atomic
+from jaxprobe.sae.curves import training_curves
 from jaxprobe.sae.train import SAEs, as_source, latent_statistics, load_saes, reconstruction_metrics
 
 TABLE, PAGE = "latents", "sae_report.html"
-_CURVES = (("explained_variance", "explained variance"), ("l0", "L0 (active latents per input)"),
-           ("dead_fraction", "dead-latent fraction"), ("loss", "training loss"))
-
-
-def training_curves(history: pd.DataFrame) -> Figure:
-    """Explained variance, L0, dead fraction and loss against the step, one line per feature set."""
-    figure = Figure(figsize=(10, 6.5), layout="constrained")
-    axes = figure.subplots(2, 2).ravel()
-    for ax, (column, title) in zip(axes, _CURVES):
-        for name, rows in history.groupby("feature_set", sort=False):
-            ax.plot(rows["step"], rows[column], lw=1, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    if history["feature_set"].nunique() <= 12:
-        axes[0].legend(fontsize=7)
-    return figure
 
 
 def concepts_in(prompts: Sequence[str], concepts: Sequence[str]) -> list[str | None]:
@@ -159,8 +147,6 @@ def _thumbnail_css(images: Any, rows: set[int], size: int) -> str:
     """One CSS class per shown input (.i<row>) carrying its thumbnail, so each image is embedded once."""
     from PIL import Image
 
-    from jaxprobe.pipeline.images import load_images
-
     rows = sorted(rows)
     if isinstance(images, np.ndarray):
         pixels = load_images(images[rows], size)
@@ -212,8 +198,6 @@ img{max-width:100%}details{margin:1em 0}summary{font-size:1.15em;font-weight:600
 def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: pd.DataFrame | None = None,
              images: Any = None, max_latents: int = 40, thumbnail: int = 64, title: str = "SAE latents") -> str:
     """The self-contained HTML page of `latent_table`'s table (base64 figures and thumbnails)."""
-    from jaxprobe.reporting.html import figure_html, page, png_bytes
-
     shown = {name: _order(frame).head(max_latents) for name, frame in table.groupby("feature_set", sort=False)}
     css = _EXTRA_CSS.replace("{size}", str(thumbnail))
     if images is not None:
@@ -275,8 +259,6 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
     default the prompts of a `jaxprobe extract` folder's manifest; concepts: default its concepts.txt
     (`jaxprobe extract --concepts`), else guessed from the labels (`concepts_in`). images: (n, H, W, 3)
     array, n paths, a folder of n image files or a .npy, one per input, shown as thumbnails."""
-    from jaxprobe.runtime.files import write_atomic
-
     saes = load_saes(saes)
     if isinstance(norms, (str, Path)):
         from jaxprobe.norms import load_norms

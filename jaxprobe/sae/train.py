@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 
 from jaxprobe.errors import InputError
+from jaxprobe.runtime.files import write_atomic
+from jaxprobe.sae.curves import training_curves
 from jaxprobe.sae.model import (LatentStats, SAEConfig, TrainState, accumulate_stats, encode, init_stack,
                                 init_stats, make_train_step, reconstruct)
 from jaxprobe.features.store import FeatureEntry
@@ -450,9 +452,6 @@ def evaluate(saes: SAEs, features: Any, **options) -> pd.DataFrame:
 
 def write_training_outputs(saes: SAEs, features: Any, out: Path) -> None:
     """out/history.csv (the logged metrics), out/metrics.csv (`evaluate` on every row), out/loss_curves.png."""
-    from jaxprobe.runtime.files import write_atomic
-    from jaxprobe.sae.inspect import training_curves
-
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / HISTORY, lambda p: saes.history.to_csv(p, index=False))
     metrics = evaluate(saes, features)

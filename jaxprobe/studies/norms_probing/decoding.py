@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from jaxprobe.errors import InputError
-from jaxprobe.pipeline.sites import SAMPLER_SITES
+from jaxprobe.pipeline.sites import SAMPLER_SITES, short_site  # noqa: F401 - re-exported for report, summary
 
 STAGES = ("text", "unet", "latent", "image")  # pipeline order
 _STAGE_PREFIXES = (("text_encoder.", "text"), ("unet.", "unet"), ("image_encoder.", "image"))
@@ -49,15 +49,6 @@ def site_order(sites: Iterable[str]) -> list[str]:
         return STAGES.index(stage_of(site)), natural
 
     return sorted(set(sites), key=key)
-
-
-def short_site(site: str) -> str:
-    """A site name without the prefixes every site of its component shares, for axis labels."""
-    for prefix in ("text_encoder.text_model.encoder.", "text_encoder.text_model.", "text_encoder.",
-                   "image_encoder.vision_model.", "image_encoder.", "unet."):
-        if site.startswith(prefix):
-            return site.removeprefix(prefix)
-    return site
 
 
 def check_table(table: pd.DataFrame) -> pd.DataFrame:

@@ -328,7 +328,7 @@ def accuracy_figure(table: pd.DataFrame, classes: int | None = None):
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from jaxprobe.studies.norms_probing.decoding import short_site
+    from jaxprobe.pipeline.sites import short_site
 
     classifiers = list(dict.fromkeys(table["classifier"]))
     sites = list(dict.fromkeys(table["site"]))

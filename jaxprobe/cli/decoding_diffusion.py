@@ -1,0 +1,77 @@
+"""`jaxprobe directions build|score|report`: directions in h-space and their associations
+(studies.decoding_diffusion).
+
+cli/__init__.py registers this group; each command imports what it runs inside its body, so `--help` stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from jaxprobe.cli import _fail
+from jaxprobe.errors import JaxprobeError
+
+directions_app = typer.Typer(no_args_is_help=True, help="Directions in h-space from prompts, association (bias) "
+                             "scores with bootstrap intervals, clusters, report (Zeng, Chen & Wong 2024).")
+
+DirectionsConfigArg = Annotated[Optional[Path], typer.Argument(
+    help="TOML file with any DirectionsConfig field; default: the bundled professions x gender/age example")]
+DirectionsOutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="results folder")]
+
+
+def _directions_config(config: Optional[Path], **overrides):
+    from jaxprobe.studies.decoding_diffusion.directions import EXAMPLE, DirectionsConfig
+
+    return DirectionsConfig.from_toml(config or EXAMPLE, **overrides)
+
+
+@directions_app.command("build")
+def directions_build(
+    config: DirectionsConfigArg = None, model: Annotated[Optional[str], typer.Option("--model", "-m")] = None,
+    out: DirectionsOutOpt = None, steps: Annotated[Optional[int], typer.Option(help="denoising steps")] = None,
+    force: Annotated[bool, typer.Option("--force", help="recompute cached features")] = False,
+) -> None:
+    """Generate every concept's prompts, capture h-space at every step, write OUT/directions.npz and tables.
+
+    Example: jaxprobe directions build study.toml --model runwayml/stable-diffusion-v1-5 --out runs/bias
+    """
+    from jaxprobe.studies.decoding_diffusion.directions import build
+
+    try:
+        build(_directions_config(config, model=model, out=out, num_inference_steps=steps, force=force or None),
+              progress=True, log=typer.echo)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+
+
+@directions_app.command("score")
+def directions_score(
+    config: DirectionsConfigArg = None, model: Annotated[Optional[str], typer.Option("--model", "-m")] = None,
+    out: DirectionsOutOpt = None, steps: Annotated[Optional[int], typer.Option(help="denoising steps")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="more prompts to project onto the "
+                                                    "directions, one per line")] = None,
+) -> None:
+    """Associations with bootstrap intervals (h-space and CLIP text space), projections, clusters -> tables."""
+    from jaxprobe.studies.decoding_diffusion.directions import read_prompt_file, score
+
+    try:
+        extra = read_prompt_file(str(prompts), "prompts file") if prompts else None
+        score(_directions_config(config, model=model, out=out, num_inference_steps=steps), prompts=extra,
+              progress=True, log=typer.echo)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+
+
+@directions_app.command("report")
+def directions_report(results: Annotated[Path, typer.Argument(help="the folder build and score wrote")]) -> None:
+    """Figures and report.html from the saved tables."""
+    from jaxprobe.studies.decoding_diffusion.directions import report as directions_report_fn
+
+    try:
+        path = directions_report_fn(results)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")

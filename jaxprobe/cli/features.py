@@ -1,0 +1,160 @@
+"""`jaxprobe info`, `extract` and `store ls|verify|gc`: the model and its sites, features on disk (features/).
+
+cli/__init__.py registers these commands; each imports what it runs inside its body, so `--help` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from jaxprobe.cli import ModelOpt, _fail
+from jaxprobe.errors import JaxprobeError
+
+
+def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the capture sites of this model")] = None,
+         all_sites: Annotated[bool, typer.Option("--all", help="with --sites: every site, not only block level")] = False,
+         ) -> None:
+    """JAX backend and devices, versions, models in the local Hugging Face cache (and a model's sites)."""
+    import importlib.metadata as md
+
+    import jax
+
+    from jaxprobe.checkpoints.loading import hf_cache_dir
+
+    typer.echo(f"JAX backend: {jax.default_backend()}; devices: {', '.join(str(d) for d in jax.devices())}")
+    versions = []
+    for name in ("jaxprobe", "jax", "flax", "optax", "transformers", "numpy"):
+        try:
+            versions.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    typer.echo("versions: " + ", ".join(versions))
+    cache = hf_cache_dir()
+    repos = sorted(p.name.removeprefix("models--").replace("--", "/") for p in cache.glob("models--*")) if cache.is_dir() else []
+    typer.echo(f"Hugging Face cache {cache}: " + (", ".join(repos) if repos else "no models"))
+    if model:
+        try:
+            import jaxprobe
+
+            sites = jaxprobe.load(model).sites(all=all_sites)
+        except JaxprobeError as err:
+            _fail(err)
+        typer.echo(f"{len(sites)} sites of {model}:")
+        for site in sites:
+            typer.echo(f"  {site}")
+
+
+def extract(
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="text file, one prompt per line")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder: one .npy per site + manifest.json")],
+    model: ModelOpt = "tiny",
+    sites: Annotated[list[str], typer.Option("--sites", "-s", help="glob patterns, repeatable")] = ["text_encoder.*"],  # noqa: B006
+    reduce: Annotated[str, typer.Option(help="eos|mean|last_content|none for text; mean|max|none for UNet")] = "mean",
+    steps: Annotated[int, typer.Option(help="denoising steps (UNet sites)")] = 50,
+    guidance_scale: Annotated[float, typer.Option()] = 7.5,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int, typer.Option(help="prompts per device program (halved on out-of-memory)")] = 16,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    image_encoder: Annotated[Optional[str], typer.Option(help="CLIP vision checkpoint for image_encoder.* sites")] = None,
+    cache: Annotated[Path, typer.Option(help="feature store: finished chunks survive a crash and are reused")] = Path("jaxprobe-runs/cache"),
+    chunk_size: Annotated[int, typer.Option(help="prompts per committed chunk")] = 64,
+    force: Annotated[bool, typer.Option("--force", help="recompute cached chunks")] = False,
+    concepts: Annotated[Optional[Path], typer.Option("--concepts", help="text file, the concept of each prompt, one "
+                                                     "per line: written as OUT/concepts.txt for `probe`")] = None,
+) -> None:
+    """Capture sites for a file of prompts (resumable: rerun the same command after a crash).
+
+    Example: jaxprobe extract -m tiny -p prompts.txt -s 'text_encoder.*' -s unet.mid_block -o feats/
+    """
+    import jaxprobe
+    from jaxprobe.features.extract import cached_capture
+    from jaxprobe.runtime import distributed
+    from jaxprobe.runtime.files import atomic_write_npy, atomic_write_text
+
+    try:
+        texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise jaxprobe.InputError(f"{prompts} holds no prompts (one per line)")
+        if chunk_size < 1:
+            raise jaxprobe.InputError(f"--chunk-size must be at least 1, not {chunk_size}")
+        names = [line.strip() for line in concepts.read_text().splitlines() if line.strip()] if concepts else None
+        if names is not None and len(names) != len(texts):
+            raise jaxprobe.InputError(f"{concepts} holds {len(names)} concepts for {len(texts)} prompts: give one "
+                                      "concept per prompt, in the same order")
+        pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder)
+        feats = cached_capture(pipe, texts, sites, cache=cache, chunk_size=chunk_size, force=force, reduce=reduce,
+                               num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                               batch_size=batch_size)
+        if not distributed.is_leader():
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        for site, value in feats.items():
+            atomic_write_npy(out / f"{site}.npy", value)
+        if names is not None:
+            atomic_write_text(out / "concepts.txt", "\n".join(names) + "\n")
+        else:  # a concepts.txt left by an earlier extract into OUT would name these rows wrongly
+            (out / "concepts.txt").unlink(missing_ok=True)
+        manifest = {"model": model, "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
+                    "guidance_scale": guidance_scale, "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
+        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+    typer.echo(f"wrote {len(feats)} site(s) for {len(texts)} prompts to {out}")
+
+
+# ---------------------------------------------------------------------------------------- store
+
+store_app = typer.Typer(no_args_is_help=True, help="Look after a feature store (the cache of `run` and `extract`).")
+CacheArg = Annotated[Path, typer.Argument(help="feature store folder")]
+
+
+@store_app.command("ls")
+def store_ls(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
+    """Entries: key, kind, prompts, chunks present/total, size, last used, sites."""
+    import datetime
+
+    from jaxprobe.features.store import FeatureStore
+
+    entries = FeatureStore(cache).list()
+    if not entries:
+        typer.echo(f"{cache}: no entries")
+    for e in entries:
+        when = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M")
+        sites = ", ".join(e.sites[:3]) + (f", ... ({len(e.sites)} sites)" if len(e.sites) > 3 else "")
+        typer.echo(f"{e.key}  {e.kind:8s} {e.n_prompts:6d} prompts  {e.chunks_present}/{e.chunks_total} chunks  "
+                   f"{e.bytes / 2**20:8.1f} MiB  {when}  {sites}")
+
+
+@store_app.command("verify")
+def store_verify(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
+    """Read every chunk against its checksum; exit code 1 when anything is damaged or stray."""
+    from jaxprobe.features.store import FeatureStore
+
+    report = FeatureStore(cache).verify()
+    typer.echo(f"{len(report.ok)} chunk(s) ok, {len(report.damaged)} damaged, {len(report.stray)} stray file(s), "
+               f"{len(report.broken_entries)} broken entr(ies)")
+    for label, paths in (("damaged", report.damaged), ("stray", report.stray), ("broken", report.broken_entries)):
+        for path in paths:
+            typer.echo(f"  {label}: {path}")
+    if not report.clean:
+        typer.echo("`jaxprobe store gc` removes them; reruns recompute damaged chunks either way")
+        raise typer.Exit(1)
+
+
+@store_app.command("gc")
+def store_gc(
+    cache: CacheArg = Path("jaxprobe-runs/cache"),
+    older_than: Annotated[Optional[float], typer.Option(help="also remove entries unused for this many days")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list, remove nothing")] = False,
+) -> None:
+    """Remove damaged chunks, leftover temporary files and broken entries (older than an hour)."""
+    from jaxprobe.features.store import FeatureStore
+
+    removed = FeatureStore(cache).gc(older_than_days=older_than, dry_run=dry_run)
+    for path in removed:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    typer.echo(f"{len(removed)} path(s) {'to remove' if dry_run else 'removed'}")

@@ -1,0 +1,99 @@
+"""`jaxprobe run`, `probe` and `report`: probing against human norms (studies.norms_probing, probes/).
+
+cli/__init__.py registers these commands; each imports what it runs inside its body, so `--help` stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from jaxprobe.cli import _fail
+from jaxprobe.errors import JaxprobeError
+
+
+def probe(
+    features: Annotated[Path, typer.Option("--features", "-f", help=".npz, .npy, or a folder of <site>.npy")],
+    targets: Annotated[Path, typer.Option("--targets", "-t", help="CSV/TSV: a concept column, one column per target")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output table (.parquet and .csv written side by side)")],
+    outer_cv: Annotated[int, typer.Option()] = 5,
+    inner_cv: Annotated[str, typer.Option(help="folds, or 'loo'")] = "5",
+    n_permutations: Annotated[int, typer.Option()] = 0,
+    n_bootstrap: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    concept_column: Annotated[Optional[str], typer.Option(help="targets column naming each row's concept "
+                                                          "(default: 'concept', else the first column)")] = None,
+    concepts: Annotated[Optional[Path], typer.Option("--concepts", help="text file, the concept of each feature "
+                                                     "row, one per line (instead of the features' own)")] = None,
+    assume_same_order: Annotated[bool, typer.Option("--assume-same-order", help="features that name no concepts: "
+                                                    "pair feature row i with targets row i")] = False,
+) -> None:
+    """Nested cross-validated ridge probes for every feature set x target, as a tidy table.
+
+    Feature rows are matched to targets rows by concept, never silently by position: by --concepts,
+    else the features' own concepts (.npz "concepts", concepts.txt from `extract --concepts`), else
+    the prompts of extract's manifest.json matched by exact text to the concept column (so prompts
+    like "a photo of a dog" need --concepts). Repeated or unmatched concepts are an error.
+
+    Example: jaxprobe probe -f feats/ -t ratings.csv -o probes.parquet --n-permutations 100
+    """
+    from jaxprobe.probes import run_probe_files
+
+    try:
+        table = run_probe_files(features, targets, out, outer_cv=outer_cv,
+                                inner_cv=inner_cv if inner_cv == "loo" else int(inner_cv),
+                                n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed,
+                                concept_column=concept_column, concepts=concepts,
+                                assume_same_order=assume_same_order, log=typer.echo)
+    except (JaxprobeError, OSError, ValueError) as err:
+        _fail(err)
+    if table is not None:
+        typer.echo(f"wrote {len(table)} rows to {out}")
+
+
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="TOML file with any ExperimentConfig field")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="'tiny' (default), a folder or a cached model id")] = None,
+    norms: Annotated[Optional[str], typer.Option(help="binder|mcrae|things|things66|concreteness or a CSV/TSV path")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="results folder")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="denoising steps")] = None,
+    max_concepts: Annotated[Optional[int], typer.Option(help="only the first N concepts")] = None,
+    image_encoder: Annotated[Optional[str], typer.Option(help="CLIP vision checkpoint: probe image embeddings too")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32 or bfloat16")] = None,
+    force: Annotated[bool, typer.Option("--force", help="recompute cached features")] = False,
+) -> None:
+    """The whole experiment: features at every text layer and UNet site x step, probes, analyses, report.
+
+    With no argument it runs the bundled random tiny model on Binder's concrete nouns (a few minutes on
+    2 CPU cores). Example: jaxprobe run --model runwayml/stable-diffusion-v1-5 --out runs/sd15
+    """
+    import dataclasses
+
+    from jaxprobe.studies.norms_probing.experiment import EMBEDDED_DEFAULT, ExperimentConfig, run_experiment
+
+    overrides = {"model": model, "norms": norms, "out": out, "num_inference_steps": steps,
+                 "max_concepts": max_concepts, "image_encoder": image_encoder, "dtype": dtype,
+                 "force": force or None}
+    try:
+        if config is not None:
+            cfg = ExperimentConfig.from_toml(config, **overrides)
+        elif model in (None, "tiny"):
+            cfg = dataclasses.replace(EMBEDDED_DEFAULT, **{k: v for k, v in overrides.items() if v is not None})
+        else:
+            cfg = ExperimentConfig.from_mapping({k: v for k, v in overrides.items() if v is not None})
+        run_experiment(cfg, log=typer.echo)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+
+
+def report(results: Annotated[Path, typer.Argument(help="a results folder written by `jaxprobe run`")]) -> None:
+    """Re-render figures and report.html from a run's saved tables."""
+    from jaxprobe.studies.norms_probing import report as report_module
+
+    try:
+        path = report_module.rerender(results)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,123 @@
+"""`jaxprobe classify` and `sae train|inspect`: classifiers and sparse autoencoders on diffusion features
+(studies.revelio, sae/).
+
+cli/__init__.py registers these commands; each imports what it runs inside its body, so `--help` stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from jaxprobe.cli import ModelOpt, _fail
+from jaxprobe.errors import JaxprobeError
+
+
+def classify(
+    data: Annotated[Path, typer.Argument(help="image folder: one subfolder per class, or train/ and test/ laid out so")],
+    model: ModelOpt = "tiny",
+    sites: Annotated[list[str], typer.Option("--sites", "-s", help="UNet site patterns, repeatable")] = ["unet.mid_block", "unet.up_blocks.*"],  # noqa: B006
+    t: Annotated[list[int], typer.Option("--t", help="training timestep the images are noised to, repeatable")] = [25],  # noqa: B006
+    classifier: Annotated[list[str], typer.Option("--classifier", "-c", help="linear and/or conv, repeatable")] = ["linear", "conv"],  # noqa: B006
+    out: Annotated[Path, typer.Option("--out", "-o", help="results folder")] = Path("jaxprobe-runs/classify"),
+    cache: Annotated[Path, typer.Option(help="feature cache folder")] = Path("jaxprobe-runs/cache"),
+    test_fraction: Annotated[float, typer.Option(help="held-out share of each class (no train/ test/ folders)")] = 0.25,
+    prompt: Annotated[str, typer.Option(help="text the UNet is conditioned on")] = "",
+    seed: Annotated[int, typer.Option(help="split, noise and training seed")] = 0,
+    conv_width: Annotated[Optional[int], typer.Option(help="channels of the conv head (default 1024)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="conv head training epochs (default 30)")] = None,
+    conv_lr: Annotated[Optional[float], typer.Option(help="conv head peak learning rate (AdamW, cosine decay) "
+                                                          "(default 1e-3)")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="conv head dropout (default 0.5)")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per UNet batch")] = 16,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="recompute cached features")] = False,
+) -> None:
+    """Linear probes and a small conv head on UNet features of real images, accuracy with 95% CIs per site and t.
+
+    Example: jaxprobe classify pets/ -m runwayml/stable-diffusion-v1-5 -s unet.mid_block -s 'unet.up_blocks.*' --t 25
+    """
+    from jaxprobe.studies.revelio.classify import ClassifyConfig, ConvHeadConfig, run_classification
+
+    conv = {"width": conv_width, "epochs": epochs, "learning_rate": conv_lr, "dropout": dropout}
+    try:
+        config = ClassifyConfig(
+            data=str(data), model=model, sites=tuple(sites), timesteps=tuple(t), classifiers=tuple(classifier),
+            prompt=prompt, seed=seed, test_fraction=test_fraction, dtype=dtype, batch_size=batch_size,
+            conv=ConvHeadConfig(**{k: v for k, v in conv.items() if v is not None}),
+            out=str(out), cache=str(cache), force=force)
+        results = run_classification(config, log=typer.echo)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+    typer.echo(f"wrote {results.files['report']}")
+
+
+# --- sparse autoencoders (`jaxprobe sae train|inspect`) -------------------------------------------------
+
+sae_app = typer.Typer(no_args_is_help=True, help="TopK sparse autoencoders on captured features, one per site x step.")
+
+FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="folder from `jaxprobe extract` (<site>.npy), "
+                                                                     ".npz/.npy, or a feature-store entry folder")]
+SiteOpt = Annotated[Optional[list[str]], typer.Option("--sites", "-s", help="only sites matching these globs")]
+
+
+@sae_app.command("train")
+def sae_train(
+    features: FeaturesOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for checkpoints, history.csv, metrics.csv, curves")],
+    sites: SiteOpt = None,
+    k: Annotated[int, typer.Option(help="latents kept per input")] = 32,
+    expansion: Annotated[int, typer.Option(help="latents per input dimension")] = 64,
+    steps: Annotated[int, typer.Option()] = 10_000,
+    batch_size: Annotated[int, typer.Option()] = 8192,
+    lr: Annotated[float, typer.Option(help="Adam learning rate after warm-up")] = 4e-4,
+    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 500,
+    aux_k: Annotated[int, typer.Option(help="AuxK dead-latent loss with this many latents (0: off)")] = 0,
+    dead_tokens: Annotated[int, typer.Option(help="a latent is dead after this many rows without firing")] = 1_000_000,
+    decoder: Annotated[str, typer.Option(help="dense|sparse (same maths; speed differs by device)")] = "dense",
+    saes_at_once: Annotated[int, typer.Option(help="SAEs per vectorised group in a step (0: all; lower it on OOM)")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 1000,
+    force: Annotated[bool, typer.Option("--force", help="start afresh instead of resuming from OUT")] = False,
+) -> None:
+    """Train one SAE per feature set (site, or site@step), all at once; rerun to resume.
+
+    Example: jaxprobe sae train -f feats/ -s 'unet.*' -o runs/sae --steps 5000
+    """
+    from jaxprobe.sae import SAEConfig, train_saes
+
+    try:
+        config = SAEConfig(k=k, expansion=expansion, steps=steps, batch_size=batch_size, learning_rate=lr,
+                           warmup_steps=warmup, aux_k=aux_k, dead_tokens=dead_tokens, decoder=decoder,
+                           saes_at_once=saes_at_once, seed=seed, checkpoint_every=checkpoint_every)
+        saes = train_saes(features, config, out, sites=sites, resume=not force, progress=True, log=typer.echo)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+    typer.echo(f"trained {len(saes.names)} SAE(s) for {saes.step} steps; wrote {out}")
+
+
+@sae_app.command("inspect")
+def sae_inspect(
+    sae: Annotated[Path, typer.Argument(help="the --out folder of `jaxprobe sae train`")],
+    features: FeaturesOpt,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="default: SAE/inspect")] = None,
+    sites: SiteOpt = None,
+    norms: Annotated[Optional[str], typer.Option(help="binder|mcrae|things|concreteness or a CSV/TSV path")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="folder of one image per input (by name), or a .npy")] = None,
+    top_n: Annotated[int, typer.Option(help="top-activating inputs kept per latent")] = 8,
+    max_latents: Annotated[int, typer.Option(help="latents shown per feature set in the page")] = 40,
+) -> None:
+    """Top-activating inputs, norms correlations and category purity per latent; latents.csv and an HTML page.
+
+    Example: jaxprobe sae inspect runs/sae -f feats/ --norms binder
+    """
+    from jaxprobe.sae import inspect_saes
+
+    try:
+        page = inspect_saes(sae, features, out or sae / "inspect", sites=sites, norms=norms, images=images,
+                            top_n=top_n, max_latents=max_latents)
+    except (JaxprobeError, OSError) as err:
+        _fail(err)
+    typer.echo(f"wrote {page}")
