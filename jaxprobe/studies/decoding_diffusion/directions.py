@@ -568,7 +568,9 @@ def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pip
         tables["prompt_projections"] = project_prompts(config, prompts, pipe=pipe, progress=progress)
     for name, frame in tables.items():
         write_table(frame, out, name)
-    meta = {"model": pipe.source, "random_weights": pipe.source == "tiny", "concepts": list(gens.concepts),
+    from jaxprobe.checkpoints.random import is_random_weights
+
+    meta = {"model": pipe.source, "random_weights": is_random_weights(pipe), "concepts": list(gens.concepts),
             "families": dict(config.families), "axes": [a[2] for a in config.axes], "baseline": config.baseline,
             "whiten": config.whiten, "seeds": list(config.seeds), "templates": list(config.templates),
             "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,

@@ -171,10 +171,10 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
 def _metadata(config: ExperimentConfig, pipe: Any, norms: Any, run: RunLog) -> dict[str, Any]:
     import jax
 
-    from jaxprobe.checkpoints.random import RANDOM_MODELS
+    from jaxprobe.checkpoints.random import is_random_weights
 
     return {
-        "model": pipe.source, "random_weights": pipe.source in RANDOM_MODELS, "norms": norms.name,
+        "model": pipe.source, "random_weights": is_random_weights(pipe), "norms": norms.name,
         "citation": norms.citation, "n_concepts": len(norms.concepts), "n_attributes": len(norms.attributes),
         "templates": list(config.templates), "seeds": list(config.seeds), "repeats": config.repeats,
         "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
