@@ -184,9 +184,9 @@ def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant
                image_encoder: str | Path | None = None, scheduler: str | None = None) -> tuple[str, dict[str, Any]]:
     """(label, {component name: Component, "tokenizer": ..., "scheduler": ...}) for `source`; see the
     module docstring for what it accepts. `jaxprobe.load` makes a Pipeline of them."""
-    from jaxprobe.checkpoints.random import RANDOM_MODELS, random_parts
+    from jaxprobe.checkpoints.random import is_random_weights, random_parts
 
-    if str(source) in RANDOM_MODELS:
+    if is_random_weights(source):
         parts, label = random_parts(str(source), dtype), str(source)
     else:
         folder = resolve_source(source)

@@ -11,6 +11,7 @@ weights' values); it shares the tiny tokenizer (token ids fit any vocabulary).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,17 @@ def sd15_configs(vocab_size: int) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig
 
 
 RANDOM_MODELS = {"tiny": tiny_configs, "sd15-random": sd15_configs}
+
+
+def is_random_weights(source: Any) -> bool:
+    """Whether `source` names one of the bundled random-weight models (RANDOM_MODELS: "tiny",
+    "sd15-random"), the one test every report asks. `source`: a model source as `jaxprobe.load` takes
+    it (str or Path), a pipeline (its `.source`), or a run's metadata (its "model"; a True
+    "random_weights" flag counts too, so results made elsewhere can say so themselves)."""
+    if isinstance(source, Mapping):
+        return bool(source.get("random_weights")) or is_random_weights(source.get("model"))
+    source = getattr(source, "source", source)
+    return isinstance(source, (str, Path)) and str(source) in RANDOM_MODELS
 
 
 def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:

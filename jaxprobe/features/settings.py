@@ -1,12 +1,18 @@
 """The settings every study shares, as frozen dataclasses: which model, how to sample, how to run.
 
-Each study's config holds these as TOML tables `[model]`, `[sampling]` and `[run]` beside its own
-(see `jaxprobe.runtime.configfile.read_config`); its flat fields stay accepted at the top level.
+A study's config (`StudyConfig`) keeps these as flat fields (`config.num_inference_steps`) and offers
+them as views (`config.model_settings`, `config.sampling`, `config.run`). In its TOML file they may
+stand flat with its other fields or in the tables `[model]`, `[sampling]` and `[run]` (`SECTIONS`,
+read and written by `jaxprobe.runtime.configfile`), so one such table can serve several studies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from jaxprobe.runtime.configfile import config_from_mapping, config_from_toml, config_part, config_to_toml
 
 
 @dataclass(frozen=True)
@@ -29,3 +35,44 @@ class RunSettings:
     chunk_size: int = 64             # prompts per committed feature-store chunk (the unit of resume)
     cache: str = "jaxprobe-runs/cache"
     force: bool = False
+
+
+SECTIONS = {"model": ModelSettings, "sampling": SamplingSettings, "run": RunSettings}
+
+
+class StudyConfig:
+    """What every study's config (a frozen dataclass deriving from this) shares: one TOML reader and
+    writer, and views of the shared settings. A config with every field of a settings class can simply
+    derive from it too (`ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings)`).
+
+    TABLE: the config's own TOML table ("experiment"). FILE_PATHS: fields holding a path (or a mapping
+    of paths) that a TOML file gives relative to itself."""
+
+    TABLE: ClassVar[str] = ""
+    FILE_PATHS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> Self:
+        """Fields from a TOML file (its [TABLE] or its top level, and [model], [sampling], [run]), then
+        `overrides` (None ignored)."""
+        return config_from_toml(cls, path, cls.TABLE, sections=SECTIONS, relative_paths=cls.FILE_PATHS, **overrides)
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str = "options") -> Self:
+        return config_from_mapping(cls, data, source, sections=SECTIONS)
+
+    def to_toml(self) -> str:
+        """The whole config as TOML (own fields under [TABLE], shared ones under their section)."""
+        return config_to_toml(self, self.TABLE, sections=SECTIONS)
+
+    @property
+    def model_settings(self) -> ModelSettings:
+        return config_part(self, ModelSettings)
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return config_part(self, SamplingSettings)
+
+    @property
+    def run(self) -> RunSettings:
+        return config_part(self, RunSettings)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from jaxprobe.runtime.configfile import from_mapping, read_toml, toml_value
+from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 from jaxprobe.studies.decoding_diffusion.report import (  # noqa: F401 - the study's public names
     BASELINE_FAMILY,
     DIRECTIONS,
@@ -43,7 +43,7 @@ EXAMPLE = Path(__file__).parent / "assets" / "directions" / "professions.toml"
 
 
 @dataclass(frozen=True)
-class DirectionsConfig:
+class DirectionsConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings):
     """Everything a directions study depends on (a TOML file can set any field; see the bundled example).
 
     families: {family: concepts}; associations: (query family, attribute family) pairs. An attribute
@@ -54,28 +54,29 @@ class DirectionsConfig:
     baseline: "neutral" (the neutral prompts), "others" (all other concepts) or "family" (the other
     concepts of the same family). whiten: use the inverse shrunk pooled within-concept covariance as the
     metric. spatial_reduce: "mean" (default) or "max" pools h over space; "none" keeps the maps (their
-    directions are saved as (C, T, h, w, c)). text_site: one text-encoder site, the CLIP comparison. focus_step: the step the ranked bars, clusters and 2-D projections show (-1: the last).
+    directions are saved as (C, T, h, w, c)). text_site: one text-encoder site, the CLIP comparison.
+    focus_step: the step the ranked bars, clusters and 2-D projections show (-1: the last).
+    The fields of ModelSettings, SamplingSettings (seeds default to four here) and RunSettings are its
+    fields too; a TOML file sets them in [directions] or in [model], [sampling], [run]. prompt_files
+    and images are read relative to the TOML file.
     """
 
+    TABLE = "directions"
+    FILE_PATHS = ("prompt_files", "images")
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3)     # SamplingSettings' field, with more seeds by default here
     families: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     associations: tuple[tuple[str, str], ...] = ()
-    model: str = "tiny"
     templates: tuple[str, ...] = ("a photo of a {concept}",)
     prompt_files: Mapping[str, str] = field(default_factory=dict)
     neutral_prompts: tuple[str, ...] = ("a photo", "a photo of a person")
     baseline: str = "neutral"
     whiten: bool = False
     shrinkage: float = 0.1
-    seeds: tuple[int, ...] = (0, 1, 2, 3)
     sites: tuple[str, ...] = ("unet.mid_block",)
     text_site: str | None = "text_encoder.text_model.final_layer_norm"
     token_reduce: str = "eos"
     spatial_reduce: str = "mean"
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str | None = None
-    dtype: str = "float32"
-    batch_size: int = 16
     images: str | None = None
     image_t: int = 25
     n_bootstrap: int = 1000
@@ -84,8 +85,6 @@ class DirectionsConfig:
     focus_step: int = -1
     seed: int = 0
     out: str = "jaxprobe-runs/directions"
-    cache: str = "jaxprobe-runs/cache"
-    force: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "families", {str(k): tuple(v) for k, v in dict(self.families).items()})
@@ -128,40 +127,9 @@ class DirectionsConfig:
                              "give a step index (0 = first, -1 = last)")
 
     @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> "DirectionsConfig":
-        """Fields from a TOML file (top level or a [directions] table), then `overrides` (None ignored).
-
-        Relative paths in prompt_files and images are taken relative to the file."""
-        path = Path(path)
-        data = read_toml(path, "directions")
-        here = path.resolve().parent
-        if "prompt_files" in data:
-            data["prompt_files"] = {k: str(here / v) for k, v in data["prompt_files"].items()}
-        if data.get("images"):
-            data["images"] = str(here / data["images"])
-        return cls.from_mapping({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "options") -> "DirectionsConfig":
-        return from_mapping(cls, data, source)
-
-    @classmethod
     def example(cls, **overrides: Any) -> "DirectionsConfig":
         """The bundled example: professions x gender and professions x age on the tiny model."""
         return cls.from_toml(EXAMPLE, **overrides)
-
-    def to_toml(self) -> str:
-        lines, tables = ["[directions]"], []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if isinstance(value, Mapping):
-                tables += [f"\n[directions.{f.name}]"] + [f"{toml_value(k)} = {toml_value(_listed(v))}"
-                                                         for k, v in value.items()]
-            else:
-                lines.append(f"{f.name} = {toml_value(_listed(value))}")
-        return "\n".join(lines + tables) + "\n"
 
     @property
     def axes(self) -> list[tuple[str, str, str, list[str]]]:
@@ -174,10 +142,6 @@ class DirectionsConfig:
                 name = f"{pole[0]} vs {pole[1]}" if len(members) == 2 else f"{pole[0]} vs rest"
                 out.append((query, attribute, name, pole))
         return out
-
-
-def _listed(value: Any) -> Any:
-    return [_listed(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 # --- collection ----------------------------------------------------------------------------------------
@@ -234,7 +198,6 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
     """Generate every concept's prompts with every seed and capture h-space (and the CLIP text site),
     through the feature store (`features.extract_features`): finished chunks are never recomputed."""
     from jaxprobe.features.extract import extract_features
-    from jaxprobe.features.settings import RunSettings, SamplingSettings
     from jaxprobe.pipeline.sampling import sampling_timesteps
 
     concepts = tuple(prompts_of)
@@ -245,8 +208,7 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
     raw = extract_features(
         pipe, prompts, text_sites=(config.text_site,) if config.text_site else (), sampled_sites=config.sites,
         token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce,
-        sampling=SamplingSettings(config.num_inference_steps, config.guidance_scale, config.seeds),
-        run=RunSettings(config.batch_size, cache=config.cache, force=config.force), progress=progress)
+        sampling=config.sampling, run=config.run, progress=progress)
     n_prompts, n_seeds = len(prompts), len(config.seeds)
     labels = np.tile(prompt_concept, n_seeds)
     rows = pd.DataFrame({"row": np.arange(len(labels)), "concept": [concepts[i] for i in labels],
@@ -606,7 +568,9 @@ def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pip
         tables["prompt_projections"] = project_prompts(config, prompts, pipe=pipe, progress=progress)
     for name, frame in tables.items():
         write_table(frame, out, name)
-    meta = {"model": pipe.source, "random_weights": pipe.source == "tiny", "concepts": list(gens.concepts),
+    from jaxprobe.checkpoints.random import is_random_weights
+
+    meta = {"model": pipe.source, "random_weights": is_random_weights(pipe), "concepts": list(gens.concepts),
             "families": dict(config.families), "axes": [a[2] for a in config.axes], "baseline": config.baseline,
             "whiten": config.whiten, "seeds": list(config.seeds), "templates": list(config.templates),
             "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,

@@ -248,10 +248,12 @@ def make_figures(out: str | Path, dpi: int = 110) -> dict[str, Path]:
 
 def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str]:
     """The findings in words, at the focus step of the first site."""
+    from jaxprobe.checkpoints.random import is_random_weights
+
     lines = []
-    if meta.get("random_weights"):
-        lines.append("This model has random weights (the bundled tiny model): any association here is noise from "
-                     "the sampling, and most intervals should include 0. Run a real checkpoint for findings.")
+    if is_random_weights(meta):
+        lines.append(f"This model ({meta.get('model', 'unnamed')}) has random weights: any association here is "
+                     "noise from the sampling, and most intervals should include 0. Run a real checkpoint for findings.")
     assoc = tables.get("associations")
     if assoc is None or assoc.empty:
         return lines + ["No associations were configured."]
@@ -303,6 +305,7 @@ def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: in
 def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     """Figures and out/report.html (figures embedded, summary, ranked tables, settings, methods) from the
     tables `build` and `score` wrote under `out`. Returns the report's path."""
+    from jaxprobe.checkpoints.random import is_random_weights
     from jaxprobe.reporting.html import figure_html, page, settings_html
     from jaxprobe.runtime.files import write_atomic
 
@@ -310,7 +313,7 @@ def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     figures = make_figures(out, dpi)
     tables, meta = read_tables(out)
     summary = summarize(tables, meta)
-    notice = summary.pop(0) if meta.get("random_weights") else None
+    notice = summary.pop(0) if is_random_weights(meta) else None
     images = [figure_html(p.read_bytes(), name, FIGURES[name][1]) for name, p in figures.items()]
     title = f"jaxprobe: directions in h-space of {meta.get('model', 'the pipeline')}"
     document = page(title, [

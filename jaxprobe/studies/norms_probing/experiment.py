@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 import time
 from collections.abc import Callable
@@ -20,36 +19,33 @@ from typing import Any
 
 import numpy as np
 
-from jaxprobe.runtime.configfile import from_mapping, read_toml, toml_value
 from jaxprobe.errors import InputError
 from jaxprobe.features.extract import build_prompts, extract_features
-from jaxprobe.features.settings import RunSettings, SamplingSettings
+from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 
 DEFAULT_UNET_SITES = ("unet.down_blocks.*", "unet.mid_block", "unet.up_blocks.*", "latents", "pred_original_sample")
 
 
 @dataclass(frozen=True)
-class ExperimentConfig:
-    """Everything one run depends on. Defaults: the bundled tiny model on Binder's concrete nouns."""
+class ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings):
+    """Everything one run depends on. Defaults: the bundled tiny model on Binder's concrete nouns.
 
-    model: str = "tiny"
+    The fields of ModelSettings (model, dtype, scheduler), SamplingSettings (num_inference_steps,
+    guidance_scale, seeds) and RunSettings (batch_size, chunk_size, cache, force) are its fields too;
+    a TOML file sets them in [experiment] (or at the top level) or in [model], [sampling], [run]."""
+
+    TABLE = "experiment"
+
     norms: str = "binder"                      # a bundled norms name or a CSV/TSV path
     norms_groups: str | None = None            # groups file for a user's norms
     max_concepts: int | None = None            # keep the first N concepts (quick looks)
     templates: tuple[str, ...] = ("a photo of a {concept}",)
-    seeds: tuple[int, ...] = (0,)
     repeats: str = "average"                   # "average" templates x seeds per concept, or "keep" them as rows
     text_sites: tuple[str, ...] = ("text_encoder.*",)
     unet_sites: tuple[str, ...] = DEFAULT_UNET_SITES
     image_encoder: str | None = None           # CLIP vision checkpoint: embed the generated images
     token_reduce: str = "eos"
     spatial_reduce: str = "mean"
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: str | None = None
-    dtype: str = "float32"
-    batch_size: int = 16
-    chunk_size: int = 64                       # prompts per committed feature-store chunk (the unit of resume)
     outer_cv: int = 5
     inner_cv: int | str = 5
     alphas: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 20))
@@ -58,8 +54,6 @@ class ExperimentConfig:
     n_bootstrap: int = 200
     seed: int = 0
     out: str = "jaxprobe-runs/default"
-    cache: str = "jaxprobe-runs/cache"
-    force: bool = False
 
     def __post_init__(self) -> None:
         if self.repeats not in ("average", "keep"):
@@ -68,35 +62,6 @@ class ExperimentConfig:
             raise InputError(f"every template needs a '{{concept}}' placeholder; got {list(self.templates)}")
         if not self.seeds:
             raise InputError("give at least one seed")
-
-    @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> "ExperimentConfig":
-        """Fields from a TOML file (top level or an [experiment] table), then `overrides` (None ignored)."""
-        data = read_toml(path, "experiment")
-        return cls.from_mapping({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, Any], source: str = "options") -> "ExperimentConfig":
-        return from_mapping(cls, data, source)
-
-    @property
-    def sampling(self) -> SamplingSettings:
-        return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.seeds)
-
-    @property
-    def run(self) -> RunSettings:
-        return RunSettings(self.batch_size, self.chunk_size, self.cache, self.force)
-
-    def to_toml(self) -> str:
-        lines = ["[experiment]"]
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if isinstance(value, tuple):
-                value = list(value)
-            lines.append(f"{f.name} = {toml_value(value)}")
-        return "\n".join(lines) + "\n"
 
 
 # `jaxprobe run` with no config and the tiny model: the same pipeline, sized to finish in a few minutes
@@ -206,10 +171,10 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
 def _metadata(config: ExperimentConfig, pipe: Any, norms: Any, run: RunLog) -> dict[str, Any]:
     import jax
 
-    from jaxprobe.checkpoints.random import RANDOM_MODELS
+    from jaxprobe.checkpoints.random import is_random_weights
 
     return {
-        "model": pipe.source, "random_weights": pipe.source in RANDOM_MODELS, "norms": norms.name,
+        "model": pipe.source, "random_weights": is_random_weights(pipe), "norms": norms.name,
         "citation": norms.citation, "n_concepts": len(norms.concepts), "n_attributes": len(norms.attributes),
         "templates": list(config.templates), "seeds": list(config.seeds), "repeats": config.repeats,
         "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,

@@ -35,8 +35,8 @@ class ExperimentResults:
 
     Every per-feature-set table carries feature_set, stage, site and timestep (-1 for text sites).
     metadata: run settings shown in the report as given. Keys it reads: "model", "random_weights"
-        (True for the bundled random tiny model; defaults to model == "tiny"), "citation" (str or
-        list of the norms' citations).
+        (True, or a model that `checkpoints.random.is_random_weights` knows, for a model with random
+        weights), "citation" (str or list of the norms' citations).
     """
 
     table: pd.DataFrame                # the probe sweep, one row per (feature set, target)
@@ -91,7 +91,9 @@ class ExperimentResults:
 
     @property
     def random_weights(self) -> bool:
-        return bool(self.metadata.get("random_weights", self.metadata.get("model") == "tiny"))
+        from jaxprobe.checkpoints.random import is_random_weights
+
+        return is_random_weights(self.metadata)
 
     def matrix_index(self, feature_set: str) -> int:
         return self.feature_sets.index(feature_set)
@@ -136,9 +138,10 @@ def _significance(results: ExperimentResults, level: float) -> list[str]:
     table = results.table
     lines = []
     if results.random_weights:
-        lines.append("This run used a model with random weights (the bundled tiny model): no attribute should be "
-                     "decodable, so scores should lie within the permutation null and few or no probes should pass "
-                     "the FDR threshold. Read the numbers below as a check of the pipeline, not as findings.")
+        lines.append(f"This run used a model with random weights ({results.metadata.get('model', 'unnamed')}): "
+                     "no attribute should be decodable, so scores should lie within the permutation null and few "
+                     "or no probes should pass the FDR threshold. Read the numbers below as a check of the "
+                     "pipeline, not as findings.")
     if "q" not in table or table["q"].isna().all():
         return [*lines, "No permutation test was run, so no score can be compared with chance."]
     n, k = int(table["q"].notna().sum()), int((table["q"] < level).sum())

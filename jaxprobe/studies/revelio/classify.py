@@ -39,6 +39,7 @@ from jaxprobe.errors import InputError
 from jaxprobe.pipeline.images import ImageDataset, load_image_folder, validation_mask
 from jaxprobe.probes.linear import ProbeConfig, fit_probe, predict
 from jaxprobe.features.extract import image_features
+from jaxprobe.features.settings import StudyConfig
 
 CLASSIFIERS = ("linear", "conv")
 TABLE, FIGURE, REPORT = "accuracy", "accuracy.png", "report.html"
@@ -228,10 +229,17 @@ def accuracy_row(site: str, t: int, classifier: str, predicted: np.ndarray, labe
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifyConfig:
+class ClassifyConfig(StudyConfig):
     """One classification run. `data`: an image folder (see `jaxprobe.pipeline.images`); `timesteps`: training
     timesteps t the images are noised to; `classifiers`: any of "linear", "conv". `linear`: the probe
-    settings (n_classes is set from the data). `out`: tables, figure and report.html (None: none)."""
+    settings (n_classes is set from the data). `out`: tables, figure and report.html (None: none).
+
+    A TOML file sets the fields in [classify] (linear and conv as [classify.linear], [classify.conv]);
+    model, dtype in [model] and batch_size, cache, force in [run] also do (there is no sampling: each
+    image is noised to t once, so [sampling] takes nothing)."""
+
+    TABLE = "classify"
+    sampling = None   # the view of SamplingSettings: none, it samples nothing
 
     data: str
     model: str = "tiny"
@@ -273,6 +281,7 @@ def run_classification(config: ClassifyConfig, *, pipe: Any = None, progress: bo
     """Features of every image at every (site, t), both classifiers, the accuracy table; with
     config.out, also accuracy.parquet/.csv, accuracy.png and report.html there."""
     import jaxprobe
+    from jaxprobe.checkpoints.random import is_random_weights
 
     dataset = load_image_folder(config.data, test_fraction=config.test_fraction, seed=config.seed)
     train, labels = dataset.train_index, dataset.labels
@@ -306,7 +315,8 @@ def run_classification(config: ClassifyConfig, *, pipe: Any = None, progress: bo
             rows.append(accuracy_row(site, t, "linear", predicted, labels, dataset))
             log(f"linear probe {site} t={t}: accuracy {rows[-1]['accuracy']:.3f}")
     table = comparison_table(rows)
-    files = write_outputs(table, config, dataset) if config.out is not None else {}
+    files = {} if config.out is None else write_outputs(table, config, dataset,
+                                                        random_weights=is_random_weights(pipe))
     return ClassificationResults(table, dataset, files)
 
 
@@ -358,9 +368,12 @@ def _config_record(config: ClassifyConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDataset) -> dict[str, Path]:
-    """accuracy.parquet, accuracy.csv, accuracy.png, config.json and report.html under config.out,
-    each written to a temporary name and renamed."""
+def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDataset, *,
+                  random_weights: bool | None = None) -> dict[str, Path]:
+    """accuracy.parquet, accuracy.csv, accuracy.png, config.toml and report.html under config.out,
+    each written to a temporary name and renamed. random_weights: whether the features come from a model
+    with random weights (the page says so first); None: decided from config.model."""
+    from jaxprobe.checkpoints.random import is_random_weights
     from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
     from jaxprobe.runtime.files import write_atomic
 
@@ -370,17 +383,21 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
              "csv": write_atomic(out / f"{TABLE}.csv", lambda p: table.to_csv(p, index=False))}
     fig = accuracy_figure(table, classes=len(dataset.classes))
     files["figure"] = write_atomic(out / FIGURE, lambda p: fig.savefig(p, format="png", dpi=110))
-    record = _config_record(config)
-    files["config"] = write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(record, indent=2)))
+    files["config"] = write_atomic(out / "config.toml", lambda p: p.write_text(config.to_toml()))
+    random_weights = is_random_weights(config.model) if random_weights is None else random_weights
+    notice = ("The model has random weights: its features carry no learned semantics, so the accuracies below "
+              "measure what a randomly initialised UNet keeps of the images (colour, layout), not what a trained "
+              "model knows. Run a real checkpoint for findings.") if random_weights else None
     document = page(f"Classifiers on diffusion features of {dataset.root}", [
         f"<p>{len(dataset)} images, {len(dataset.classes)} classes ({html.escape(', '.join(dataset.classes[:20]))}"
         f"{', ...' if len(dataset.classes) > 20 else ''}); {len(dataset.train_index)} train, "
         f"{len(dataset.test_index)} test. Model: {html.escape(config.model)}.</p>",
         figure_html(files["figure"].read_bytes(), "accuracy"),
         table_html(table, "Test accuracy per site, timestep and classifier (95% Wilson score intervals)"),
-        "<h2>Run settings</h2>", settings_html(record),
+        "<h2>Run settings</h2>", settings_html(_config_record(config)),
         "<p class='small'>Method: Kim, Thomas &amp; Ghadiyaram, Revelio (ICCV 2025): VAE-encode, noise to t, one "
-        "UNet step; a linear probe on mean-pooled features and a small conv head on the feature maps.</p>"])
+        "UNet step; a linear probe on mean-pooled features and a small conv head on the feature maps.</p>"],
+        notice=notice)
     files["report"] = write_atomic(out / REPORT, lambda p: p.write_text(document, encoding="utf-8"))
     return files
 
