@@ -63,8 +63,10 @@ class FeatureSet:
 
 
 class Captures(Mapping[str, np.ndarray]):
-    """{site: np.ndarray} that knows how it was captured (see the module docstring). Immutable: the
-    arrays are read-only views, there is no mutation API; `subset` and `replace` return new Captures.
+    """{site: np.ndarray} that knows how it was captured (see the module docstring). Immutable in
+    spirit: no mutation API (no item or attribute assignment; the description is read-only);
+    `subset` and `replace` return new Captures. The arrays are those given, not copies, so
+    `dict(captures)` holds the very arrays and compares equal to the mapping they came from.
 
     timesteps: (n_steps,) training timestep of each entry on the step axis, or None (text only, or
         unknown); steps: (n_steps,) the sampler evaluations kept (indices into the schedule), or None;
@@ -85,7 +87,7 @@ class Captures(Mapping[str, np.ndarray]):
                  stepped: Iterable[str] | None = None):
         if not isinstance(arrays, Mapping):
             raise InputError(f"captures are {{site: array}}, got {type(arrays).__name__}")
-        values = {str(site): _readonly(a) for site, a in arrays.items()}
+        values = {str(site): np.asarray(a) for site, a in arrays.items()}
         rows = {site: a.shape[0] if a.ndim else None for site, a in values.items()}
         if None in rows.values() or len(set(rows.values())) > 1:
             raise InputError(f"every captured site needs one row per prompt; got rows {rows}")
@@ -128,7 +130,7 @@ class Captures(Mapping[str, np.ndarray]):
                     reductions: str | Mapping[str, str] | None = None, prompts: Iterable[str] = (),
                     seed: int | None = None, prompt_offset: int = 0, options: Mapping[str, Any] | None = None,
                     stepped: Iterable[str] | None = None) -> "Captures":
-        """Captures of `arrays` {site: (n, ...)} (kept as read-only views, not copied).
+        """Captures of `arrays` {site: (n, ...)} (kept as they are, not copied).
 
         timesteps, steps: one entry per kept step (see the class docstring). reductions: one name for
         every site, or {site or glob: name} (first match wins, as `pipe.capture`'s `reduce`); sites it
@@ -235,7 +237,7 @@ class Captures(Mapping[str, np.ndarray]):
     # ---------------------------------------------------------------- views
 
     def to_dict(self) -> dict[str, np.ndarray]:
-        """{site: array} (the same read-only arrays; copy one to write to it)."""
+        """{site: array}: a plain dict of the same arrays."""
         return dict(self._arrays)
 
     def feature_sets(self, sites: Sequence[str] | None = None) -> list[FeatureSet]:
@@ -367,6 +369,7 @@ def _matches(site: str, patterns: Iterable[str]) -> bool:
 
 
 def _readonly(value: Any) -> np.ndarray:
+    """The description's arrays (timesteps, steps) as read-only views; the caller's stay writeable."""
     array = np.asarray(value)
     if array.flags.writeable:
         array = array.view()
