@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "jaxprobe.pipeline.load",
     "Pipeline": "jaxprobe.pipeline.pipeline",
-    "Captures": "jaxprobe.features.captures",
+    "Captures": "jaxprobe.captures",
     "Component": "jaxprobe.checkpoints.component",
     "RidgeCV": "jaxprobe.probes",
     "probe_sweep": "jaxprobe.probes",

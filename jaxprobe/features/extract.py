@@ -6,7 +6,7 @@ runs text and sampled sites for several seeds; `image_features` is Revelio's rea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from jaxprobe.errors import InputError
+from jaxprobe.captures import UNSTEPPED_PREFIXES, Captures
 from jaxprobe.features.settings import RunSettings, SamplingSettings
 from jaxprobe.features.store import FeatureStore
 from jaxprobe.pipeline.images import ImageDataset
@@ -43,14 +44,15 @@ def model_fingerprint(pipe: Any) -> dict[str, Any]:
 
 def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str, *, cache: str | Path,
                    chunk_size: int = 64, force: bool = False, progress: bool = True, label: str = "features",
-                   batch_size: int = 8, **options: Any) -> dict[str, np.ndarray]:
+                   batch_size: int = 8, **options: Any) -> Captures:
     """`pipe.capture(prompts, sites, **options)` through the feature store under `cache`.
 
     Chunks of `chunk_size` prompts are committed as they finish, so a killed run resumes where it
     stopped, a changed setting never returns stale features, and the processes of a multi-process
     job share the chunks out. Text-only captures are keyed without the sampling options (they do not
     depend on them). batch_size is not part of the key: it changes results only within
-    floating-point tolerance (README, Determinism).
+    floating-point tolerance (README, Determinism). Returns `Captures` described by the prompts and
+    options (the store holds only the arrays; the description is rebuilt from the call).
     """
     prompts = list(prompts)
     sites = pipe.select(sites)
@@ -58,26 +60,52 @@ def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str
     key_options = {"reduce": options.get("reduce", "mean")} if text_only else options
     description = {"kind": "text" if text_only else "sampling", "model": model_fingerprint(pipe), "sites": sites,
                    "prompts": prompts, "options": key_options}
-    return FeatureStore(cache).compute(
+    arrays = FeatureStore(cache).compute(
         description, len(prompts),
         lambda part: pipe.capture(prompts[part], sites, batch_size=batch_size, prompt_offset=part.start, **options),
         chunk_size=chunk_size, force=force, progress=progress, label=label)
+    return Captures.from_arrays(arrays, prompts=prompts, **capture_description(pipe, sites, options))
+
+
+def capture_description(pipe: Any, sites: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
+    """`Captures.from_arrays` keywords describing `pipe.capture(prompts, sites, **options)` (resolved
+    sites), but the prompts: the training timestep and sampler index of each kept step, the reduction
+    of each site, the seed (None for text only) and the other options. Mirrors `pipe.capture`'s
+    defaults (50 steps, timesteps "all", reduce "mean", seed 0; image-encoder sites pool "cls")."""
+    timesteps = steps = None
+    if any(not s.startswith(UNSTEPPED_PREFIXES) for s in sites):
+        from jaxprobe.pipeline.sampling import sampling_timesteps
+
+        schedule = sampling_timesteps(pipe, options.get("num_inference_steps", 50))
+        kept = options.get("timesteps", "all")
+        steps = np.arange(len(schedule)) if isinstance(kept, str) else np.asarray(list(kept), int) % len(schedule)
+        timesteps = schedule[steps]
+    reduce = options.get("reduce", "mean")
+    reductions = {"image_encoder.*": "cls", **(reduce if isinstance(reduce, Mapping) else {"*": reduce})}
+    text_only = all(s.startswith("text_encoder.") for s in sites)
+    return {"timesteps": timesteps, "steps": steps, "reductions": reductions,
+            "seed": None if text_only else options.get("seed", 0), "prompt_offset": 0,
+            "options": {k: v for k, v in options.items() if k not in ("seed", "prompt_offset")}}
 
 
 def extract_features(pipe: Any, prompts: Sequence[str], *, text_sites: Sequence[str] = (),
                      sampled_sites: Sequence[str] = (), token_reduce: str = "eos", spatial_reduce: str = "mean",
                      sampling: SamplingSettings = SamplingSettings(), run: RunSettings = RunSettings(),
-                     progress: bool = True) -> dict[str, np.ndarray]:
+                     progress: bool = True) -> Captures:
     """{site: (n_prompts x n_seeds rows, [steps,] dim)}, rows ordered seed-major, through the cache.
 
     Text sites are captured once (they do not depend on the sampling seed) and repeated per seed;
-    sampled sites (UNet, sampler, image encoder) once per seed of `sampling.seeds`."""
+    sampled sites (UNet, sampler, image encoder) once per seed of `sampling.seeds`. The Captures'
+    prompts are one per row (the prompts, once per seed); its seed is the seed when there is one
+    (None with several: options["seeds"] lists them, row-block by row-block)."""
     prompts = list(prompts)
     common = {"cache": run.cache, "force": run.force, "progress": progress, "batch_size": run.batch_size,
               "chunk_size": run.chunk_size}
     features: dict[str, list[np.ndarray]] = {}
+    parts: list[Captures] = []
     if text_sites:
         text = cached_capture(pipe, prompts, text_sites, reduce=token_reduce, label="text encoder", **common)
+        parts.append(text)
         for site, value in text.items():
             features[site] = [value] * len(sampling.seeds)
     sampled = pipe.select(sampled_sites) if sampled_sites else []
@@ -86,9 +114,19 @@ def extract_features(pipe: Any, prompts: Sequence[str], *, text_sites: Sequence[
                                 num_inference_steps=sampling.num_inference_steps,
                                 guidance_scale=sampling.guidance_scale, seed=seed, label=f"sampling (seed {seed})",
                                 **common)
+        parts.append(values)
         for site, value in values.items():
             features.setdefault(site, []).append(value)
-    return {site: np.concatenate(chunks) for site, chunks in features.items()}
+    seeds = list(sampling.seeds)
+    last = parts[-1] if sampled else None
+    return Captures.from_arrays(
+        {site: np.concatenate(chunks) for site, chunks in features.items()},
+        timesteps=last.timesteps if last else None, steps=last.steps if last else None,
+        reductions={site: how for part in parts for site, how in part.reductions.items()},
+        prompts=prompts * len(seeds), seed=seeds[0] if sampled and len(seeds) == 1 else None,
+        options={"seeds": seeds, "num_inference_steps": sampling.num_inference_steps,
+                 "guidance_scale": sampling.guidance_scale, "token_reduce": token_reduce,
+                 "spatial_reduce": spatial_reduce})
 
 
 def image_features(pipe: Any, dataset: ImageDataset, sites: Sequence[str], t: int, *, cache: str | Path,

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxprobe.captures import Captures
 from jaxprobe.checkpoints.component import Component
 from jaxprobe.errors import CheckpointError, SiteError
 from jaxprobe.models import clip
@@ -109,8 +110,8 @@ class Pipeline:
                 guidance_scale: float = 7.5, seed: int = 0, reduce: Reduce = "mean",
                 latents: np.ndarray | None = None, batch_size: int = 8, branch: str = "cond",
                 negative_prompt: str = "", height: int | None = None, width: int | None = None,
-                prompt_offset: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
-        """Run the prompts and return {site: array} for every site the patterns select.
+                prompt_offset: int = 0, progress: bool = False) -> Captures:
+        """Run the prompts and return a `Captures` ({site: array}) for every site the patterns select.
 
         Text sites: (n_prompts, dim) after the token reduction, (n_prompts, tokens, dim) with "none".
         UNet, `latents` and `pred_original_sample` sites: (n_prompts, n_timesteps, dim) after the
@@ -119,15 +120,16 @@ class Pipeline:
         timesteps: "all" or step indices (0 = first denoising step) to keep. `branch`: "cond" or
         "uncond" (the classifier-free-guidance half captured). `latents`: initial noise (n, 4, h, w);
         otherwise prompt i gets the noise of (seed, prompt_offset + i), whatever the batching.
-        One compiled program per shape runs all of it (`jaxprobe.pipeline.programs`).
+        One compiled program per shape runs all of it (`jaxprobe.pipeline.programs`). The result is a
+        Mapping that also knows its steps, timesteps, reductions, prompts and options, and yields
+        feature sets (`site@step`) for `probe_sweep`, the SAE trainer and the directions maths.
         """
         chosen = self.select(sites)
-        out = sampling.run_capture(
+        return sampling.run_capture(
             self, prompts, chosen, timesteps=timesteps, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, seed=seed, reduce=reduce, latents=latents, batch_size=batch_size,
             branch=branch, negative_prompt=negative_prompt, height=height, width=width,
             prompt_offset=prompt_offset, progress=progress)
-        return {s: out[s] for s in chosen}
 
     def embed_images(self, images: np.ndarray, sites: str | Iterable[str] = ("image_encoder.visual_projection",),
                      *, reduce: Reduce = "cls", batch_size: int = 8, progress: bool = False) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprobe.captures import Captures
 from jaxprobe.errors import InputError, SiteError
 from jaxprobe.models import schedulers
 from jaxprobe.pipeline.images import load_images
@@ -128,8 +129,8 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
                 seed: int = 0, reduce: Reduce = "mean", latents: np.ndarray | None = None, batch_size: int = 8,
                 branch: str = "cond", negative_prompt: str = "", height: int | None = None,
                 width: int | None = None, prompt_offset: int = 0, progress: bool = False,
-                return_images: bool = False) -> dict[str, np.ndarray]:
-    """{full site name: array} for `sites` (already selected), plus "images" when asked: one program.
+                return_images: bool = False) -> Captures | tuple[Captures, np.ndarray]:
+    """A Captures of `sites` (already selected), and the decoded images when asked: one program.
 
     Text sites (n, ...); denoiser and sampler sites (n, kept steps, ...); image-encoder sites embed
     the decoded images (n, dim)."""
@@ -189,9 +190,17 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     named.update({f"unet.{s}" if s not in ("latents", "pred_original_sample") else s: out[f"denoiser:{s}"]
                   for s in plan.denoiser_sites})
     named.update({f"image_encoder.{s}": out[f"image:{s}"] for s in plan.image_sites})
-    if return_images:
-        named["images"] = out["images"]
-    return named
+    steps = None if not plan.sample else (plan.steps if plan.steps is not None else range(len(schedule.timesteps)))
+    reductions = dict(zip(text_sites, plan.text_reductions)) | dict(zip(loop_sites, plan.denoiser_reductions)) \
+        | dict(zip(image_sites, plan.image_reductions))
+    captures = Captures.from_arrays(
+        {s: named[s] for s in sites}, steps=None if steps is None else np.asarray(list(steps)),
+        timesteps=None if steps is None else np.asarray(schedule.timesteps)[list(steps)], reductions=reductions,
+        prompts=tuple(prompts), seed=seed if plan.sample else None, prompt_offset=prompt_offset,
+        options=dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, branch=branch,
+                     negative_prompt=negative_prompt, height=height, width=width, timesteps=timesteps)
+        if plan.sample else {})
+    return (captures, out["images"]) if return_images else captures
 
 
 def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] | str | None = None,
@@ -210,9 +219,9 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] |
                       guidance_scale=guidance_scale, seed=seed, reduce=reduce, latents=latents,
                       batch_size=batch_size, branch=branch, negative_prompt=negative_prompt, height=height,
                       width=width, progress=progress, return_images=True)
-    images = out.pop("images")
+    captures, images = out
     result = images if output_type == "np" else _to_pil(images)
-    return (result, {s: out[s] for s in chosen}) if sites is not None else result
+    return (result, captures) if sites is not None else result
 
 
 def _to_pil(images: np.ndarray) -> list:

@@ -1,8 +1,9 @@
 """`probe_sweep`: nested cross-validated ridge probes for every site x timestep, as a tidy table.
 
 Table columns, one row per (feature set, target):
-  feature_set  "site" for a 2-D site array, "site@timestep" for each timestep of a 3-D one
-  site, timestep   the site name and timestep index (-1 for 2-D arrays)
+  feature_set  "site" for a site without a step axis (a 2-D array), "site@i" for each entry i on the
+               step axis of one with it (a 3-D array; `jaxprobe.captures.feature_sets`)
+  site, timestep   the site name and the position i on its step axis (-1 without one)
   target, group    the target name and its group (`target_groups`; missing when not given)
   alpha        median over outer folds of the alpha chosen by inner cross-validation
   score        `metric` of the out-of-fold predictions (default: Pearson r between each row's
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from jaxprobe.errors import InputError
+from jaxprobe.captures import Captures, feature_sets
 from jaxprobe.probes import stats
 from jaxprobe.probes.alignment import align_by_concept
 from jaxprobe.probes.crossval import DEFAULT_ALPHAS, cross_validate_ridge
@@ -62,8 +64,9 @@ def probe_sweep(
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """Probe every feature set against every target with nested cross-validated ridge.
 
-    features: site -> (n, d) or (n, n_timesteps, d) array (one feature set per timestep), or an
-        (F, n, d) array (sites "0", "1", ...).
+    features: a `Captures` (what `pipe.capture` returns), a plain site -> (n, d) or
+        (n, n_timesteps, d) mapping (one feature set per timestep), or an (F, n, d) array (sites "0",
+        "1", ...); split by `jaxprobe.captures.feature_sets`.
     targets: (n, t) DataFrame (columns = target names; NaN or "na" = missing, masked per target)
         or array.
     concepts: (n,) the concept of each feature row. Given, the targets must be a DataFrame indexed by
@@ -78,7 +81,9 @@ def probe_sweep(
     alpha (per target unless alpha_per_target=False). See the module docstring for the columns.
     return_predictions: also return out-of-fold predictions (F, n, t), F in table order.
     """
-    names, sites, steps, arrays = feature_sets(features)
+    sets = feature_sets(features)
+    names, sites, steps = [s.name for s in sets], [s.site for s in sets], [s.step for s in sets]
+    arrays = [s.array for s in sets]
     if concepts is not None:
         targets, groups = _align_to_concepts(targets, groups, concepts, len(arrays[0]))
     target_names, Y = _targets(targets)
@@ -173,12 +178,13 @@ def probe_sweep_across_processes(
 
     if jax.process_count() == 1:
         return probe_sweep(features, targets, **options)
-    order, *_ = feature_sets(features)
+    order = [s.name for s in feature_sets(features)]
     mine = _balanced_share(features, jax.process_index(), jax.process_count())
     parts = Path(parts_dir)
     part = parts / f"probes-{jax.process_index():04d}-of-{jax.process_count():04d}"
     if mine:
-        table, predictions = probe_sweep({s: features[s] for s in mine}, targets,
+        share = features.subset(sites=mine) if isinstance(features, Captures) else {s: features[s] for s in mine}
+        table, predictions = probe_sweep(share, targets,
                                          **{**options, "return_predictions": True})
         atomic_write_bytes(part.with_suffix(".parquet"), table.to_parquet())
         atomic_write_npy(part.with_suffix(".npy"), predictions)
@@ -206,7 +212,9 @@ def probe_sweep_across_processes(
 
 def _balanced_share(features: Mapping[str, np.ndarray], index: int, count: int) -> list[str]:
     """Sites for process `index`: greedy longest-first packing by feature-set count x width."""
-    cost = {site: (np.shape(a)[1] if np.ndim(a) == 3 else 1) * np.shape(a)[-1] for site, a in features.items()}
+    cost: dict[str, int] = {}
+    for s in feature_sets(features):
+        cost[s.site] = cost.get(s.site, 0) + s.array.shape[-1]
     loads = [0] * count
     owner = {}
     for site in sorted(cost, key=lambda s: (-cost[s], s)):  # by name too: the same on every process
@@ -278,29 +286,6 @@ def run_probe_files(
         write(tmp)
         os.replace(tmp, base.with_suffix(suffix))
     return result
-
-
-def feature_sets(features) -> tuple[list[str], list[str], list[int], list[np.ndarray]]:
-    """(names, sites, timesteps, (n, d) arrays — views, not copies) of every feature set."""
-    if not isinstance(features, Mapping):
-        features = np.asarray(features)
-        if features.ndim != 3:
-            raise InputError(f"a plain feature array must be (F, n, d), got shape {features.shape}")
-        features = {str(i): f for i, f in enumerate(features)}
-    names, sites, steps, arrays = [], [], [], []
-    for site, array in features.items():
-        array = np.asarray(array)
-        if array.ndim == 2:
-            names.append(site), sites.append(site), steps.append(-1), arrays.append(array)
-        elif array.ndim == 3:
-            for step in range(array.shape[1]):
-                names.append(f"{site}@{step}"), sites.append(site), steps.append(step)
-                arrays.append(array[:, step])
-        else:
-            raise InputError(f"site {site!r}: features must be (n, d) or (n, n_timesteps, d), got {array.shape}")
-    if not arrays:
-        raise InputError("no feature sets given")
-    return names, sites, steps, arrays
 
 
 def _targets(targets) -> tuple[list[str], np.ndarray]:

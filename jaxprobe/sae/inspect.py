@@ -28,6 +28,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from jaxprobe.errors import InputError
+from jaxprobe.captures import Captures
 from jaxprobe.pipeline.images import load_images
 from jaxprobe.reporting.html import figure_html, page, png_bytes
 from jaxprobe.runtime.files import write_atomic
@@ -223,7 +224,9 @@ def sae_page(table: pd.DataFrame, metrics: pd.DataFrame | None = None, history: 
 
 
 def _manifest_prompts(features: Any) -> list[str] | None:
-    """The prompts of a `jaxprobe extract` folder (manifest.json), or of a FeatureStore entry."""
+    """The prompts of a Captures, of a `jaxprobe extract` folder (manifest.json), or of a FeatureStore entry."""
+    if isinstance(features, Captures):
+        return list(features.prompts) or None
     if not isinstance(features, (str, Path)):
         return None
     manifest = Path(features) / "manifest.json"

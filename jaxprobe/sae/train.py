@@ -21,7 +21,6 @@ uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
 import json
 import shutil
@@ -40,6 +39,7 @@ from jaxprobe.runtime.files import write_atomic
 from jaxprobe.sae.curves import training_curves
 from jaxprobe.sae.model import (LatentStats, SAEConfig, TrainState, accumulate_stats, encode, init_stack,
                                 init_stats, make_train_step, reconstruct)
+from jaxprobe.captures import feature_sets as split_feature_sets
 from jaxprobe.features.store import FeatureEntry
 
 STATS_ROWS = 65_536
@@ -63,16 +63,10 @@ class FeatureSource:
         raise NotImplementedError
 
 
-def feature_sets(arrays: Mapping[str, Any], sites: Sequence[str] | None) -> dict[str, np.ndarray]:
-    """{site: (n, d) or (n, T, d)} -> {"site" or "site@t": (n, d)} (views), keeping sites matching a glob."""
-    from jaxprobe.probes.sweep import feature_sets as split
-
-    if sites:
-        arrays = {s: a for s, a in arrays.items() if any(fnmatch.fnmatchcase(s, p) for p in sites)}
-        if not arrays:
-            raise InputError(f"no feature set matches {list(sites)}")
-    names, _, _, views = split(arrays)
-    return dict(zip(names, views))
+def feature_sets(features: Mapping[str, Any], sites: Sequence[str] | None) -> dict[str, np.ndarray]:
+    """A Captures or {site: (n, d) or (n, T, d)} -> {"site" or "site@t": (n, d)} (views), keeping sites
+    matching a glob: `jaxprobe.captures.feature_sets`, keyed by name."""
+    return {s.name: s.array for s in split_feature_sets(features, sites)}
 
 
 class ArraySource(FeatureSource):
@@ -111,7 +105,7 @@ class StoreSource(FeatureSource):
 
 
 def as_source(features: Any, sites: Sequence[str] | None = None) -> FeatureSource:
-    """A FeatureSource from: one; {site: array}; a FeatureEntry; a folder written by `jaxprobe extract`
+    """A FeatureSource from: one; a Captures or {site: array}; a FeatureEntry; a folder written by `jaxprobe extract`
     (one <site>.npy each, memory-mapped) or a FeatureStore entry folder (manifest.json + chunks/); a .npz/.npy."""
     if isinstance(features, FeatureSource):
         return features

@@ -38,6 +38,7 @@ from jaxprobe.studies.decoding_diffusion.report import (  # noqa: F401 - the stu
     summarize,
 )
 from jaxprobe.errors import InputError
+from jaxprobe.captures import Captures
 
 EXAMPLE = Path(__file__).parent / "assets" / "directions" / "professions.toml"
 
@@ -156,9 +157,9 @@ class Generations:
     family_of: dict[str, str]
     rows: pd.DataFrame                # row, concept, family, prompt, seed
     labels: np.ndarray                # (n,) concept index
-    features: dict[str, np.ndarray]   # site -> (n, T, d); maps (spatial_reduce="none") flattened to d = h*w*c
+    features: Captures                # site -> (n, T, d); maps (spatial_reduce="none") flattened to d = h*w*c
     text: np.ndarray | None           # (n, d)
-    timesteps: np.ndarray             # (T,) training timestep of each step
+    timesteps: np.ndarray             # (T,) training timestep of each step (features.timesteps)
     map_shapes: dict[str, tuple[int, ...]]  # site -> (d,) or (h, w, c): the shape each direction is saved in
 
     @property
@@ -198,7 +199,6 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
     """Generate every concept's prompts with every seed and capture h-space (and the CLIP text site),
     through the feature store (`features.extract_features`): finished chunks are never recomputed."""
     from jaxprobe.features.extract import extract_features
-    from jaxprobe.pipeline.sampling import sampling_timesteps
 
     concepts = tuple(prompts_of)
     family_of = dict(family_of) if family_of is not None else {c: f for f, cs in config.families.items() for c in cs}
@@ -216,14 +216,21 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
                          "seed": np.repeat(np.asarray(config.seeds), n_prompts)})
     sites = pipe.select(config.sites)
     text = raw[pipe.select([config.text_site])[0]] if config.text_site else None
-    return Generations(concepts, family_of, rows, labels, {s: _flat(raw[s]) for s in sites},
-                       None if text is None else text.reshape(len(text), -1),
-                       sampling_timesteps(pipe, config.num_inference_steps), {s: raw[s].shape[2:] for s in sites})
+    features = raw.replace(arrays={s: _flat(raw[s]) for s in sites})
+    return Generations(concepts, family_of, rows, labels, features, None if text is None else text.reshape(len(text), -1),
+                       features.timesteps, {s: raw[s].shape[2:] for s in sites})
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
     """(rows, T, ...) -> (rows, T, d): a spatial map is one long vector to the direction maths."""
     return x.reshape(*x.shape[:2], -1)
+
+
+def _step_labels(features: Captures, site: str) -> tuple[np.ndarray, np.ndarray]:
+    """(step, timestep) of each entry on a site's step axis, as its feature sets (site@step) name them: the
+    maths runs on whole (n, T, d) stacks, the tables walk site x step like every other consumer."""
+    sets = features.feature_sets([site])
+    return np.array([s.step for s in sets]), np.array([s.timestep for s in sets])
 
 
 # --- directions ----------------------------------------------------------------------------------------
@@ -283,11 +290,11 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
     for site, h in gens.features.items():
         dirs, length = directions_of(h, gens.labels, gens.concepts, config, neutral=gens.neutral, groups=groups)
         arrays[f"site/{site}"] = dirs.reshape(*dirs.shape[:2], *gens.map_shapes[site])
-        steps = np.arange(dirs.shape[1])
+        steps, timesteps = _step_labels(gens.features, site)
         frames.append(pd.DataFrame({
             "concept": np.repeat(gens.concepts, len(steps)), "family": np.repeat(groups, len(steps)), "site": site,
             "step": np.tile(steps, len(gens.concepts)),
-            "timestep": np.tile(gens.timesteps[: len(steps)], len(gens.concepts)),
+            "timestep": np.tile(timesteps, len(gens.concepts)),
             "length": length.ravel(), "cos_to_last_step": _cos(dirs, dirs[:, -1:]).ravel(),
             "n_generations": np.repeat(np.bincount(gens.labels, minlength=len(gens.concepts)), len(steps))}))
     if gens.text is not None:
@@ -380,10 +387,10 @@ def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = Fa
         shape = gens.map_shapes[site]
         arrays[f"images/{site}"] = image_dirs[:, 0].reshape(len(concepts), *shape)
         arrays[f"captions/{site}"] = caption_dirs.reshape(*caption_dirs.shape[:2], *shape)
-        steps = np.arange(caption_dirs.shape[1])
+        steps, timesteps = _step_labels(gens.features, site)
         frames.append(pd.DataFrame({
             "concept": np.repeat(concepts, len(steps)), "site": site, "step": np.tile(steps, len(concepts)),
-            "timestep": np.tile(gens.timesteps[: len(steps)], len(concepts)),
+            "timestep": np.tile(timesteps, len(concepts)),
             "cos_image_caption": _cos(image_dirs, caption_dirs).ravel(), "image_t": config.image_t}))
     return pd.concat(frames, ignore_index=True), arrays
 
@@ -441,12 +448,13 @@ def association_table(gens: Generations, config: DirectionsConfig) -> pd.DataFra
     for site, h in gens.features.items():
         s = scores(h)                                                      # (1 + B, T, A, C)
         lo, hi = _interval(s[1:], config.level)
-        T = s.shape[1]
+        steps, timesteps = _step_labels(gens.features, site)
+        T = len(steps)
         for a, (query_family, attribute_family, axis, _) in enumerate(config.axes):
             queries = [index[q] for q in config.families[query_family]]
             s_q, lo_q, hi_q = s[:, :, a][..., queries], lo[:, a][..., queries], hi[:, a][..., queries]  # (.., T, Q)
-            cols = {"site": site, "step": np.repeat(np.arange(T), len(queries)),
-                    "timestep": np.repeat(gens.timesteps[:T], len(queries)),
+            cols = {"site": site, "step": np.repeat(steps, len(queries)),
+                    "timestep": np.repeat(timesteps, len(queries)),
                     "query_family": query_family, "attribute_family": attribute_family, "axis": axis,
                     "query": np.tile([gens.concepts[q] for q in queries], T),
                     "score": s_q[0].ravel(), "ci_low": lo_q.ravel(), "ci_high": hi_q.ravel()}
@@ -481,7 +489,8 @@ def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: 
     frames, cluster_frames = [], []
     for site, h in gens.features.items():
         h = np.asarray(h, np.float32)
-        T = h.shape[1]
+        steps, timesteps = _step_labels(gens.features, site)
+        T = len(steps)
         site_dirs = _flat(dirs[f"site/{site}"])
         projection = np.asarray(maths.project(h, site_dirs))                              # (n, T, C)
         positions = np.asarray(maths.generation_scores(h, averaging, axes, _metric(h, averaging, config)))
@@ -491,8 +500,8 @@ def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: 
         nearest = np.asarray(jax.vmap(maths.nearest_directions)(centroids, h.mean(0), np.moveaxis(site_dirs, 1, 0)))
         pcs = np.asarray(jax.vmap(maths.principal_components, in_axes=1, out_axes=1)(h))  # (n, T, 2)
         frame = pd.concat([gens.rows] * T, ignore_index=True)
-        frame = frame.assign(site=site, step=np.repeat(np.arange(T), len(gens.rows)),
-                             timestep=np.repeat(gens.timesteps[:T], len(gens.rows)),
+        frame = frame.assign(site=site, step=np.repeat(steps, len(gens.rows)),
+                             timestep=np.repeat(timesteps, len(gens.rows)),
                              cluster=members.ravel(), pc1=pcs[..., 0].T.ravel(), pc2=pcs[..., 1].T.ravel())
         extra = {f"dir:{c}": projection[:, :, i].T.ravel() for i, c in enumerate(gens.concepts)}
         extra |= {f"axis:{name}": positions[:, :, a].T.ravel() for a, (_, _, name, _) in enumerate(config.axes)}
@@ -505,7 +514,7 @@ def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: 
                 shares = pd.Series(gens.labels[inside]).value_counts(normalize=True)
                 order = np.argsort(-nearest[t, j])[:3]
                 cluster_frames.append({
-                    "site": site, "step": t, "timestep": gens.timesteps[t], "cluster": j, "size": int(inside.sum()),
+                    "site": site, "step": t, "timestep": timesteps[t], "cluster": j, "size": int(inside.sum()),
                     "purity": float(shares.iloc[0]),
                     "concepts": "; ".join(f"{gens.concepts[c]} {v:.0%}" for c, v in shares.head(3).items()),
                     "nearest_direction": gens.concepts[order[0]], "nearest_cos": float(nearest[t, j, order[0]]),
@@ -528,10 +537,10 @@ def project_prompts(config: DirectionsConfig, prompts: Sequence[str], *, pipe: A
     frames = []
     for site, h in gens.features.items():
         projection = np.asarray(project(np.asarray(h, np.float32), _flat(dirs[f"site/{site}"])))
-        T = projection.shape[1]
-        frame = pd.concat([gens.rows.drop(columns=["concept", "family"])] * T, ignore_index=True)
-        frame = frame.assign(site=site, step=np.repeat(np.arange(T), len(gens.rows)),
-                             timestep=np.repeat(gens.timesteps[:T], len(gens.rows)))
+        steps, timesteps = _step_labels(gens.features, site)
+        frame = pd.concat([gens.rows.drop(columns=["concept", "family"])] * len(steps), ignore_index=True)
+        frame = frame.assign(site=site, step=np.repeat(steps, len(gens.rows)),
+                             timestep=np.repeat(timesteps, len(gens.rows)))
         frames.append(pd.concat([frame, pd.DataFrame({f"dir:{c}": projection[:, :, i].T.ravel()
                                                       for i, c in enumerate(concepts)})], axis=1))
     return pd.concat(frames, ignore_index=True)

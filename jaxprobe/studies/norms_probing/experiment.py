@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from jaxprobe.errors import InputError
+from jaxprobe.captures import Captures, feature_sets as split_feature_sets
 from jaxprobe.features.extract import build_prompts, extract_features
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 
@@ -69,8 +70,8 @@ class ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
 EMBEDDED_DEFAULT = ExperimentConfig(num_inference_steps=10, n_permutations=20, n_bootstrap=100)
 
 
-def concept_features(features: dict[str, np.ndarray], concept_index: np.ndarray, n_concepts: int,
-                     repeats: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def concept_features(features: Mapping[str, np.ndarray], concept_index: np.ndarray, n_concepts: int,
+                     repeats: str) -> tuple[Mapping[str, np.ndarray], np.ndarray]:
     """Average every concept's repeats (templates x seeds) or keep them as rows.
 
     Returns the features and, per row, its concept index (used to keep a concept's repeats on one
@@ -83,6 +84,9 @@ def concept_features(features: dict[str, np.ndarray], concept_index: np.ndarray,
         sums = np.zeros((n_concepts, *value.shape[1:]), np.float64)
         np.add.at(sums, concept_index, value)
         averaged[site] = (sums / counts.reshape(-1, *[1] * (value.ndim - 1))).astype(np.float32)
+    if isinstance(features, Captures):  # rows are concepts now: the steps and reductions still hold
+        averaged = features.replace(arrays=averaged, prompts=(), seed=None,
+                                    options={**features.options, "rows": "concept means over repeats"})
     return averaged, np.arange(n_concepts)
 
 
@@ -139,7 +143,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
             raise InputError(f"fold_groups={config.fold_groups!r} is not a metadata column of {norms.name}; "
                              f"choose from {list(norms.metadata.columns)}")
         fold_groups = norms.metadata[config.fold_groups].to_numpy()[row_concepts]
-    log(f"probing {sum(v.shape[1] if v.ndim == 3 else 1 for v in feats.values())} feature sets x "
+    log(f"probing {len(split_feature_sets(feats))} feature sets x "
         f"{len(norms.attributes)} attributes ({config.outer_cv}x{config.inner_cv} nested CV, "
         f"{config.n_permutations} permutations, {config.n_bootstrap} bootstraps)")
     swept = run.timed("probe", lambda: probe_sweep_across_processes(
