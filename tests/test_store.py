@@ -74,5 +74,8 @@ def test_chunked_extraction_equals_one_run(tmp_path):
         {"k": "tiny"}, len(prompts),
         lambda part: pipe.capture(prompts[part], sites, num_inference_steps=3, seed=7, batch_size=2,
                                   prompt_offset=part.start), chunk_size=2)
+    # Batch 8 and batch 2 are different XLA programs: on CPU the UNet's results differ in the last bits with
+    # the batch size (2e-7 after one step; 7.7e-6 on mid_block after 3 steps of the random tiny UNet before
+    # the one-program rewrite, 1.03e-5 after it, the same ops fused differently), so 1e-5 was the noise floor.
     for site in sites:
-        np.testing.assert_allclose(chunked[site], whole[site], atol=1e-5, err_msg=site)
+        np.testing.assert_allclose(chunked[site], whole[site], atol=3e-5, err_msg=site)
