@@ -146,6 +146,7 @@ def main() -> None:
     import himalaya
     import sklearn
     from threadpoolctl import threadpool_limits
+
     from jaxprobe.probes import nested_plan
 
     Y = binder_targets()

@@ -16,8 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprobe.checkpoints.component import Component
-from jaxprobe.checkpoints.weights import (abstract_params, convert_state_dict, find_weight_files, read_config,
-                                          read_state_dict)
+from jaxprobe.checkpoints.weights import (
+    abstract_params,
+    convert_state_dict,
+    find_weight_files,
+    read_config,
+    read_state_dict,
+)
 from jaxprobe.models import vae
 from jaxprobe.models.families import family_for_checkpoint, family_of_config
 from jaxprobe.models.vae import AutoencoderKL, VAEConfig

@@ -21,16 +21,21 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprobe.errors import CheckpointError
-from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
 from jaxprobe.checkpoints.component import Component
 from jaxprobe.checkpoints.diffusers import load_denoiser, load_vae
 from jaxprobe.checkpoints.tokenizer import PromptTokenizer
-from jaxprobe.checkpoints.weights import (abstract_params, convert_state_dict, find_weight_files, read_config,
-                                          read_state_dict)
+from jaxprobe.checkpoints.weights import (
+    abstract_params,
+    convert_state_dict,
+    find_weight_files,
+    read_config,
+    read_state_dict,
+)
+from jaxprobe.errors import CheckpointError
+from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
 from jaxprobe.models.clip import example_inputs as clip_example_inputs
-from jaxprobe.runtime.devices import place_params
 from jaxprobe.models.schedulers import scheduler_config
+from jaxprobe.runtime.devices import place_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Keys a checkpoint may hold that no forward pass reads.

@@ -19,16 +19,16 @@ import jax
 import numpy as np
 
 from jaxprobe.checkpoints.component import Component
+from jaxprobe.checkpoints.tokenizer import PromptTokenizer
 from jaxprobe.checkpoints.weights import abstract_params
 from jaxprobe.models import clip
 from jaxprobe.models import unet as unet_model
 from jaxprobe.models import vae as vae_model
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
-from jaxprobe.runtime.devices import place_params
+from jaxprobe.models.schedulers import SchedulerConfig
 from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
 from jaxprobe.models.vae import AutoencoderKL, VAEConfig
-from jaxprobe.models.schedulers import SchedulerConfig
-from jaxprobe.checkpoints.tokenizer import PromptTokenizer
+from jaxprobe.runtime.devices import place_params
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 SEED = 0

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxprobe.errors import InputError
 from jaxprobe.captures import UNSTEPPED_PREFIXES, Captures
+from jaxprobe.errors import InputError
 from jaxprobe.features.settings import RunSettings, SamplingSettings
 from jaxprobe.features.store import FeatureStore
 from jaxprobe.pipeline.images import ImageDataset

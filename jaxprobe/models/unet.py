@@ -20,11 +20,18 @@ import jax.numpy as jnp
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.blocks import (
-    DownBlock2D, ResnetBlock2D, ResnetSpec, SownConv, TimestepEmbedding, Transformer2DModel,
-    TransformerSpec, UpBlock2D, group_norm, timestep_embedding,
+    DownBlock2D,
+    ResnetBlock2D,
+    ResnetSpec,
+    SownConv,
+    TimestepEmbedding,
+    Transformer2DModel,
+    TransformerSpec,
+    UpBlock2D,
+    group_norm,
+    timestep_embedding,
 )
 from jaxprobe.models.layers import ACTIVATIONS
-
 
 # Sites a wildcard reaches without naming a deeper path (see jaxprobe.pipeline.sites).
 BLOCK_SITES = (r"down_blocks\.\d+", r"mid_block", r"up_blocks\.\d+")

@@ -22,10 +22,15 @@ import jax.numpy as jnp
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.blocks import (
-    Attention, DownBlock2D, ResnetBlock2D, ResnetSpec, UpBlock2D, conv, group_norm,
+    Attention,
+    DownBlock2D,
+    ResnetBlock2D,
+    ResnetSpec,
+    UpBlock2D,
+    conv,
+    group_norm,
 )
 from jaxprobe.models.layers import ACTIVATIONS
-
 
 # Sites a wildcard reaches without naming a deeper path (see jaxprobe.pipeline.sites).
 BLOCK_SITES = (r"encoder\.(down_blocks\.\d+|mid_block)", r"decoder\.(mid_block|up_blocks\.\d+)")

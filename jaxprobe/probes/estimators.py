@@ -28,8 +28,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from jaxprobe.errors import InputError
 from jaxprobe.probes import folds, linear
 from jaxprobe.probes.crossval import host_lapack_single_threaded
-from jaxprobe.probes.ridge import (
-    Scoring, coefficients, decompose, inner_cv_scores, select_alphas, training_targets)
+from jaxprobe.probes.ridge import Scoring, coefficients, decompose, inner_cv_scores, select_alphas, training_targets
 
 
 class RidgeCV(RegressorMixin, BaseEstimator):

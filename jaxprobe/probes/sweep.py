@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jaxprobe.errors import InputError
 from jaxprobe.captures import Captures, feature_sets
+from jaxprobe.errors import InputError
 from jaxprobe.probes import stats
 from jaxprobe.probes.alignment import align_by_concept
 from jaxprobe.probes.crossval import DEFAULT_ALPHAS, cross_validate_ridge

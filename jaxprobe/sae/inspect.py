@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from jaxprobe.errors import InputError
 from jaxprobe.captures import Captures
+from jaxprobe.errors import InputError
 from jaxprobe.pipeline.images import load_images
 from jaxprobe.reporting.html import figure_html, page, png_bytes
 from jaxprobe.runtime.files import write_atomic

@@ -34,13 +34,22 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from jaxprobe.captures import feature_sets as split_feature_sets
 from jaxprobe.errors import InputError
+from jaxprobe.features.store import FeatureEntry
 from jaxprobe.runtime.files import write_atomic
 from jaxprobe.sae.curves import training_curves
-from jaxprobe.sae.model import (LatentStats, SAEConfig, TrainState, accumulate_stats, encode, init_stack,
-                                init_stats, make_train_step, reconstruct)
-from jaxprobe.captures import feature_sets as split_feature_sets
-from jaxprobe.features.store import FeatureEntry
+from jaxprobe.sae.model import (
+    LatentStats,
+    SAEConfig,
+    TrainState,
+    accumulate_stats,
+    encode,
+    init_stack,
+    init_stats,
+    make_train_step,
+    reconstruct,
+)
 
 STATS_ROWS = 65_536
 HISTORY, METRICS, CURVES = "history.csv", "metrics.csv", "loss_curves.png"

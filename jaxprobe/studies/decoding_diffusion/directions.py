@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from jaxprobe.captures import Captures
+from jaxprobe.errors import InputError
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 from jaxprobe.studies.decoding_diffusion.report import (  # noqa: F401 - the study's public names
     BASELINE_FAMILY,
@@ -37,8 +39,6 @@ from jaxprobe.studies.decoding_diffusion.report import (  # noqa: F401 - the stu
     report,
     summarize,
 )
-from jaxprobe.errors import InputError
-from jaxprobe.captures import Captures
 
 EXAMPLE = Path(__file__).parent / "assets" / "directions" / "professions.toml"
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from jaxprobe.errors import InputError
+from jaxprobe.reporting.figures import save_figures
 
 # Shared with directions.py: the saved files, and the labels of the neutral set and its family.
 DIRECTIONS, REPORT = "directions.npz", "report.html"
@@ -233,17 +234,8 @@ def read_tables(out: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any
 
 def make_figures(out: str | Path, dpi: int = 110) -> dict[str, Path]:
     """Every figure the tables under `out` allow, as out/figures/<name>.png (names: `FIGURES`)."""
-    from jaxprobe.runtime.files import write_atomic
-
     tables, meta = read_tables(out)
-    folder = Path(out) / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, (draw, _) in FIGURES.items():
-        fig = draw(tables, meta)
-        if fig is not None:
-            paths[name] = write_atomic(folder / f"{name}.png", lambda p, f=fig: f.savefig(p, format="png", dpi=dpi))
-    return paths
+    return save_figures(out, {name: draw(tables, meta) for name, (draw, _) in FIGURES.items()}, dpi)
 
 
 def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str]:

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxprobe.captures import Captures
+from jaxprobe.captures import feature_sets as split_feature_sets
 from jaxprobe.errors import InputError
-from jaxprobe.captures import Captures, feature_sets as split_feature_sets
 from jaxprobe.features.extract import build_prompts, extract_features
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 
@@ -112,10 +113,9 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     import jax
 
     import jaxprobe
-    from jaxprobe.studies.norms_probing import report
-    from jaxprobe.studies.norms_probing import disentanglement, groups
     from jaxprobe.norms import load_norms
     from jaxprobe.probes.sweep import probe_sweep_across_processes
+    from jaxprobe.studies.norms_probing import disentanglement, groups, report
 
     run = RunLog()
     options = {"groups": config.norms_groups} if config.norms_groups else {}

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from jaxprobe.studies.norms_probing.decoding import check_table, feature_set_index
 from jaxprobe.errors import InputError
 from jaxprobe.probes.stats import fdr_bh
+from jaxprobe.studies.norms_probing.decoding import check_table, feature_set_index
 
 # permuted group means held at once: bounds memory at (feature sets x permutations x groups) floats
 _CHUNK_ELEMENTS = 1 << 22

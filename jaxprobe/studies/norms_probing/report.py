@@ -25,12 +25,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from jaxprobe.errors import InputError
+from jaxprobe.reporting.figures import save_figures
+from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
+from jaxprobe.runtime.files import write_atomic
 from jaxprobe.studies.norms_probing.decoding import best, short_site, site_order, stage_of
 from jaxprobe.studies.norms_probing.disentanglement import entanglement_index
 from jaxprobe.studies.norms_probing.summary import PAPER, SAMPLED_STAGES, ExperimentResults, along_steps, summarize
-from jaxprobe.errors import InputError
-from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
-from jaxprobe.runtime.files import write_atomic
 
 __all__ = ["ExperimentResults", "ReportConfig", "make_figures", "read_results", "rerender", "write_report",
            "write_tables"]
@@ -323,15 +324,7 @@ def make_figures(results: ExperimentResults, out_dir: str | os.PathLike,
 
     Names (see `FIGURES`): decoding_text, decoding_steps, groups, correlations, entanglement, pvalues;
     a figure whose data the run lacks (no text layers, no UNet steps, no permutations) is left out."""
-    folder = Path(out_dir) / "figures"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, (draw, _) in FIGURES.items():
-        fig = draw(results, config)
-        if fig is not None:
-            save = lambda p, f=fig: f.savefig(p, format="png", dpi=config.dpi)  # noqa: E731
-            paths[name] = write_atomic(folder / f"{name}.png", save)
-    return paths
+    return save_figures(out_dir, {name: draw(results, config) for name, (draw, _) in FIGURES.items()}, config.dpi)
 
 
 # --- the HTML report -----------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from jaxprobe.studies.norms_probing import decoding, disentanglement
 from jaxprobe.errors import InputError
 from jaxprobe.norms.base import dropped_frame, preview
+from jaxprobe.studies.norms_probing import decoding, disentanglement
 
 SAMPLED_STAGES = ("unet", "latent")  # feature sets with a denoising step
 PAPER = ("Braunstein, Toneva & Ilg (2025). CLIP is All You Need for Human-like Semantic Representations "

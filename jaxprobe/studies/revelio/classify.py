@@ -36,10 +36,10 @@ import optax
 import pandas as pd
 
 from jaxprobe.errors import InputError
-from jaxprobe.pipeline.images import ImageDataset, load_image_folder, validation_mask
-from jaxprobe.probes.linear import ProbeConfig, fit_probe, predict
 from jaxprobe.features.extract import image_features
 from jaxprobe.features.settings import StudyConfig
+from jaxprobe.pipeline.images import ImageDataset, load_image_folder, validation_mask
+from jaxprobe.probes.linear import ProbeConfig, fit_probe, predict
 
 CLASSIFIERS = ("linear", "conv")
 TABLE, FIGURE, REPORT = "accuracy", "accuracy.png", "report.html"
