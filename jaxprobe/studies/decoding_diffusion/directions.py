@@ -25,9 +25,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import jaxprobe
 from jaxprobe.captures import Captures
+from jaxprobe.checkpoints.random import is_random_weights
 from jaxprobe.errors import InputError
+from jaxprobe.features.extract import extract_features, image_features
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
+from jaxprobe.pipeline.images import ImageDataset
+from jaxprobe.probes.stats import percentile_interval
+from jaxprobe.runtime.files import write_atomic
+from jaxprobe.studies.decoding_diffusion import maths
+from jaxprobe.studies.decoding_diffusion.maths import contrast, project
 from jaxprobe.studies.decoding_diffusion.report import (  # noqa: F401 - the study's public names
     BASELINE_FAMILY,
     DIRECTIONS,
@@ -189,8 +197,6 @@ def concept_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
 
 
 def load_pipeline(config: DirectionsConfig) -> Any:
-    import jaxprobe
-
     return jaxprobe.load(config.model, dtype=config.dtype, scheduler=config.scheduler)
 
 
@@ -198,8 +204,6 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
             family_of: Mapping[str, str] | None = None, progress: bool = False) -> Generations:
     """Generate every concept's prompts with every seed and capture h-space (and the CLIP text site),
     through the feature store (`features.extract_features`): finished chunks are never recomputed."""
-    from jaxprobe.features.extract import extract_features
-
     concepts = tuple(prompts_of)
     family_of = dict(family_of) if family_of is not None else {c: f for f, cs in config.families.items() for c in cs}
     family_of.setdefault(NEUTRAL, BASELINE_FAMILY)
@@ -240,8 +244,6 @@ MAX_WHITENED_DIM = 2048   # whitening holds and eigendecomposes a d x d covarian
 
 
 def _metric(features_ntd: np.ndarray, averaging_cn: np.ndarray, config: DirectionsConfig) -> Any:
-    from jaxprobe.studies.decoding_diffusion import maths
-
     if not config.whiten:
         return None
     n, _, d = features_ntd.shape
@@ -259,8 +261,6 @@ def directions_of(features_ntd: np.ndarray, labels: np.ndarray, concepts: Sequen
                   *, neutral: int | None = None, groups: Sequence[str] | None = None, baseline: str | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Unit directions (C, T, d) and mean-difference lengths (C, T) of every concept (see the maths module)."""
-    from jaxprobe.studies.decoding_diffusion import maths
-
     features = np.asarray(features_ntd, np.float32)
     averaging = maths.averaging_matrix(labels, len(concepts)).astype(np.float32)
     base = maths.baseline_matrix(averaging, baseline or config.baseline, neutral,
@@ -310,7 +310,6 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
         arrays.update(image_arrays)
     for name, frame in tables.items():
         write_table(frame, out, name)
-    from jaxprobe.runtime.files import write_atomic
 
     def save(path: Path) -> None:
         with open(path, "wb") as file:  # a file object: np.savez would append ".npz" to the temporary name
@@ -323,8 +322,6 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
 
 
 def write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
-    from jaxprobe.runtime.files import write_atomic
-
     for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv)):
         write_atomic(out / (name + suffix), lambda p, w=write: w(p, index=False))
 
@@ -365,9 +362,6 @@ def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = Fa
     arrays images/<site> (C, d) and captions/<site> (C, T, d)."""
     import os
 
-    from jaxprobe.features.extract import image_features
-    from jaxprobe.pipeline.images import ImageDataset
-
     table = _read_captions(config.images)
     concepts = tuple(dict.fromkeys(table["concept"]))
     labels = np.array([concepts.index(c) for c in table["concept"]])
@@ -399,16 +393,12 @@ def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = Fa
 
 
 def _axes_matrix(config: DirectionsConfig, concepts: Sequence[str]) -> np.ndarray:
-    from jaxprobe.studies.decoding_diffusion.maths import contrast
-
     index = {c: i for i, c in enumerate(concepts)}
     return np.stack([contrast(len(concepts), index[pole[0]], [index[c] for c in pole[1:]])
                      for *_, pole in config.axes]).astype(np.float32)
 
 
 def _interval(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    from jaxprobe.probes.stats import percentile_interval
-
     return percentile_interval(samples, level, axis=0)
 
 
@@ -429,8 +419,6 @@ def association_table(gens: Generations, config: DirectionsConfig) -> pd.DataFra
     """One row per site x step x axis x query concept: the association score with its bootstrap interval,
     the same association in CLIP text space and their paired difference, ranked within site, step and axis."""
     import jax.numpy as jnp
-
-    from jaxprobe.studies.decoding_diffusion import maths
 
     C = len(gens.concepts)
     averaging = maths.averaging_matrix(gens.labels, C)
@@ -480,8 +468,6 @@ def generation_table(gens: Generations, dirs: Mapping[str, np.ndarray], config: 
     concepts in it and the directions nearest to its centroid (cosine of centroid minus the mean)."""
     import jax
 
-    from jaxprobe.studies.decoding_diffusion import maths
-
     C = len(gens.concepts)
     averaging = maths.averaging_matrix(gens.labels, C).astype(np.float32)
     axes = _axes_matrix(config, gens.concepts)
@@ -526,8 +512,6 @@ def project_prompts(config: DirectionsConfig, prompts: Sequence[str], *, pipe: A
                     progress: bool = False) -> pd.DataFrame:
     """Any prompts, generated with the config's seeds and sampling settings, projected onto the saved
     directions (OUT/directions.npz): one row per prompt x seed x site x step, a dir:<concept> column each."""
-    from jaxprobe.studies.decoding_diffusion.maths import project
-
     dirs = read_directions(config.out)
     pipe = pipe or load_pipeline(config)
     gens = collect(pipe, dataclasses.replace(config, text_site=None), {"(prompts)": list(prompts)},
@@ -577,7 +561,6 @@ def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pip
         tables["prompt_projections"] = project_prompts(config, prompts, pipe=pipe, progress=progress)
     for name, frame in tables.items():
         write_table(frame, out, name)
-    from jaxprobe.checkpoints.random import is_random_weights
 
     meta = {"model": pipe.source, "random_weights": is_random_weights(pipe), "concepts": list(gens.concepts),
             "families": dict(config.families), "axes": [a[2] for a in config.axes], "baseline": config.baseline,
@@ -585,7 +568,6 @@ def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pip
             "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
             "n_generations": len(gens.rows), "n_bootstrap": config.n_bootstrap, "level": config.level,
             "focus_step": config.focus_step, "text_site": config.text_site, "sites": list(gens.features)}
-    from jaxprobe.runtime.files import write_atomic
 
     write_atomic(out / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     log(f"scores: {out}")

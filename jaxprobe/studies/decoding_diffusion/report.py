@@ -12,8 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from jaxprobe.checkpoints.random import is_random_weights
 from jaxprobe.errors import InputError
 from jaxprobe.reporting.figures import save_figures
+from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
+from jaxprobe.runtime.files import write_atomic
 
 # Shared with directions.py: the saved files, and the labels of the neutral set and its family.
 DIRECTIONS, REPORT = "directions.npz", "report.html"
@@ -240,8 +243,6 @@ def make_figures(out: str | Path, dpi: int = 110) -> dict[str, Path]:
 
 def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str]:
     """The findings in words, at the focus step of the first site."""
-    from jaxprobe.checkpoints.random import is_random_weights
-
     lines = []
     if is_random_weights(meta):
         lines.append(f"This model ({meta.get('model', 'unnamed')}) has random weights: any association here is "
@@ -268,8 +269,6 @@ def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str
 
 
 def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: int) -> list[str]:
-    from jaxprobe.reporting.html import table_html
-
     site = meta["sites"][0]
     parts = []
     assoc = tables.get("associations")
@@ -297,10 +296,6 @@ def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: in
 def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     """Figures and out/report.html (figures embedded, summary, ranked tables, settings, methods) from the
     tables `build` and `score` wrote under `out`. Returns the report's path."""
-    from jaxprobe.checkpoints.random import is_random_weights
-    from jaxprobe.reporting.html import figure_html, page, settings_html
-    from jaxprobe.runtime.files import write_atomic
-
     out = Path(out)
     figures = make_figures(out, dpi)
     tables, meta = read_tables(out)

@@ -19,11 +19,16 @@ from typing import Any
 
 import numpy as np
 
+import jaxprobe
 from jaxprobe.captures import Captures
 from jaxprobe.captures import feature_sets as split_feature_sets
+from jaxprobe.checkpoints.random import is_random_weights
 from jaxprobe.errors import InputError
 from jaxprobe.features.extract import build_prompts, extract_features
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
+from jaxprobe.norms import load_norms
+from jaxprobe.probes.sweep import probe_sweep_across_processes
+from jaxprobe.studies.norms_probing import disentanglement, groups, report
 
 DEFAULT_UNET_SITES = ("unet.down_blocks.*", "unet.mid_block", "unet.up_blocks.*", "latents", "pred_original_sample")
 
@@ -112,11 +117,6 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     """
     import jax
 
-    import jaxprobe
-    from jaxprobe.norms import load_norms
-    from jaxprobe.probes.sweep import probe_sweep_across_processes
-    from jaxprobe.studies.norms_probing import disentanglement, groups, report
-
     run = RunLog()
     options = {"groups": config.norms_groups} if config.norms_groups else {}
     norms = load_norms(config.norms, **options)
@@ -174,8 +174,6 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
 
 def _metadata(config: ExperimentConfig, pipe: Any, norms: Any, run: RunLog) -> dict[str, Any]:
     import jax
-
-    from jaxprobe.checkpoints.random import is_random_weights
 
     return {
         "model": pipe.source, "random_weights": is_random_weights(pipe), "norms": norms.name,

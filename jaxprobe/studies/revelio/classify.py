@@ -35,11 +35,17 @@ import numpy as np
 import optax
 import pandas as pd
 
+import jaxprobe
+from jaxprobe.checkpoints.random import is_random_weights
 from jaxprobe.errors import InputError
 from jaxprobe.features.extract import image_features
 from jaxprobe.features.settings import StudyConfig
 from jaxprobe.pipeline.images import ImageDataset, load_image_folder, validation_mask
+from jaxprobe.pipeline.sites import short_site
 from jaxprobe.probes.linear import ProbeConfig, fit_probe, predict
+from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
+from jaxprobe.runtime.batching import run_batched
+from jaxprobe.runtime.files import write_atomic
 
 CLASSIFIERS = ("linear", "conv")
 TABLE, FIGURE, REPORT = "accuracy", "accuracy.png", "report.html"
@@ -154,8 +160,6 @@ def train_conv_head(x: np.ndarray, y: np.ndarray, n_classes: int, config: ConvHe
 
 def conv_head_predict(model: ConvHead, variables: Any, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
     """Predicted class labels (n,) for maps x (n, h, w, c), in batches split over all devices."""
-    from jaxprobe.runtime.batching import run_batched
-
     out = run_batched(lambda b: {"logits": _head_logits(model, variables, b)}, np.asarray(x, np.float32), batch_size)
     return out["logits"].argmax(-1)
 
@@ -280,9 +284,6 @@ def run_classification(config: ClassifyConfig, *, pipe: Any = None, progress: bo
                        log: Callable[[str], None] = print) -> ClassificationResults:
     """Features of every image at every (site, t), both classifiers, the accuracy table; with
     config.out, also accuracy.parquet/.csv, accuracy.png and report.html there."""
-    import jaxprobe
-    from jaxprobe.checkpoints.random import is_random_weights
-
     dataset = load_image_folder(config.data, test_fraction=config.test_fraction, seed=config.seed)
     train, labels = dataset.train_index, dataset.labels
     log(f"{len(dataset)} images of {len(dataset.classes)} classes ({len(train)} train, "
@@ -338,8 +339,6 @@ def accuracy_figure(table: pd.DataFrame, classes: int | None = None):
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    from jaxprobe.pipeline.sites import short_site
-
     classifiers = list(dict.fromkeys(table["classifier"]))
     sites = list(dict.fromkeys(table["site"]))
     steps = sorted(table["t"].unique())
@@ -373,10 +372,6 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
     """accuracy.parquet, accuracy.csv, accuracy.png, config.toml and report.html under config.out,
     each written to a temporary name and renamed. random_weights: whether the features come from a model
     with random weights (the page says so first); None: decided from config.model."""
-    from jaxprobe.checkpoints.random import is_random_weights
-    from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
-    from jaxprobe.runtime.files import write_atomic
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"parquet": write_atomic(out / f"{TABLE}.parquet", lambda p: table.to_parquet(p, index=False)),
