@@ -36,6 +36,7 @@ from jaxprobe.probes.alignment import align_by_concept
 from jaxprobe.probes.crossval import DEFAULT_ALPHAS, cross_validate_ridge
 from jaxprobe.probes.folds import nested_plan
 from jaxprobe.probes.metrics import Metric
+from jaxprobe.runtime.files import atomic_write_bytes, atomic_write_npy, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,6 @@ def probe_sweep_across_processes(
     import jax
 
     from jaxprobe.runtime import distributed
-    from jaxprobe.runtime.files import atomic_write_bytes, atomic_write_npy
 
     if jax.process_count() == 1:
         return probe_sweep(features, targets, **options)
@@ -280,11 +280,8 @@ def run_probe_files(
                                           target_groups=target_groups, **options)
     if result is None:  # not process 0 of a multi-process job
         return None
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, write in ((".parquet", result.to_parquet), (".csv", lambda p: result.to_csv(p, index=False))):
-        tmp = base.with_name(f".{base.name}{suffix}.tmp")
-        write(tmp)
-        os.replace(tmp, base.with_suffix(suffix))
+    write_atomic(base.with_suffix(".parquet"), result.to_parquet)
+    write_atomic(base.with_suffix(".csv"), lambda path: result.to_csv(path, index=False))
     return result
 
 
