@@ -6,18 +6,19 @@ runs text and sampled sites for several seeds; `image_features` is Revelio's rea
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxprobe.captures import UNSTEPPED_PREFIXES, Captures
+from jaxprobe.captures import Captures
 from jaxprobe.errors import InputError
 from jaxprobe.features.settings import RunSettings, SamplingSettings
 from jaxprobe.features.store import FeatureStore
 from jaxprobe.pipeline.images import ImageDataset
+from jaxprobe.pipeline.sampling import capture_description
 
 
 @dataclass(frozen=True)
@@ -64,28 +65,7 @@ def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str
         description, len(prompts),
         lambda part: pipe.capture(prompts[part], sites, batch_size=batch_size, prompt_offset=part.start, **options),
         chunk_size=chunk_size, force=force, progress=progress, label=label)
-    return Captures.from_arrays(arrays, prompts=prompts, **capture_description(pipe, sites, options))
-
-
-def capture_description(pipe: Any, sites: Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
-    """`Captures.from_arrays` keywords describing `pipe.capture(prompts, sites, **options)` (resolved
-    sites), but the prompts: the training timestep and sampler index of each kept step, the reduction
-    of each site, the seed (None for text only) and the other options. Mirrors `pipe.capture`'s
-    defaults (50 steps, timesteps "all", reduce "mean", seed 0; image-encoder sites pool "cls")."""
-    timesteps = steps = None
-    if any(not s.startswith(UNSTEPPED_PREFIXES) for s in sites):
-        from jaxprobe.pipeline.sampling import sampling_timesteps
-
-        schedule = sampling_timesteps(pipe, options.get("num_inference_steps", 50))
-        kept = options.get("timesteps", "all")
-        steps = np.arange(len(schedule)) if isinstance(kept, str) else np.asarray(list(kept), int) % len(schedule)
-        timesteps = schedule[steps]
-    reduce = options.get("reduce", "mean")
-    reductions = {"image_encoder.*": "cls", **(reduce if isinstance(reduce, Mapping) else {"*": reduce})}
-    text_only = all(s.startswith("text_encoder.") for s in sites)
-    return {"timesteps": timesteps, "steps": steps, "reductions": reductions,
-            "seed": None if text_only else options.get("seed", 0), "prompt_offset": 0,
-            "options": {k: v for k, v in options.items() if k not in ("seed", "prompt_offset")}}
+    return Captures.from_arrays(arrays, prompts=prompts, **capture_description(pipe, sites, **options))
 
 
 def extract_features(pipe: Any, prompts: Sequence[str], *, text_sites: Sequence[str] = (),

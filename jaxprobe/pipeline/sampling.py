@@ -21,6 +21,7 @@ from jaxprobe.models import schedulers
 from jaxprobe.pipeline.images import load_images
 from jaxprobe.pipeline.programs import PROBS, Models, Plan, capture_program, real_image_program
 from jaxprobe.pipeline.reductions import SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS
+from jaxprobe.pipeline.sites import SAMPLER_SITES
 from jaxprobe.runtime.batching import run_batched
 
 if TYPE_CHECKING:
@@ -124,6 +125,47 @@ def params_of(pipe: "Pipeline") -> dict[str, Any]:
     return {name: c.params for name, c in names.items() if c is not None}
 
 
+CAPTURE_DEFAULTS = dict(timesteps="all", num_inference_steps=50, guidance_scale=7.5, seed=0, reduce="mean",
+                        latents=None, branch="cond", negative_prompt="", height=None, width=None, prompt_offset=0)
+
+
+def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool = False,
+                 **options: Any) -> tuple[Plan, schedulers.Schedule | None]:
+    """The static plan (and the schedule) of `pipe.capture(prompts, sites, **options)`, validated
+    before anything runs. Options not given take `CAPTURE_DEFAULTS`; others (batch_size, progress) are
+    ignored here."""
+    o = {**CAPTURE_DEFAULTS, **{k: v for k, v in options.items() if k in CAPTURE_DEFAULTS}}
+    text_sites = [s for s in sites if s.startswith("text_encoder.")]
+    image_sites = [s for s in sites if s.startswith("image_encoder.")]
+    loop_sites = [s for s in sites if s not in text_sites and s not in image_sites]
+    if pipe.text_encoder is None:
+        raise SiteError(f"{pipe.source} has no text encoder")
+    text = dict(text_sites=tuple(s.removeprefix("text_encoder.") for s in text_sites),
+                text_reductions=resolve_reductions(text_sites, o["reduce"], lambda s: TOKEN_REDUCTIONS))
+    if not (loop_sites or image_sites or return_images):
+        return Plan(**text), None
+    _require(pipe, "unet", "scheduler", "text_encoder", "tokenizer")
+    if image_sites or return_images:
+        _require(pipe, "vae")
+    if image_sites and pipe.image_encoder is None:
+        raise SiteError("this pipeline has no image encoder; pass image_encoder=PATH to jaxprobe.load "
+                        "(or --image-encoder PATH) with a CLIP vision checkpoint")
+    branch, guided = o["branch"], o["guidance_scale"] > 1.0
+    if branch not in ("cond", "uncond"):
+        raise InputError(f"branch must be 'cond' or 'uncond', not {branch!r}")
+    if branch == "uncond" and not guided:
+        raise InputError("branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
+    schedule = make_schedule(pipe, o["num_inference_steps"])
+    reductions = resolve_reductions(loop_sites, o["reduce"], _denoiser_reductions)
+    plan = Plan(**text, denoiser_sites=tuple(s.removeprefix(f"{pipe.unet.name}.") for s in loop_sites),
+                denoiser_reductions=reductions, image_sites=tuple(s.removeprefix("image_encoder.") for s in image_sites),
+                image_reductions=("cls",) * len(image_sites), sample=True, guided=guided, branch=branch,
+                steps=_step_indices(o["timesteps"], len(schedule.timesteps)),
+                latent_shape=latent_shape(pipe, o["height"], o["width"]), given_noise=o["latents"] is not None,
+                return_images=return_images)
+    return plan, schedule
+
+
 def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], *,
                 timesteps: str | Sequence[int] = "all", num_inference_steps: int = 50, guidance_scale: float = 7.5,
                 seed: int = 0, reduce: Reduce = "mean", latents: np.ndarray | None = None, batch_size: int = 8,
@@ -135,42 +177,14 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     Text sites (n, ...); denoiser and sampler sites (n, kept steps, ...); image-encoder sites embed
     the decoded images (n, dim)."""
     prompts = list(prompts)
-    text_sites = [s for s in sites if s.startswith("text_encoder.")]
-    image_sites = [s for s in sites if s.startswith("image_encoder.")]
-    loop_sites = [s for s in sites if s not in text_sites and s not in image_sites]
-    sample = bool(loop_sites or image_sites or return_images)
-    if pipe.text_encoder is None:
-        raise SiteError(f"{pipe.source} has no text encoder")
-    plan_args: dict[str, Any] = {}
-    schedule = None
-    if sample:
-        _require(pipe, "unet", "scheduler", "text_encoder", "tokenizer")
-        if image_sites or return_images:
-            _require(pipe, "vae")
-        if image_sites and pipe.image_encoder is None:
-            raise SiteError("this pipeline has no image encoder; pass image_encoder=PATH to jaxprobe.load "
-                            "(or --image-encoder PATH) with a CLIP vision checkpoint")
-        if branch not in ("cond", "uncond"):
-            raise InputError(f"branch must be 'cond' or 'uncond', not {branch!r}")
-        guided = guidance_scale > 1.0
-        if branch == "uncond" and not guided:
-            raise InputError("branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
-        schedule = make_schedule(pipe, num_inference_steps)
-        reductions = resolve_reductions(loop_sites, reduce, _denoiser_reductions)
-        for site, how in zip(loop_sites, reductions):
-            if how == "none" and not site.endswith(PROBS):
-                warnings.warn(f"reduce='none' keeps full maps of {site} at every step: memory grows with "
-                              "prompts x steps x h x w x channels", stacklevel=4)
-        shape = latent_shape(pipe, height, width)
-        plan_args = dict(
-            denoiser_sites=tuple(s.removeprefix("unet.") for s in loop_sites), denoiser_reductions=reductions,
-            image_sites=tuple(s.removeprefix("image_encoder.") for s in image_sites),
-            image_reductions=("cls",) * len(image_sites), sample=True, guided=guided, branch=branch,
-            steps=_step_indices(timesteps, len(schedule.timesteps)), latent_shape=shape,
-            given_noise=latents is not None, return_images=return_images)
-    plan = Plan(text_sites=tuple(s.removeprefix("text_encoder.") for s in text_sites),
-                text_reductions=resolve_reductions(text_sites, reduce, lambda s: TOKEN_REDUCTIONS), **plan_args)
-    ids = pipe.tokenize(prompts, allow_empty=not text_sites)
+    plan, schedule = plan_capture(pipe, sites, return_images=return_images, timesteps=timesteps,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  reduce=reduce, latents=latents, branch=branch, height=height, width=width)
+    for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
+        if how == "none" and not site.endswith(PROBS):
+            warnings.warn(f"reduce='none' keeps full maps of {site} at every step: memory grows with "
+                          "prompts x steps x h x w x channels", stacklevel=4)
+    ids = pipe.tokenize(prompts, allow_empty=not plan.text_sites)
     inputs = {"ids": ids, "eos": pipe.tokenizer.eos_positions(ids),
               "prompt_index": np.arange(prompt_offset, prompt_offset + len(prompts), dtype=np.int32)}
     if plan.given_noise:
@@ -187,20 +201,40 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     out = run_batched(run, inputs, batch_size, progress=progress,
                       label="sampling" if plan.sample else "text encoder")
     named = {f"text_encoder.{s}": out[f"text:{s}"] for s in plan.text_sites}
-    named.update({f"unet.{s}" if s not in ("latents", "pred_original_sample") else s: out[f"denoiser:{s}"]
+    named.update({s if s in SAMPLER_SITES else f"{pipe.unet.name}.{s}": out[f"denoiser:{s}"]
                   for s in plan.denoiser_sites})
     named.update({f"image_encoder.{s}": out[f"image:{s}"] for s in plan.image_sites})
-    steps = None if not plan.sample else (plan.steps if plan.steps is not None else range(len(schedule.timesteps)))
-    reductions = dict(zip(text_sites, plan.text_reductions)) | dict(zip(loop_sites, plan.denoiser_reductions)) \
-        | dict(zip(image_sites, plan.image_reductions))
-    captures = Captures.from_arrays(
-        {s: named[s] for s in sites}, steps=None if steps is None else np.asarray(list(steps)),
-        timesteps=None if steps is None else np.asarray(schedule.timesteps)[list(steps)], reductions=reductions,
-        prompts=tuple(prompts), seed=seed if plan.sample else None, prompt_offset=prompt_offset,
+    captures = Captures.from_arrays({s: named[s] for s in sites}, prompts=tuple(prompts), **describe_capture(
+        pipe, sites, plan, schedule, seed=seed, prompt_offset=prompt_offset,
         options=dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, branch=branch,
-                     negative_prompt=negative_prompt, height=height, width=width, timesteps=timesteps)
-        if plan.sample else {})
+                     negative_prompt=negative_prompt, height=height, width=width, timesteps=timesteps)))
     return (captures, out["images"]) if return_images else captures
+
+
+def describe_capture(pipe: "Pipeline", sites: Sequence[str], plan: Plan, schedule: schedulers.Schedule | None, *,
+                     seed: int, prompt_offset: int, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The `Captures.from_arrays` keywords (all but arrays and prompts) of a capture run with `plan`."""
+    if not plan.sample:
+        return {"reductions": dict(zip(sites, plan.text_reductions)), "seed": None, "prompt_offset": prompt_offset,
+                "options": {}}
+    steps = np.asarray(plan.steps if plan.steps is not None else range(len(schedule.timesteps)))
+    text = [s for s in sites if s.startswith("text_encoder.")]
+    image = [s for s in sites if s.startswith("image_encoder.")]
+    loop = [s for s in sites if s not in text and s not in image]
+    reductions = dict(zip(text, plan.text_reductions)) | dict(zip(loop, plan.denoiser_reductions)) \
+        | dict(zip(image, plan.image_reductions))
+    return {"steps": steps, "timesteps": np.asarray(schedule.timesteps)[steps], "reductions": reductions,
+            "seed": seed, "prompt_offset": prompt_offset, "options": dict(options)}
+
+
+def capture_description(pipe: "Pipeline", sites: Sequence[str], **options: Any) -> dict[str, Any]:
+    """What `pipe.capture(prompts, sites, **options)` would say about itself, without running it (the
+    feature store keeps only arrays; a cached capture is described again from its call)."""
+    plan, schedule = plan_capture(pipe, sites, **options)
+    keys = ("num_inference_steps", "guidance_scale", "branch", "negative_prompt", "height", "width", "timesteps")
+    defaults = {**CAPTURE_DEFAULTS, **options}
+    return describe_capture(pipe, sites, plan, schedule, seed=defaults["seed"],
+                            prompt_offset=defaults["prompt_offset"], options={k: defaults[k] for k in keys})
 
 
 def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] | str | None = None,
