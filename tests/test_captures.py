@@ -5,6 +5,8 @@ import io
 import pickle
 from collections.abc import Mapping
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -203,9 +205,13 @@ def test_the_sae_trainer_reads_captures_as_it_reads_the_dict():
 
 
 class _FakePipe:
-    """What cached_capture needs of a Pipeline, with no model: a scheduler, site selection, a capture."""
+    """What cached_capture needs of a Pipeline, with no model: the components' shapes the capture planner
+    reads, a scheduler, site selection, a capture."""
 
     source, dtype, components = "fake", None, {}
+    text_encoder = tokenizer = object()
+    vae = image_encoder = None
+    unet = SimpleNamespace(name="unet", config=SimpleNamespace(sample_size=8, block_out_channels=(4, 8), in_channels=4))
 
     def __init__(self):
         from jaxprobe.models.schedulers import SchedulerConfig
