@@ -4,7 +4,6 @@
 import io
 import pickle
 from collections.abc import Mapping
-
 from types import SimpleNamespace
 
 import numpy as np
