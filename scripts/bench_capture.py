@@ -25,11 +25,15 @@ DEFAULT_SITES = ["text_encoder.*", "unet.down_blocks.*", "unet.mid_block", "unet
 
 
 def bytes_per_device() -> dict[str, int]:
+    """Bytes of distinct device buffers held, per device (arrays that share a buffer count once)."""
+    seen: set[tuple[str, int]] = set()
     held: dict[str, int] = {}
     for array in jax.live_arrays():
         for shard in array.addressable_shards:
-            key = str(shard.device)
-            held[key] = held.get(key, 0) + shard.data.nbytes
+            key = (str(shard.device), shard.data.unsafe_buffer_pointer())
+            if key not in seen:
+                seen.add(key)
+                held[key[0]] = held.get(key[0], 0) + shard.data.nbytes
     return held
 
 
