@@ -23,6 +23,7 @@ from jaxprobe.pipeline.programs import PROBS, Models, Plan, capture_program, rea
 from jaxprobe.pipeline.reductions import SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS
 from jaxprobe.pipeline.sites import SAMPLER_SITES
 from jaxprobe.runtime.batching import run_batched
+from jaxprobe.runtime.devices import replicate
 
 if TYPE_CHECKING:
     from jaxprobe.pipeline.pipeline import Pipeline
@@ -189,14 +190,14 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
               "prompt_index": np.arange(prompt_offset, prompt_offset + len(prompts), dtype=np.int32)}
     if plan.given_noise:
         inputs["noise"] = _given_noise(latents, len(prompts), plan.latent_shape[2])
-    shared = {}
-    if plan.guided:
-        shared["uncond_ids"] = pipe.tokenize([negative_prompt], allow_empty=True)
+    # What every batch shares goes to the devices once, so a batch uploads only its own rows.
+    shared = replicate({"uncond_ids": pipe.tokenize([negative_prompt], allow_empty=True)} if plan.guided else {})
+    on_device = replicate(schedule) if schedule is not None else None
     models, params = models_of(pipe), params_of(pipe)
     seed_, scale = jnp.int32(seed), jnp.float32(guidance_scale)
 
     def run(batch):
-        return capture_program(models, params, schedule, plan, {**batch, **shared}, seed_, scale)
+        return capture_program(models, params, on_device, plan, {**batch, **shared}, seed_, scale)
 
     out = run_batched(run, inputs, batch_size, progress=progress,
                       label="sampling" if plan.sample else "text encoder")
@@ -285,7 +286,7 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     plan = Plan(denoiser_sites=tuple(s.removeprefix("unet.") for s in chosen),
                 denoiser_reductions=resolve_reductions(chosen, reduce, _denoiser_reductions), branch="cond")
     inputs = {"images": arr, "prompt_index": np.arange(offset, offset + len(arr), dtype=np.int32)}
-    shared = {"prompt_ids": pipe.tokenize([prompt], allow_empty=True)}
+    shared = replicate({"prompt_ids": pipe.tokenize([prompt], allow_empty=True)})
     models, params = models_of(pipe), params_of(pipe)
     seed_, t_ = jnp.int32(seed), jnp.int32(t)
     out = run_batched(lambda batch: real_image_program(models, params, pipe.scheduler, plan, {**batch, **shared},
