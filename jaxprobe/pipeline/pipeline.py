@@ -126,10 +126,10 @@ class Pipeline:
         """
         chosen = self.select(sites)
         return sampling.run_capture(
-            self, prompts, chosen, timesteps=timesteps, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, seed=seed, reduce=reduce, latents=latents, batch_size=batch_size,
-            branch=branch, negative_prompt=negative_prompt, height=height, width=width,
-            prompt_offset=prompt_offset, progress=progress)
+            self, prompts, chosen, batch_size=batch_size, progress=progress, timesteps=timesteps,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, reduce=reduce,
+            latents=latents, branch=branch, negative_prompt=negative_prompt, height=height, width=width,
+            prompt_offset=prompt_offset)
 
     def embed_images(self, images: np.ndarray, sites: str | Iterable[str] = ("image_encoder.visual_projection",),
                      *, reduce: Reduce = "cls", batch_size: int = 8, progress: bool = False) -> dict[str, np.ndarray]:

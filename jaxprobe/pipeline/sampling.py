@@ -167,37 +167,36 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
     return plan, schedule
 
 
-def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], *,
-                timesteps: str | Sequence[int] = "all", num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                seed: int = 0, reduce: Reduce = "mean", latents: np.ndarray | None = None, batch_size: int = 8,
-                branch: str = "cond", negative_prompt: str = "", height: int | None = None,
-                width: int | None = None, prompt_offset: int = 0, progress: bool = False,
-                return_images: bool = False) -> Captures | tuple[Captures, np.ndarray]:
+def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], *, batch_size: int = 8,
+                progress: bool = False, return_images: bool = False,
+                **options: Any) -> Captures | tuple[Captures, np.ndarray]:
     """A Captures of `sites` (already selected), and the decoded images when asked: one program.
 
-    Text sites (n, ...); denoiser and sampler sites (n, kept steps, ...); image-encoder sites embed
-    the decoded images (n, dim)."""
-    prompts = list(prompts)
-    plan, schedule = plan_capture(pipe, sites, return_images=return_images, timesteps=timesteps,
-                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  reduce=reduce, latents=latents, branch=branch, height=height, width=width)
+    options: those of `Pipeline.capture` (`CAPTURE_DEFAULTS` for any not given). Text sites (n, ...);
+    denoiser and sampler sites (n, kept steps, ...); image-encoder sites embed the decoded images (n, dim)."""
+    unknown = set(options) - set(CAPTURE_DEFAULTS)
+    if unknown:
+        raise InputError(f"unknown capture option(s) {sorted(unknown)}; known: {', '.join(CAPTURE_DEFAULTS)}")
+    o = {**CAPTURE_DEFAULTS, **options}
+    prompts, offset = list(prompts), o["prompt_offset"]
+    plan, schedule = plan_capture(pipe, sites, return_images=return_images, **o)
     for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
         if how == "none" and not site.endswith(PROBS):
             warnings.warn(f"reduce='none' keeps full maps of {site} at every step: memory grows with "
                           "prompts x steps x h x w x channels", stacklevel=4)
     ids = pipe.tokenize(prompts, allow_empty=not plan.text_sites)
     inputs = {"ids": ids, "eos": pipe.tokenizer.eos_positions(ids),
-              "prompt_index": np.arange(prompt_offset, prompt_offset + len(prompts), dtype=np.int32)}
+              "prompt_index": np.arange(offset, offset + len(prompts), dtype=np.int32)}
     if plan.given_noise:
-        inputs["noise"] = _given_noise(latents, len(prompts), plan.latent_shape[2])
+        inputs["noise"] = _given_noise(o["latents"], len(prompts), plan.latent_shape[2])
     # What every batch shares goes to the devices once, so a batch uploads only its own rows.
-    shared = replicate({"uncond_ids": pipe.tokenize([negative_prompt], allow_empty=True)} if plan.guided else {})
+    shared = replicate({"uncond_ids": pipe.tokenize([o["negative_prompt"]], allow_empty=True)} if plan.guided else {})
     on_device = replicate(schedule) if schedule is not None else None
     models, params = models_of(pipe), params_of(pipe)
-    seed_, scale = jnp.int32(seed), jnp.float32(guidance_scale)
+    seed, scale = jnp.int32(o["seed"]), jnp.float32(o["guidance_scale"])
 
     def run(batch):
-        return capture_program(models, params, on_device, plan, {**batch, **shared}, seed_, scale)
+        return capture_program(models, params, on_device, plan, {**batch, **shared}, seed, scale)
 
     out = run_batched(run, inputs, batch_size, progress=progress,
                       label="sampling" if plan.sample else "text encoder")
@@ -205,19 +204,21 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     named.update({s if s in SAMPLER_SITES else f"{pipe.unet.name}.{s}": out[f"denoiser:{s}"]
                   for s in plan.denoiser_sites})
     named.update({f"image_encoder.{s}": out[f"image:{s}"] for s in plan.image_sites})
-    captures = Captures.from_arrays({s: named[s] for s in sites}, prompts=tuple(prompts), **describe_capture(
-        pipe, sites, plan, schedule, seed=seed, prompt_offset=prompt_offset,
-        options=dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, branch=branch,
-                     negative_prompt=negative_prompt, height=height, width=width, timesteps=timesteps)))
+    captures = Captures.from_arrays({s: named[s] for s in sites}, prompts=tuple(prompts),
+                                    **describe_capture(pipe, sites, plan, schedule, o))
     return (captures, out["images"]) if return_images else captures
 
 
-def describe_capture(pipe: "Pipeline", sites: Sequence[str], plan: Plan, schedule: schedulers.Schedule | None, *,
-                     seed: int, prompt_offset: int, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The `Captures.from_arrays` keywords (all but arrays and prompts) of a capture run with `plan`."""
+_DESCRIBED = ("num_inference_steps", "guidance_scale", "branch", "negative_prompt", "height", "width", "timesteps")
+
+
+def describe_capture(pipe: "Pipeline", sites: Sequence[str], plan: Plan, schedule: schedulers.Schedule | None,
+                     options: Mapping[str, Any]) -> dict[str, Any]:
+    """The `Captures.from_arrays` keywords (all but arrays and prompts) of a capture run with `plan` and
+    `options` (complete: `CAPTURE_DEFAULTS` filled in)."""
     if not plan.sample:
-        return {"reductions": dict(zip(sites, plan.text_reductions)), "seed": None, "prompt_offset": prompt_offset,
-                "options": {}}
+        return {"reductions": dict(zip(sites, plan.text_reductions)), "seed": None,
+                "prompt_offset": options["prompt_offset"], "options": {}}
     steps = np.asarray(plan.steps if plan.steps is not None else range(len(schedule.timesteps)))
     text = [s for s in sites if s.startswith("text_encoder.")]
     image = [s for s in sites if s.startswith("image_encoder.")]
@@ -225,17 +226,16 @@ def describe_capture(pipe: "Pipeline", sites: Sequence[str], plan: Plan, schedul
     reductions = dict(zip(text, plan.text_reductions)) | dict(zip(loop, plan.denoiser_reductions)) \
         | dict(zip(image, plan.image_reductions))
     return {"steps": steps, "timesteps": np.asarray(schedule.timesteps)[steps], "reductions": reductions,
-            "seed": seed, "prompt_offset": prompt_offset, "options": dict(options)}
+            "seed": options["seed"], "prompt_offset": options["prompt_offset"],
+            "options": {k: options[k] for k in _DESCRIBED}}
 
 
 def capture_description(pipe: "Pipeline", sites: Sequence[str], **options: Any) -> dict[str, Any]:
     """What `pipe.capture(prompts, sites, **options)` would say about itself, without running it (the
     feature store keeps only arrays; a cached capture is described again from its call)."""
-    plan, schedule = plan_capture(pipe, sites, **options)
-    keys = ("num_inference_steps", "guidance_scale", "branch", "negative_prompt", "height", "width", "timesteps")
-    defaults = {**CAPTURE_DEFAULTS, **options}
-    return describe_capture(pipe, sites, plan, schedule, seed=defaults["seed"],
-                            prompt_offset=defaults["prompt_offset"], options={k: defaults[k] for k in keys})
+    o = {**CAPTURE_DEFAULTS, **{k: v for k, v in options.items() if k in CAPTURE_DEFAULTS}}
+    plan, schedule = plan_capture(pipe, sites, **o)
+    return describe_capture(pipe, sites, plan, schedule, o)
 
 
 def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] | str | None = None,
@@ -250,10 +250,10 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] |
     if output_type not in ("np", "pil"):
         raise InputError(f"output_type must be 'np' or 'pil', not {output_type!r}")
     chosen = pipe.select(sites) if sites is not None else []
-    out = run_capture(pipe, prompts, chosen, timesteps=timesteps, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, seed=seed, reduce=reduce, latents=latents,
-                      batch_size=batch_size, branch=branch, negative_prompt=negative_prompt, height=height,
-                      width=width, progress=progress, return_images=True)
+    out = run_capture(pipe, prompts, chosen, batch_size=batch_size, progress=progress, return_images=True,
+                      timesteps=timesteps, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      seed=seed, reduce=reduce, latents=latents, branch=branch, negative_prompt=negative_prompt,
+                      height=height, width=width)
     captures, images = out
     result = images if output_type == "np" else _to_pil(images)
     return (result, captures) if sites is not None else result
