@@ -21,6 +21,8 @@ import numpy as np
 from jaxprobe.errors import StoreError
 
 TEMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -31,7 +33,7 @@ def _temporary_beside(path: Path) -> Iterator[tuple[int, Path]]:
     tmp = Path(tmp)
     try:
         yield fd, tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared like any file
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
@@ -39,12 +41,6 @@ def _temporary_beside(path: Path) -> Iterator[tuple[int, Path]]:
             raise StoreError(f"no space left writing {path}: free disk space or point the cache/output at "
                              "another disk; finished files are intact and reused on rerun") from err
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
