@@ -226,3 +226,18 @@ def test_out_of_memory_on_the_copy_back_reruns_that_batch_once():
         out = run_batched(run, x, batch_size=4)
     assert failed == [True]
     np.testing.assert_array_equal(out["site"], x * 2)
+
+
+def test_store_verify_names_the_gc_command_that_removes_what_it_reports(tmp_path):
+    """Issue 20, item 8: verify used to say `store gc` removes the damage while gc's grace period kept it."""
+    runner = CliRunner()
+    store = FeatureStore(tmp_path)
+    store.compute({"kind": "text", "sites": ["a"]}, 4, _counting_extractor([]), chunk_size=2)
+    chunk = sorted(tmp_path.glob("*/chunks/*.safetensors"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    checked = runner.invoke(app, ["store", "verify", str(tmp_path)])
+    assert checked.exit_code == 1 and f"jaxprobe store gc {tmp_path} --now" in checked.output
+    removed = runner.invoke(app, ["store", "gc", str(tmp_path), "--now"])
+    assert removed.exit_code == 0 and "1 path(s) removed" in removed.output
+    assert runner.invoke(app, ["store", "verify", str(tmp_path)]).exit_code == 0
+

@@ -141,7 +141,8 @@ def store_verify(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
         for path in paths:
             typer.echo(f"  {label}: {path}")
     if not report.clean:
-        typer.echo("`jaxprobe store gc` removes them; reruns recompute damaged chunks either way")
+        typer.echo(f"`jaxprobe store gc {cache} --now` removes them all (plain `gc` leaves what changed in the last "
+                   "hour, in case a writer is still at work); reruns recompute damaged chunks either way")
         raise typer.Exit(1)
 
 
@@ -150,11 +151,13 @@ def store_gc(
     cache: CacheArg = Path("jaxprobe-runs/cache"),
     older_than: Annotated[Optional[float], typer.Option(help="also remove entries unused for this many days")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list, remove nothing")] = False,
+    now: Annotated[bool, typer.Option("--now", help="also what changed in the last hour: only when no writer "
+                                      "(run, extract) is using this cache")] = False,
 ) -> None:
-    """Remove damaged chunks, leftover temporary files and broken entries (older than an hour)."""
+    """Remove damaged chunks, leftover temporary files and broken entries (older than an hour, or all with --now)."""
     from jaxprobe.features.store import FeatureStore
 
-    removed = FeatureStore(cache).gc(older_than_days=older_than, dry_run=dry_run)
+    removed = FeatureStore(cache).gc(older_than_days=older_than, dry_run=dry_run, grace_s=0.0 if now else 3600.0)
     for path in removed:
         typer.echo(f"{'would remove' if dry_run else 'removed'} {path}")
     typer.echo(f"{len(removed)} path(s) {'to remove' if dry_run else 'removed'}")
