@@ -52,9 +52,26 @@ def test_resume_reuses_every_finished_feature(finished, monkeypatch):
         raise AssertionError("features were recomputed although cached")
 
     monkeypatch.setattr(jaxprobe.Pipeline, "capture", refuse)
-    run_experiment(dataclasses.replace(config, n_permutations=0, n_bootstrap=0), progress=False, log=lambda _: None)
+    # other probe settings are another run: into its own folder, the finished one stays (issue 20, item 2)
+    run_experiment(dataclasses.replace(config, n_permutations=0, n_bootstrap=0, out=config.out + "-probes-only"),
+                   progress=False, log=lambda _: None)
     with pytest.raises(AssertionError, match="recomputed"):
         run_experiment(dataclasses.replace(config, force=True), progress=False, log=lambda _: None)
+
+
+def test_a_run_with_other_settings_never_replaces_finished_results(finished):
+    """Issue 20, item 2: a second run into the same --out with other settings is refused before any work,
+    naming the settings that differ and --force; the finished results are untouched."""
+    config, _ = finished
+    import pathlib
+
+    report = pathlib.Path(config.out) / "report.html"
+    before = report.stat().st_mtime_ns
+    with pytest.raises(InputError, match=r"other settings \(num_inference_steps: 3 -> 2\).*--force"):
+        run_experiment(dataclasses.replace(config, num_inference_steps=2), progress=False, log=lambda _: None)
+    result = CliRunner().invoke(app, ["run", "--out", config.out, "--steps", "2"])
+    assert result.exit_code == 2 and "--force" in result.output and "num_inference_steps" in result.output
+    assert report.stat().st_mtime_ns == before
 
 
 def test_config_file_and_cli(tmp_path):

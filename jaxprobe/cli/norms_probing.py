@@ -62,7 +62,8 @@ def run(
     max_concepts: Annotated[Optional[int], typer.Option(help="only the first N concepts")] = None,
     image_encoder: Annotated[Optional[str], typer.Option(help="CLIP vision checkpoint: probe image embeddings too")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32 or bfloat16")] = None,
-    force: Annotated[bool, typer.Option("--force", help="recompute cached features")] = False,
+    force: Annotated[bool, typer.Option("--force", help="recompute cached features, and replace results of other "
+                                        "settings in --out")] = False,
 ) -> None:
     """The whole experiment: features at every text layer and UNet site x step, probes, analyses, report.
 

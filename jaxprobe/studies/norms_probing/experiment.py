@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ from jaxprobe.features.extract import build_prompts, extract_features
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 from jaxprobe.norms import load_norms
 from jaxprobe.probes.sweep import probe_sweep_across_processes
+from jaxprobe.runtime.files import write_atomic
 from jaxprobe.studies.norms_probing import disentanglement, groups, report
 
 DEFAULT_UNET_SITES = ("unet.down_blocks.*", "unet.mid_block", "unet.up_blocks.*", "latents", "pred_original_sample")
@@ -117,6 +119,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     """
     import jax
 
+    check_results_folder(config)
     run = RunLog()
     options = {"groups": config.norms_groups} if config.norms_groups else {}
     norms = load_norms(config.norms, **options)
@@ -165,11 +168,36 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
         metadata=_metadata(config, pipe, norms, run))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(config.to_toml())
+    write_atomic(out / CONFIG_FILE, lambda path: path.write_text(config.to_toml()))
     report.write_tables(results, out)
     path = report.write_report(results, out)
     log(f"report: {path}")
     return results
+
+
+CONFIG_FILE = "config.toml"
+# Settings that change how a run goes, not what it finds (batching within floating-point tolerance).
+_HOW_NOT_WHAT = ("batch_size", "chunk_size", "cache", "force", "out")
+
+
+def check_results_folder(config: ExperimentConfig) -> None:
+    """Refuse, before any work, to replace the finished results in `config.out` with those of other
+    settings: a rerun with the same settings (to resume or re-render) is fine, `force` replaces them."""
+    previous = Path(config.out) / CONFIG_FILE
+    if config.force or not previous.is_file():
+        return
+    try:
+        before = ExperimentConfig.from_toml(previous)
+    except (InputError, OSError, ValueError) as err:
+        raise InputError(f"{config.out} holds the results of a run whose settings ({previous}) cannot be read "
+                         f"({err}); pass --force to replace them, or --out another folder") from err
+    changed = [f"{f.name}: {getattr(before, f.name)!r} -> {getattr(config, f.name)!r}"
+               for f in dataclasses.fields(config)
+               if f.name not in _HOW_NOT_WHAT and getattr(before, f.name) != getattr(config, f.name)]
+    if changed:
+        raise InputError(f"{config.out} holds the results of a run with other settings ({'; '.join(changed[:6])}"
+                         f"{'; ...' if len(changed) > 6 else ''}): pass --out another folder to keep both, or "
+                         "--force to replace them")
 
 
 def _metadata(config: ExperimentConfig, pipe: Any, norms: Any, run: RunLog) -> dict[str, Any]:
