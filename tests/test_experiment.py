@@ -60,7 +60,7 @@ def test_resume_reuses_every_finished_feature(finished, monkeypatch):
 
 
 def test_a_run_with_other_settings_never_replaces_finished_results(finished):
-    """Issue 20, item 2: a second run into the same --out with other settings is refused before any work,
+    """Issue 20, item 2: a second run into the same --out with other settings is refused before extraction,
     naming the settings that differ and --force; the finished results are untouched."""
     config, _ = finished
     import pathlib

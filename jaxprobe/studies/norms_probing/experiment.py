@@ -119,7 +119,6 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     """
     import jax
 
-    check_results_folder(config)
     run = RunLog()
     options = {"groups": config.norms_groups} if config.norms_groups else {}
     norms = load_norms(config.norms, **options)
@@ -128,6 +127,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     log(f"norms: {norms}")
     pipe = run.timed("load", lambda: jaxprobe.load(config.model, dtype=config.dtype, image_encoder=config.image_encoder,
                                                     scheduler=config.scheduler))
+    check_results_folder(config)  # after the inputs are known good, before any extraction or probing
     prompt_set = build_prompts(norms.concepts, config.templates)
     log(f"model: {pipe.source}; {len(prompt_set.prompts)} prompts x {len(config.seeds)} seed(s); "
         f"JAX on {jax.local_device_count()} {jax.default_backend()} device(s)"
