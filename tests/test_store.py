@@ -11,7 +11,7 @@ from jaxprobe.features.store import FeatureStore, content_hash
 
 
 def _extractor(calls: list):
-    def extract(part: slice) -> dict[str, np.ndarray]:
+    def extract(part: slice, bar) -> dict[str, np.ndarray]:
         calls.append((part.start, part.stop))
         rows = np.arange(part.start, part.stop, dtype=np.float32)
         return {"site.a": rows[:, None] * np.ones((1, 3), np.float32), "site.b": rows[:, None, None] + np.zeros((1, 2, 4))}
@@ -54,7 +54,7 @@ def test_finished_chunks_are_reused_and_damaged_ones_recomputed(tmp_path):
 
 
 def test_non_finite_features_name_site_and_step(tmp_path):
-    def bad(part):
+    def bad(part, bar):
         x = np.zeros((part.stop - part.start, 5, 2), np.float32)
         x[1, 3, 0] = np.nan
         return {"unet.mid_block": x}
@@ -72,7 +72,7 @@ def test_chunked_extraction_equals_one_run(tmp_path):
     whole = pipe.capture(prompts, sites, num_inference_steps=3, seed=7, batch_size=8)
     chunked = FeatureStore(tmp_path).compute(
         {"k": "tiny"}, len(prompts),
-        lambda part: pipe.capture(prompts[part], sites, num_inference_steps=3, seed=7, batch_size=2,
+        lambda part, bar: pipe.capture(prompts[part], sites, num_inference_steps=3, seed=7, batch_size=2,
                                   prompt_offset=part.start), chunk_size=2)
     # Batch 8 and batch 2 are different XLA programs: on CPU the UNet's results differ in the last bits with
     # the batch size (2e-7 after one step; 7.7e-6 on mid_block after 3 steps of the random tiny UNet before

@@ -63,7 +63,8 @@ def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str
                    "prompts": prompts, "options": key_options}
     arrays = FeatureStore(cache).compute(
         description, len(prompts),
-        lambda part: pipe.capture(prompts[part], sites, batch_size=batch_size, prompt_offset=part.start, **options),
+        lambda part, bar: pipe.capture(prompts[part], sites, batch_size=batch_size, prompt_offset=part.start,
+                                       progress=bar, **options),
         chunk_size=chunk_size, force=force, progress=progress, label=label)
     return Captures.from_arrays(arrays, prompts=prompts, **capture_description(pipe, sites, **options))
 
@@ -123,6 +124,6 @@ def image_features(pipe: Any, dataset: ImageDataset, sites: Sequence[str], t: in
     model = model_fingerprint(pipe)
     description = {"kind": "images", "model": model, "sites": chosen, "data": dataset.describe(), "t": t,
                    "reduce": reduce, "prompt": prompt, "seed": seed, "size": size}
-    return FeatureStore(cache).compute(description, len(paths), lambda part: pipe.capture_images(
+    return FeatureStore(cache).compute(description, len(paths), lambda part, bar: pipe.capture_images(
         paths[part], chosen, t=t, prompt=prompt, seed=seed, reduce=reduce, batch_size=batch_size, size=size,
-        offset=part.start), force=force, progress=progress, label=f"images at t={t}")
+        offset=part.start, progress=bar), force=force, progress=progress, label=f"images at t={t}")

@@ -36,6 +36,8 @@ import numpy as np
 
 from jaxprobe.errors import InputError, StoreError
 from jaxprobe.runtime.files import TEMP_SUFFIX, atomic_write_bytes, atomic_write_text
+from jaxprobe.runtime.progress import Bar
+from jaxprobe.runtime.progress import progress as progress_bar
 
 FORMAT_VERSION = 1
 
@@ -159,11 +161,13 @@ class FeatureStore:
         return FeatureEntry(root, description, n_prompts, chunk_size)
 
     def compute(self, description: Mapping[str, Any], n_prompts: int,
-                extract: Callable[[slice], Mapping[str, np.ndarray]], *, chunk_size: int = 64,
+                extract: Callable[[slice, Bar], Mapping[str, np.ndarray]], *, chunk_size: int = 64,
                 force: bool = False, progress: bool = False, label: str = "features") -> dict[str, np.ndarray]:
         """{site: (n_prompts, ...)}: finished chunks are read back, the others extracted and committed.
 
-        extract(part) must return {site: array with part.stop - part.start rows}. In a multi-process
+        extract(part, bar) must return {site: array with part.stop - part.start rows}, advancing `bar` (a
+        `jaxprobe.runtime.progress.Bar` counting prompts) by the rows it finishes.
+        With progress, the bar says how many chunks were reused and which damaged ones are recomputed. In a multi-process
         job each process extracts its share of the chunks, waits for the others, then reads theirs.
         """
         import jax
@@ -175,18 +179,25 @@ class FeatureStore:
         entry = self.entry(description, n_prompts, chunk_size)
         done: dict[int, Mapping[str, np.ndarray]] = {}
         mine = distributed.share(entry.chunk_slices())
-        iterator = mine
-        if progress:
-            from rich.progress import track
-
-            iterator = track(mine, description=label)
-        for part in iterator:
+        todo = []
+        for part in mine:
             arrays = None if force else entry.read_chunk(part)
             if arrays is None:
-                arrays = {k: np.asarray(v) for k, v in extract(part).items()}
+                todo.append(part)
+            else:
+                done[part.start] = arrays
+        damaged = [p for p in todo if not force and entry.chunk_path(p).exists()]
+        rows = sum(p.stop - p.start for p in todo)
+        with progress_bar(label, rows, progress and bool(todo)) as bar:
+            if done:
+                bar.note(f"{label}: resuming, {len(done)} of {len(mine)} chunks already in the store {self.root}")
+            for part in damaged:
+                bar.note(f"{label}: chunk {entry.chunk_path(part).name} is damaged or unfinished: recomputing it")
+            for part in todo:
+                arrays = {k: np.asarray(v) for k, v in extract(part, bar).items()}
                 _check_finite(arrays, part)
                 entry.write_chunk(part, arrays)
-            done[part.start] = arrays
+                done[part.start] = arrays
         if jax.process_count() > 1:
             distributed.barrier(f"feature-store-{entry.key}")
         pieces: dict[str, list[np.ndarray]] = {}

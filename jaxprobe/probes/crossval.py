@@ -33,6 +33,7 @@ from jaxprobe.probes import stats
 from jaxprobe.probes.folds import FoldPlan
 from jaxprobe.probes.metrics import METRICS, Metric
 from jaxprobe.probes.ridge import RidgeSolver, Scoring
+from jaxprobe.runtime.progress import Bar
 
 DEFAULT_ALPHAS = np.logspace(-2, 6, 20)
 
@@ -93,6 +94,7 @@ def cross_validate(
     n_permutations: int = 0, n_bootstrap: int = 0, ci: float = 0.95, seed: int = 0,
     return_predictions: bool = True, dtype: np.dtype | type = np.float32,
     batch_size: int | None = None,
+    progress: Bar | None = None,
 ) -> CVResult:
     """Run `solver` on every outer fold of `plan` for every feature set.
 
@@ -100,7 +102,9 @@ def cross_validate(
     Y: (n, t), NaN = missing. alpha_per_target=False shares one choice among all targets (and
     among each permutation's shuffled copies). seed draws the permutations and bootstrap samples.
     dtype: float32, or float64 (computed with JAX's 64-bit mode on for the call).
-    batch_size: feature sets per compiled call (default: what fits in half the free memory).
+    batch_size: feature sets per compiled call (default: what fits in half the free memory, and at most an
+        eighth of the sets, so a progress bar moves).
+    progress: a `jaxprobe.runtime.progress.Bar` advanced by the feature sets of each finished call.
     """
     Y = np.asarray(Y, float)
     if Y.ndim != 2:
@@ -125,12 +129,13 @@ def cross_validate(
             widest = max(p.y.shape[1] for p in patterns)
             batch_size = _fitting_batch(solver, n, d, plan, widest, np.dtype(dtype).itemsize,
                                         "pairwise_acc" in (metric, *extra_metrics), devices)
+            batch_size = min(batch_size, -(-n_sets // 8))
         batch_size = -(-min(batch_size, n_sets) // len(devices)) * len(devices)
         mesh = Mesh(np.array(devices), ("fs",))
         program = functools.partial(_chunk_program, solver=solver, metric=metric,
                                     extra_metrics=extra_metrics,
                                     return_predictions=return_predictions, mesh=mesh)
-        parts = _run_chunks(X, patterns, program, batch_size, np.dtype(dtype), mesh)
+        parts = _run_chunks(X, patterns, program, batch_size, np.dtype(dtype), mesh, progress or Bar())
     return _assemble(parts, patterns, n_sets, n, t, plan.n_outer, solver.choices, ci)
 
 
@@ -189,21 +194,24 @@ def _pattern_inputs(Y, cols, plan, rng, n_permutations, n_bootstrap, alpha_per_t
                     stats.bootstrap_weights(rng, n_bootstrap, tested), groups)
 
 
-def _run_chunks(X, patterns, program, batch_size, dtype, mesh) -> list[list[dict]]:
+def _run_chunks(X, patterns, program, batch_size, dtype, mesh, bar: Bar) -> list[list[dict]]:
     """Per chunk, per pattern: the program's outputs as numpy, one chunk in flight ahead."""
     sharded = NamedSharding(mesh, PartitionSpec("fs"))
     parts, pending = [], None
     for start in range(0, len(X), batch_size):
         chunk = np.stack([np.asarray(X[i], dtype) for i in range(start, min(start + batch_size, len(X)))])
-        chunk = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0), (0, 0)))  # one compiled shape
+        n_real = len(chunk)
+        chunk = np.pad(chunk, ((0, batch_size - n_real), (0, 0), (0, 0)))  # one compiled shape
         x = jax.device_put(chunk, sharded)
         launched = [program(x, p.y.astype(dtype), p.plan, p.select_groups, p.weights.astype(dtype),
                             p.boot.astype(dtype), n_targets=len(p.cols))
                     for p in patterns]
         if pending is not None:
-            parts.append(jax.device_get(pending))
-        pending = launched
-    parts.append(jax.device_get(pending))
+            parts.append(jax.device_get(pending[0]))
+            bar.advance(pending[1])
+        pending = (launched, n_real)
+    parts.append(jax.device_get(pending[0]))
+    bar.advance(pending[1])
     return parts
 
 

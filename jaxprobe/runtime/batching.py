@@ -4,15 +4,16 @@ halving, progress."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxprobe.errors import JaxprobeError
+from jaxprobe.errors import InputError, JaxprobeError
 from jaxprobe.runtime.devices import data_mesh
+from jaxprobe.runtime.progress import Bar
+from jaxprobe.runtime.progress import progress as progress_bar
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -26,7 +27,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
 
 
-def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool = False,
+def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool | Bar = False,
                 label: str = "") -> dict[str, np.ndarray]:
     """Apply a jitted `run` batch by batch, splitting each batch over this process's devices.
 
@@ -37,13 +38,21 @@ def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool =
     the inputs and one download per returned array. When a batch runs the device out of memory (at
     dispatch or on the copy back), the batch size is halved (one more compile) and the run resumes
     from the first batch not yet on the host, with a warning that names the size that fits.
+
+    progress: True for a bar of its own (labelled `label`, in rows), or the `Bar` of an enclosing phase
+    to advance by the rows of each batch.
     """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, not {batch_size}")
     n_dev = jax.local_device_count()
+    n = len(jax.tree.leaves(inputs)[0])
+    # A batch far beyond the rows would only compute padding (and may not fit); a power of two keeps
+    # the shapes, and so the compiled programs, few when the last chunk of a run is short.
+    batch_size = min(batch_size, 1 << max(n - 1, 0).bit_length())
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
     sharding = NamedSharding(data_mesh(), PartitionSpec("data"))
-    n = len(jax.tree.leaves(inputs)[0])
     pieces: dict[str, list[np.ndarray]] = {}
-    with _row_progress(progress and n > batch_size, n, label) as advance:
+    with _rows_bar(progress, n, label) as bar:
         start = 0                                            # first row not yet dispatched
         in_flight: tuple[int, int, Any] | None = None        # (start, rows, device outputs)
         while start < n or in_flight is not None:
@@ -58,7 +67,7 @@ def run_batched(run: callable, inputs: Any, batch_size: int, *, progress: bool =
                     host = {site: np.asarray(value)[:rows] for site, value in out.items()}
                     for site, value in host.items():
                         pieces.setdefault(site, []).append(value)
-                    advance(rows)
+                    bar.advance(rows)
                 in_flight = launched
                 if launched is not None:
                     start = launched[0] + launched[1]
@@ -84,13 +93,5 @@ def _smaller_batch(batch_size: int, n_dev: int, err: BaseException) -> int:
     return smaller
 
 
-@contextlib.contextmanager
-def _row_progress(show: bool, total: int, label: str) -> Iterator[Callable[[int], None]]:
-    if not show:
-        yield lambda rows: None
-        return
-    from rich.progress import Progress
-
-    with Progress() as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda rows: bar.advance(task, rows)
+def _rows_bar(progress: bool | Bar, total: int, label: str) -> contextlib.AbstractContextManager[Bar]:
+    return contextlib.nullcontext(progress) if isinstance(progress, Bar) else progress_bar(label, total, progress)

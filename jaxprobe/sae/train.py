@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import shutil
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from jaxprobe.captures import feature_sets as split_feature_sets
 from jaxprobe.errors import InputError
 from jaxprobe.features.store import FeatureEntry
 from jaxprobe.runtime.files import write_atomic
+from jaxprobe.runtime.progress import progress as progress_bar
 from jaxprobe.sae.curves import training_curves
 from jaxprobe.sae.model import (
     LatentStats,
@@ -304,6 +306,10 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
     resume=False starts afresh even when `out` holds a checkpoint. stop_after: return after this step
     (checkpointed), as an interrupted run would stop. Returns the SAEs.
     """
+    if config.steps <= 2 * config.warmup_steps:
+        warnings.warn(f"steps={config.steps} is at most twice the {config.warmup_steps}-step learning-rate warm-up: "
+                      "the SAEs will be undertrained (explained variance can even be negative). Train for many "
+                      "times the warm-up, or shorten it (--warmup / SAEConfig.warmup_steps).", UserWarning, stacklevel=2)
     source = as_source(features, sites)
     batch_size = min(config.batch_size, source.n)
     if batch_size < config.batch_size and log:
@@ -345,8 +351,7 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
                     "step": step, "history": history, "n_rows": source.n}
             _save(manager, step, stacks, meta)
 
-    bar = _progress(progress, last - step)
-    try:
+    with progress_bar("SAEs", last - step, progress) as bar:
         while step < last:
             batch = reader.batch(step)
             pending = {d: train_step(stacks[d], jnp.asarray(np.stack([batch[n] for n in names])))
@@ -356,15 +361,10 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
             if step % config.log_every == 0 or step == config.steps:
                 rows = [row for d, (_, metrics) in pending.items() for row in _metric_rows(step, groups[d], metrics)]
                 history.extend(rows)
-                if bar:
-                    bar[0].update(bar[1], description=_summary(rows))
-            if bar:
-                bar[0].advance(bar[1])
+                bar.describe(_summary(rows))
+            bar.advance()
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 checkpoint()
-    finally:
-        if bar:
-            bar[0].stop()
     checkpoint()
     saes = SAEs(config, groups, stacks, pd.DataFrame(history), step)
     if out is not None and step == config.steps:
@@ -376,16 +376,6 @@ def _summary(rows: list[dict[str, Any]]) -> str:
     ev = np.mean([r["explained_variance"] for r in rows])
     dead = np.mean([r["dead_fraction"] for r in rows])
     return f"SAEs: EV {ev:.3f}, dead {dead:.1%}"
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar.start()
-    return bar, bar.add_task("SAEs", total=total)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------
