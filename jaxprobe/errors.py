@@ -1,5 +1,13 @@
 """Exceptions with messages that name the fix."""
 
+from collections.abc import Sequence
+
+
+def preview(items: Sequence, limit: int = 5) -> str:
+    """`'a', 'b', 'c', ... (12 in all)`: enough of a list for an error message."""
+    shown = ", ".join(repr(item) for item in items[:limit])
+    return f"{shown}, ... ({len(items)} in all)" if len(items) > limit else shown
+
 
 class JaxprobeError(Exception):
     """Base class: every error jaxprobe raises on bad input derives from it."""

@@ -51,7 +51,7 @@ def test_bad_input_exits_with_a_named_error(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     result = runner.invoke(app, ["extract", "-p", str(empty), "-o", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "holds no prompts" in result.output
+    assert result.exit_code == 2 and "is empty" in result.output
     result = runner.invoke(app, ["extract", "-p", str(empty.with_name("nope.txt")), "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "error" in result.output
     prompts = tmp_path / "p.txt"

@@ -14,6 +14,7 @@ Accepted sources:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,12 @@ def resolve_source(source: str | Path) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint's folder (the one with config.json "
                               "or model_index.json).")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):  # not an org/name id: a path the user mistyped
+        near = path.parent if path.parent.is_dir() else None
+        raise CheckpointError(
+            f"no checkpoint folder {path}" + (f" (the folder {near} exists)" if near and str(near) != "." else "")
+            + ": check the path, or pass 'tiny', 'sd15-random' or an org/name model id in the local Hugging Face "
+            "cache (`jaxprobe info` lists them).")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
@@ -164,6 +171,10 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[s
 
     index = read_config(folder / "model_index.json", "pipeline")
     listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+    if not listed & {"text_encoder", "unet"}:
+        raise CheckpointError(f"{folder}/model_index.json lists no text_encoder or unet component "
+                              f"({sorted(listed) or 'no components at all'}): it is incomplete or not a text-to-image "
+                              "pipeline's; re-download the checkpoint.")
     absent = sorted(k for k in listed & {"text_encoder", "tokenizer", "unet", "vae", "scheduler"} if not (folder / k).is_dir())
     if absent:
         raise CheckpointError(f"{folder}/model_index.json lists {', '.join(absent)} but the folder(s) are missing: "

@@ -4,12 +4,50 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from jaxprobe.errors import JaxprobeError
 
+
+def describe_failure(err: BaseException) -> str:
+    """One line for a failure a user can fix; anything unexpected says how to see the traceback."""
+    if isinstance(err, (JaxprobeError, FileNotFoundError, PermissionError, IsADirectoryError)):
+        return str(err)
+    if isinstance(err, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 "
+                "(e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`)")
+    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err):
+        return "out of memory: lower --batch-size, capture fewer sites, or use --dtype bfloat16"
+    if isinstance(err, OSError):
+        return f"{err.strerror or err} ({err.filename})" if err.filename else str(err)
+    return (f"unexpected {type(err).__name__}: {err}\nThis may be a bug: rerun with `jaxprobe --debug ...` "
+            "for the traceback and report it.")
+
+
+class _Commands(TyperGroup):
+    """The one place a command's failure becomes a message: a line that names the fix and exit status 2,
+    or, with `--debug`, the traceback. An interrupt says what was kept."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            typer.secho("interrupted: finished feature chunks and results are kept; rerun the same command to "
+                        "resume", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
+        except Exception as err:
+            if ctx.meta.get("jaxprobe.debug"):
+                raise
+            typer.secho(f"error: {describe_failure(err)}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Find where human-meaningful semantics live inside text-to-image diffusion pipelines.\n\n"
          "Quick start: `jaxprobe run` (the bundled tiny model on Binder's concrete nouns).",
 )
@@ -18,32 +56,28 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'tiny', a diffuser
                                                              "org/name model id in the local Hugging Face cache")]
 
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
 @app.callback()
 def main(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="show the full traceback of a failure")] = False,
     distributed: Annotated[bool, typer.Option("--distributed", help="join a multi-process job found by JAX "
                                               "(SLURM, Open MPI, TPU pods): each process takes its share")] = False,
     coordinator: Annotated[Optional[str], typer.Option(help="host:port of process 0, for a job JAX cannot detect")] = None,
     num_processes: Annotated[Optional[int], typer.Option(help="with --coordinator: processes in the job")] = None,
     process_id: Annotated[Optional[int], typer.Option(help="with --coordinator: this process's index")] = None,
 ) -> None:
-    """Global options: multi-process jobs (`jaxprobe --distributed run cfg.toml` under srun)."""
+    """Global options: tracebacks (`--debug`), multi-process jobs (`jaxprobe --distributed run cfg.toml` under srun)."""
     from jaxprobe.runtime import distributed as dist
 
-    try:
-        dist.initialize(dist.Cluster(coordinator, num_processes, process_id, auto=distributed))
-    except JaxprobeError as err:
-        _fail(err)
+    ctx.meta["jaxprobe.debug"] = debug
+    dist.initialize(dist.Cluster(coordinator, num_processes, process_id, auto=distributed))
 
 
 # ------------------------------------------------------------------------------------- commands
 # One module per part of the package: features (info, extract, store), each study's commands. They import
 # what they run inside the commands, which keeps `jaxprobe --help` free of JAX. Registered here, in the order
-# `jaxprobe --help` lists them; the modules import _fail and the shared option types from above.
+# `jaxprobe --help` lists them; the modules import the shared option types from above.
+# Failures end in _Commands.invoke, so the commands themselves catch nothing.
 
 from jaxprobe.cli import decoding_diffusion, features, norms_probing, revelio  # noqa: E402
 

@@ -11,8 +11,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import _fail
-from jaxprobe.errors import JaxprobeError
 
 directions_app = typer.Typer(no_args_is_help=True, help="Directions in h-space from prompts, association (bias) "
                              "scores with bootstrap intervals, clusters, report (Zeng, Chen & Wong 2024).")
@@ -40,11 +38,8 @@ def directions_build(
     """
     from jaxprobe.studies.decoding_diffusion.directions import build
 
-    try:
-        build(_directions_config(config, model=model, out=out, num_inference_steps=steps, force=force or None),
-              progress=True, log=typer.echo)
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    build(_directions_config(config, model=model, out=out, num_inference_steps=steps, force=force or None),
+          progress=True, log=typer.echo)
 
 
 @directions_app.command("score")
@@ -55,14 +50,12 @@ def directions_score(
                                                     "directions, one per line")] = None,
 ) -> None:
     """Associations with bootstrap intervals (h-space and CLIP text space), projections, clusters -> tables."""
-    from jaxprobe.studies.decoding_diffusion.directions import read_prompt_file, score
+    from jaxprobe.runtime.files import read_lines
+    from jaxprobe.studies.decoding_diffusion.directions import score
 
-    try:
-        extra = read_prompt_file(str(prompts), "prompts file") if prompts else None
-        score(_directions_config(config, model=model, out=out, num_inference_steps=steps), prompts=extra,
-              progress=True, log=typer.echo)
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    extra = read_lines(prompts, "prompts file") if prompts else None
+    score(_directions_config(config, model=model, out=out, num_inference_steps=steps), prompts=extra,
+          progress=True, log=typer.echo)
 
 
 @directions_app.command("report")
@@ -70,8 +63,5 @@ def directions_report(results: Annotated[Path, typer.Argument(help="the folder b
     """Figures and report.html from the saved tables."""
     from jaxprobe.studies.decoding_diffusion.directions import report as directions_report_fn
 
-    try:
-        path = directions_report_fn(results)
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    path = directions_report_fn(results)
     typer.echo(f"wrote {path}")

@@ -11,8 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import ModelOpt, _fail
-from jaxprobe.errors import JaxprobeError
+from jaxprobe.cli import ModelOpt
 
 
 def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the capture sites of this model")] = None,
@@ -37,12 +36,9 @@ def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the 
     repos = sorted(p.name.removeprefix("models--").replace("--", "/") for p in cache.glob("models--*")) if cache.is_dir() else []
     typer.echo(f"Hugging Face cache {cache}: " + (", ".join(repos) if repos else "no models"))
     if model:
-        try:
-            import jaxprobe
+        import jaxprobe
 
-            sites = jaxprobe.load(model).sites(all=all_sites)
-        except JaxprobeError as err:
-            _fail(err)
+        sites = jaxprobe.load(model).sites(all=all_sites)
         typer.echo(f"{len(sites)} sites of {model}:")
         for site in sites:
             typer.echo(f"  {site}")
@@ -72,37 +68,34 @@ def extract(
     """
     import jaxprobe
     from jaxprobe.features.extract import cached_capture
+    from jaxprobe.features.settings import RunSettings, SamplingSettings
     from jaxprobe.runtime import distributed
-    from jaxprobe.runtime.files import atomic_write_npy, atomic_write_text
+    from jaxprobe.runtime.files import atomic_write_npy, atomic_write_text, read_lines
 
-    try:
-        texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-        if not texts:
-            raise jaxprobe.InputError(f"{prompts} holds no prompts (one per line)")
-        if chunk_size < 1:
-            raise jaxprobe.InputError(f"--chunk-size must be at least 1, not {chunk_size}")
-        names = [line.strip() for line in concepts.read_text().splitlines() if line.strip()] if concepts else None
-        if names is not None and len(names) != len(texts):
-            raise jaxprobe.InputError(f"{concepts} holds {len(names)} concepts for {len(texts)} prompts: give one "
-                                      "concept per prompt, in the same order")
-        pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder)
-        feats = cached_capture(pipe, texts, sites, cache=cache, chunk_size=chunk_size, force=force, reduce=reduce,
-                               num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
-                               batch_size=batch_size)
-        if not distributed.is_leader():
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        for site, value in feats.items():
-            atomic_write_npy(out / f"{site}.npy", value)
-        if names is not None:
-            atomic_write_text(out / "concepts.txt", "\n".join(names) + "\n")
-        else:  # a concepts.txt left by an earlier extract into OUT would name these rows wrongly
-            (out / "concepts.txt").unlink(missing_ok=True)
-        manifest = {"model": model, "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
-                    "guidance_scale": guidance_scale, "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
-        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    # The settings' own checks, before the model loads: a bad option fails in a second, not after minutes.
+    SamplingSettings(num_inference_steps=steps, guidance_scale=guidance_scale, seeds=(seed,))
+    RunSettings(batch_size=batch_size, chunk_size=chunk_size)
+    texts = read_lines(prompts, "prompts file")
+    names = read_lines(concepts, "concepts file") if concepts else None
+    if names is not None and len(names) != len(texts):
+        raise jaxprobe.InputError(f"{concepts} holds {len(names)} concepts for {len(texts)} prompts: give one "
+                                  "concept per prompt, in the same order")
+    pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder)
+    feats = cached_capture(pipe, texts, sites, cache=cache, chunk_size=chunk_size, force=force, reduce=reduce,
+                           num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                           batch_size=batch_size)
+    if not distributed.is_leader():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for site, value in feats.items():
+        atomic_write_npy(out / f"{site}.npy", value)
+    if names is not None:
+        atomic_write_text(out / "concepts.txt", "\n".join(names) + "\n")
+    else:  # a concepts.txt left by an earlier extract into OUT would name these rows wrongly
+        (out / "concepts.txt").unlink(missing_ok=True)
+    manifest = {"model": model, "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
+                "guidance_scale": guidance_scale, "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     typer.echo(f"wrote {len(feats)} site(s) for {len(texts)} prompts to {out}")
 
 

@@ -10,8 +10,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import _fail
-from jaxprobe.errors import JaxprobeError
 
 
 def probe(
@@ -25,6 +23,8 @@ def probe(
     seed: Annotated[int, typer.Option()] = 0,
     concept_column: Annotated[Optional[str], typer.Option(help="targets column naming each row's concept "
                                                           "(default: 'concept', else the first column)")] = None,
+    group_column: Annotated[Optional[str], typer.Option(help="targets column of concept groups kept on one side of "
+                                                        "every split (a label, not a target)")] = None,
     concepts: Annotated[Optional[Path], typer.Option("--concepts", help="text file, the concept of each feature "
                                                      "row, one per line (instead of the features' own)")] = None,
     assume_same_order: Annotated[bool, typer.Option("--assume-same-order", help="features that name no concepts: "
@@ -41,14 +41,11 @@ def probe(
     """
     from jaxprobe.probes import run_probe_files
 
-    try:
-        table = run_probe_files(features, targets, out, outer_cv=outer_cv,
-                                inner_cv=inner_cv if inner_cv == "loo" else int(inner_cv),
-                                n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed,
-                                concept_column=concept_column, concepts=concepts,
-                                assume_same_order=assume_same_order, log=typer.echo)
-    except (JaxprobeError, OSError, ValueError) as err:
-        _fail(err)
+    table = run_probe_files(features, targets, out, outer_cv=outer_cv,
+                            inner_cv=inner_cv if inner_cv == "loo" else int(inner_cv),
+                            n_permutations=n_permutations, n_bootstrap=n_bootstrap, seed=seed,
+                            concept_column=concept_column, group_column=group_column, concepts=concepts,
+                            assume_same_order=assume_same_order, log=typer.echo)
     if table is not None:
         typer.echo(f"wrote {len(table)} rows to {out}")
 
@@ -77,24 +74,18 @@ def run(
     overrides = {"model": model, "norms": norms, "out": out, "num_inference_steps": steps,
                  "max_concepts": max_concepts, "image_encoder": image_encoder, "dtype": dtype,
                  "force": force or None}
-    try:
-        if config is not None:
-            cfg = ExperimentConfig.from_toml(config, **overrides)
-        elif model in (None, "tiny"):
-            cfg = dataclasses.replace(EMBEDDED_DEFAULT, **{k: v for k, v in overrides.items() if v is not None})
-        else:
-            cfg = ExperimentConfig.from_mapping({k: v for k, v in overrides.items() if v is not None})
-        run_experiment(cfg, log=typer.echo)
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    if config is not None:
+        cfg = ExperimentConfig.from_toml(config, **overrides)
+    elif model in (None, "tiny"):
+        cfg = dataclasses.replace(EMBEDDED_DEFAULT, **{k: v for k, v in overrides.items() if v is not None})
+    else:
+        cfg = ExperimentConfig.from_mapping({k: v for k, v in overrides.items() if v is not None})
+    run_experiment(cfg, log=typer.echo)
 
 
 def report(results: Annotated[Path, typer.Argument(help="a results folder written by `jaxprobe run`")]) -> None:
     """Re-render figures and report.html from a run's saved tables."""
     from jaxprobe.studies.norms_probing import report as report_module
 
-    try:
-        path = report_module.rerender(results)
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    path = report_module.rerender(results)
     typer.echo(f"wrote {path}")

@@ -11,8 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import ModelOpt, _fail
-from jaxprobe.errors import JaxprobeError
+from jaxprobe.cli import ModelOpt
 
 
 def classify(
@@ -42,15 +41,12 @@ def classify(
     from jaxprobe.studies.revelio.classify import ClassifyConfig, ConvHeadConfig, run_classification
 
     conv = {"width": conv_width, "epochs": epochs, "learning_rate": conv_lr, "dropout": dropout}
-    try:
-        config = ClassifyConfig(
-            data=str(data), model=model, sites=tuple(sites), timesteps=tuple(t), classifiers=tuple(classifier),
-            prompt=prompt, seed=seed, test_fraction=test_fraction, dtype=dtype, batch_size=batch_size,
-            conv=ConvHeadConfig(**{k: v for k, v in conv.items() if v is not None}),
-            out=str(out), cache=str(cache), force=force)
-        results = run_classification(config, log=typer.echo)
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    config = ClassifyConfig(
+        data=str(data), model=model, sites=tuple(sites), timesteps=tuple(t), classifiers=tuple(classifier),
+        prompt=prompt, seed=seed, test_fraction=test_fraction, dtype=dtype, batch_size=batch_size,
+        conv=ConvHeadConfig(**{k: v for k, v in conv.items() if v is not None}),
+        out=str(out), cache=str(cache), force=force)
+    results = run_classification(config, log=typer.echo)
     typer.echo(f"wrote {results.files['report']}")
 
 
@@ -88,13 +84,10 @@ def sae_train(
     """
     from jaxprobe.sae import SAEConfig, train_saes
 
-    try:
-        config = SAEConfig(k=k, expansion=expansion, steps=steps, batch_size=batch_size, learning_rate=lr,
-                           warmup_steps=warmup, aux_k=aux_k, dead_tokens=dead_tokens, decoder=decoder,
-                           saes_at_once=saes_at_once, seed=seed, checkpoint_every=checkpoint_every)
-        saes = train_saes(features, config, out, sites=sites, resume=not force, progress=True, log=typer.echo)
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    config = SAEConfig(k=k, expansion=expansion, steps=steps, batch_size=batch_size, learning_rate=lr,
+                       warmup_steps=warmup, aux_k=aux_k, dead_tokens=dead_tokens, decoder=decoder,
+                       saes_at_once=saes_at_once, seed=seed, checkpoint_every=checkpoint_every)
+    saes = train_saes(features, config, out, sites=sites, resume=not force, progress=True, log=typer.echo)
     typer.echo(f"trained {len(saes.names)} SAE(s) for {saes.step} steps; wrote {out}")
 
 
@@ -115,9 +108,6 @@ def sae_inspect(
     """
     from jaxprobe.sae import inspect_saes
 
-    try:
-        page = inspect_saes(sae, features, out or sae / "inspect", sites=sites, norms=norms, images=images,
-                            top_n=top_n, max_latents=max_latents)
-    except (JaxprobeError, OSError) as err:
-        _fail(err)
+    page = inspect_saes(sae, features, out or sae / "inspect", sites=sites, norms=norms, images=images,
+                        top_n=top_n, max_latents=max_latents)
     typer.echo(f"wrote {page}")

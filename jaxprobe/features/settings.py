@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+from jaxprobe.errors import InputError
 from jaxprobe.runtime.configfile import config_from_mapping, config_from_toml, config_part, config_to_toml
 
 
@@ -25,8 +26,11 @@ class ModelSettings:
 @dataclass(frozen=True)
 class SamplingSettings:
     num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    guidance_scale: float = 7.5      # <= 1: no classifier-free guidance (one denoiser pass per step)
     seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        check_sampling(self)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,26 @@ class RunSettings:
     chunk_size: int = 64             # prompts per committed feature-store chunk (the unit of resume)
     cache: str = "jaxprobe-runs/cache"
     force: bool = False
+
+    def __post_init__(self) -> None:
+        check_run(self)
+
+
+def check_sampling(settings: SamplingSettings) -> None:
+    """Refuse sampling settings that would only fail (or silently mean nothing) after the model has loaded."""
+    if settings.num_inference_steps < 1:
+        raise InputError(f"num_inference_steps must be at least 1, not {settings.num_inference_steps}")
+    if settings.guidance_scale < 0:
+        raise InputError(f"guidance_scale must be >= 0 (<= 1 turns classifier-free guidance off), "
+                         f"not {settings.guidance_scale}")
+    if not settings.seeds:
+        raise InputError("give at least one seed")
+
+
+def check_run(settings: RunSettings) -> None:
+    for name in ("batch_size", "chunk_size"):
+        if getattr(settings, name) < 1:
+            raise InputError(f"{name} must be at least 1, not {getattr(settings, name)}")
 
 
 SECTIONS = {"model": ModelSettings, "sampling": SamplingSettings, "run": RunSettings}
@@ -50,6 +74,13 @@ class StudyConfig:
 
     TABLE: ClassVar[str] = ""
     FILE_PATHS: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        """The shared settings' checks; a study config's own `__post_init__` calls this first."""
+        if isinstance(self, SamplingSettings):
+            check_sampling(self)
+        if isinstance(self, RunSettings):
+            check_run(self)
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> Self:

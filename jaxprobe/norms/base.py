@@ -15,18 +15,12 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from jaxprobe.errors import InputError
+from jaxprobe.errors import InputError, preview
 
 
 def dropped_frame(rows: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
     """The `dropped` table: one (concept, reason) row per concept a filter removed."""
     return pd.DataFrame(list(rows), columns=["concept", "reason"], dtype=object)
-
-
-def preview(items: Sequence[str], limit: int = 5) -> str:
-    """`'a', 'b', 'c', ... (12 in all)`: enough of a list for an error message."""
-    shown = ", ".join(repr(item) for item in items[:limit])
-    return f"{shown}, ... ({len(items)} in all)" if len(items) > limit else shown
 
 
 AMBIGUOUS = "shares its word and sense with another concept: no prompt can tell them apart"

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from jaxprobe.errors import InputError
-from jaxprobe.norms.base import AMBIGUOUS, Norms, dropped_frame, preview, prompt_words
+from jaxprobe.errors import InputError, preview
+from jaxprobe.norms.base import AMBIGUOUS, Norms, dropped_frame, prompt_words
 
 DATA = importlib.resources.files("jaxprobe.norms") / "data"
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jaxprobe.errors import InputError
-from jaxprobe.norms.base import Norms, preview
+from jaxprobe.errors import InputError, preview
+from jaxprobe.norms.base import Norms
 
 MISSING = frozenset({"", "na", "nan", "n/a"})
 LAYOUTS = ("auto", "wide", "long")

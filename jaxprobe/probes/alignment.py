@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxprobe.errors import AlignmentError
+from jaxprobe.errors import AlignmentError, preview
 
 NAMING = ("give the features' concepts: a 'concepts' array in the .npz, concepts.txt (one per row) next to the "
           ".npy files (`jaxprobe extract --concepts FILE` writes it), `jaxprobe probe --concepts FILE`, or "
@@ -56,11 +56,6 @@ class Alignment:
         return f"matched {self.n_matched} feature rows to targets rows by {self.by}{unused}"
 
 
-def _preview(items: Sequence, limit: int = 5) -> str:
-    shown = ", ".join(repr(item) for item in items[:limit])
-    return f"{shown}, ... ({len(items)} in all)" if len(items) > limit else shown
-
-
 def _repeated(names: Sequence[str]) -> list[str]:
     return [name for name, count in Counter(names).items() if count > 1]
 
@@ -80,7 +75,7 @@ def align_by_concept(feature_names: Sequence | None, target_names: Sequence | No
         repeated = _repeated(target_names)
         if repeated:
             raise AlignmentError(
-                f"{targets_label}: concept(s) {_preview(repeated)} appear more than once; give one row per concept "
+                f"{targets_label}: concept(s) {preview(repeated)} appear more than once; give one row per concept "
                 "(average or drop the repeats), so that each feature row has exactly one targets row")
     if feature_names is None:
         if not assume_same_order:
@@ -100,7 +95,7 @@ def align_by_concept(feature_names: Sequence | None, target_names: Sequence | No
     repeated = _repeated(feature_names)
     if repeated:
         raise AlignmentError(
-            f"the features name {by}(s) {_preview(repeated)} on more than one row; a {by} must name one row "
+            f"the features name {by}(s) {preview(repeated)} on more than one row; a {by} must name one row "
             f"(average the rows of each concept, or give each row its own name)")
     if target_names is None:
         raise AlignmentError(
@@ -111,11 +106,11 @@ def align_by_concept(feature_names: Sequence | None, target_names: Sequence | No
     if missing:
         folded = {name.casefold() for name in target_names}
         near = [name for name in missing if name.casefold() in folded]
-        hint = f" {_preview(near)} would match if case were ignored." if near else ""
+        hint = f" {preview(near)} would match if case were ignored." if near else ""
         how = (f" Prompts are matched to concepts by their exact text; for templated prompts (e.g. 'a photo of "
                f"a dog' for 'dog') {NAMING}." if by == "prompt" else
                f" Check the concept column of {targets_label} (--concept-column), or rate these concepts.")
         raise AlignmentError(
-            f"{len(missing)} of {n_features} feature rows have no row in {targets_label}: {_preview(missing)} "
-            f"(targets concepts: {_preview(target_names)}).{hint}{how}")
+            f"{len(missing)} of {n_features} feature rows have no row in {targets_label}: {preview(missing)} "
+            f"(targets concepts: {preview(target_names)}).{hint}{how}")
     return Alignment(np.array([row[name] for name in feature_names], dtype=np.int64), by, n_targets)

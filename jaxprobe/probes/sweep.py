@@ -19,6 +19,7 @@ Table columns, one row per (feature set, target):
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -30,13 +31,14 @@ import numpy as np
 import pandas as pd
 
 from jaxprobe.captures import Captures, feature_sets
-from jaxprobe.errors import InputError
+from jaxprobe.errors import InputError, preview
 from jaxprobe.probes import stats
 from jaxprobe.probes.alignment import align_by_concept
 from jaxprobe.probes.crossval import DEFAULT_ALPHAS, cross_validate_ridge
 from jaxprobe.probes.folds import nested_plan
 from jaxprobe.probes.metrics import Metric
-from jaxprobe.runtime.files import atomic_write_bytes, atomic_write_npy, write_atomic
+from jaxprobe.runtime.files import atomic_write_bytes, atomic_write_npy, read_lines, write_atomic
+from jaxprobe.runtime.progress import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ def probe_sweep(
     return_predictions: bool = False,
     dtype: np.dtype | type = np.float32,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, np.ndarray]:
     """Probe every feature set against every target with nested cross-validated ridge.
 
@@ -81,6 +84,7 @@ def probe_sweep(
     outer_cv folds score; inner_cv (int or "loo") folds inside each outer training set choose
     alpha (per target unless alpha_per_target=False). See the module docstring for the columns.
     return_predictions: also return out-of-fold predictions (F, n, t), F in table order.
+    progress: a bar (or periodic lines when stderr is not a terminal) over the feature sets.
     """
     sets = feature_sets(features)
     names, sites, steps = [s.name for s in sets], [s.site for s in sets], [s.step for s in sets]
@@ -93,13 +97,14 @@ def probe_sweep(
     plan = nested_plan(n, outer_cv, inner_cv, groups=groups, seed=seed)
 
     results = {}
-    for d in sorted(dims):  # one compiled program per feature width
-        index = [i for i, a in enumerate(arrays) if a.shape[-1] == d]
-        results[d] = (index, cross_validate_ridge(
-            [arrays[i] for i in index], Y, plan, alphas, standardize=standardize, metric=metric,
-            pairwise_acc=pairwise_acc, alpha_per_target=alpha_per_target,
-            n_permutations=n_permutations, n_bootstrap=n_bootstrap, ci=ci, seed=seed,
-            return_predictions=return_predictions, dtype=dtype, batch_size=batch_size))
+    with progress_bar("probing (feature sets)", len(arrays), progress) as bar:
+        for d in sorted(dims):  # one compiled program per feature width
+            index = [i for i, a in enumerate(arrays) if a.shape[-1] == d]
+            results[d] = (index, cross_validate_ridge(
+                [arrays[i] for i in index], Y, plan, alphas, standardize=standardize, metric=metric,
+                pairwise_acc=pairwise_acc, alpha_per_target=alpha_per_target,
+                n_permutations=n_permutations, n_bootstrap=n_bootstrap, ci=ci, seed=seed,
+                return_predictions=return_predictions, dtype=dtype, batch_size=batch_size, progress=bar))
 
     def stacked(get):  # per-width results -> (F, ...) in feature-set order
         first = get(next(iter(results.values()))[1])
@@ -255,14 +260,10 @@ def run_probe_files(
     features, names = load_features(Path(features_path))
     by = "concept"
     if concepts is not None:
-        names = read_names(concepts) if isinstance(concepts, (str, os.PathLike)) else list(concepts)
+        names = read_lines(concepts, "concepts file") if isinstance(concepts, (str, os.PathLike)) else list(concepts)
     elif names is None and not assume_same_order:
         names, by = manifest_prompts(Path(features_path)), "prompt"
-    table = pd.read_csv(targets_path, na_values=["na"])
-    concept_column = concept_column or ("concept" if "concept" in table else table.columns[0])
-    if concept_column not in table:
-        raise InputError(f"{targets_path} has no column {concept_column!r}; its columns: {list(table.columns)[:8]}")
-    table = table.set_index(concept_column)
+    table = read_targets(targets_path, concept_column, group_column)
     alignment = align_by_concept(names, table.index, n_features=len(next(iter(features.values()))),
                                  n_targets=len(table), by=by, assume_same_order=assume_same_order,
                                  targets_label=str(targets_path))
@@ -285,6 +286,41 @@ def run_probe_files(
     return result
 
 
+def read_targets(path: str | os.PathLike, concept_column: str | None = None,
+                 group_column: str | None = None) -> pd.DataFrame:
+    """A ratings table indexed by concept: comma, semicolon or tab separated (sniffed), UTF-8, "na" or an
+    empty cell for a missing rating. The concept column is `concept_column`, else "concept", else the one
+    text column; every other column but `group_column` must hold numbers."""
+    try:
+        table = pd.read_csv(path, sep=None, engine="python", na_values=["na"], encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"targets file {path} is not UTF-8 text ({err.reason} at byte {err.start}): save it "
+                         "as UTF-8 CSV") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as err:
+        raise InputError(f"cannot read targets file {path} as CSV/TSV: {err}") from None
+    columns = [str(c) for c in table.columns]
+    if len(columns) < 2 or table.empty:
+        raise InputError(f"targets file {path} needs a concept column and at least one target column, and rows "
+                         f"(found columns {columns[:8]}, {len(table)} rows); separate cells with ',', ';' or tabs")
+    text = [c for c in columns if c != group_column and not pd.api.types.is_numeric_dtype(table[c])]
+    if concept_column is None:
+        concept_column = "concept" if "concept" in columns else text[0] if len(text) == 1 else None
+        if concept_column is None:
+            raise InputError(f"targets file {path}: which column names the concepts? Text columns: {text or 'none'}; "
+                             "pass --concept-column NAME (API: concept_column=)")
+    if concept_column not in columns:
+        raise InputError(f"targets file {path} has no column {concept_column!r}; its columns: {preview(columns)}")
+    labels = [c for c in text if c not in (concept_column, group_column)]
+    if labels:
+        example = table[labels[0]].dropna().astype(str).iloc[0]
+        raise InputError(f"targets file {path}: columns {labels[:5]} hold text (e.g. {example!r}), but every "
+                         "target must be a number ('na' or empty when missing). Pass a label column as "
+                         "--group-column (concept groups kept on one side of every split) or delete it")
+    if group_column is not None and group_column not in columns:
+        raise InputError(f"targets file {path} has no group column {group_column!r}; its columns: {preview(columns)}")
+    return table.set_index(concept_column)
+
+
 def _targets(targets) -> tuple[list[str], np.ndarray]:
     if isinstance(targets, pd.DataFrame):
         try:
@@ -297,11 +333,6 @@ def _targets(targets) -> tuple[list[str], np.ndarray]:
     values = np.asarray(targets, float)
     values = values[:, None] if values.ndim == 1 else values
     return [str(i) for i in range(values.shape[1])], values
-
-
-def read_names(path: str | os.PathLike) -> list[str]:
-    """One name per non-blank line of a text file (surrounding spaces dropped)."""
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def manifest_prompts(path: Path) -> list[str] | None:
@@ -319,8 +350,7 @@ def load_features(path: Path) -> tuple[dict[str, np.ndarray], list[str] | None]:
         if not files:
             raise InputError(f"no .npy files in {path}: write one array per site, named after it")
         concepts_file = path / "concepts.txt"
-        concepts = concepts_file.read_text().split("\n") if concepts_file.exists() else None
-        concepts = [c for c in concepts if c] if concepts is not None else None
+        concepts = read_lines(concepts_file, "concepts file") if concepts_file.exists() else None
         return {f.stem: np.load(f, mmap_mode="r") for f in files}, concepts
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:

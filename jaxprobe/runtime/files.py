@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprobe.errors import StoreError
+from jaxprobe.errors import InputError, StoreError
 
 TEMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
@@ -70,3 +70,20 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     return path
+
+
+def read_lines(path: str | os.PathLike, what: str = "file") -> list[str]:
+    """The non-blank lines of a UTF-8 text file (one prompt or name per line), surrounding spaces dropped.
+
+    what: how errors name the file ("prompts file")."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: editors on Windows often start with a BOM
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8, "
+                         f"e.g. `iconv -f latin1 -t utf-8 {path} > fixed.txt`") from None
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{what} {path} is empty: give one entry per line")
+    return lines

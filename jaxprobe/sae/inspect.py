@@ -258,20 +258,22 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
                  sites: Sequence[str] | None = None, max_latents: int = 40) -> Path:
     """latent_table -> out/latents.parquet (+ .csv) and out/sae_report.html. Returns the page's path.
 
-    saes: SAEs or the folder `train_saes` wrote. norms: a Norms or a `load_norms` name/path. labels:
+    saes: SAEs or the folder `train_saes` wrote. sites: default the sites they were trained on. norms: a Norms or a `load_norms` name/path. labels:
     default the prompts of a `jaxprobe extract` folder's manifest; concepts: default its concepts.txt
     (`jaxprobe extract --concepts`), else guessed from the labels (`concepts_in`). images: (n, H, W, 3)
     array, n paths, a folder of n image files or a .npy, one per input, shown as thumbnails."""
     saes = load_saes(saes)
+    if sites is None:  # the sites the SAEs were trained on, whatever else the features hold
+        sites = sorted({name.split("@")[0] for name in saes.names})
     if isinstance(norms, (str, Path)):
         from jaxprobe.norms import load_norms
 
         norms = load_norms(norms)
     labels = _manifest_prompts(features) if labels is None else labels
     if concepts is None and isinstance(features, (str, Path)) and (Path(features) / "concepts.txt").is_file():
-        from jaxprobe.probes.sweep import read_names  # written by `jaxprobe extract --concepts`: exact, no guessing
+        from jaxprobe.runtime.files import read_lines  # written by `jaxprobe extract --concepts`: exact, no guessing
 
-        concepts = read_names(Path(features) / "concepts.txt")
+        concepts = read_lines(Path(features) / "concepts.txt", "concepts file")
     source = as_source(features, sites)
     images = _image_list(images)
     if images is not None and len(images) != source.n:

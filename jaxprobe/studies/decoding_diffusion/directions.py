@@ -33,7 +33,7 @@ from jaxprobe.features.extract import extract_features, image_features
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 from jaxprobe.pipeline.images import ImageDataset
 from jaxprobe.probes.stats import percentile_interval
-from jaxprobe.runtime.files import write_atomic
+from jaxprobe.runtime.files import read_lines, write_atomic
 from jaxprobe.studies.decoding_diffusion import maths
 from jaxprobe.studies.decoding_diffusion.maths import contrast, project
 from jaxprobe.studies.decoding_diffusion.report import (  # noqa: F401 - the study's public names
@@ -96,6 +96,7 @@ class DirectionsConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     out: str = "jaxprobe-runs/directions"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "families", {str(k): tuple(v) for k, v in dict(self.families).items()})
         object.__setattr__(self, "associations", tuple(tuple(a) for a in self.associations))
         if not self.families:
@@ -175,20 +176,9 @@ class Generations:
         return self.concepts.index(NEUTRAL) if NEUTRAL in self.concepts else None
 
 
-def read_prompt_file(path: str, what: str) -> list[str]:
-    try:
-        lines = [line.strip() for line in Path(path).read_text().splitlines()]
-    except OSError as err:
-        raise InputError(f"cannot read {what} {path}: {err}") from err
-    lines = [line for line in lines if line]
-    if not lines:
-        raise InputError(f"{what} {path} holds no prompts (one per line)")
-    return lines
-
-
 def concept_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
     """{concept: its prompts}: the templates filled in, or the concept's prompt file; then the neutral set."""
-    prompts = {c: (read_prompt_file(config.prompt_files[c], f"prompt file of {c!r}") if c in config.prompt_files
+    prompts = {c: (read_lines(config.prompt_files[c], f"prompt file of {c!r}") if c in config.prompt_files
                    else [t.format(concept=c) for t in config.templates])
                for concepts in config.families.values() for c in concepts}
     if config.baseline == "neutral":

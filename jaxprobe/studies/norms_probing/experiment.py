@@ -65,12 +65,11 @@ class ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     out: str = "jaxprobe-runs/default"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.repeats not in ("average", "keep"):
             raise InputError(f"repeats must be 'average' or 'keep', not {self.repeats!r}")
         if not self.templates or any("{concept}" not in t for t in self.templates):
             raise InputError(f"every template needs a '{{concept}}' placeholder; got {list(self.templates)}")
-        if not self.seeds:
-            raise InputError("give at least one seed")
 
 
 # `jaxprobe run` with no config and the tiny model: the same pipeline, sized to finish in a few minutes

@@ -18,7 +18,8 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from jaxprobe.errors import InputError
-from jaxprobe.norms.base import dropped_frame, preview
+from jaxprobe.errors import preview
+from jaxprobe.norms.base import dropped_frame
 from jaxprobe.studies.norms_probing import decoding, disentanglement
 
 SAMPLED_STAGES = ("unet", "latent")  # feature sets with a denoising step

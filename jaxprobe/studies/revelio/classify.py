@@ -46,6 +46,7 @@ from jaxprobe.probes.linear import ProbeConfig, fit_probe, predict
 from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
 from jaxprobe.runtime.batching import run_batched
 from jaxprobe.runtime.files import write_atomic
+from jaxprobe.runtime.progress import progress as progress_bar
 
 CLASSIFIERS = ("linear", "conv")
 TABLE, FIGURE, REPORT = "accuracy", "accuracy.png", "report.html"
@@ -131,10 +132,12 @@ def _head_logits(model: ConvHead, variables: Any, x: jax.Array) -> jax.Array:
 
 
 def train_conv_head(x: np.ndarray, y: np.ndarray, n_classes: int, config: ConvHeadConfig = ConvHeadConfig(),
-                    *, seed: int = 0) -> tuple[ConvHead, dict[str, Any], np.ndarray]:
+                    *, seed: int = 0, progress: bool = False, label: str = "conv head"
+                    ) -> tuple[ConvHead, dict[str, Any], np.ndarray]:
     """Train a ConvHead on maps x (n, h, w, c) with labels y (n,). Returns the module, its variables
     ({"params", "batch_stats"}) and the loss of every step. Batches are drawn on the host (the maps
-    of a large dataset need not fit on the device); every batch has one shape, so it compiles once."""
+    of a large dataset need not fit on the device); every batch has one shape, so it compiles once.
+    progress: a bar over the epochs, named `label`."""
     if x.ndim != 4:
         raise InputError(f"the conv head needs unpooled maps (n, h, w, c); got shape {x.shape}: capture "
                          "with reduce='none'")
@@ -147,14 +150,18 @@ def train_conv_head(x: np.ndarray, y: np.ndarray, n_classes: int, config: ConvHe
     state = HeadState(variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
     rng = np.random.default_rng(seed)
     losses = []
-    for epoch in range(config.epochs):
-        order = rng.permutation(len(x))
-        order = np.concatenate([order, order[: steps_per_epoch * batch - len(x)]])  # wrap to full batches
-        for step, rows in enumerate(order.reshape(steps_per_epoch, batch)):
-            step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
-            state, loss = _train_step(model, optimizer, state, jnp.asarray(x[rows], jnp.float32),
-                                      jnp.asarray(y[rows], jnp.int32), step_key)
-            losses.append(loss)
+    with progress_bar(f"{label} (epochs)", config.epochs, progress) as bar:
+        for epoch in range(config.epochs):
+            order = rng.permutation(len(x))
+            order = np.concatenate([order, order[: steps_per_epoch * batch - len(x)]])  # wrap to full batches
+            for step, rows in enumerate(order.reshape(steps_per_epoch, batch)):
+                step_key = jax.random.fold_in(key, epoch * steps_per_epoch + step)
+                state, loss = _train_step(model, optimizer, state, jnp.asarray(x[rows], jnp.float32),
+                                          jnp.asarray(y[rows], jnp.int32), step_key)
+                losses.append(loss)
+            if progress:  # the bar shows finished epochs, not dispatched ones
+                loss.block_until_ready()
+            bar.advance()
     return model, {"params": state.params, "batch_stats": state.batch_stats}, np.asarray(jnp.stack(losses))
 
 
@@ -264,6 +271,8 @@ class ClassifyConfig(StudyConfig):
     force: bool = False
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, not {self.batch_size}")
         unknown = set(self.classifiers) - set(CLASSIFIERS)
         if unknown or not self.classifiers:
             raise InputError(f"classifiers must be among {', '.join(CLASSIFIERS)}; got {list(self.classifiers)}")
@@ -302,7 +311,8 @@ def run_classification(config: ClassifyConfig, *, pipe: Any = None, progress: bo
             pooled[site, t] = x.mean(axis=(1, 2)) if x.ndim == 4 else x
             if "conv" in config.classifiers:
                 model, variables, _ = train_conv_head(x[train], labels[train], len(dataset.classes), config.conv,
-                                                      seed=config.seed)
+                                                      seed=config.seed, progress=progress,
+                                                      label=f"conv head {site} t={t}")
                 predicted = np.full(len(dataset), -1)
                 predicted[dataset.test_index] = conv_head_predict(model, variables, x[dataset.test_index])
                 rows.append(accuracy_row(site, t, "conv", predicted, labels, dataset))
