@@ -113,3 +113,67 @@ def test_probe_matches_ratings_by_concept_not_by_position(tmp_path):
     result = probe(feats, "sorted.csv", "x", "--assume-same-order")
     assert result.exit_code == 0 and "paired 24 feature rows with the targets rows by position" in result.output
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "x.parquet"), ordered, check_exact=True)
+
+
+def test_everyday_mistakes_get_one_line_that_names_the_fix(tmp_path):
+    """Issue 20, item 9: no traceback, a message that says what to do, before the model loads."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    ok = tmp_path / "ok.txt"
+    ok.write_text("a cat\n")
+    cases = [
+        (["extract", "-p", str(latin1), "-o", str(tmp_path / "x")], "not UTF-8 text"),
+        (["extract", "-p", str(ok), "-o", str(tmp_path / "x"), "--batch-size", "0"], "batch_size must be at least 1"),
+        (["extract", "-p", str(ok), "-o", str(tmp_path / "x"), "--steps", "0"], "num_inference_steps must be"),
+        (["extract", "-p", str(ok), "-o", str(tmp_path / "x"), "--guidance-scale", "-1"], "guidance_scale must be >= 0"),
+        (["run", "--steps", "0", "--out", str(tmp_path / "r")], "num_inference_steps must be"),
+        (["run", "--model", "/data/sd15"], "check the path"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output and "hf download" not in result.output
+    (tmp_path / "empty-pipeline").mkdir()
+    (tmp_path / "empty-pipeline" / "model_index.json").write_text("{}")
+    result = runner.invoke(app, ["info", "--sites", str(tmp_path / "empty-pipeline")])
+    assert result.exit_code == 2 and "lists no text_encoder or unet" in result.output
+
+
+def test_ratings_files_of_the_wrong_shape_are_named(tmp_path):
+    rng = np.random.default_rng(0)
+    concepts = [f"concept{i}" for i in range(12)]
+    feats = _extracted(tmp_path / "feats", concepts, rng)
+    base = ["probe", "-f", str(feats), "-o", str(tmp_path / "out.parquet")]
+    semicolon = tmp_path / "semicolon.csv"
+    semicolon.write_text("word;size\n" + "".join(f"{c};{v:.3f}\n" for c, v in zip(concepts, rng.normal(size=12))))
+    result = runner.invoke(app, [*base, "-t", str(semicolon)])  # sniffed; the one text column names the concepts
+    assert result.exit_code == 0, result.output
+    assert "matched 12 feature rows" in result.output
+    labelled = tmp_path / "labelled.csv"
+    pd.DataFrame({"concept": concepts, "kind": ["animal", "tool", "food", "toy", "car", "hat"] * 2,
+                  "size": rng.normal(size=12)}).to_csv(
+        labelled, index=False)
+    result = runner.invoke(app, [*base, "-t", str(labelled)])
+    assert result.exit_code == 2 and "--group-column" in result.output and "'animal'" in result.output
+    result = runner.invoke(app, [*base, "-t", str(labelled), "--group-column", "kind", "--outer-cv", "3",
+                                 "--inner-cv", "2"])
+    assert result.exit_code == 0, result.output
+    two_text = tmp_path / "two.csv"
+    pd.DataFrame({"word": concepts, "note": ["x"] * 12, "size": rng.normal(size=12)}).to_csv(two_text, index=False)
+    result = runner.invoke(app, [*base, "-t", str(two_text)])
+    assert result.exit_code == 2 and "--concept-column" in result.output
+
+
+def test_unexpected_failures_point_to_debug(tmp_path, monkeypatch):
+    import jaxprobe.runtime.files as files
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(files, "read_lines", broken)
+    args = ["extract", "-p", str(tmp_path / "p.txt"), "-o", str(tmp_path / "x")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "unexpected ZeroDivisionError: boom" in result.output
+    assert "--debug" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["--debug", *args])
+    assert isinstance(result.exception, ZeroDivisionError)  # --debug lets the traceback through

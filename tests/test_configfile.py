@@ -13,10 +13,10 @@ from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSetti
 from jaxprobe.probes.linear import ProbeConfig
 from jaxprobe.runtime.configfile import config_from_toml, config_to_toml
 from jaxprobe.studies.decoding_diffusion import directions
-from jaxprobe.studies.norms_probing.experiment import EMBEDDED_DEFAULT, ExperimentConfig
+from jaxprobe.studies.norms_probing.experiment import QUICK_LOOK, ExperimentConfig
 from jaxprobe.studies.revelio.classify import ClassifyConfig, ConvHeadConfig
 
-EXPERIMENT = dataclasses.replace(EMBEDDED_DEFAULT, model="sd15-random", seeds=(3, 1), scheduler="ddim",
+EXPERIMENT = dataclasses.replace(ExperimentConfig.from_toml(QUICK_LOOK), model="sd15-random", seeds=(3, 1), scheduler="ddim",
                                  max_concepts=7, inner_cv="loo", templates=('say "{concept}"\n', "é {concept}"),
                                  chunk_size=8, force=True)
 CLASSIFY = ClassifyConfig(data="images/", timesteps=(10, 25), classifiers=("conv",), image_size=64,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from jaxprobe.errors import JaxprobeError
 
@@ -30,10 +30,10 @@ class _Commands(TyperGroup):
     """The one place a command's failure becomes a message: a line that names the fix and exit status 2,
     or, with `--debug`, the traceback. An interrupt says what was kept."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except (typer.Exit, typer.Abort, TyperException):  # exits, and usage errors typer reports itself
             raise
         except KeyboardInterrupt:
             typer.secho("interrupted: finished feature chunks and results are kept; rerun the same command to "

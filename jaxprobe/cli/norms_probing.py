@@ -64,21 +64,23 @@ def run(
 ) -> None:
     """The whole experiment: features at every text layer and UNet site x step, probes, analyses, report.
 
-    With no argument it runs the bundled random tiny model on Binder's concrete nouns (a few minutes on
-    2 CPU cores). Example: jaxprobe run --model runwayml/stable-diffusion-v1-5 --out runs/sd15
+    With no config and no model it runs the quick look (the bundled config quick_look.toml: the random
+    tiny model on Binder's concrete nouns, 10 steps, 20 permutations; a few minutes on 2 CPU cores);
+    otherwise every setting not given takes ExperimentConfig's defaults. The settings in force are printed
+    first. Example: jaxprobe run --model runwayml/stable-diffusion-v1-5 --out runs/sd15
     """
-    import dataclasses
-
-    from jaxprobe.studies.norms_probing.experiment import EMBEDDED_DEFAULT, ExperimentConfig, run_experiment
+    from jaxprobe.studies.norms_probing.experiment import QUICK_LOOK, ExperimentConfig, run_experiment
 
     overrides = {"model": model, "norms": norms, "out": out, "num_inference_steps": steps,
                  "max_concepts": max_concepts, "image_encoder": image_encoder, "dtype": dtype,
                  "force": force or None}
+    if config is None and model in (None, "tiny"):
+        config = QUICK_LOOK
+        typer.echo(f"config: the quick look, {QUICK_LOOK} (pass a TOML file or --model for other settings)")
     if config is not None:
         cfg = ExperimentConfig.from_toml(config, **overrides)
-    elif model in (None, "tiny"):
-        cfg = dataclasses.replace(EMBEDDED_DEFAULT, **{k: v for k, v in overrides.items() if v is not None})
     else:
+        typer.echo("config: ExperimentConfig's defaults and the options given")
         cfg = ExperimentConfig.from_mapping({k: v for k, v in overrides.items() if v is not None})
     run_experiment(cfg, log=typer.echo)
 

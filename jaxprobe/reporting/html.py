@@ -21,6 +21,7 @@ figure { margin: 1.2em 0; } figure img { max-width: 100%; } figcaption { font-si
 table { border-collapse: collapse; font-size: 0.8em; margin: 0.5em 0; }
 th, td { padding: 2px 8px; border-bottom: 1px solid #e4e4e4; text-align: right; } th { background: #f3f3f3; }
 .small { font-size: 0.85em; color: #555; } td.left { text-align: left; }
+.wide { overflow-x: auto; max-width: 100%; }
 """
 
 
@@ -34,8 +35,9 @@ def page(title: str, body: Iterable[str], *, notice: str | None = None, extra_cs
 
 
 def table_html(frame: pd.DataFrame, caption: str, empty: str = "No rows.") -> str:
-    body = frame.to_html(index=False, border=0, na_rep="-", float_format=lambda v: f"{v:.3g}") if len(frame) else \
-        f"<p>{html.escape(empty)}</p>"
+    # A table wider than the page scrolls inside its own box instead of widening the page.
+    body = ("<div class='wide'>" + frame.to_html(index=False, border=0, na_rep="-", float_format=lambda v: f"{v:.3g}")
+            + "</div>") if len(frame) else f"<p>{html.escape(empty)}</p>"
     return f"<h3>{html.escape(caption)}</h3>\n{body}"
 
 

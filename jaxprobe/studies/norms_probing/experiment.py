@@ -59,7 +59,7 @@ class ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     inner_cv: int | str = 5
     alphas: tuple[float, ...] = tuple(float(a) for a in np.logspace(-2, 6, 20))
     fold_groups: str | None = None             # a norms metadata column whose values stay on one side of splits
-    n_permutations: int = 100
+    n_permutations: int = 200                  # smallest p = 1/201: BH can reach q < 0.05 (see summary.py)
     n_bootstrap: int = 200
     seed: int = 0
     out: str = "jaxprobe-runs/default"
@@ -70,11 +70,24 @@ class ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
             raise InputError(f"repeats must be 'average' or 'keep', not {self.repeats!r}")
         if not self.templates or any("{concept}" not in t for t in self.templates):
             raise InputError(f"every template needs a '{{concept}}' placeholder; got {list(self.templates)}")
+        if self.n_permutations < 0 or self.n_bootstrap < 0:
+            raise InputError(f"n_permutations and n_bootstrap must be >= 0, not {self.n_permutations} and "
+                             f"{self.n_bootstrap}")
 
 
-# `jaxprobe run` with no config and the tiny model: the same pipeline, sized to finish in a few minutes
-# on 2 CPU cores (fewer steps, a smaller permutation null and bootstrap).
-EMBEDDED_DEFAULT = ExperimentConfig(num_inference_steps=10, n_permutations=20, n_bootstrap=100)
+# `jaxprobe run` with no config and the tiny model: a visible config file over the same defaults, sized
+# to finish in a few minutes on 2 CPU cores (fewer steps, a smaller permutation null and bootstrap).
+QUICK_LOOK = Path(__file__).parent / "assets" / "quick_look.toml"
+
+
+def describe_settings(config: ExperimentConfig) -> str:
+    """The settings a run's numbers depend on, in one line (the console and the report state them)."""
+    guidance = (f"guidance {config.guidance_scale:g}" if config.guidance_scale > 1 else
+                f"guidance {config.guidance_scale:g} (no classifier-free guidance)")
+    return (f"{config.model} ({config.dtype}), {config.num_inference_steps} steps, {guidance}, "
+            f"seeds {list(config.seeds)}, {len(config.templates)} template(s); probes: {config.outer_cv}x"
+            f"{config.inner_cv} nested CV, {len(config.alphas)} alphas, {config.n_permutations} permutations, "
+            f"{config.n_bootstrap} bootstraps; out {config.out}")
 
 
 def concept_features(features: Mapping[str, np.ndarray], concept_index: np.ndarray, n_concepts: int,
@@ -119,6 +132,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     import jax
 
     run = RunLog()
+    log(f"settings: {describe_settings(config)}")
     options = {"groups": config.norms_groups} if config.norms_groups else {}
     norms = load_norms(config.norms, **options)
     if config.max_concepts:
@@ -151,7 +165,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     swept = run.timed("probe", lambda: probe_sweep_across_processes(
         feats, targets, Path(config.out) / ".probe-parts", alphas=np.asarray(config.alphas), outer_cv=config.outer_cv,
         inner_cv=config.inner_cv, groups=fold_groups, target_groups=norms.groups, n_permutations=config.n_permutations,
-        n_bootstrap=config.n_bootstrap, seed=config.seed, return_predictions=True))
+        n_bootstrap=config.n_bootstrap, seed=config.seed, return_predictions=True, progress=progress))
     if swept is None:  # a multi-process job: process 0 analyses and reports
         log(f"process {jax.process_index()}: my share of features and probes is done; process 0 writes the report")
         return None

@@ -124,16 +124,17 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _per_site(ax: Axes, frame: pd.DataFrame, value: str, sites: list[str], band: bool = False) -> None:
-    """One line of `value` over the denoising steps per site (dashed: the sampler's latents), with the
-    bootstrap band of the mean on request."""
+def _per_site(ax: Axes, frame: pd.DataFrame, value: str, sites: list[str], band_site: str | None = None) -> None:
+    """One line of `value` over the denoising steps per site (dashed: the sampler's latents), and the
+    bootstrap band of `band_site` only: one band reads, seven stacked ones hide each other."""
     for site, color in zip(sites, _colors(len(sites))):
         curve = frame[(frame["site"] == site) & (frame["timestep"] >= 0)].sort_values("timestep")
-        if band:  # fainter with more sites, so that stacked bands do not hide the lines
-            _band(ax, curve["timestep"], curve["ci_low"], curve["ci_high"], color=color,
-                  alpha=min(0.15, 0.6 / len(sites)))
+        if site == band_site:
+            _band(ax, curve["timestep"], curve["ci_low"], curve["ci_high"], color=color, alpha=0.2,
+                  label=f"bootstrap 95% interval ({short_site(site)})")
         style = "--" if stage_of(site) == "latent" else "-"
-        ax.plot(curve["timestep"], curve[value], style, color=color, label=short_site(site))
+        ax.plot(curve["timestep"], curve[value], style, color=color, label=short_site(site),
+                linewidth=2.0 if site == band_site else 1.2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -180,7 +181,7 @@ def _decoding_steps(results: ExperimentResults, config: ReportConfig) -> Figure 
         null = stepped.groupby("timestep")[["null_mean", "null_high"]].mean()
         _band(ax, null.index, null["null_mean"], null["null_high"], color="0.6", alpha=0.5,
               label="permutation null (mean over sites)")
-    _per_site(ax, stepped, "score", sites, band=True)
+    _per_site(ax, stepped, "score", sites, band_site=results.focus_site(config.focus_site))
     scores = profile.set_index("feature_set")["score"]
     _reference_lines(ax, results, scores.get)
     ax.axhline(0, color="k", linewidth=0.5)
@@ -192,7 +193,7 @@ def _decoding_steps(results: ExperimentResults, config: ReportConfig) -> Figure 
 
 def _group_bars(results: ExperimentResults, config: ReportConfig) -> Figure | None:
     rows = [r for r in (best(results.profile, "text"), best(results.profile, SAMPLED_STAGES)) if r is not None]
-    if not rows or results.groups.empty:
+    if not rows or results.groups.empty or results.groups["group"].nunique() < 2:  # one bar compares nothing
         return None
     fig = Figure(figsize=(4.5 * len(rows), 3.8), layout="constrained")
     for ax, row in zip(fig.subplots(1, len(rows), squeeze=False)[0], rows):
@@ -234,33 +235,73 @@ def _heatmap_panels(results: ExperimentResults, config: ReportConfig) -> list[tu
     return panels
 
 
-def _correlation_heatmaps(results: ExperimentResults, config: ReportConfig) -> Figure:
+def _attribute_order(results: ExperimentResults) -> tuple[np.ndarray, list[str], list[int]]:
+    """Attributes ordered by group (so blocks show): the order, each ordered attribute's group, the block edges."""
     groups = [results.target_groups[t] for t in results.targets]
     rank = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-    order = np.argsort([rank[g] for g in groups], kind="stable")  # attributes grouped, so blocks show
+    order = np.argsort([rank[g] for g in groups], kind="stable")
     ordered = [groups[i] for i in order]
-    edges = [i for i in range(1, len(ordered)) if ordered[i] != ordered[i - 1]]
+    return order, ordered, [i for i in range(1, len(ordered)) if ordered[i] != ordered[i - 1]]
+
+
+def group_correlations(matrix: np.ndarray, groups: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(g, g) mean attribute correlation within and between groups (the diagonal leaves out each attribute's
+    correlation with itself), and the group names in first-seen order."""
+    names = list(dict.fromkeys(groups))
+    member = np.array([[g == name for g in groups] for name in names])              # (g, attributes)
+    off_diagonal = ~np.eye(len(groups), dtype=bool)
+    out = np.full((len(names), len(names)), np.nan)
+    for a in range(len(names)):
+        for b in range(len(names)):
+            block = matrix[np.ix_(member[a], member[b])][off_diagonal[np.ix_(member[a], member[b])]]
+            if np.isfinite(block).any():
+                out[a, b] = np.nanmean(block)
+    return out, names
+
+
+def _heatmaps(results: ExperimentResults, config: ReportConfig, by_group: bool) -> Figure:
+    """One panel per correlation matrix (human, best text layer, steps of one UNet site): per attribute, or
+    the group-level means, which stay readable when there are hundreds of attributes."""
+    order, ordered, edges = _attribute_order(results)
     panels = _heatmap_panels(results, config)
-    fig = Figure(figsize=(3.0 * len(panels) + 0.8, 3.6), layout="constrained")
+    size = 3.0 if by_group else max(3.0, min(12.0, 0.045 * len(order) + 1))
+    fig = Figure(figsize=(size * len(panels) + 1.6, size + 0.9), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")
     for ax, (title, matrix) in zip(axes, panels):
-        image = ax.imshow(matrix[np.ix_(order, order)], cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
-        for edge in edges:
+        if by_group:
+            shown, names = group_correlations(matrix, [results.target_groups[t] for t in results.targets])
+        else:
+            shown = matrix[np.ix_(order, order)]
+        image = ax.imshow(shown, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+        for edge in [] if by_group else edges:
             ax.axhline(edge - 0.5, color="k", linewidth=0.3)
             ax.axvline(edge - 0.5, color="k", linewidth=0.3)
         ax.set_title(title, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    if len(results.targets) <= 30:
+    if by_group:
+        axes[0].set_yticks(np.arange(len(names)), names, fontsize=7)
+    elif len(order) <= 80:
         axes[0].set_yticks(np.arange(len(order)), [results.targets[i] for i in order], fontsize=5)
-    else:  # too many attributes to name: name the groups at the middle of their blocks
-        bounds = [0, *edges, len(ordered)]
-        axes[0].set_yticks([(a + b - 1) / 2 for a, b in zip(bounds[:-1], bounds[1:])],
-                           [ordered[a] for a in bounds[:-1]], fontsize=5)
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="correlation over concepts")
-    fig.suptitle("Attribute correlations: human ratings and probe predictions", fontsize=9)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean correlation over concepts" if by_group else
+                 "correlation over concepts")
+    what = "mean within and between attribute groups" if by_group else "every pair of attributes, grouped"
+    fig.suptitle(f"Attribute correlations ({what}): human ratings and probe predictions", fontsize=9)
     return fig
+
+
+def _correlation_summary(results: ExperimentResults, config: ReportConfig) -> Figure:
+    """The page's correlation figure: per attribute when they can be read (<= 30), else per group."""
+    by_group = len(results.targets) > 30 and len(set(results.target_groups.values())) > 1
+    return _heatmaps(results, config, by_group)
+
+
+def _correlation_matrices(results: ExperimentResults, config: ReportConfig) -> Figure | None:
+    """Every attribute pair, as a figure file beside the report when the page shows the group summary."""
+    if len(results.targets) <= 30 or len(set(results.target_groups.values())) < 2:
+        return None
+    return _heatmaps(results, config, by_group=False)
 
 
 def _entanglement(results: ExperimentResults, config: ReportConfig) -> Figure | None:
@@ -304,13 +345,17 @@ FIGURES: dict[str, tuple[Callable[[ExperimentResults, ReportConfig], Figure | No
                       "at every text-encoder layer; blue: mean of the per-attribute bootstrap intervals; grey: "
                       "permutation null."),
     "decoding_steps": (_decoding_steps, "Mean decoding at every denoising step, one line per UNet site (dashed: "
-                       "sampler latents and x0-predictions), with bootstrap bands; the dashed black line is the best "
-                       "text layer."),
+                       "sampler latents and x0-predictions); the shaded band is the bootstrap 95% interval of the "
+                       "best-decoding UNet site (thick line), grey the permutation null averaged over sites; the "
+                       "dashed black line is the best text layer."),
     "groups": (_group_bars, "Mean decoding per attribute group at the best text layer and the best UNet feature "
                "set; the dashed line is the average over all attributes."),
-    "correlations": (_correlation_heatmaps, "Correlation between attributes over concepts: the human ratings, and "
-                     "the probes' predictions at the best text layer and at the first, middle and last step of "
-                     "one UNet site."),
+    "correlations": (_correlation_summary, "Correlation between attributes over concepts: the human ratings, "
+                     "and the probes' predictions at the best text layer and at the first, middle and last step of "
+                     "the best-decoding UNet site. With more than 30 attributes, each cell is the mean correlation "
+                     "within (diagonal) or between two attribute groups; every pair is in "
+                     "figures/correlation_matrices.png."),
+    "correlation_matrices": (_correlation_matrices, ""),
     "entanglement": (_entanglement, "Left: how closely predicted attribute correlations follow the human ones. "
                      "Right: confusability index; rising = attributes harder to tell apart."),
     "pvalues": (_pvalues, "Permutation p-values of all probes: flat at 1 when nothing is decodable (the null), "
@@ -318,12 +363,16 @@ FIGURES: dict[str, tuple[Callable[[ExperimentResults, ReportConfig], Figure | No
 }
 
 
+LINKED_FIGURES = ("correlation_matrices",)   # too large to read in the page: files beside it, named in captions
+
+
 def make_figures(results: ExperimentResults, out_dir: str | os.PathLike,
                  config: ReportConfig = ReportConfig()) -> dict[str, Path]:
     """Every figure the results allow, as out_dir/figures/<name>.png; returns {name: path}.
 
-    Names (see `FIGURES`): decoding_text, decoding_steps, groups, correlations, entanglement, pvalues;
-    a figure whose data the run lacks (no text layers, no UNet steps, no permutations) is left out."""
+    Names (see `FIGURES`): decoding_text, decoding_steps, groups, correlations, correlation_matrices (every
+    attribute pair, when `correlations` shows group means), entanglement, pvalues; a figure whose data the run
+    lacks (no text layers, no UNet steps, no permutations, one attribute group) is left out."""
     return save_figures(out_dir, {name: draw(results, config) for name, (draw, _) in FIGURES.items()}, config.dpi)
 
 
@@ -353,6 +402,19 @@ def _evenly(frame: pd.DataFrame, n: int) -> pd.DataFrame:
     return frame if len(frame) <= n else frame.iloc[np.unique(np.linspace(0, len(frame) - 1, n).round().astype(int))]
 
 
+def _readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """A results table for the page: one short site column and a step column instead of the feature-set
+    name that repeats them (the CSV files keep every column)."""
+    shown = frame.drop(columns=[c for c in ("feature_set",) if c in frame])
+    if "site" in shown:
+        shown = shown.assign(site=shown["site"].map(short_site))
+    if "timestep" in shown:
+        step = shown.pop("timestep")
+        shown.insert(list(shown.columns).index("site") + 1 if "site" in shown else 0, "step",
+                     step.map(lambda s: "-" if s < 0 else f"{s:.0f}"))
+    return shown
+
+
 def _result_tables(results: ExperimentResults, config: ReportConfig) -> list[str]:
     top, level = config.top_rows, config.level
     groups = results.groups[results.groups["q"] < level]
@@ -363,11 +425,11 @@ def _result_tables(results: ExperimentResults, config: ReportConfig) -> list[str
     text = _evenly(followed[followed["stage"] == "text"], top)
     steps = _evenly(followed[followed["site"] == site].sort_values("timestep"), top)
     return [
-        table_html(results.profile.sort_values("score", ascending=False).head(top),
+        table_html(_readable(results.profile.sort_values("score", ascending=False).head(top)),
                     f"Decoding per feature set, best {top} (decoding.csv has all)"),
-        table_html(groups.head(top), f"Attribute groups that differ from the average at q < {level:g}, largest "
+        table_html(_readable(groups.head(top)), f"Attribute groups that differ from the average at q < {level:g}, largest "
                     "first (groups.csv has all)", empty=f"No group differs from the average at q < {level:g}."),
-        table_html(pd.concat([text, steps]), "Disentanglement along the text encoder and at "
+        table_html(_readable(pd.concat([text, steps])), "Disentanglement along the text encoder and at "
                     f"{short_site(site) if site else 'no UNet site'} (similarity.csv, confusability.csv have all)"),
     ]
 
@@ -381,7 +443,8 @@ def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportCo
     title = f"jaxprobe: semantic attributes in {results.metadata.get('model', 'the pipeline')}"
     summary = summarize(results, config.level, config.focus_site)
     random = summary[0] if results.random_weights else None  # summarize puts the warning first
-    images = [figure_html(path.read_bytes(), name, FIGURES[name][1]) for name, path in figures.items()]
+    images = [figure_html(path.read_bytes(), name, FIGURES[name][1]) for name, path in figures.items()
+              if name not in LINKED_FIGURES]
     dropped = results.dropped
     return page(title, [
         "<h2>What the numbers show</h2><ul>",

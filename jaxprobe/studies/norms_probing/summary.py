@@ -26,6 +26,7 @@ SAMPLED_STAGES = ("unet", "latent")  # feature sets with a denoising step
 PAPER = ("Braunstein, Toneva & Ilg (2025). CLIP is All You Need for Human-like Semantic Representations "
          "in Stable Diffusion. arXiv:2511.08075.")
 _TREND_RHO = 0.5  # |Spearman rho| with the step above which a curve is said to rise or fall
+_TREND_MIN_CHANGE = 0.02  # a curve whose values span less than this is level, whatever its rho
 _FOLD_MEANS = ("a probe that learns nothing predicts the training folds' means, which co-vary across attributes "
                "as the ratings do, so this similarity is not evidence of human-like structure")
 
@@ -120,14 +121,22 @@ def along_steps(frame: pd.DataFrame, site: str, value: str) -> pd.DataFrame:
 
 def _trend(curve: pd.DataFrame, value: str) -> tuple[str, float] | None:
     """How `value` evolves over steps, in words ('rises, from 0.10 at step 0 to 0.40 at step 9 (Spearman
-    rho with the step = 0.95)'), and that rho; None for fewer than 3 points."""
+    rho with the step = 0.95)'), and the rho behind the verb (0 when the curve barely moves); None for
+    fewer than 3 points. A curve whose range is under _TREND_MIN_CHANGE is level whatever its rho, and one
+    that ends within it of where it started (or moves against its rho) has no trend."""
     if len(curve) < 3:
         return None
     rho = spearmanr(curve["timestep"], curve[value]).statistic
-    verb = "rises" if rho >= _TREND_RHO else "falls" if rho <= -_TREND_RHO else "shows no monotonic trend"
     first, last = curve.iloc[0], curve.iloc[-1]
-    return (f"{verb}, from {first[value]:.2f} at step {first['timestep']:.0f} to {last[value]:.2f} at step "
-            f"{last['timestep']:.0f} (Spearman rho with the step = {rho:.2f})"), rho
+    span = f"{first[value]:.2f} at step {first['timestep']:.0f} to {last[value]:.2f} at step {last['timestep']:.0f}"
+    low, high, change = curve[value].min(), curve[value].max(), last[value] - first[value]
+    if high - low < _TREND_MIN_CHANGE:
+        return f"stays level (within {_TREND_MIN_CHANGE:g}: {span})", 0.0
+    if abs(change) < _TREND_MIN_CHANGE or (rho >= _TREND_RHO) != (change > 0):
+        return (f"moves between {low:.2f} and {high:.2f} but shows no monotonic trend ({span}; Spearman rho "
+                f"with the step = {rho:.2f})"), 0.0
+    verb = "rises" if rho >= _TREND_RHO else "falls" if rho <= -_TREND_RHO else "shows no monotonic trend"
+    return f"{verb}, from {span} (Spearman rho with the step = {rho:.2f})", rho
 
 
 def _where(row: pd.Series) -> str:
@@ -139,10 +148,7 @@ def _significance(results: ExperimentResults, level: float) -> list[str]:
     table = results.table
     lines = []
     if results.random_weights:
-        lines.append(f"This run used a model with random weights ({results.metadata.get('model', 'unnamed')}): "
-                     "no attribute should be decodable, so scores should lie within the permutation null and few "
-                     "or no probes should pass the FDR threshold. Read the numbers below as a check of the "
-                     "pipeline, not as findings.")
+        lines.append(RANDOM_WEIGHTS_CAVEAT.format(model=results.metadata.get("model", "unnamed")))
     if "q" not in table or table["q"].isna().all():
         return [*lines, "No permutation test was run, so no score can be compared with chance."]
     n, k = int(table["q"].notna().sum()), int((table["q"] < level).sum())
@@ -151,13 +157,36 @@ def _significance(results: ExperimentResults, level: float) -> list[str]:
     if "null_mean" in table and table["null_mean"].notna().any():
         line += (f", against a permutation null with mean {table['null_mean'].mean():.3f} and 95th percentile "
                  f"{table['null_high'].mean():.3f}")
-    elif results.random_weights:
-        line += "; at chance the permutation p-values spread evenly over [0, 1] (the p-value histogram is flat)"
     lines.append(line + ".")
-    if results.random_weights and k > level * n:
-        lines.append("That is more than a model with random weights should allow: look for information shared "
-                     "between training and test concepts (repeated prompts, fold groups) before trusting any run.")
+    permutations = results.metadata.get("n_permutations")
+    if permutations:
+        lines.append(_reachability(int(permutations), n, level))
     return lines
+
+
+# What a model with random weights shows, said so that the figures do not contradict it: its text layers
+# are deterministic functions of the tokens, and surface form predicts some ratings.
+RANDOM_WEIGHTS_CAVEAT = (
+    "This run used a model with random weights ({model}). Its numbers are a baseline, not findings. A random "
+    "network is not a chance feature generator for words: it still maps each prompt's tokens to fixed vectors, "
+    "so its text layers encode surface form (which subword pieces a word is made of, how many tokens it takes) "
+    "and surface form predicts some human ratings (long and rare words are rated differently from short, common "
+    "ones). Scores above the permutation null at the text layers are therefore expected; a trained model's "
+    "findings are what it decodes beyond a random model's.")
+
+
+def _reachability(permutations: int, n_tests: int, level: float) -> str:
+    """Whether the permutation test can pass the FDR threshold at all: with P permutations the smallest p is
+    1/(P+1), and Benjamini-Hochberg reaches q < level only when enough probes sit at that smallest p."""
+    p_min = 1.0 / (permutations + 1)
+    if p_min >= level:
+        return (f"With {permutations} permutations the smallest possible p-value is 1/{permutations + 1} = "
+                f"{p_min:.3f}, so no probe can pass q < {level:g} whatever it decodes: this count checks the "
+                "pipeline; for inference use n_permutations of a few hundred (ExperimentConfig's default is 200).")
+    needed = int(np.ceil(n_tests * p_min / level))
+    return (f"With {permutations} permutations the smallest possible p-value is {p_min:.4f}: q < {level:g} needs "
+            f"at least {needed} of the {n_tests} probes ({needed / n_tests:.0%}) at that smallest p, so weaker effects "
+            "need more permutations.")
 
 
 def _none_significant(row: pd.Series) -> str:
@@ -165,12 +194,21 @@ def _none_significant(row: pd.Series) -> str:
     return "; no attribute there passes the FDR threshold" if row["n_significant"] == 0 else ""
 
 
+def _over(row: pd.Series, results: ExperimentResults) -> str:
+    """'over 201 attributes', saying why when some attributes of the norms got no score."""
+    scored, total = int(row["n_targets"]), len(results.targets)
+    if scored >= total:
+        return f"over {scored} attributes"
+    return (f"over the {scored} of {total} attributes with a score; the other {total - scored} have none, as a "
+            "correlation needs ratings and predictions that vary within each test fold")
+
+
 def _peaks(results: ExperimentResults, site: str | None) -> list[str]:
     lines = []
     text = decoding.best(results.profile, "text")
     if text is not None:
         lines.append(f"Among the text-encoder layers, decoding peaks at {_where(text)} (mean r = {text['score']:.3f} "
-                     f"over {text['n_targets']:.0f} attributes{_none_significant(text)}).")
+                     f"{_over(text, results)}{_none_significant(text)}).")
     sampled = decoding.best(results.profile, SAMPLED_STAGES)
     if sampled is not None:
         line = f"After the text encoder, decoding peaks at {_where(sampled)} (mean r = {sampled['score']:.3f}"

@@ -1,0 +1,107 @@
+"""Every README snippet runs as pasted: the Python blocks execute in order in one namespace, and every
+`jaxprobe ...` command line parses against the CLI (its commands and options exist, its values convert).
+
+Only what this machine cannot have is replaced, each replacement checked to still match the README:
+checkpoint and data paths become the bundled tiny model and a tiny image folder, and sizes shrink so the
+blocks finish in a minute on 2 cores (the same code paths, fewer steps and permutations).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+
+from jaxprobe.cli import app
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# (README text, what the test runs instead): a placeholder path or a size this machine cannot afford.
+REPLACEMENTS = [
+    ('"path/to/stable-diffusion-dir"', '"tiny"'),
+    ('"runwayml/stable-diffusion-v1-5"', '"tiny"'),
+    ('"path/to/sd15"', '"tiny"'),
+    ("concepts = list(norms.concepts[:60])", "concepts = list(norms.concepts[:30])"),
+    ("num_inference_steps=50", "num_inference_steps=2"),
+    ("n_permutations=200, n_bootstrap=200", "n_permutations=3, n_bootstrap=5"),
+    ("timesteps=(25, 100)", "timesteps=(25,)"),
+    ("ConvHeadConfig(width=1024, epochs=30)", "ConvHeadConfig(width=8, epochs=1)"),
+    ("SAEConfig(k=32, expansion=64, steps=5000)", "SAEConfig(k=4, expansion=2, steps=60, warmup_steps=10)"),
+]
+
+
+def _blocks(*languages: str) -> list[str]:
+    """The fenced blocks of the README in one of `languages` ("" for a bare fence)."""
+    blocks, language, lines = [], None, []
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            if language is None:
+                language, lines = line[3:].strip(), []
+            else:
+                if language in languages:
+                    blocks.append("\n".join(lines) + "\n")
+                language = None
+        elif language is not None:
+            lines.append(line)
+    return blocks
+
+
+def _image_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_python_snippets_run_as_pasted(tmp_path, monkeypatch):
+    source = "\n".join(_blocks("python"))
+    for readme, instead in REPLACEMENTS:
+        assert readme in source, f"the README no longer says {readme!r}: update REPLACEMENTS"
+        source = source.replace(readme, instead)
+    monkeypatch.chdir(tmp_path)
+    _image_folder(tmp_path / "oxford-pets")
+    namespace: dict = {}
+    with pytest.warns(UserWarning, match="undertrained"):  # the shrunk SAE run says it is too short
+        exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - the README is ours
+    assert {"feature_set", "target", "score", "q"} <= set(namespace["table"].columns)
+    assert (tmp_path / "runs" / "sae" / "inspect").is_dir() and (tmp_path / "runs" / "pets" / "report.html").is_file()
+
+
+def _command_lines() -> list[list[str]]:
+    """`jaxprobe ...` lines of the shell blocks, comments and `[optional]` parts dropped, `...` continued."""
+    lines = []
+    for block in _blocks("bash", ""):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].split("&")[0]
+            while re.search(r"\[[^\[\]]*\]", line):  # optional parts, innermost first
+                line = re.sub(r"\[[^\[\]]*\]", "", line)
+            line = line.strip()
+            words = shlex.split(line) if line else []
+            while words and words[0] != "jaxprobe" and not words[0].endswith("/jaxprobe"):
+                words = words[1:]
+            if words:
+                lines.append(words[1:])
+    return lines
+
+
+def test_every_readme_command_parses():
+    lines = _command_lines()
+    assert len(lines) > 10, "the README's command lines were not found"
+    root = typer.main.get_command(app)
+    def unparsed(ctx) -> list[str]:  # a group's context keeps the sub-command's name apart from its args
+        return [*getattr(ctx, "_protected_args", []), *ctx.args]
+
+    for args in lines:
+        command, ctx = root, root.make_context("jaxprobe", list(args))
+        while hasattr(command, "resolve_command"):  # down the sub-commands: store, sae, directions
+            rest = unparsed(ctx)
+            assert rest, f"`jaxprobe {' '.join(args)}` names no command"
+            _, command, rest = command.resolve_command(ctx, rest)
+            ctx = command.make_context(command.name, list(rest), parent=ctx)  # parses and converts every option
