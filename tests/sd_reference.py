@@ -41,6 +41,27 @@ UNET_STYLES: dict[str, dict[str, Any]] = {
 }
 PREDICTION_TYPE = {"sd1": "epsilon", "sd2": "v_prediction"}
 
+# SDXL layouts at toy width: the context is two text encoders' hidden states side by side (32 + 32), the
+# added conditioning a pooled embedding of POOLED_DIM plus 6 time ids of TIME_ID_DIM sinusoids each.
+SDXL_CONTEXT_DIM, POOLED_DIM, TIME_ID_DIM = 64, 32, 8
+_SDXL_COMMON = dict(
+    sample_size=16, norm_num_groups=8, use_linear_projection=True, cross_attention_dim=SDXL_CONTEXT_DIM,
+    addition_embed_type="text_time", addition_time_embed_dim=TIME_ID_DIM,
+    projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_ID_DIM,
+)
+SDXL_STYLES: dict[str, dict[str, Any]] = {
+    # SDXL's own layout: no attention in the first block, deeper transformers further down
+    "sdxl3": dict(_SDXL_COMMON, block_out_channels=(16, 32, 64), layers_per_block=2, attention_head_dim=(2, 2, 4),
+                  transformer_layers_per_block=(1, 2, 3),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    "sdxl2": dict(_SDXL_COMMON, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+                  transformer_layers_per_block=(1, 2),
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+}
+UNET_STYLES.update(SDXL_STYLES)
+
 VAE_KWARGS: dict[str, Any] = dict(
     sample_size=32, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,

@@ -1,4 +1,9 @@
-"""Flax UNet2DConditionModel for Stable Diffusion 1.x and 2.x, numerically matching diffusers.
+"""Flax UNet2DConditionModel for Stable Diffusion 1.x, 2.x and SDXL, numerically matching diffusers.
+
+SDXL is the same module with `addition_embed_type="text_time"`: the pooled text embedding and the six
+micro-conditioning time ids (original size, crop top-left, target size) are embedded (`add_embedding`)
+and added to the timestep embedding; its block layout (no attention in the first block, several
+transformer layers per block, linear projections) is configuration the SD blocks already take.
 
 The module tree mirrors diffusers' (`down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q`), so
 `unet_state_dict_to_params` is `weights.convert_state_dict` against the expected parameter tree.
@@ -39,13 +44,12 @@ BLOCK_SITES = (r"down_blocks\.\d+", r"mid_block", r"up_blocks\.\d+")
 _CROSS_DOWN, _CROSS_UP, _CROSS_MID = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UNetMidBlock2DCrossAttn"
 _DOWN_TYPES, _UP_TYPES = (_CROSS_DOWN, "DownBlock2D"), (_CROSS_UP, "UpBlock2D")
 
-# diffusers options that SD 1.x/2.x leave at these values and jaxprobe does not implement otherwise
-# (SDXL's added embeddings, class conditioning, Fourier time, dual/gated attention, ...).
+# diffusers options that SD 1.x/2.x/SDXL leave at these values and jaxprobe does not implement otherwise
+# (class conditioning, Fourier time, dual/gated attention, image-hint embeddings, ...).
 _ONLY_SUPPORTED = {
     "time_embedding_type": "positional", "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "dual_cross_attention": False, "attention_type": "default", "cross_attention_norm": None,
     "class_embed_type": None, "num_class_embeds": None, "class_embeddings_concat": False,
-    "addition_embed_type": None, "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "time_cond_proj_dim": None,
     "timestep_post_act": None, "time_embedding_act_fn": None, "reverse_transformer_layers_per_block": None,
 }
@@ -92,6 +96,9 @@ class UNetConfig:
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    addition_embed_type: str | None = None              # "text_time": SDXL's pooled text + time ids
+    addition_time_embed_dim: int | None = None          # sinusoid width per time id (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None   # pooled width + 6 x addition_time_embed_dim
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
@@ -120,6 +127,23 @@ class UNetConfig:
             raise CheckpointError(f"UNet config: unsupported act_fn {self.act_fn!r}; known: {sorted(ACTIVATIONS)}")
         if self.norm_num_groups is None:
             raise CheckpointError("UNet config: norm_num_groups=None (no output norm) is not supported")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise CheckpointError(f"UNet config: addition_embed_type={self.addition_embed_type!r} is not supported "
+                                  "(jaxprobe implements None and SDXL's 'text_time')")
+        if self.addition_embed_type == "text_time" and not (self.addition_time_embed_dim
+                                                            and self.projection_class_embeddings_input_dim):
+            raise CheckpointError("UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                                  "projection_class_embeddings_input_dim")
+
+    def check_added_conditioning(self, pooled_dim: int, n_time_ids: int) -> None:
+        """SDXL: the pooled text width and the time-id count must fill add_embedding's input exactly."""
+        width = pooled_dim + n_time_ids * self.addition_time_embed_dim
+        if width != self.projection_class_embeddings_input_dim:
+            raise CheckpointError(
+                f"the UNet's add_embedding takes {self.projection_class_embeddings_input_dim} features, but a pooled "
+                f"text embedding of {pooled_dim} and {n_time_ids} time ids x {self.addition_time_embed_dim} make "
+                f"{width}: text_encoder_2's projection_dim or the pipeline's requires_aesthetics_score does not match "
+                "this UNet (mixed checkpoints?)")
 
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any]) -> "UNetConfig":
@@ -171,10 +195,11 @@ class UNet2DConditionModel(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | float,
-                 encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array,
+                 text_embeds: jax.Array | None = None, time_ids: jax.Array | None = None) -> jax.Array:
         """sample: (b, h, w, in_channels) latents; timesteps: scalar or (b,); encoder_hidden_states:
-        (b, tokens, cross_attention_dim). Returns (b, h, w, out_channels) in the dtype of `sample`."""
+        (b, tokens, cross_attention_dim); with addition_embed_type="text_time" (SDXL) also text_embeds
+        (b, pooled_text_dim) and time_ids (b, n_ids). Returns (b, h, w, out_channels) in the dtype of `sample`."""
         cfg, dtype = self.config, self.dtype
         n_blocks = len(cfg.block_out_channels)
         resnet = ResnetSpec(cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn)
@@ -188,6 +213,14 @@ class UNet2DConditionModel(nn.Module):
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                    freq_shift=cfg.freq_shift)
         temb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype, name="time_embedding")(t_emb.astype(dtype))
+        if cfg.addition_embed_type == "text_time":
+            if text_embeds is None or time_ids is None:
+                raise ValueError("an SDXL UNet (addition_embed_type='text_time') needs text_embeds and time_ids")
+            ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                     flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+            added = jnp.concatenate([text_embeds.astype(jnp.float32), ids.reshape(sample.shape[0], -1)], axis=-1)
+            # diffusers builds add_embedding with TimestepEmbedding's default activation, whatever act_fn says
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, "silu", dtype, name="add_embedding")(added.astype(dtype))
         context = encoder_hidden_states.astype(dtype)
 
         x = SownConv(cfg.block_out_channels[0], (cfg.conv_in_kernel,) * 2, padding=(cfg.conv_in_kernel - 1) // 2,
@@ -222,7 +255,12 @@ class UNet2DConditionModel(nn.Module):
 
 
 def example_inputs(config: UNetConfig, batch: int = 1, tokens: int = 77) -> tuple[jax.Array, ...]:
-    """Zeros shaped like one evaluation's inputs: latents (b, side, side, c), a timestep, context (b, tokens, d)."""
+    """Zeros shaped like one evaluation's inputs: latents (b, side, side, c), a timestep, context (b, tokens, d),
+    and for SDXL a pooled text embedding and 6 time ids (only their total width shapes the parameters)."""
     side = config.sample_size
-    return (jnp.zeros((batch, side, side, config.in_channels)), jnp.zeros(()),
-            jnp.zeros((batch, tokens, config.cross_attention_dim)))
+    inputs = (jnp.zeros((batch, side, side, config.in_channels)), jnp.zeros(()),
+              jnp.zeros((batch, tokens, config.cross_attention_dim)))
+    if config.addition_embed_type != "text_time":
+        return inputs
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return (*inputs, jnp.zeros((batch, pooled)), jnp.zeros((batch, 6)))

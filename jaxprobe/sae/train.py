@@ -333,6 +333,8 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
             raise InputError(f"{out} holds SAEs trained with other settings, feature sets or rows ({saved}, "
                              f"{meta['n_rows']} rows); use another --out, or start afresh (resume=False / --force)")
         step, history = meta["step"], meta["history"]
+        if log:
+            log(f"resuming from the checkpoint at step {step} of {config.steps} in {out}")
     else:
         means, scales = input_stats(reader)
         key = jax.random.key(config.seed)

@@ -1,0 +1,64 @@
+"""SDXL against diffusers: the UNet with its added text-time conditioning, every site (tiny layouts that
+diffusers writes with save_pretrained)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import sd_reference  # noqa: E402
+from jaxprobe.checkpoints.diffusers import load_unet  # noqa: E402
+from jaxprobe.errors import CheckpointError  # noqa: E402
+from jaxprobe.models.unet import UNetConfig  # noqa: E402
+from jaxprobe.pipeline.sites import flatten_intermediates  # noqa: E402
+
+ATOL = RTOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=sorted(sd_reference.SDXL_STYLES))
+def case(request, tmp_path_factory):
+    model = sd_reference.make_unet(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    unet = load_unet(folder)
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 16, 16, 4), dtype=np.float32)
+    context = rng.standard_normal((2, 7, sd_reference.SDXL_CONTEXT_DIM), dtype=np.float32)
+    pooled = rng.standard_normal((2, sd_reference.POOLED_DIM), dtype=np.float32)
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 512, 16, 32, 1024, 896]], np.float32)
+    timesteps = np.array([10, 999])
+    apply = functools.partial(unet.module.apply, mutable=["intermediates"])
+    out, state = sd_reference.run_once(apply, {"params": unet.params}, sample, timesteps, context, pooled, time_ids)
+    sites = flatten_intermediates(state["intermediates"])
+    hooked = [s for s in sites if not s.endswith(".probs")]
+    ref, ref_sites = sd_reference.run_with_hooks(model, hooked, lambda: model(
+        sd_reference.nchw(sample), torch.as_tensor(timesteps), torch.from_numpy(context),
+        added_cond_kwargs={"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}).sample)
+    return dict(model=model, out=np.asarray(out), sites=sites, ref=sd_reference.nhwc(ref), ref_sites=ref_sites)
+
+
+def test_sdxl_unet_matches_diffusers_at_every_site(case):
+    np.testing.assert_allclose(case["out"], case["ref"], atol=ATOL, rtol=RTOL)
+    assert {"add_embedding", "time_embedding", "mid_block", "down_blocks.1.attentions.0"} <= set(case["sites"])
+    for site, ref in case["ref_sites"].items():
+        np.testing.assert_allclose(np.asarray(case["sites"][site], np.float32), ref, atol=ATOL, rtol=RTOL,
+                                   err_msg=site)
+    expected = {n for n, m in case["model"].named_modules()
+                if type(m).__name__ in ("ResnetBlock2D", "Transformer2DModel", "BasicTransformerBlock", "Attention",
+                                        "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
+                                        "CrossAttnUpBlock2D", "UpBlock2D", "TimestepEmbedding")}
+    assert expected <= set(case["ref_sites"])
+
+
+def test_added_conditioning_widths_are_checked():
+    config = UNetConfig.from_dict(sd_reference.SDXL_STYLES["sdxl2"])
+    config.check_added_conditioning(sd_reference.POOLED_DIM, 6)
+    with pytest.raises(CheckpointError, match="requires_aesthetics_score"):
+        config.check_added_conditioning(sd_reference.POOLED_DIM, 5)   # a refiner's ids on a base UNet
+    with pytest.raises(CheckpointError, match="addition_embed_type"):
+        UNetConfig.from_dict({**sd_reference.SDXL_STYLES["sdxl2"], "addition_embed_type": "image"})
