@@ -8,8 +8,11 @@ step's largest value rather than bitwise equality; timesteps must match exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +51,8 @@ DPMPP_KARRAS = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": 
 
 STEPS = 12
 LATENTS = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)  # (batch, c, h, w)
+# Euler ancestral's fresh noise of every step, given to both sides (diffusers draws it inside `step`)
+STEP_NOISE = np.random.default_rng(1).standard_normal((60, *LATENTS.shape)).astype(np.float32)
 
 
 def pseudo_unet(xp, model_input, t):
@@ -61,10 +66,14 @@ def diffusers_trajectory(kind: str, cfg: dict, num_steps: int):
     sched.set_timesteps(num_steps)
     x = torch.from_numpy(LATENTS) * sched.init_noise_sigma
     samples, x0s = [], []
-    for t in sched.timesteps:
+    module = sys.modules[type(sched).__module__]
+    for i, t in enumerate(sched.timesteps):
         model_input = sched.scale_model_input(x, t)
         model_output = torch.from_numpy(pseudo_unet(np, model_input.numpy(), np.float32(t)))
-        out = sched.step(model_output, t, x)
+        noise = (mock.patch.object(module, "randn_tensor", lambda *a, i=i, **k: torch.from_numpy(STEP_NOISE[i]))
+                 if kind == "euler_ancestral" else contextlib.nullcontext())
+        with noise:
+            out = sched.step(model_output, t, x)
         if kind == "pndm":  # diffusers returns no x0 here: the DDIM-style x0 of this evaluation's output
             a = sched.alphas_cumprod[int(t)]
             x0 = ((x - (1 - a) ** 0.5 * model_output) / a**0.5 if sched.config.prediction_type == "epsilon"
@@ -87,7 +96,7 @@ def eager_trajectory(schedule: schedulers.Schedule, latents: jax.Array):
     for i in map(jnp.int32, range(len(schedule.timesteps))):  # an array index: one cached op, not one per i
         t = jnp.asarray(schedule.timesteps)[i].astype(jnp.float32)
         model_output = pseudo_unet(jnp, schedulers.scale_model_input(schedule, x, i), t)
-        state, x, x0 = schedulers.step(schedule, state, model_output, i, x)
+        state, x, x0 = schedulers.step(schedule, state, model_output, i, x, noise=jnp.asarray(STEP_NOISE)[i])
         samples.append(x)
         x0s.append(x0)
     return jnp.stack(samples), jnp.stack(x0s)
@@ -102,7 +111,7 @@ def scanned_trajectory(schedule: schedulers.Schedule, latents: jax.Array):
         state, x = carry
         t = jnp.asarray(schedule.timesteps)[i].astype(jnp.float32)
         model_output = pseudo_unet(jnp, schedulers.scale_model_input(schedule, x, i), t)
-        state, x, x0 = schedulers.step(schedule, state, model_output, i, x)
+        state, x, x0 = schedulers.step(schedule, state, model_output, i, x, noise=jnp.asarray(STEP_NOISE)[i])
         return (state, x), (x, x0)
 
     _, (samples, x0s) = jax.lax.scan(body, (schedulers.init_state(schedule, x), x),
@@ -180,8 +189,8 @@ def test_schedule_tables_match_diffusers(kind, spacing):
         schedule = schedulers.make_schedule(SchedulerConfig.from_dict(cfg), num_steps)
         np.testing.assert_array_equal(schedule.timesteps, sched.timesteps.numpy(), strict=True)
         assert schedulers.init_noise_sigma(schedule) == pytest.approx(float(sched.init_noise_sigma), rel=5e-5)
-        if kind in ("euler", "dpmpp_2m"):
-            np.testing.assert_allclose(schedule.update.sigma if kind == "euler" else
+        if kind in ("euler", "euler_ancestral", "dpmpp_2m"):
+            np.testing.assert_allclose(schedule.update.sigma if kind.startswith("euler") else
                                        schedule.sigma / schedule.alpha, sched.sigmas[:-1].numpy(), rtol=5e-5)
 
 
@@ -222,7 +231,7 @@ def test_names_and_bases():
         "euler", beta_end=0.02, prediction_type="v_prediction")
     assert schedulers.scheduler_config(custom) is custom
     assert schedulers.scheduler_config(SD2) == SchedulerConfig.from_dict(SD2)
-    with pytest.raises(InputError, match="unknown scheduler 'heun'.*pndm, ddim, euler, dpmpp_2m"):
+    with pytest.raises(InputError, match="unknown scheduler .heun.*pndm, ddim, euler, euler_ancestral, dpmpp_2m"):
         schedulers.scheduler_config("heun")
     with pytest.raises(InputError, match="unknown scheduler 'LMSDiscreteScheduler'"):
         SchedulerConfig.from_dict({**SD15, "_class_name": "LMSDiscreteScheduler"})

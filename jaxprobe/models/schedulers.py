@@ -1,4 +1,5 @@
-"""Diffusion samplers in pure JAX with diffusers' numerics: PNDM (PLMS), DDIM, Euler, DPM-Solver++ 2M.
+"""Diffusion samplers in pure JAX with diffusers' numerics: PNDM (PLMS), DDIM, Euler, Euler ancestral,
+DPM-Solver++ 2M.
 
 A sampler is split in two halves:
 
@@ -20,7 +21,10 @@ The loop, as diffusers' pipelines run it (a `lax.scan` over `i` in practice)::
     for i in range(len(schedule.timesteps)):
         model_input = scale_model_input(schedule, latents, i)
         model_output = unet(model_input, schedule.timesteps[i])   # index with jnp when i is traced
-        state, latents, x0 = step(schedule, state, model_output, i, latents)
+        state, latents, x0 = step(schedule, state, model_output, i, latents, noise=...)  # ancestral only
+
+Euler ancestral (the Turbo models' sampler) is the one stochastic sampler: every step adds fresh noise, which
+the caller draws and passes (`needs_noise`), so that runs stay a function of their seeds.
 
 Numerics: diffusers builds its tables in float32 torch; jaxprobe builds them in float64 and rounds once to
 float32, so the two agree to about 1e-6 relative and whole trajectories to about 1e-5 (tested).
@@ -42,11 +46,12 @@ import numpy as np
 
 from jaxprobe.errors import CheckpointError, InputError
 
-KINDS = ("pndm", "ddim", "euler", "dpmpp_2m")
+KINDS = ("pndm", "ddim", "euler", "euler_ancestral", "dpmpp_2m")
 DIFFUSERS_CLASSES = {
     "pndm": "PNDMScheduler",
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
 }
 # Names users may pass, matched case-insensitively: jaxprobe's short names and diffusers' class names.
@@ -68,6 +73,7 @@ _DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
              "clip_sample_range": 1.0},
     "euler": {**_DIFFUSERS_COMMON, "timestep_spacing": "linspace", "use_karras_sigmas": False,
               "final_sigmas_type": "zero"},
+    "euler_ancestral": {**_DIFFUSERS_COMMON, "timestep_spacing": "linspace"},
     "dpmpp_2m": {**_DIFFUSERS_COMMON, "timestep_spacing": "linspace", "use_karras_sigmas": False,
                  "final_sigmas_type": "zero", "lower_order_final": True, "euler_at_final": False},
 }
@@ -77,6 +83,7 @@ _UNIMPLEMENTED: dict[str, dict[str, Any]] = {
     "ddim": {"thresholding": False, "rescale_betas_zero_snr": False},
     "euler": {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False,
               "sigma_min": None, "sigma_max": None, "timestep_type": "discrete", "rescale_betas_zero_snr": False},
+    "euler_ancestral": {"rescale_betas_zero_snr": False},
     "dpmpp_2m": {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
                  "thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                  "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None,
@@ -139,6 +146,9 @@ class SchedulerConfig:
         if self.kind == "pndm" and not self.skip_prk_steps:
             raise InputError("PNDM with skip_prk_steps=False (Runge-Kutta warm-up) is not implemented; set "
                              "skip_prk_steps=True, as Stable Diffusion's scheduler_config.json does")
+        if self.kind == "euler_ancestral" and (self.prediction_type == "sample" or self.use_karras_sigmas):
+            raise InputError("Euler ancestral takes prediction_type 'epsilon' or 'v_prediction' and no Karras "
+                             "sigmas (as diffusers' EulerAncestralDiscreteScheduler); use 'euler' for those")
         if self.kind == "pndm" and self.prediction_type == "sample":
             raise InputError("PNDM takes prediction_type 'epsilon' or 'v_prediction' (as in diffusers); for a "
                              "model that predicts x0 choose 'ddim', 'euler' or 'dpmpp_2m'")
@@ -224,10 +234,12 @@ class PNDMUpdate(NamedTuple):
 
 
 class EulerUpdate(NamedTuple):
-    """x_prev = x + (x - x0) / sigma * (sigma_next - sigma), on the variance-exploding x = x_vp / alpha."""
+    """x_prev = x + (x - x0) / sigma * (sigma_next - sigma) + sigma_up * noise, on the variance-exploding
+    x = x_vp / alpha. Ancestral sampling steps down below the next level and adds fresh noise back up to it."""
 
     sigma: np.ndarray  # (E,) noise level of evaluation i, sqrt((1 - alpha_cumprod) / alpha_cumprod)
-    sigma_next: np.ndarray  # (E,) the level stepped to (0 after the last step by default)
+    sigma_next: np.ndarray  # (E,) the level the ODE step goes to (0 after the last step by default)
+    sigma_up: np.ndarray  # (E,) the scale of the fresh noise added after it (0 for deterministic Euler)
 
 
 class DPMUpdate(NamedTuple):
@@ -370,10 +382,15 @@ def _euler_schedule(config: SchedulerConfig, num_steps: int, alphas_cumprod: np.
     if config.use_karras_sigmas:
         sigmas = _karras_sigmas(sigmas[-1], sigmas[0], num_steps)
         timesteps = _sigma_to_t(sigmas, train_sigmas).astype(np.float32)
-    sigma_next = np.append(sigmas[1:], _final_sigma(config, train_sigmas))
     max_sigma = sigmas.max()
     init_noise_sigma = max_sigma if config.timestep_spacing != "leading" else math.sqrt(max_sigma**2 + 1)
-    return _schedule(config, timesteps, *_vp_scales(sigmas), EulerUpdate(sigmas, sigma_next), init_noise_sigma)
+    if config.kind == "euler_ancestral":  # diffusers' EulerAncestralDiscreteScheduler always ends at sigma 0
+        sigma_to = np.append(sigmas[1:], 0.0)
+        sigma_up = np.sqrt(sigma_to**2 * (sigmas**2 - sigma_to**2) / sigmas**2)
+        update = EulerUpdate(sigmas, np.sqrt(sigma_to**2 - sigma_up**2), sigma_up)
+    else:
+        update = EulerUpdate(sigmas, np.append(sigmas[1:], _final_sigma(config, train_sigmas)), np.zeros_like(sigmas))
+    return _schedule(config, timesteps, *_vp_scales(sigmas), update, init_noise_sigma)
 
 
 def _dpm_schedule(config: SchedulerConfig, num_steps: int, alphas_cumprod: np.ndarray) -> Schedule:
@@ -405,7 +422,8 @@ def _dpm_schedule(config: SchedulerConfig, num_steps: int, alphas_cumprod: np.nd
 
 
 _SCHEDULE_BUILDERS: dict[str, Callable[[SchedulerConfig, int, np.ndarray], Schedule]] = {
-    "pndm": _pndm_schedule, "ddim": _ddim_schedule, "euler": _euler_schedule, "dpmpp_2m": _dpm_schedule,
+    "pndm": _pndm_schedule, "ddim": _ddim_schedule, "euler": _euler_schedule, "euler_ancestral": _euler_schedule,
+    "dpmpp_2m": _dpm_schedule,
 }
 
 
@@ -469,7 +487,7 @@ def init_state(schedule: Schedule, sample: jax.Array) -> State:
 
 def scale_model_input(schedule: Schedule, sample: jax.Array, i: jax.Array | int) -> jax.Array:
     """The denoiser's input at evaluation i: Euler's variance-exploding sample scaled back to unit variance."""
-    if schedule.config.kind != "euler":
+    if schedule.config.kind not in ("euler", "euler_ancestral"):
         return sample
     return (sample * _at(schedule.alpha, i)).astype(sample.dtype)
 
@@ -498,11 +516,12 @@ def _pndm_step(schedule, state, model_output, i, sample):
     return PNDMState(history=history, start=start), prev, x0
 
 
-def _euler_step(schedule, state, model_output, i, sample):
+def _euler_step(schedule, state, model_output, i, sample, noise=None):
     update, alpha = _at(schedule.update, i), _at(schedule.alpha, i)
     x0, _ = _denoise(model_output, sample * alpha, alpha, _at(schedule.sigma, i), schedule.config.prediction_type)
     derivative = (sample - x0) / update.sigma
-    return state, sample + derivative * (update.sigma_next - update.sigma), x0
+    prev = sample + derivative * (update.sigma_next - update.sigma)
+    return state, prev if noise is None else prev + noise.astype(prev.dtype) * update.sigma_up, x0
 
 
 def _dpm_step(schedule, state, model_output, i, sample):
@@ -513,22 +532,33 @@ def _dpm_step(schedule, state, model_output, i, sample):
     return DPMState(x0_prev=x0), prev, x0
 
 
-_STEPS = {"pndm": _pndm_step, "ddim": _ddim_step, "euler": _euler_step, "dpmpp_2m": _dpm_step}
+_STEPS = {"pndm": _pndm_step, "ddim": _ddim_step, "euler": _euler_step, "euler_ancestral": _euler_step,
+          "dpmpp_2m": _dpm_step}
+
+
+def needs_noise(schedule: Schedule) -> bool:
+    """Whether `step` takes fresh noise (standard normal, shaped like the sample) at every evaluation."""
+    return schedule.config.kind == "euler_ancestral"
 
 
 def step(schedule: Schedule, state: State, model_output: jax.Array, i: jax.Array | int,
-         sample: jax.Array) -> tuple[State, jax.Array, jax.Array]:
+         sample: jax.Array, noise: jax.Array | None = None) -> tuple[State, jax.Array, jax.Array]:
     """One sampler update after model evaluation i (traceable in i): (state, prev_sample, pred_original_sample).
 
     `sample` is what evaluation i started from (before `scale_model_input`); `model_output` what the
     denoiser returned for it. Evaluations run in order from i=0: the solvers' warm-up is tied to i.
     pred_original_sample is the x0 the sampler used (DDIM's clipped one); for PNDM, which has none in
     diffusers, it is the DDIM-style x0 of this evaluation's own model output. Both outputs have
-    `sample`'s dtype; the update runs in at least float32.
+    `sample`'s dtype; the update runs in at least float32. noise: the ancestral sampler's fresh standard
+    normal noise for this step (`needs_noise`), ignored by the others.
     """
     dtype = _compute_dtype(sample)
-    state, prev, x0 = _STEPS[schedule.config.kind](
-        schedule, state, model_output.astype(dtype), i, sample.astype(dtype))
+    kind = schedule.config.kind
+    if needs_noise(schedule) and noise is None:
+        raise InputError("Euler ancestral adds fresh noise at every step: pass noise= (standard normal, "
+                         "shaped like the sample)")
+    extra = (noise,) if needs_noise(schedule) else ()
+    state, prev, x0 = _STEPS[kind](schedule, state, model_output.astype(dtype), i, sample.astype(dtype), *extra)
     return state, prev.astype(sample.dtype), x0.astype(sample.dtype)
 
 
