@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Optional
 
-import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from jaxprobe.errors import JaxprobeError
 
@@ -26,14 +25,23 @@ def describe_failure(err: BaseException) -> str:
             "for the traceback and report it.")
 
 
+try:  # Typer >= 0.29 carries its own copy of click, whose exceptions derive from typer.TyperException
+    from typer import TyperException as _UsageError
+except ImportError:  # older Typer raises click's own
+    from click import ClickException as _UsageError
+
+# How Typer itself ends a command (--help, a usage error, Ctrl-D at a prompt): not a failure to reword.
+_CONTROL_FLOW = (typer.Exit, typer.Abort, _UsageError)
+
+
 class _Commands(TyperGroup):
     """The one place a command's failure becomes a message: a line that names the fix and exit status 2,
     or, with `--debug`, the traceback. An interrupt says what was kept."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except _CONTROL_FLOW:
             raise
         except KeyboardInterrupt:
             typer.secho("interrupted: finished feature chunks and results are kept; rerun the same command to "
@@ -46,8 +54,23 @@ class _Commands(TyperGroup):
             raise typer.Exit(2) from None
 
 
+class Command(TyperCommand):
+    """A command whose usage line names its arguments as click always has, `RESULTS` or `[CONFIG]`
+    (Typer >= 0.29 writes `{results}` for a required one, which reads like a placeholder left unfilled)."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+# rich_markup_mode=None: click's plain help layout, which reflows docstrings and shows no value type for
+# a flag (Typer's Rich panels print `<bool>` beside every flag, --help included). Command groups inherit it.
 app = typer.Typer(
-    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Find where human-meaningful semantics live inside text-to-image diffusion pipelines.\n\n"
          "Quick start: `jaxprobe run` (the bundled tiny model on Binder's concrete nouns).",
 )
@@ -81,12 +104,9 @@ def main(
 
 from jaxprobe.cli import decoding_diffusion, features, norms_probing, revelio  # noqa: E402
 
-app.command()(features.info)
-app.command()(features.extract)
-app.command()(norms_probing.probe)
-app.command()(norms_probing.run)
-app.command()(norms_probing.report)
-app.command()(revelio.classify)
+for command in (features.info, features.extract, norms_probing.probe, norms_probing.run, norms_probing.report,
+                revelio.classify):
+    app.command(cls=Command)(command)
 app.add_typer(features.store_app, name="store")
 app.add_typer(decoding_diffusion.directions_app, name="directions")
 app.add_typer(revelio.sae_app, name="sae")

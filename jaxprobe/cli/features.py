@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import ModelOpt
+from jaxprobe.cli import Command, ModelOpt
 
 
 def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the capture sites of this model")] = None,
@@ -105,7 +105,7 @@ store_app = typer.Typer(no_args_is_help=True, help="Look after a feature store (
 CacheArg = Annotated[Path, typer.Argument(help="feature store folder")]
 
 
-@store_app.command("ls")
+@store_app.command("ls", cls=Command)
 def store_ls(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
     """Entries: key, kind, prompts, chunks present/total, size, last used, sites."""
     import datetime
@@ -115,14 +115,20 @@ def store_ls(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
     entries = FeatureStore(cache).list()
     if not entries:
         typer.echo(f"{cache}: no entries")
-    for e in entries:
-        when = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M")
-        sites = ", ".join(e.sites[:3]) + (f", ... ({len(e.sites)} sites)" if len(e.sites) > 3 else "")
-        typer.echo(f"{e.key}  {e.kind:8s} {e.n_prompts:6d} prompts  {e.chunks_present}/{e.chunks_total} chunks  "
-                   f"{e.bytes / 2**20:8.1f} MiB  {when}  {sites}")
+        return
+    rows = [(e.key, e.kind, str(e.n_prompts), f"{e.chunks_present}/{e.chunks_total}", f"{e.bytes / 2**20:.1f}",
+             datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M"),
+             ", ".join(e.sites[:3]) + (f", ... ({len(e.sites)} sites)" if len(e.sites) > 3 else ""))
+            for e in entries]
+    header = ("key", "kind", "prompts", "chunks", "MiB", "last used", "sites")
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    right = {"prompts", "chunks", "MiB"}  # numbers line up on their last digit
+    for row in (header, *rows):
+        cells = [cell.rjust(w) if name in right else cell.ljust(w) for cell, w, name in zip(row, widths, header)]
+        typer.echo("  ".join([*cells, row[-1]]))
 
 
-@store_app.command("verify")
+@store_app.command("verify", cls=Command)
 def store_verify(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
     """Read every chunk against its checksum; exit code 1 when anything is damaged or stray."""
     from jaxprobe.features.store import FeatureStore
@@ -139,7 +145,7 @@ def store_verify(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
         raise typer.Exit(1)
 
 
-@store_app.command("gc")
+@store_app.command("gc", cls=Command)
 def store_gc(
     cache: CacheArg = Path("jaxprobe-runs/cache"),
     older_than: Annotated[Optional[float], typer.Option(help="also remove entries unused for this many days")] = None,

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import ModelOpt
+from jaxprobe.cli import Command, ModelOpt
 
 
 def classify(
@@ -59,7 +59,7 @@ FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="folder from
 SiteOpt = Annotated[Optional[list[str]], typer.Option("--sites", "-s", help="only sites matching these globs")]
 
 
-@sae_app.command("train")
+@sae_app.command("train", cls=Command)
 def sae_train(
     features: FeaturesOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for checkpoints, history.csv, metrics.csv, curves")],
@@ -91,7 +91,7 @@ def sae_train(
     typer.echo(f"trained {len(saes.names)} SAE(s) for {saes.step} steps; wrote {out}")
 
 
-@sae_app.command("inspect")
+@sae_app.command("inspect", cls=Command)
 def sae_inspect(
     sae: Annotated[Path, typer.Argument(help="the --out folder of `jaxprobe sae train`")],
     features: FeaturesOpt,
@@ -101,6 +101,8 @@ def sae_inspect(
     images: Annotated[Optional[Path], typer.Option(help="folder of one image per input (by name), or a .npy")] = None,
     top_n: Annotated[int, typer.Option(help="top-activating inputs kept per latent")] = 8,
     max_latents: Annotated[int, typer.Option(help="latents shown per feature set in the page")] = 40,
+    min_rated: Annotated[Optional[int], typer.Option(help="name a latent by a norms attribute or category only "
+                                                     "when at least this many inputs are rated (default 20)")] = None,
 ) -> None:
     """Top-activating inputs, norms correlations and category purity per latent; latents.csv and an HTML page.
 
@@ -109,5 +111,5 @@ def sae_inspect(
     from jaxprobe.sae import inspect_saes
 
     page = inspect_saes(sae, features, out or sae / "inspect", sites=sites, norms=norms, images=images,
-                        top_n=top_n, max_latents=max_latents)
+                        top_n=top_n, max_latents=max_latents, **({"min_rated": min_rated} if min_rated else {}))
     typer.echo(f"wrote {page}")
