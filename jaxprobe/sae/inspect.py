@@ -145,7 +145,7 @@ def _latents(saes: SAEs, features: Any, *, labels: Sequence[str] | None, concept
 
 
 def _known(category: Any) -> bool:
-    return category is not None and category == category  # NaN: a concept the metadata leaves blank
+    return bool(pd.notna(category))  # None, or NaN: a concept the metadata leaves blank
 
 
 def _purity(categories: list[str | None]) -> tuple[str | None, float, int]:
@@ -363,12 +363,12 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
         "features": str(features) if isinstance(features, (str, Path)) else type(features).__name__,
         "inputs": source.n, "SAEs": len(saes.names), "sites": sites,
         "SAE": f"TopK k={c.k}, {c.expansion}x expansion, aux_k={c.aux_k}",
-        "training": f"{saes.step} of {c.steps} steps, batches of {c.batch_size}, lr {c.learning_rate:g} "
-                    f"after {c.warmup_steps} warm-up steps, seed {c.seed}",
+        "training": f"{saes.step} of {c.steps} steps, batches of {min(c.batch_size, saes.n_rows or c.batch_size)} "
+                    f"rows, lr {c.learning_rate:g} after {c.warmup_steps} warm-up steps, seed {c.seed}",
         "dead latent (training curves)": f"silent for {saes.dead_window:,} training rows "
                                          f"(dead_tokens {c.dead_tokens:,})",
         "norms": getattr(norms, "name", None) or ("given" if norms is not None else "none"),
         "min rated inputs per label": min_rated, "top inputs per latent": top_n}
     page = sae_page(table, metrics, saes, images=images, max_latents=max_latents, settings=settings,
-                    min_rated=min_rated)
+                    min_rated=min_rated, title=f"SAE latents: features of {saes.model or 'an unnamed model'}")
     return write_atomic(out / PAGE, lambda p: p.write_text(page, encoding="utf-8"))
