@@ -202,8 +202,15 @@ def _order(frame: pd.DataFrame, min_inputs: int = 3) -> pd.DataFrame:
     return live.loc[order.index]
 
 
-def _too_few(n: int, span: int) -> str:
-    return f"<td class='left' colspan='{span}'>too few rated inputs ({n})</td>"
+def _label_cells(label: Any, value: str, n: int, min_rated: int, span: int) -> str:
+    """The cells of one norms label (attribute or category): the label and its numbers; or why there is
+    none: too few rated inputs, or "-" when there are enough but no value (r of a latent constant on
+    them; no top input with a category)."""
+    if pd.notna(label):
+        return f"<td class='left'>{html.escape(str(label))}</td>{value}"
+    if n < min_rated:
+        return f"<td class='left' colspan='{span}'>too few rated inputs ({n})</td>"
+    return f"<td colspan='{span}'>-</td>"
 
 
 def _latent_rows(frame: pd.DataFrame, images: bool, min_rated: int) -> str:
@@ -211,14 +218,11 @@ def _latent_rows(frame: pd.DataFrame, images: bool, min_rated: int) -> str:
     for row in frame.itertuples(index=False):
         cells = [f"<td>{row.latent}</td>", f"<td>{row.frequency:.3g}</td>", f"<td>{row.mean_activation:.3g}</td>"]
         if "best_r" in frame:
-            cells.append(f"<td class='left'>{html.escape(str(row.best_attribute))}</td><td>{row.best_r:.2f}</td>"
-                         f"<td>{row.n_rated}</td>" if pd.notna(row.best_attribute) else
-                         _too_few(row.n_rated, 3) if row.n_rated < min_rated else "<td colspan='3'>-</td>")
+            cells.append(_label_cells(row.best_attribute, f"<td>{row.best_r:.2f}</td><td>{row.n_rated}</td>",
+                                      row.n_rated, min_rated, 3))
         if "purity" in frame:
-            cells.append(f"<td class='left'>{html.escape(str(row.top_category))}</td><td>{row.purity:.2f} "
-                         f"({row.n_top_categorised} of {len(row.top_rows)})</td>" if pd.notna(row.top_category) else
-                         _too_few(row.n_categorised, 2) if row.n_categorised < min_rated else
-                         "<td colspan='2'>-</td>")
+            purity = f"<td>{row.purity:.2f} ({row.n_top_categorised} of {len(row.top_rows)})</td>"
+            cells.append(_label_cells(row.top_category, purity, row.n_categorised, min_rated, 2))
         inputs = []
         for r, label, value in zip(row.top_rows, row.top_labels, row.top_activations):
             tip = html.escape(f"{label} ({value:.3g})", quote=True)
