@@ -38,6 +38,10 @@ def test_every_help_reads_without_placeholders():
         assert result.exit_code == 0, (path, result.output)
         # no Typer placeholders (a flag's "<bool>", a required argument's "{name}"), no failure message
         assert "<bool>" not in result.output and "{" not in result.output, (path, result.output)
+        assert "list[" not in result.output, (path, result.output)
+        # a command's one-line help is wrapped, never cut off with "..." (only the usage line's ARGS...)
+        cut = [line for line in result.output.splitlines() if line.endswith("...") and "[ARGS]..." not in line]
+        assert not cut, (path, cut)
         assert "error:" not in result.output, (path, result.output)
     model_help = runner.invoke(app, ["directions", "build", "--help"], terminal_width=100).output
     assert "cached model id" in model_help

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -34,7 +34,20 @@ except ImportError:  # older Typer raises click's own
 _CONTROL_FLOW = (typer.Exit, typer.Abort, _UsageError)
 
 
-class _Commands(TyperGroup):
+class Group(TyperGroup):
+    """A command group whose --help lists each command's whole first line, wrapped (click cuts it at the
+    terminal's width with "...", mid-sentence)."""
+
+    def format_commands(self, ctx: typer.Context, formatter: Any) -> None:  # click's HelpFormatter, or Typer's copy
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, command.get_short_help_str(limit=1_000)) for name, command in commands
+                if command is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _Commands(Group):
     """The one place a command's failure becomes a message: a line that names the fix and exit status 2,
     or, with `--debug`, the traceback. An interrupt says what was kept."""
 

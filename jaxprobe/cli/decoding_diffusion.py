@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import Command
+from jaxprobe.cli import Command, Group
 
-directions_app = typer.Typer(no_args_is_help=True, help="Directions in h-space from prompts, association (bias) "
+directions_app = typer.Typer(cls=Group, no_args_is_help=True, help="Directions in h-space from prompts, association (bias) "
                              "scores with bootstrap intervals, clusters, report (Zeng, Chen & Wong 2024).")
 
 DirectionsConfigArg = Annotated[Optional[Path], typer.Argument(
