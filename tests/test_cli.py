@@ -65,7 +65,7 @@ def test_extract_writes_one_array_per_site(tmp_path, monkeypatch):
     result = runner.invoke(app, [*args, "--concepts", str(concepts)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["prompts"] == ["a photo of a cat", "a photo of a dog"]
+    assert manifest["prompts"] == ["a photo of a cat", "a photo of a dog"] and manifest["random_weights"] is True
     assert manifest["concepts"] == ["cat", "dog"] and (out / "concepts.txt").read_text() == "cat\ndog\n"
     layer = np.load(out / "text_encoder.text_model.encoder.layers.3.npy")
     assert layer.shape == (2, 64)

@@ -203,7 +203,7 @@ def test_a_latent_is_named_only_from_enough_rated_inputs(planted, trained):
     table = latent_table(trained, features, labels=prompts, norms=Norms(), top_n=5)
     assert 13 < MIN_RATED and table["best_attribute"].isna().all() and table["top_category"].isna().all()
     assert (table["n_rated"] == 13).all() and (table["n_categorised"] == 13).all()
-    random_saes = dataclasses.replace(trained, model="tiny")
+    random_saes = dataclasses.replace(trained, model="tiny", random_weights=True)
     text = sae_page(table, saes=random_saes, settings={"model": "tiny"})
     assert "too few rated inputs (13)" in text and "Random weights." in text and "<th>model</th>" in text
     assert "<td class='left'>size</td>" not in text and "<td class='left'>colour</td>" not in text
@@ -211,3 +211,16 @@ def test_a_latent_is_named_only_from_enough_rated_inputs(planted, trained):
     named = latent_table(trained, features, labels=prompts, norms=Norms(), top_n=5, min_rated=13)
     assert named["best_attribute"].notna().any() and "Random weights." not in sae_page(named, saes=trained)
     assert trained.dead_window == N  # dead_tokens (1e6) capped at one pass over the data
+
+
+def test_features_provenance_reads_the_model_where_the_features_record_it(tmp_path):
+    from jaxprobe.sae.train import features_provenance
+
+    entry = FeatureStore(tmp_path / "store").entry({"kind": "text", "model": {"source": "sd15-random"}}, 4,
+                                                   chunk_size=2)
+    assert features_provenance(entry) == {"model": "sd15-random", "random_weights": True}
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"model": "org/real-model", "random_weights": False}))
+    assert features_provenance(folder) == {"model": "org/real-model", "random_weights": False}
+    assert features_provenance({"site": np.zeros((2, 3))}) == {"model": None, "random_weights": False}

@@ -70,6 +70,7 @@ def extract(
     from jaxprobe.features.extract import cached_capture
     from jaxprobe.features.settings import RunSettings, SamplingSettings
     from jaxprobe.runtime import distributed
+    from jaxprobe.reporting.random_weights import is_random_weights
     from jaxprobe.runtime.files import atomic_write_npy, atomic_write_text, read_lines
 
     # The settings' own checks, before the model loads: a bad option fails in a second, not after minutes.
@@ -93,7 +94,7 @@ def extract(
         atomic_write_text(out / "concepts.txt", "\n".join(names) + "\n")
     else:  # a concepts.txt left by an earlier extract into OUT would name these rows wrongly
         (out / "concepts.txt").unlink(missing_ok=True)
-    manifest = {"model": model, "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
+    manifest = {"model": model, "random_weights": is_random_weights(pipe), "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
                 "guidance_scale": guidance_scale, "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     typer.echo(f"wrote {len(feats)} site(s) for {len(texts)} prompts to {out}")

@@ -37,7 +37,7 @@ from jaxprobe.pipeline.sites import short_site
 from jaxprobe.reporting.html import figure_html, page, png_bytes, settings_html, table_html
 from jaxprobe.runtime.files import write_atomic
 from jaxprobe.sae.curves import site_of, training_curves
-from jaxprobe.sae.train import (ALL_CURVES, SAEs, as_source, features_model, latent_statistics, load_saes,
+from jaxprobe.sae.train import (ALL_CURVES, SAEs, as_source, features_provenance, latent_statistics, load_saes,
                                 reconstruction_metrics)
 
 TABLE, PAGE = "latents", "sae_report.html"
@@ -339,7 +339,7 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
     see `latent_table`."""
     saes = load_saes(saes)
     if saes.model is None:  # SAEs trained before checkpoints recorded the model: the features may say
-        saes = dataclasses.replace(saes, model=features_model(features))
+        saes = dataclasses.replace(saes, **features_provenance(features))
     if sites is None:  # the sites the SAEs were trained on, whatever else the features hold
         sites = sorted({name.split("@")[0] for name in saes.names})
     if isinstance(norms, (str, Path)):

@@ -36,9 +36,9 @@ import numpy as np
 import pandas as pd
 
 from jaxprobe.captures import feature_sets as split_feature_sets
-from jaxprobe.checkpoints.random import is_random_weights
 from jaxprobe.errors import InputError
 from jaxprobe.features.store import FeatureEntry
+from jaxprobe.reporting.random_weights import is_random_weights
 from jaxprobe.runtime.files import write_atomic
 from jaxprobe.runtime.progress import progress as progress_bar
 from jaxprobe.sae.curves import training_curves, training_curves_per_sae
@@ -137,9 +137,10 @@ def as_source(features: Any, sites: Sequence[str] | None = None) -> FeatureSourc
     raise InputError(f"features not found: {path} (give a folder of <site>.npy, a .npz/.npy, or a store entry)")
 
 
-def features_model(features: Any) -> str | None:
-    """The model that computed `features`, where they record it: a `jaxprobe extract` folder's manifest.json
-    ("model") or a feature-store entry's description ("model" -> "source"); None for bare arrays."""
+def features_provenance(features: Any) -> dict[str, Any]:
+    """{"model": source or None, "random_weights": bool} of the model that computed `features`, where they
+    record it: a `jaxprobe extract` folder's manifest.json ("model", "random_weights") or a feature-store
+    entry's description ("model" -> "source"); model None for bare arrays."""
     if isinstance(features, StoreSource):
         features = features.entry
     if isinstance(features, FeatureEntry):
@@ -148,9 +149,10 @@ def features_model(features: Any) -> str | None:
         meta = json.loads((Path(features) / "manifest.json").read_text())
         description = meta.get("description", meta)  # a store entry's manifest nests it
     else:
-        return None
+        description = {}
     model = description.get("model")
-    return str(model.get("source")) if isinstance(model, Mapping) else (str(model) if model else None)
+    model = str(model.get("source")) if isinstance(model, Mapping) else (str(model) if model else None)
+    return {"model": model, "random_weights": is_random_weights({**description, "model": model})}
 
 
 # --- data order ----------------------------------------------------------------------------------------
@@ -235,11 +237,8 @@ class SAEs:
     history: pd.DataFrame      # step, feature_set, loss, fvu, explained_variance, aux_loss, l0, dead_fraction
     step: int
     model: str | None = None   # the model the training features came from (None: they did not say)
+    random_weights: bool = False  # whether that model has random weights (`features_provenance`)
     n_rows: int | None = None  # training rows
-
-    @property
-    def random_weights(self) -> bool:
-        return is_random_weights(self.model)
 
     @property
     def dead_window(self) -> int:
@@ -319,7 +318,8 @@ def load_saes(out: str | Path | SAEs) -> SAEs:
         raise InputError(f"no SAE checkpoint under {out}: train first (`jaxprobe sae train ... --out {out}`)")
     stacks, meta = restored
     return SAEs(SAEConfig(**meta["config"]), {int(w): n for w, n in meta["groups"].items()}, stacks,
-                pd.DataFrame(meta["history"]), meta["step"], meta.get("model"), meta.get("n_rows"))
+                pd.DataFrame(meta["history"]), meta["step"], meta.get("model"), is_random_weights(meta),
+                meta.get("n_rows"))
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -376,14 +376,14 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
         step, history = 0, []
     # Committed to the device as restored arrays are, so a resumed run reuses the compiled step.
     stacks = jax.device_put(stacks, jax.devices()[0])
-    model = features_model(features)
+    provenance = features_provenance(features)
     train_step = make_train_step(dataclasses.replace(config, dead_tokens=dead_window(config, source.n)))
     last = config.steps if stop_after is None else min(stop_after, config.steps)
 
     def checkpoint() -> None:
         if manager is not None and manager.latest_step() != step:
             meta = {"config": dataclasses.asdict(config), "groups": {str(d): n for d, n in groups.items()},
-                    "step": step, "history": history, "n_rows": source.n, "model": model}
+                    "step": step, "history": history, "n_rows": source.n, **provenance}
             _save(manager, step, stacks, meta)
 
     with progress_bar("SAEs", last - step, progress) as bar:
@@ -401,7 +401,7 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 checkpoint()
     checkpoint()
-    saes = SAEs(config, groups, stacks, pd.DataFrame(history), step, model, source.n)
+    saes = SAEs(config, groups, stacks, pd.DataFrame(history), step, n_rows=source.n, **provenance)
     if out is not None and step == config.steps:
         write_training_outputs(saes, source, Path(out))
     return saes
