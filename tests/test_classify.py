@@ -83,7 +83,10 @@ def test_both_classifiers_separate_coloured_shapes(run):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "accuracy.parquet"), table)
     assert len(pd.read_csv(out / "accuracy.csv")) == len(table)
     assert (out / "accuracy.png").stat().st_size > 0
-    assert "data:image/png;base64" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64" in page
+    # a random model's accuracies carry the caveat, and say how many test images they rest on
+    assert "Random weights." in page and "the same 24 held-out test images" in page
 
 
 def test_features_come_from_the_cache_and_noise_follows_the_image_index(run, monkeypatch):

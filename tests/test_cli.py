@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import numpy as np
 import pandas as pd
+import typer
 from typer.testing import CliRunner
 
 from jaxprobe.cli import app
+from jaxprobe.runtime import files
 
 runner = CliRunner()
 
@@ -20,13 +23,38 @@ def test_help_lists_the_commands():
         assert command in result.output
 
 
+def _command_paths(command, path=()):
+    """Every command and sub-command of the CLI, as the words that name it."""
+    yield list(path)
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*path, name))
+
+
+def test_every_help_reads_without_placeholders():
+    paths = list(_command_paths(typer.main.get_command(app)))
+    assert ["store", "ls"] in paths and ["directions", "build"] in paths
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], terminal_width=100)
+        assert result.exit_code == 0, (path, result.output)
+        # no Typer placeholders (a flag's "<bool>", a required argument's "{name}"), no failure message
+        assert "<bool>" not in result.output and "{" not in result.output, (path, result.output)
+        assert "list[" not in result.output, (path, result.output)
+        # a command's one-line help is wrapped, never cut off with "..." (only the usage line's ARGS...)
+        cut = [line for line in result.output.splitlines() if line.endswith("...") and "[ARGS]..." not in line]
+        assert not cut, (path, cut)
+        assert "error:" not in result.output, (path, result.output)
+    model_help = runner.invoke(app, ["directions", "build", "--help"], terminal_width=100).output
+    assert "cached model id" in model_help
+
+
 def test_info_shows_backend_and_sites():
     result = runner.invoke(app, ["info", "--sites", "tiny"])
     assert result.exit_code == 0, result.output
     assert "JAX backend" in result.output and "unet.mid_block" in result.output
 
 
-def test_extract_writes_one_array_per_site(tmp_path):
+def test_extract_writes_one_array_per_site(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_UMASK", 0o022)  # the umask the module read at import, as under a usual login
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\n\na photo of a dog\n")
     out = tmp_path / "feats"
@@ -37,10 +65,12 @@ def test_extract_writes_one_array_per_site(tmp_path):
     result = runner.invoke(app, [*args, "--concepts", str(concepts)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["prompts"] == ["a photo of a cat", "a photo of a dog"]
+    assert manifest["prompts"] == ["a photo of a cat", "a photo of a dog"] and manifest["random_weights"] is True
     assert manifest["concepts"] == ["cat", "dog"] and (out / "concepts.txt").read_text() == "cat\ndog\n"
     layer = np.load(out / "text_encoder.text_model.encoder.layers.3.npy")
     assert layer.shape == (2, 64)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes  # not mkstemp's 0600: results are shared like any file
     # again without concepts (from the cache): the earlier concepts.txt must not name these rows
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

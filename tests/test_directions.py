@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from jaxprobe.studies.decoding_diffusion import directions
 from jaxprobe.studies.decoding_diffusion import maths
+from jaxprobe.studies.decoding_diffusion import report as report_module
 from jaxprobe.cli import app
 from jaxprobe.errors import InputError
 from jaxprobe.probes.stats import percentile_interval
@@ -239,6 +240,16 @@ def test_report_and_resume_from_the_feature_cache(study, monkeypatch):
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64") >= 4 and "Random weights" in page and "CLIP text space" in page
+    # the --prompts queries of `score` are on the page (a figure and a table), not only in a CSV
+    assert (out / "figures" / "query_projections.png").is_file() and "a photo of a pilot" in page
+    # captions name only what is drawn: the dashed image-caption line only where there are image directions
+    assert "image and caption directions" in page  # this study has images: the dashed line is drawn
+    tables, meta = report_module.read_tables(out)
+    no_images = {k: v for k, v in tables.items() if k != "image_directions"}
+    assert "image" not in report_module.FIGURES["direction_stability"][1](no_images, meta)
+    effects = pd.Series(["no clear change"] * 12 + ["amplifies"] * 3)
+    sentence = report_module._unet_effect_sentence(effects)
+    assert "no clear change 12" not in sentence and sentence.endswith("the UNet amplifies the association in 3.")
     assert json.loads((out / "metadata.json").read_text())["axes"] == ["man vs woman"]
 
     import jaxprobe.pipeline.pipeline

@@ -85,8 +85,9 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_features(tm
 
 
 def _counting_extractor(calls: list):
-    def extract(part: slice) -> dict[str, np.ndarray]:
+    def extract(part: slice, bar) -> dict[str, np.ndarray]:
         calls.append(part.start)
+        bar.advance(part.stop - part.start)
         return {"site": np.arange(part.start, part.stop, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)}
     return extract
 
@@ -149,7 +150,9 @@ def test_store_ls_verify_gc(tmp_path):
     (broken / "manifest.json").write_text("{not json")
 
     listed = runner.invoke(app, ["store", "ls", str(tmp_path)])
-    assert listed.exit_code == 0 and "text" in listed.output and "3/3 chunks" in listed.output
+    header, *rows = listed.output.splitlines()
+    assert listed.exit_code == 0 and header.split()[:4] == ["key", "kind", "prompts", "chunks"]
+    assert [row.split()[1:4] for row in rows] == [["text", "6", "3/3"]]
     checked = runner.invoke(app, ["store", "verify", str(tmp_path)])
     assert checked.exit_code == 1
     assert "2 chunk(s) ok, 1 damaged, 1 stray file(s), 1 broken" in checked.output

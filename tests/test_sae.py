@@ -162,7 +162,7 @@ def test_cli_sae_train_and_inspect(planted, tmp_path):
     feats.mkdir()
     np.save(feats / "unet.mid_block.npy", planted[0]["site"][:300])
     np.save(feats / "text_encoder.layers.1.npy", planted[0]["site"][:300, 0, :8])
-    (feats / "manifest.json").write_text(json.dumps({"prompts": [f"prompt {i}" for i in range(300)]}))
+    (feats / "manifest.json").write_text(json.dumps({"model": "tiny", "prompts": [f"prompt {i}" for i in range(300)]}))
     runner = CliRunner()
     # The settings of the resume test: the same compiled programs
     common = ["--k", "3", "--expansion", "2", "--batch-size", "96", "--warmup", "4", "--lr", "3e-3", "--aux-k", "2",
@@ -176,6 +176,51 @@ def test_cli_sae_train_and_inspect(planted, tmp_path):
     assert result.exit_code == 0 and "for 8 steps" in result.output
     result = runner.invoke(app, ["sae", "inspect", str(tmp_path / "sae"), "-f", str(feats), "--top-n", "3"])
     assert result.exit_code == 0, result.output
-    assert "prompt " in (tmp_path / "sae" / "inspect" / "sae_report.html").read_text()
+    page = (tmp_path / "sae" / "inspect" / "sae_report.html").read_text()
+    assert "prompt " in page and "Random weights." in page  # the model came from the manifest via the checkpoint
+    assert load_saes(tmp_path / "sae").model == "tiny" and (tmp_path / "sae" / "loss_curves_per_sae.png").is_file()
     result = runner.invoke(app, ["sae", "train", "-f", str(feats), "-o", str(tmp_path / "x"), "--k", "99", *common[2:]])
     assert result.exit_code == 2 and "error:" in result.output and "lower k" in result.output, result.output
+
+
+def test_a_latent_is_named_only_from_enough_rated_inputs(planted, trained):
+    """13 of 4096 inputs name a rated concept: no latent gets an attribute or a category, the page says why,
+    and features from a random-weights model get the caveat."""
+    import dataclasses
+
+    from jaxprobe.sae import sae_page
+    from jaxprobe.sae.inspect import MIN_RATED
+
+    features, _, _ = planted
+    prompts = [f"a photo of a thing{i}" if i < 13 else f"input {i}" for i in range(N)]
+
+    class Norms:
+        concepts = tuple(f"thing{i}" for i in range(13))
+        attributes = ("size", "colour")
+        values = np.random.default_rng(2).random((13, 2))
+        metadata = pd.DataFrame({"category": ["a", "b"] * 6 + ["a"]}, index=list(concepts))
+
+    table = latent_table(trained, features, labels=prompts, norms=Norms(), top_n=5)
+    assert 13 < MIN_RATED and table["best_attribute"].isna().all() and table["top_category"].isna().all()
+    assert (table["n_rated"] == 13).all() and (table["n_categorised"] == 13).all()
+    random_saes = dataclasses.replace(trained, model="tiny", random_weights=True)
+    text = sae_page(table, saes=random_saes, settings={"model": "tiny"})
+    assert "too few rated inputs (13)" in text and "Random weights." in text and "<th>model</th>" in text
+    assert "<td class='left'>size</td>" not in text and "<td class='left'>colour</td>" not in text
+    # the same inputs named once the minimum is lowered to what they have
+    named = latent_table(trained, features, labels=prompts, norms=Norms(), top_n=5, min_rated=13)
+    assert named["best_attribute"].notna().any() and "Random weights." not in sae_page(named, saes=trained)
+    assert trained.dead_window == N  # dead_tokens (1e6) capped at one pass over the data
+
+
+def test_features_provenance_reads_the_model_where_the_features_record_it(tmp_path):
+    from jaxprobe.sae.train import features_provenance
+
+    entry = FeatureStore(tmp_path / "store").entry({"kind": "text", "model": {"source": "sd15-random"}}, 4,
+                                                   chunk_size=2)
+    assert features_provenance(entry) == {"model": "sd15-random", "random_weights": True}
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"model": "org/real-model", "random_weights": False}))
+    assert features_provenance(folder) == {"model": "org/real-model", "random_weights": False}
+    assert features_provenance({"site": np.zeros((2, 3))}) == {"model": None, "random_weights": False}

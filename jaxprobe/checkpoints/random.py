@@ -11,7 +11,6 @@ weights' values); it shares the tiny tokenizer (token ids fit any vocabulary).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
 from jaxprobe.models.schedulers import SchedulerConfig
 from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
 from jaxprobe.models.vae import AutoencoderKL, VAEConfig
+# is_random_weights is re-exported: loading and the studies ask it here
+from jaxprobe.reporting.random_weights import RANDOM_MODEL_NAMES, is_random_weights  # noqa: F401
 from jaxprobe.runtime.devices import place_params
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
@@ -62,18 +63,7 @@ def sd15_configs(vocab_size: int) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig
     return text, unet, vae
 
 
-RANDOM_MODELS = {"tiny": tiny_configs, "sd15-random": sd15_configs}
-
-
-def is_random_weights(source: Any) -> bool:
-    """Whether `source` names one of the bundled random-weight models (RANDOM_MODELS: "tiny",
-    "sd15-random"), the one test every report asks. `source`: a model source as `jaxprobe.load` takes
-    it (str or Path), a pipeline (its `.source`), or a run's metadata (its "model"; a True
-    "random_weights" flag counts too, so results made elsewhere can say so themselves)."""
-    if isinstance(source, Mapping):
-        return bool(source.get("random_weights")) or is_random_weights(source.get("model"))
-    source = getattr(source, "source", source)
-    return isinstance(source, (str, Path)) and str(source) in RANDOM_MODELS
+RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs)))
 
 
 def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from typer.core import TyperGroup
-from typer.exceptions import TyperException
+from typer.core import TyperCommand, TyperGroup
 
 from jaxprobe.errors import JaxprobeError
 
@@ -26,14 +25,36 @@ def describe_failure(err: BaseException) -> str:
             "for the traceback and report it.")
 
 
-class _Commands(TyperGroup):
+try:  # Typer >= 0.29 carries its own copy of click, whose exceptions derive from typer.TyperException
+    from typer import TyperException as _UsageError
+except ImportError:  # older Typer raises click's own
+    from click import ClickException as _UsageError
+
+# How Typer itself ends a command (--help, a usage error, Ctrl-D at a prompt): not a failure to reword.
+_CONTROL_FLOW = (typer.Exit, typer.Abort, _UsageError)
+
+
+class Group(TyperGroup):
+    """A command group whose --help lists each command's whole first line, wrapped (click cuts it at the
+    terminal's width with "...", mid-sentence)."""
+
+    def format_commands(self, ctx: typer.Context, formatter: Any) -> None:  # click's HelpFormatter, or Typer's copy
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, command.get_short_help_str(limit=1_000)) for name, command in commands
+                if command is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _Commands(Group):
     """The one place a command's failure becomes a message: a line that names the fix and exit status 2,
     or, with `--debug`, the traceback. An interrupt says what was kept."""
 
     def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, TyperException):  # exits, and usage errors typer reports itself
+        except _CONTROL_FLOW:
             raise
         except KeyboardInterrupt:
             typer.secho("interrupted: finished feature chunks and results are kept; rerun the same command to "
@@ -46,8 +67,23 @@ class _Commands(TyperGroup):
             raise typer.Exit(2) from None
 
 
+class Command(TyperCommand):
+    """A command whose usage line names its arguments as click always has, `RESULTS` or `[CONFIG]`
+    (Typer >= 0.29 writes `{results}` for a required one, which reads like a placeholder left unfilled)."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+# rich_markup_mode=None: click's plain help layout, which reflows docstrings and shows no value type for
+# a flag (Typer's Rich panels print `<bool>` beside every flag, --help included). Command groups inherit it.
 app = typer.Typer(
-    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Find where human-meaningful semantics live inside text-to-image diffusion pipelines.\n\n"
          "Quick start: `jaxprobe run` (the bundled tiny model on Binder's concrete nouns).",
 )
@@ -81,12 +117,9 @@ def main(
 
 from jaxprobe.cli import decoding_diffusion, features, norms_probing, revelio  # noqa: E402
 
-app.command()(features.info)
-app.command()(features.extract)
-app.command()(norms_probing.probe)
-app.command()(norms_probing.run)
-app.command()(norms_probing.report)
-app.command()(revelio.classify)
+for command in (features.info, features.extract, norms_probing.probe, norms_probing.run, norms_probing.report,
+                revelio.classify):
+    app.command(cls=Command)(command)
 app.add_typer(features.store_app, name="store")
 app.add_typer(decoding_diffusion.directions_app, name="directions")
 app.add_typer(revelio.sae_app, name="sae")

@@ -11,13 +11,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from jaxprobe.cli import Command, Group
 
-directions_app = typer.Typer(no_args_is_help=True, help="Directions in h-space from prompts, association (bias) "
+directions_app = typer.Typer(cls=Group, no_args_is_help=True, help="Directions in h-space from prompts, association (bias) "
                              "scores with bootstrap intervals, clusters, report (Zeng, Chen & Wong 2024).")
 
 DirectionsConfigArg = Annotated[Optional[Path], typer.Argument(
     help="TOML file with any DirectionsConfig field; default: the bundled professions x gender/age example")]
 DirectionsOutOpt = Annotated[Optional[str], typer.Option("--out", "-o", help="results folder")]
+DirectionsModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="'tiny', a diffusers folder or a cached model id (default: the config's model)")]
 
 
 def _directions_config(config: Optional[Path], **overrides):
@@ -26,9 +29,9 @@ def _directions_config(config: Optional[Path], **overrides):
     return DirectionsConfig.from_toml(config or EXAMPLE, **overrides)
 
 
-@directions_app.command("build")
+@directions_app.command("build", cls=Command)
 def directions_build(
-    config: DirectionsConfigArg = None, model: Annotated[Optional[str], typer.Option("--model", "-m")] = None,
+    config: DirectionsConfigArg = None, model: DirectionsModelOpt = None,
     out: DirectionsOutOpt = None, steps: Annotated[Optional[int], typer.Option(help="denoising steps")] = None,
     force: Annotated[bool, typer.Option("--force", help="recompute cached features")] = False,
 ) -> None:
@@ -42,9 +45,9 @@ def directions_build(
           progress=True, log=typer.echo)
 
 
-@directions_app.command("score")
+@directions_app.command("score", cls=Command)
 def directions_score(
-    config: DirectionsConfigArg = None, model: Annotated[Optional[str], typer.Option("--model", "-m")] = None,
+    config: DirectionsConfigArg = None, model: DirectionsModelOpt = None,
     out: DirectionsOutOpt = None, steps: Annotated[Optional[int], typer.Option(help="denoising steps")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="more prompts to project onto the "
                                                     "directions, one per line")] = None,
@@ -58,7 +61,7 @@ def directions_score(
           progress=True, log=typer.echo)
 
 
-@directions_app.command("report")
+@directions_app.command("report", cls=Command)
 def directions_report(results: Annotated[Path, typer.Argument(help="the folder build and score wrote")]) -> None:
     """Figures and report.html from the saved tables."""
     from jaxprobe.studies.decoding_diffusion.directions import report as directions_report_fn

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import ModelOpt
+from jaxprobe.cli import Command, Group, ModelOpt
 
 
 def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the capture sites of this model")] = None,
@@ -48,7 +48,7 @@ def extract(
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="text file, one prompt per line")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder: one .npy per site + manifest.json")],
     model: ModelOpt = "tiny",
-    sites: Annotated[list[str], typer.Option("--sites", "-s", help="glob patterns, repeatable")] = ["text_encoder.*"],  # noqa: B006
+    sites: Annotated[list[str], typer.Option("--sites", "-s", metavar="<glob>", help="glob patterns, repeatable")] = ["text_encoder.*"],  # noqa: B006
     reduce: Annotated[str, typer.Option(help="eos|mean|last_content|none for text; mean|max|none for UNet")] = "mean",
     steps: Annotated[int, typer.Option(help="denoising steps (UNet sites)")] = 50,
     guidance_scale: Annotated[float, typer.Option()] = 7.5,
@@ -70,6 +70,7 @@ def extract(
     from jaxprobe.features.extract import cached_capture
     from jaxprobe.features.settings import RunSettings, SamplingSettings
     from jaxprobe.runtime import distributed
+    from jaxprobe.reporting.random_weights import is_random_weights
     from jaxprobe.runtime.files import atomic_write_npy, atomic_write_text, read_lines
 
     # The settings' own checks, before the model loads: a bad option fails in a second, not after minutes.
@@ -93,7 +94,7 @@ def extract(
         atomic_write_text(out / "concepts.txt", "\n".join(names) + "\n")
     else:  # a concepts.txt left by an earlier extract into OUT would name these rows wrongly
         (out / "concepts.txt").unlink(missing_ok=True)
-    manifest = {"model": model, "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
+    manifest = {"model": model, "random_weights": is_random_weights(pipe), "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
                 "guidance_scale": guidance_scale, "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     typer.echo(f"wrote {len(feats)} site(s) for {len(texts)} prompts to {out}")
@@ -101,11 +102,11 @@ def extract(
 
 # ---------------------------------------------------------------------------------------- store
 
-store_app = typer.Typer(no_args_is_help=True, help="Look after a feature store (the cache of `run` and `extract`).")
+store_app = typer.Typer(cls=Group, no_args_is_help=True, help="Look after a feature store (the cache of `run` and `extract`).")
 CacheArg = Annotated[Path, typer.Argument(help="feature store folder")]
 
 
-@store_app.command("ls")
+@store_app.command("ls", cls=Command)
 def store_ls(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
     """Entries: key, kind, prompts, chunks present/total, size, last used, sites."""
     import datetime
@@ -115,14 +116,20 @@ def store_ls(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
     entries = FeatureStore(cache).list()
     if not entries:
         typer.echo(f"{cache}: no entries")
-    for e in entries:
-        when = datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M")
-        sites = ", ".join(e.sites[:3]) + (f", ... ({len(e.sites)} sites)" if len(e.sites) > 3 else "")
-        typer.echo(f"{e.key}  {e.kind:8s} {e.n_prompts:6d} prompts  {e.chunks_present}/{e.chunks_total} chunks  "
-                   f"{e.bytes / 2**20:8.1f} MiB  {when}  {sites}")
+        return
+    rows = [(e.key, e.kind, str(e.n_prompts), f"{e.chunks_present}/{e.chunks_total}", f"{e.bytes / 2**20:.1f}",
+             datetime.datetime.fromtimestamp(e.last_used).strftime("%Y-%m-%d %H:%M"),
+             ", ".join(e.sites[:3]) + (f", ... ({len(e.sites)} sites)" if len(e.sites) > 3 else ""))
+            for e in entries]
+    header = ("key", "kind", "prompts", "chunks", "MiB", "last used", "sites")
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header) - 1)]
+    right = {"prompts", "chunks", "MiB"}  # numbers line up on their last digit
+    for row in (header, *rows):
+        cells = [cell.rjust(w) if name in right else cell.ljust(w) for cell, w, name in zip(row, widths, header)]
+        typer.echo("  ".join([*cells, row[-1]]))
 
 
-@store_app.command("verify")
+@store_app.command("verify", cls=Command)
 def store_verify(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
     """Read every chunk against its checksum; exit code 1 when anything is damaged or stray."""
     from jaxprobe.features.store import FeatureStore
@@ -139,7 +146,7 @@ def store_verify(cache: CacheArg = Path("jaxprobe-runs/cache")) -> None:
         raise typer.Exit(1)
 
 
-@store_app.command("gc")
+@store_app.command("gc", cls=Command)
 def store_gc(
     cache: CacheArg = Path("jaxprobe-runs/cache"),
     older_than: Annotated[Optional[float], typer.Option(help="also remove entries unused for this many days")] = None,

@@ -11,15 +11,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import ModelOpt
+from jaxprobe.cli import Command, Group, ModelOpt
 
 
 def classify(
     data: Annotated[Path, typer.Argument(help="image folder: one subfolder per class, or train/ and test/ laid out so")],
     model: ModelOpt = "tiny",
-    sites: Annotated[list[str], typer.Option("--sites", "-s", help="UNet site patterns, repeatable")] = ["unet.mid_block", "unet.up_blocks.*"],  # noqa: B006
-    t: Annotated[list[int], typer.Option("--t", help="training timestep the images are noised to, repeatable")] = [25],  # noqa: B006
-    classifier: Annotated[list[str], typer.Option("--classifier", "-c", help="linear and/or conv, repeatable")] = ["linear", "conv"],  # noqa: B006
+    sites: Annotated[list[str], typer.Option("--sites", "-s", metavar="<glob>", help="UNet site patterns, repeatable")] = ["unet.mid_block", "unet.up_blocks.*"],  # noqa: B006
+    t: Annotated[list[int], typer.Option("--t", metavar="<int>", help="training timestep the images are noised to, repeatable")] = [25],  # noqa: B006
+    classifier: Annotated[list[str], typer.Option("--classifier", "-c", metavar="<name>", help="linear and/or conv, repeatable")] = ["linear", "conv"],  # noqa: B006
     out: Annotated[Path, typer.Option("--out", "-o", help="results folder")] = Path("jaxprobe-runs/classify"),
     cache: Annotated[Path, typer.Option(help="feature cache folder")] = Path("jaxprobe-runs/cache"),
     test_fraction: Annotated[float, typer.Option(help="held-out share of each class (no train/ test/ folders)")] = 0.25,
@@ -52,14 +52,14 @@ def classify(
 
 # --- sparse autoencoders (`jaxprobe sae train|inspect`) -------------------------------------------------
 
-sae_app = typer.Typer(no_args_is_help=True, help="TopK sparse autoencoders on captured features, one per site x step.")
+sae_app = typer.Typer(cls=Group, no_args_is_help=True, help="TopK sparse autoencoders on captured features, one per site x step.")
 
 FeaturesOpt = Annotated[Path, typer.Option("--features", "-f", help="folder from `jaxprobe extract` (<site>.npy), "
                                                                      ".npz/.npy, or a feature-store entry folder")]
-SiteOpt = Annotated[Optional[list[str]], typer.Option("--sites", "-s", help="only sites matching these globs")]
+SiteOpt = Annotated[Optional[list[str]], typer.Option("--sites", "-s", metavar="<glob>", help="only sites matching these globs, repeatable")]
 
 
-@sae_app.command("train")
+@sae_app.command("train", cls=Command)
 def sae_train(
     features: FeaturesOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for checkpoints, history.csv, metrics.csv, curves")],
@@ -71,7 +71,7 @@ def sae_train(
     lr: Annotated[float, typer.Option(help="Adam learning rate after warm-up")] = 4e-4,
     warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 500,
     aux_k: Annotated[int, typer.Option(help="AuxK dead-latent loss with this many latents (0: off)")] = 0,
-    dead_tokens: Annotated[int, typer.Option(help="a latent is dead after this many rows without firing")] = 1_000_000,
+    dead_tokens: Annotated[int, typer.Option(help="a latent is dead after this many rows without firing (at most one pass over the data)")] = 1_000_000,
     decoder: Annotated[str, typer.Option(help="dense|sparse (same maths; speed differs by device)")] = "dense",
     saes_at_once: Annotated[int, typer.Option(help="SAEs per vectorised group in a step (0: all; lower it on OOM)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
@@ -91,7 +91,7 @@ def sae_train(
     typer.echo(f"trained {len(saes.names)} SAE(s) for {saes.step} steps; wrote {out}")
 
 
-@sae_app.command("inspect")
+@sae_app.command("inspect", cls=Command)
 def sae_inspect(
     sae: Annotated[Path, typer.Argument(help="the --out folder of `jaxprobe sae train`")],
     features: FeaturesOpt,
@@ -101,6 +101,8 @@ def sae_inspect(
     images: Annotated[Optional[Path], typer.Option(help="folder of one image per input (by name), or a .npy")] = None,
     top_n: Annotated[int, typer.Option(help="top-activating inputs kept per latent")] = 8,
     max_latents: Annotated[int, typer.Option(help="latents shown per feature set in the page")] = 40,
+    min_rated: Annotated[Optional[int], typer.Option(help="name a latent by a norms attribute or category only "
+                                                     "when at least this many inputs are rated (default 20)")] = None,
 ) -> None:
     """Top-activating inputs, norms correlations and category purity per latent; latents.csv and an HTML page.
 
@@ -109,5 +111,5 @@ def sae_inspect(
     from jaxprobe.sae import inspect_saes
 
     page = inspect_saes(sae, features, out or sae / "inspect", sites=sites, norms=norms, images=images,
-                        top_n=top_n, max_latents=max_latents)
+                        top_n=top_n, max_latents=max_latents, **({"min_rated": min_rated} if min_rated else {}))
     typer.echo(f"wrote {page}")

@@ -35,7 +35,8 @@ class SAEConfig:
     batch_size: rows per step (clamped to the number of rows); steps: optimizer steps.
     aux_k: the AuxK loss reconstructs the residual from the aux_k most active dead latents, weighted by
     aux_coef (Gao et al.: k_aux = 512, 1/32); 0 turns it off (the default, as in Revelio).
-    dead_tokens: a latent is dead when it has not fired in this many training rows.
+    dead_tokens: a latent is dead when it has not fired in this many training rows (`train_saes` caps it at
+    the rows of the data, one pass: see `train.dead_window`).
     decoder: "dense" multiplies the dense (B, m) code by W_dec; "sparse" gathers the k rows of W_dec
     each input uses (its gradient is a scatter-add). Same maths; which is faster depends on the device.
     topk_chunk: how `top_k` splits rows (None: its default for the backend; 0: whole rows).

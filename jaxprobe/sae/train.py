@@ -38,9 +38,10 @@ import pandas as pd
 from jaxprobe.captures import feature_sets as split_feature_sets
 from jaxprobe.errors import InputError
 from jaxprobe.features.store import FeatureEntry
+from jaxprobe.reporting.random_weights import is_random_weights
 from jaxprobe.runtime.files import write_atomic
 from jaxprobe.runtime.progress import progress as progress_bar
-from jaxprobe.sae.curves import training_curves
+from jaxprobe.sae.curves import training_curves, training_curves_per_sae
 from jaxprobe.sae.model import (
     LatentStats,
     SAEConfig,
@@ -54,7 +55,7 @@ from jaxprobe.sae.model import (
 )
 
 STATS_ROWS = 65_536
-HISTORY, METRICS, CURVES = "history.csv", "metrics.csv", "loss_curves.png"
+HISTORY, METRICS, CURVES, ALL_CURVES = "history.csv", "metrics.csv", "loss_curves.png", "loss_curves_per_sae.png"
 # A resumed run may change these; any other setting must match the checkpoint's.
 RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every")
 
@@ -136,6 +137,24 @@ def as_source(features: Any, sites: Sequence[str] | None = None) -> FeatureSourc
     raise InputError(f"features not found: {path} (give a folder of <site>.npy, a .npz/.npy, or a store entry)")
 
 
+def features_provenance(features: Any) -> dict[str, Any]:
+    """{"model": source or None, "random_weights": bool} of the model that computed `features`, where they
+    record it: a `jaxprobe extract` folder's manifest.json ("model", "random_weights") or a feature-store
+    entry's description ("model" -> "source"); model None for bare arrays."""
+    if isinstance(features, StoreSource):
+        features = features.entry
+    if isinstance(features, FeatureEntry):
+        description = features.description
+    elif isinstance(features, (str, Path)) and (Path(features) / "manifest.json").is_file():
+        meta = json.loads((Path(features) / "manifest.json").read_text())
+        description = meta.get("description", meta)  # a store entry's manifest nests it
+    else:
+        description = {}
+    model = description.get("model")
+    model = str(model.get("source")) if isinstance(model, Mapping) else (str(model) if model else None)
+    return {"model": model, "random_weights": is_random_weights({**description, "model": model})}
+
+
 # --- data order ----------------------------------------------------------------------------------------
 
 
@@ -197,6 +216,13 @@ def input_stats(reader: BatchReader) -> tuple[dict[str, np.ndarray], dict[str, f
 # --- the trained SAEs ----------------------------------------------------------------------------------
 
 
+def dead_window(config: SAEConfig, n_rows: int | None) -> int:
+    """Training rows a latent must stay silent for to count as dead: dead_tokens, at most one pass over
+    the data. A window longer than the data would leave every latent alive by that count (the training
+    curve flat at 0 while a pass over the data finds most of them silent) and AuxK never switched on."""
+    return min(config.dead_tokens, n_rows or config.dead_tokens)
+
+
 _encode = jax.jit(encode, static_argnums=2)
 _reconstruct = jax.jit(reconstruct, static_argnums=2)
 
@@ -210,6 +236,13 @@ class SAEs:
     stacks: dict[int, TrainState]
     history: pd.DataFrame      # step, feature_set, loss, fvu, explained_variance, aux_loss, l0, dead_fraction
     step: int
+    model: str | None = None   # the model the training features came from (None: they did not say)
+    random_weights: bool = False  # whether that model has random weights (`features_provenance`)
+    n_rows: int | None = None  # training rows
+
+    @property
+    def dead_window(self) -> int:
+        return dead_window(self.config, self.n_rows)
 
     @property
     def names(self) -> list[str]:
@@ -285,7 +318,8 @@ def load_saes(out: str | Path | SAEs) -> SAEs:
         raise InputError(f"no SAE checkpoint under {out}: train first (`jaxprobe sae train ... --out {out}`)")
     stacks, meta = restored
     return SAEs(SAEConfig(**meta["config"]), {int(w): n for w, n in meta["groups"].items()}, stacks,
-                pd.DataFrame(meta["history"]), meta["step"])
+                pd.DataFrame(meta["history"]), meta["step"], meta.get("model"), is_random_weights(meta),
+                meta.get("n_rows"))
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -344,13 +378,14 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
         step, history = 0, []
     # Committed to the device as restored arrays are, so a resumed run reuses the compiled step.
     stacks = jax.device_put(stacks, jax.devices()[0])
-    train_step = make_train_step(config)
+    provenance = features_provenance(features)
+    train_step = make_train_step(dataclasses.replace(config, dead_tokens=dead_window(config, source.n)))
     last = config.steps if stop_after is None else min(stop_after, config.steps)
 
     def checkpoint() -> None:
         if manager is not None and manager.latest_step() != step:
             meta = {"config": dataclasses.asdict(config), "groups": {str(d): n for d, n in groups.items()},
-                    "step": step, "history": history, "n_rows": source.n}
+                    "step": step, "history": history, "n_rows": source.n, **provenance}
             _save(manager, step, stacks, meta)
 
     with progress_bar("SAEs", last - step, progress) as bar:
@@ -368,7 +403,7 @@ def train_saes(features: Any, config: SAEConfig = SAEConfig(), out: str | Path |
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 checkpoint()
     checkpoint()
-    saes = SAEs(config, groups, stacks, pd.DataFrame(history), step)
+    saes = SAEs(config, groups, stacks, pd.DataFrame(history), step, n_rows=source.n, **provenance)
     if out is not None and step == config.steps:
         write_training_outputs(saes, source, Path(out))
     return saes
@@ -446,10 +481,12 @@ def evaluate(saes: SAEs, features: Any, **options) -> pd.DataFrame:
 
 
 def write_training_outputs(saes: SAEs, features: Any, out: Path) -> None:
-    """out/history.csv (the logged metrics), out/metrics.csv (`evaluate` on every row), out/loss_curves.png."""
+    """out/history.csv (the logged metrics), out/metrics.csv (`evaluate` on every row), out/loss_curves.png
+    (median and range over each site's SAEs) and out/loss_curves_per_sae.png (every SAE's own curves)."""
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / HISTORY, lambda p: saes.history.to_csv(p, index=False))
     metrics = evaluate(saes, features)
     write_atomic(out / METRICS, lambda p: metrics.to_csv(p, index=False))
-    figure = training_curves(saes.history)
-    write_atomic(out / CURVES, lambda p: figure.savefig(p, format="png", dpi=110))
+    for name, figure in ((CURVES, training_curves(saes.history, saes.dead_window)),
+                         (ALL_CURVES, training_curves_per_sae(saes.history, saes.dead_window))):
+        write_atomic(out / name, lambda p, f=figure: f.savefig(p, format="png", dpi=110))

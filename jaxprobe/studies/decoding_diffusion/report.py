@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from jaxprobe.checkpoints.random import is_random_weights
 from jaxprobe.errors import InputError
@@ -40,6 +41,12 @@ _METHODS = (
     "Clusters: k-means (k-means++ seeding, restarts) on the generations' h at each step; each cluster is "
     "labelled with the directions closest (cosine) to its centroid's offset from the mean of all generations.",
 )
+
+
+def _axis_title(name: str) -> str:
+    """"man vs woman" -> two lines: the axis, then which pole is +1 (one line overflows a panel)."""
+    first, second = name.split(" vs ")
+    return f"{name}\n(+1 = {first}, -1 = {second})"
 
 
 def _series_colors(names: Sequence[str]) -> dict[str, Any]:
@@ -77,12 +84,12 @@ def _association_steps(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) ->
             if "clip_score" in curve:
                 ax.axhline(curve["clip_score"].iloc[0], color=color, linestyle=":", linewidth=1)
         ax.axhline(0, color="k", linewidth=0.5)
-        first, second = name.split(" vs ")
-        ax.set(xlabel="denoising step (0 = pure noise)", title=f"{name} (+1 = {first}, -1 = {second})",
-               ylabel="association")
-        ax.legend(fontsize=6, loc="best")
-    fig.suptitle(f"Association along the reverse diffusion at {site} (bands: {meta['level']:.0%} bootstrap; "
-                 "dotted: CLIP text space)", fontsize=9)
+        ax.set(xlabel="denoising step (0 = pure noise)", ylabel="association")
+        ax.set_title(_axis_title(name), fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # one legend for all panels (every panel has the same queries), outside them so it hides no line
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    fig.suptitle(f"Association along the reverse diffusion at {site}", fontsize=10)
     return fig
 
 
@@ -111,12 +118,28 @@ def _association_ranked(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -
                         linewidth=0.6, label="CLIP text space")
         ax.axvline(0, color="k", linewidth=0.5)
         ax.set_yticks(y, rows["query"], fontsize=7)
-        first, second = name.split(" vs ")
-        ax.set(xlabel=f"association (+1 = {first}, -1 = {second})", title=name)
-        ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"Ranked associations at {site}, step {step} (bars: {meta['level']:.0%} bootstrap intervals; "
-                 "coloured when they exclude 0)", fontsize=9)
+        ax.set_xlabel("association")
+        ax.set_title(_axis_title(name), fontsize=9)
+    if "clip_score" in assoc:  # the only thing a legend has to tell apart; outside, so it covers no bar
+        fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=7)
+    fig.suptitle(f"Ranked associations at {site}, step {step}", fontsize=10)
     return fig
+
+
+def _spread_labels(ax: Any, x: np.ndarray, y: np.ndarray, labels: Sequence[str], fontsize: int = 6) -> None:
+    """Label every point, moving a label up by a line whenever it would land on one placed before
+    (queries with similar scores otherwise print on top of each other)."""
+    span_x = float(np.ptp(x)) or 1.0
+    span_y = float(np.ptp(y)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for i in np.argsort(y):
+        lift = 0
+        while any(abs(x[i] - px) < 0.12 * span_x and abs(y[i] + lift * 0.045 * span_y - py) < 0.04 * span_y
+                  for px, py in placed):
+            lift += 1
+        placed.append((x[i], y[i] + lift * 0.045 * span_y))
+        ax.annotate(labels[i], (x[i], y[i]), xytext=(4, 2 + lift * (fontsize + 2)), textcoords="offset points",
+                    fontsize=fontsize, arrowprops={"arrowstyle": "-", "linewidth": 0.3, "color": "0.5"} if lift else None)
 
 
 def _hspace_vs_clip(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
@@ -129,23 +152,23 @@ def _hspace_vs_clip(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> An
     assoc = assoc[assoc["site"] == site]
     step = _focus(assoc, meta["focus_step"])
     assoc = assoc[assoc["step"] == step]
-    fig = Figure(figsize=(4.8, 4.2), layout="constrained")
-    ax = fig.subplots()
-    colors = _series_colors(list(assoc["axis"].unique()))
-    for name, rows in assoc.groupby("axis", sort=False):
-        color = colors[name]
+    axes_names = list(dict.fromkeys(assoc["axis"]))
+    fig = Figure(figsize=(4.4 * len(axes_names), 4.4), layout="constrained")
+    colors = _series_colors(axes_names)
+    for ax, name in zip(fig.subplots(1, len(axes_names), squeeze=False)[0], axes_names):
+        rows = assoc[assoc["axis"] == name]
         ax.errorbar(rows["clip_score"], rows["score"], yerr=np.stack([rows["score"] - rows["ci_low"],
-                    rows["ci_high"] - rows["score"]]).clip(0), fmt="o", color=color, markersize=4, linewidth=0.6,
-                    label=name)
-        for row in rows.itertuples():
-            ax.annotate(row.query, (row.clip_score, row.score), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    lims = np.array([assoc[["clip_score", "score"]].min().min(), assoc[["clip_score", "score"]].max().max()])
-    ax.plot(lims, lims, "k--", linewidth=0.8, label="UNet adds nothing (y = x)")
-    ax.axhline(0, color="0.5", linewidth=0.4)
-    ax.axvline(0, color="0.5", linewidth=0.4)
-    ax.set(xlabel="association in CLIP text space", ylabel=f"association in h-space (step {step})",
-           title="Does the UNet add to what the text encoder carries?")
-    ax.legend(fontsize=6)
+                    rows["ci_high"] - rows["score"]]).clip(0), fmt="o", color=colors[name], markersize=4,
+                    linewidth=0.6)
+        _spread_labels(ax, rows["clip_score"].to_numpy(), rows["score"].to_numpy(), list(rows["query"]))
+        lims = np.array([rows[["clip_score", "ci_low"]].min().min(), rows[["clip_score", "ci_high"]].max().max()])
+        ax.plot(lims, lims, "k--", linewidth=0.8, label="UNet adds nothing (y = x)")
+        ax.axhline(0, color="0.5", linewidth=0.4)
+        ax.axvline(0, color="0.5", linewidth=0.4)
+        ax.set(xlabel="association in CLIP text space", ylabel=f"association in h-space (step {step})")
+        ax.set_title(_axis_title(name), fontsize=9)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=7)
+    fig.suptitle(f"Does the UNet add to what the text encoder carries? ({site})", fontsize=10)
     return fig
 
 
@@ -204,24 +227,101 @@ def _direction_stability(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) 
             ax.plot(curve["step"], curve["cos_image_caption"], "--", color="k", linewidth=0.8)
     ax.set(xlabel="denoising step (0 = pure noise)", ylabel="cosine to the last step's direction",
            title=f"When do the directions form? ({site})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
-FIGURES: dict[str, tuple[Callable[[dict[str, pd.DataFrame], dict[str, Any]], Any], str]] = {
-    "association_steps": (_association_steps, "Association of every query with every attribute axis at each "
-                          "denoising step, with bootstrap bands; dotted lines: the same association in CLIP text "
-                          "space (no steps)."),
-    "association_ranked": (_association_ranked, "Queries ranked by association at the focus step, with bootstrap "
-                           "intervals; black diamonds: CLIP text space."),
-    "hspace_vs_clip": (_hspace_vs_clip, "h-space against CLIP text space, one point per query and axis: above "
-                       "the diagonal on the positive side (or below it on the negative side) the UNet amplifies "
-                       "the text encoder's association."),
-    "projection_2d": (_projection_2d, "Left: every generation's position on the first two attribute axes "
-                      "(-1/+1: the poles' means). Right: first two principal components, k-means clusters "
-                      "labelled with their nearest direction."),
-    "direction_stability": (_direction_stability, "Cosine between each concept's direction at a step and at the "
-                            "last step (dashed black, with images: cosine between image and caption directions)."),
+def _query_projections(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> pd.DataFrame | None:
+    """(rows: the `score --prompts` queries, then the study's concepts; columns: directions) of the mean
+    projection over seeds at the focus step of the first site; None without queries."""
+    queries = tables.get("prompt_projections")
+    if queries is None or queries.empty:
+        return None
+    site = meta["sites"][0]
+    queries = queries[queries["site"] == site]
+    step = _focus(queries, meta["focus_step"])
+    columns = [c for c in queries.columns if c.startswith("dir:")]
+    mean = queries[queries["step"] == step].groupby("prompt", sort=False)[columns].mean()
+    gens = tables["generations"]
+    gens = gens[(gens["site"] == site) & (gens["step"] == step) & (gens["concept"] != NEUTRAL)]
+    reference = gens.groupby("concept", sort=False)[columns].mean()
+    frame = pd.concat([mean, reference.rename(index=lambda c: f"{c} (study concept)")])
+    frame.columns = [c.removeprefix("dir:") for c in columns]
+    return frame.drop(columns=[NEUTRAL], errors="ignore")  # the neutral set's direction is 0: its own baseline
+
+
+def _query_heatmap(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    frame = _query_projections(tables, meta)
+    if frame is None:
+        return None
+    n_queries = tables["prompt_projections"]["prompt"].nunique()
+    fig = Figure(figsize=(2.5 + 0.75 * frame.shape[1], 1.4 + 0.3 * len(frame)), layout="constrained")
+    ax = fig.subplots()
+    limit = float(np.nanmax(np.abs(frame.to_numpy()))) or 1.0
+    image = ax.imshow(frame.to_numpy(), cmap=colormaps["RdBu_r"], vmin=-limit, vmax=limit, aspect="auto")
+    for (i, j), value in np.ndenumerate(frame.to_numpy()):
+        ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6)
+    ax.axhline(n_queries - 0.5, color="k", linewidth=1)  # queries above, the study's concepts below
+    ax.set_xticks(np.arange(frame.shape[1]), frame.columns, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(np.arange(len(frame)), frame.index, fontsize=7)
+    ax.set_xlabel("direction")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="projection of h onto the direction")
+    step = _focus(tables["prompt_projections"], meta["focus_step"])
+    ax.set_title(f"Queries of `score --prompts` on the concept directions\n{meta['sites'][0]}, step {step}", fontsize=9)
+    return fig
+
+
+def _has_clip(tables: dict[str, pd.DataFrame]) -> bool:
+    assoc = tables.get("associations")
+    return assoc is not None and "clip_score" in assoc
+
+
+def _steps_caption(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> str:
+    clip = ("; dotted horizontal lines, in the query's colour: the same association in CLIP text space, which "
+            "has no steps") if _has_clip(tables) else ""
+    return (f"Association of every query with every attribute axis at each denoising step at {meta['sites'][0]}, "
+            f"with {meta['level']:.0%} bootstrap bands{clip}.")
+
+
+def _ranked_caption(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> str:
+    clip = "; black diamonds with whiskers: the same in CLIP text space" if _has_clip(tables) else ""
+    return (f"Queries ranked by association at the focus step, with {meta['level']:.0%} bootstrap intervals; "
+            f"bars blue (towards the first pole) or orange (the second) when the interval excludes 0, grey "
+            f"otherwise{clip}.")
+
+
+def _stability_caption(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> str:
+    images = ("; dashed black, one per image concept: cosine between its image and caption directions"
+              if "image_directions" in tables else "")
+    return f"Cosine between each concept's direction at a step and at the last step{images}."
+
+
+def _fixed(text: str) -> Callable[[dict[str, pd.DataFrame], dict[str, Any]], str]:
+    return lambda tables, meta: text
+
+
+# name: (draw, caption); a caption is made from the tables, so it names only what the figure draws.
+FIGURES: dict[str, tuple[Callable[[dict[str, pd.DataFrame], dict[str, Any]], Any],
+                         Callable[[dict[str, pd.DataFrame], dict[str, Any]], str]]] = {
+    "association_steps": (_association_steps, _steps_caption),
+    "association_ranked": (_association_ranked, _ranked_caption),
+    "hspace_vs_clip": (_hspace_vs_clip, _fixed(
+        "h-space against CLIP text space at the focus step, one panel per axis and one point per query (whiskers: "
+        "the h-space bootstrap interval): above the dashed diagonal on the positive side, or below it on the "
+        "negative side, the UNet amplifies the text encoder's association.")),
+    "projection_2d": (_projection_2d, _fixed(
+        "Left (with two or more axes): every generation's position on the first two attribute axes (-1/+1: the "
+        "poles' means). Right: the first two principal components of h, with each k-means cluster labelled by "
+        "its nearest direction at the mean of its members.")),
+    "direction_stability": (_direction_stability, _stability_caption),
+    "query_projections": (_query_heatmap, _fixed(
+        "Each `score --prompts` query's projection of h onto each concept's unit direction at the focus step "
+        "of the first site, averaged over seeds (above the line), and the study's own concepts' generations "
+        "for reference (below it).")),
 }
 
 
@@ -262,10 +362,22 @@ def summarize(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> list[str
         lines.append(f"{row.query} leans towards {pole} on {row.axis}: {row.score:+.2f} "
                      f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]")
     if "unet_effect" in here:
-        counts = here["unet_effect"].value_counts()
-        lines.append(f"The UNet against CLIP text space of the same prompts, over the {len(here)} associations: "
-                     + ", ".join(f"{effect} {n}" for effect, n in counts.items()) + ".")
+        lines.append(_unet_effect_sentence(here["unet_effect"]))
     return lines
+
+
+_EFFECT_WORDS = {"amplifies": "the UNet amplifies the association", "attenuates": "the UNet attenuates the association",
+                 "reverses": "the UNet reverses its sign",
+                 "no clear change": "no clear change (the interval of |h| - |CLIP| includes 0)"}
+
+
+def _unet_effect_sentence(effects: pd.Series) -> str:
+    """The counts of directions.py's `_unet_effect` labels as one sentence (the labels alone read as
+    "no clear change 12")."""
+    counts = effects.value_counts()
+    parts = [f"{_EFFECT_WORDS.get(effect, effect)} in {n}" for effect, n in counts.items()]
+    return (f"h-space against CLIP text space of the same prompts, over {len(effects)} "
+            f"association{'s' if len(effects) != 1 else ''}: " + "; ".join(parts) + ".")
 
 
 def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: int) -> list[str]:
@@ -286,6 +398,13 @@ def _focus_tables(tables: dict[str, pd.DataFrame], meta: dict[str, Any], top: in
         step = _focus(here, meta["focus_step"])
         parts.append(table_html(here[here["step"] == step].drop(columns=["site"]).head(top),
                                  f"k-means clusters at step {step} (clusters.csv has every step)"))
+    queries = _query_projections(tables, meta)
+    if queries is not None:
+        step = _focus(tables["prompt_projections"], meta["focus_step"])
+        parts.append(table_html(queries.reset_index(names="prompt"),
+                                f"Projections of the --prompts queries at {site}, step {step}: mean over seeds, "
+                                "with the study's concepts for reference (prompt_projections.csv has every seed, "
+                                "site and step)"))
     if "image_directions" in tables:
         image = tables["image_directions"]
         summary = image.groupby(["site", "concept"], as_index=False)["cos_image_caption"].agg(["mean", "max"])
@@ -301,7 +420,7 @@ def report(out: str | Path, *, dpi: int = 110, top: int = 20) -> Path:
     tables, meta = read_tables(out)
     summary = summarize(tables, meta)
     notice = summary.pop(0) if is_random_weights(meta) else None
-    images = [figure_html(p.read_bytes(), name, FIGURES[name][1]) for name, p in figures.items()]
+    images = [figure_html(p.read_bytes(), name, FIGURES[name][1](tables, meta)) for name, p in figures.items()]
     title = f"jaxprobe: directions in h-space of {meta.get('model', 'the pipeline')}"
     document = page(title, [
         "<h2>What the numbers show</h2><ul>", *(f"<li>{html.escape(line)}</li>" for line in summary), "</ul>",

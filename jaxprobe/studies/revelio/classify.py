@@ -367,7 +367,8 @@ def accuracy_figure(table: pd.DataFrame, classes: int | None = None):
         if classes:
             ax.axhline(1 / classes, color="0.4", linestyle=":", linewidth=1, label="chance")
         ax.set_xticks(np.arange(len(sites)), [short_site(s) for s in sites], rotation=30, ha="right", fontsize=7)
-        ax.set(title=f"{classifier} classifier", ylim=(0, 1.02))
+        n_test = sorted(part["n_test"].unique())  # the binomial trials behind every bar of the panel
+        ax.set(title=f"{classifier} classifier ({'-'.join(str(n) for n in n_test)} test images)", ylim=(0, 1.02))
     axes[0].set_ylabel("test accuracy (95% Wilson CI)")
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
@@ -393,12 +394,20 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
     notice = ("The model has random weights: its features carry no learned semantics, so the accuracies below "
               "measure what a randomly initialised UNet keeps of the images (colour, layout), not what a trained "
               "model knows. Run a real checkpoint for findings.") if random_weights else None
+    n_test = len(dataset.test_index)
     document = page(f"Classifiers on diffusion features of {dataset.root}", [
         f"<p>{len(dataset)} images, {len(dataset.classes)} classes ({html.escape(', '.join(dataset.classes[:20]))}"
         f"{', ...' if len(dataset.classes) > 20 else ''}); {len(dataset.train_index)} train, "
-        f"{len(dataset.test_index)} test. Model: {html.escape(config.model)}.</p>",
-        figure_html(files["figure"].read_bytes(), "accuracy"),
-        table_html(table, "Test accuracy per site, timestep and classifier (95% Wilson score intervals)"),
+        f"{n_test} test. Model: {html.escape(config.model)}.</p>",
+        f"<p>Every accuracy below is the share of the same {n_test} held-out test images classified correctly, so "
+        f"one image moves it by {1 / n_test:.2f}; the 95% Wilson intervals say how far the accuracy on new images "
+        "of these classes could be from it. Compare sites by their intervals, not by their bars.</p>",
+        figure_html(files["figure"].read_bytes(), "accuracy",
+                    f"Test accuracy per site (bars, one colour per noise timestep t) with 95% Wilson score "
+                    f"intervals (whiskers) over the {n_test} test images; dotted line: chance, "
+                    f"1/{len(dataset.classes)}."),
+        table_html(table, "Test accuracy per site, timestep and classifier (95% Wilson score intervals over "
+                          "n_test images)"),
         "<h2>Run settings</h2>", settings_html(_config_record(config)),
         "<p class='small'>Method: Kim, Thomas &amp; Ghadiyaram, Revelio (ICCV 2025): VAE-encode, noise to t, one "
         "UNet step; a linear probe on mean-pooled features and a small conv head on the feature maps.</p>"],
