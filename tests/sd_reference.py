@@ -149,3 +149,25 @@ def run_once(fn: Callable, *args: Any) -> Any:
     """jit `fn` and call it on `args`. A test runs each program once, so XLA's backend optimisations
     would cost more compile time than they save."""
     return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+
+
+def save_pipeline(path: str | Path, style: str = "sd1") -> Any:
+    """A tiny StableDiffusionPipeline of a UNet style, written with save_pretrained; returns the pipeline."""
+    import diffusers
+    import transformers
+
+    from jaxprobe.checkpoints.random import SD15_SCHEDULER, TOKENIZER_DIR
+
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    torch.manual_seed(0)
+    text_cfg = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=len(tokenizer) - 2,
+        pad_token_id=len(tokenizer) - 1)
+    scheduler = diffusers.PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": PREDICTION_TYPE[style]})
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=make_vae(seed=1), text_encoder=transformers.CLIPTextModel(text_cfg).eval(), tokenizer=tokenizer,
+        unet=make_unet(style, seed=2), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return pipe

@@ -45,14 +45,15 @@ unet_state_dict_to_params = denoiser_state_dict_to_params
 
 
 def load_denoiser(folder: str | Path, *, component: str = "unet", dtype: Any = jnp.float32,
-                  variant: str | None = None) -> Component:
+                  variant: str | None = None, state: Mapping[str, np.ndarray] | None = None) -> Component:
     """A diffusers denoiser folder (`unet/`, `transformer/`: config.json + weights) -> its Component,
-    read by the family that its config's `_class_name` names."""
+    read by the family that its config's `_class_name` names. state: weights to use instead of the
+    folder's (a single file's, a LoRA-merged copy), in diffusers' names."""
     raw = read_config(Path(folder) / "config.json", component)
     family = family_for_checkpoint(raw.get("_class_name"), component)
     config = family.read_config(raw)
-    params = denoiser_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)),
-                                           config, dtype)
+    state = state if state is not None else read_state_dict(find_weight_files(Path(folder), variant=variant))
+    params = denoiser_state_dict_to_params(state, config, dtype)
     return Component(component, family.module(config, dtype), place_params(params, dtype), config)
 
 
@@ -79,8 +80,10 @@ def vae_state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: VAECo
                               what="VAE checkpoint")
 
 
-def load_vae(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Component:
-    """A diffusers `vae/` folder (config.json + weights) -> Component("vae", module, params, config)."""
+def load_vae(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None,
+             state: Mapping[str, np.ndarray] | None = None) -> Component:
+    """A diffusers `vae/` folder (config.json + weights, or `state` instead of its weights) -> Component."""
     config = VAEConfig.from_dict(read_config(Path(folder) / "config.json", "VAE"))
-    params = vae_state_dict_to_params(read_state_dict(find_weight_files(Path(folder), variant=variant)), config, dtype)
+    state = state if state is not None else read_state_dict(find_weight_files(Path(folder), variant=variant))
+    params = vae_state_dict_to_params(state, config, dtype)
     return Component("vae", AutoencoderKL(config, dtype), place_params(params, dtype), config)

@@ -8,13 +8,18 @@ Accepted sources:
 - a transformers CLIP folder (`config.json` + safetensors/.bin, sharded or not): CLIPTextModel,
   CLIPTextModelWithProjection, CLIPVisionModel(WithProjection) or a full CLIPModel;
 - a model id (`org/name`) already in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), never
-  downloaded.
+  downloaded;
+- an original single-file checkpoint (`.safetensors`, `.ckpt`; SD 1.x and 2.x, `checkpoints.single_file`)
+  with `config=` a diffusers folder or id of the same family for the configs, tokenizer and scheduler.
+LoRA files (`checkpoints.lora`, kohya or diffusers/PEFT layout) merge into the UNet and text encoder of a
+diffusers folder or a single file. Every load records what it read (`checkpoints.provenance`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ import numpy as np
 
 from jaxprobe.checkpoints.component import Component
 from jaxprobe.checkpoints.diffusers import load_denoiser, load_vae
+from jaxprobe.checkpoints.provenance import describe_source
 from jaxprobe.checkpoints.tokenizer import PromptTokenizer
 from jaxprobe.checkpoints.weights import (
     abstract_params,
@@ -65,8 +71,8 @@ def resolve_source(source: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint's folder (the one with config.json "
-                              "or model_index.json).")
+        raise CheckpointError(f"{path} is a file but not a single-file checkpoint (.safetensors, .ckpt); pass it "
+                              "or the checkpoint's folder (the one with config.json or model_index.json).")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):  # not an org/name id: a path the user mistyped
         near = path.parent if path.parent.is_dir() else None
         raise CheckpointError(
@@ -166,7 +172,12 @@ def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dic
     return parts
 
 
-def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[str, Any]:
+def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
+                        weights: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                        loras: Sequence[tuple[str | Path, float]] = ()) -> dict[str, Any]:
+    """A diffusers pipeline folder's components. weights: {component: state dict} replacing the folder's
+    weight files (a single file's, renamed), the folder then giving configs, tokenizer and scheduler;
+    loras: (file, scale) merged into the UNet and text encoder weights first."""
     from jaxprobe.models.schedulers import SchedulerConfig
 
     index = read_config(folder / "model_index.json", "pipeline")
@@ -179,16 +190,27 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[s
     if absent:
         raise CheckpointError(f"{folder}/model_index.json lists {', '.join(absent)} but the folder(s) are missing: "
                               "the download is partial. Re-download those components.")
+    weighted = [name for name in ("text_encoder", "unet", "vae") if name in listed]
+    states = {name: dict(weights[name]) if weights and name in weights else
+              read_state_dict(find_weight_files(folder / name, variant=variant)) for name in weighted}
+    if loras:
+        from jaxprobe.checkpoints.lora import merge_loras
+
+        text = states.get("text_encoder")
+        if text is not None:  # LoRA files name text modules without the text_model. level transformers >= 5 drops
+            states["text_encoder"] = _with_prefix(text, TEXT_TOWER.prefix, TEXT_TOWER.tops)
+        states = merge_loras(states, loras)
     parts: dict[str, Any] = {}
     if "text_encoder" in listed:
-        parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder", dtype=dtype, variant=variant)
+        parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder", dtype=dtype,
+                                                state=states["text_encoder"])
     if "tokenizer" in listed:
         length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
         parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
     if "unet" in listed:
-        parts["unet"] = load_denoiser(folder / "unet", component="unet", dtype=dtype, variant=variant)
+        parts["unet"] = load_denoiser(folder / "unet", component="unet", dtype=dtype, state=states["unet"])
     if "vae" in listed:
-        parts["vae"] = load_vae(folder / "vae", dtype=dtype, variant=variant)
+        parts["vae"] = load_vae(folder / "vae", dtype=dtype, state=states["vae"])
     if "scheduler" in listed:
         parts["scheduler"] = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
     if "image_encoder" in listed and (folder / "image_encoder").is_dir():
@@ -196,19 +218,57 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[s
     return parts
 
 
+def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant: str | None,
+                      loras: Sequence[tuple[str | Path, float]]) -> dict[str, Any]:
+    """An original-layout single file: weights from it, configs, tokenizer and scheduler from `config`."""
+    from jaxprobe.checkpoints import single_file
+    from jaxprobe.models.clip import CLIPTextConfig as TextConfig
+    from jaxprobe.models.unet import UNetConfig
+    from jaxprobe.models.vae import VAEConfig
+
+    state = single_file.read_single_file(path)
+    family = single_file.infer_family(state)
+    if config is None:
+        raise CheckpointError(
+            f"{path} is a single-file {family.upper()} checkpoint: it holds weights but no configs or tokenizer. "
+            "Pass config= (CLI: --model-config) a diffusers folder or cached model id of the same family, e.g. a local "
+            f"copy of {_CONFIG_EXAMPLES.get(family, 'the base model')}")
+    folder = resolve_source(config)
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"config={config!r} is not a diffusers pipeline folder (no model_index.json)")
+    configs = {"unet": UNetConfig.from_dict(read_config(folder / "unet" / "config.json", "unet")),
+               "vae": VAEConfig.from_dict(read_config(folder / "vae" / "config.json", "VAE")),
+               "text_encoder": TextConfig.from_dict(read_config(folder / "text_encoder" / "config.json"))}
+    return _load_diffusers_dir(folder, dtype, variant, weights=single_file.component_states(state, configs),
+                               loras=loras)
+
+
+_CONFIG_EXAMPLES = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                    "sd2": "stabilityai/stable-diffusion-2-1 (v-prediction) or -2-1-base (epsilon)"}
+
+
 def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant: str | None = None,
-               image_encoder: str | Path | None = None, scheduler: str | None = None) -> tuple[str, dict[str, Any]]:
+               image_encoder: str | Path | None = None, scheduler: str | None = None,
+               config: str | Path | None = None, prediction_type: str | None = None,
+               loras: Sequence[tuple[str | Path, float]] = ()) -> tuple[str, dict[str, Any]]:
     """(label, {component name: Component, "tokenizer": ..., "scheduler": ...}) for `source`; see the
     module docstring for what it accepts. `jaxprobe.load` makes a Pipeline of them."""
     from jaxprobe.checkpoints.random import is_random_weights, random_parts
+    from jaxprobe.checkpoints.single_file import is_single_file
 
+    if loras and (is_random_weights(source) or not (is_single_file(source) or
+                                                     (resolve_source(source) / "model_index.json").is_file())):
+        raise CheckpointError("LoRA adapters merge into a Stable Diffusion pipeline's UNet and text encoder: load a "
+                              "diffusers folder or a single file with them")
     if is_random_weights(source):
         parts, label = random_parts(str(source), dtype), str(source)
+    elif is_single_file(source):
+        parts, label = _load_single_file(Path(source).expanduser(), config, dtype, variant, loras), str(source)
     else:
         folder = resolve_source(source)
         label = str(source)
         if (folder / "model_index.json").is_file():
-            parts = _load_diffusers_dir(folder, dtype, variant)
+            parts = _load_diffusers_dir(folder, dtype, variant, loras=loras)
         elif (folder / "config.json").is_file():
             parts = _load_transformers_dir(folder, dtype, variant)
         else:
@@ -218,4 +278,14 @@ def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant
         parts.update(_image_parts(resolve_source(image_encoder), dtype=dtype, variant=variant))
     if scheduler is not None:
         parts["scheduler"] = scheduler_config(scheduler, parts.get("scheduler"))
+    parts["provenance"] = describe_source(
+        source, None if is_random_weights(source) or is_single_file(source) else resolve_source(source),
+        dtype=np.dtype(dtype).name, config=config, loras=loras)
+    if prediction_type is not None:
+        parts["provenance"]["prediction_type"] = prediction_type
+        import dataclasses
+
+        if parts.get("scheduler") is None:
+            raise CheckpointError("prediction_type= sets the sampler's, but this checkpoint has no scheduler")
+        parts["scheduler"] = dataclasses.replace(parts["scheduler"], prediction_type=prediction_type)
     return label, parts

@@ -59,6 +59,10 @@ def extract(
     cache: Annotated[Path, typer.Option(help="feature store: finished chunks survive a crash and are reused")] = Path("jaxprobe-runs/cache"),
     chunk_size: Annotated[int, typer.Option(help="prompts per committed chunk")] = 64,
     force: Annotated[bool, typer.Option("--force", help="recompute cached chunks")] = False,
+    model_config: Annotated[Optional[str], typer.Option("--model-config", help="for a single-file checkpoint: the "
+                                                        "diffusers folder or cached id whose configs to use")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file merged at load, FILE or FILE:SCALE "
+                                                      "(repeatable)")] = None,
     concepts: Annotated[Optional[Path], typer.Option("--concepts", help="text file, the concept of each prompt, one "
                                                      "per line: written as OUT/concepts.txt for `probe`")] = None,
 ) -> None:
@@ -81,7 +85,7 @@ def extract(
     if names is not None and len(names) != len(texts):
         raise jaxprobe.InputError(f"{concepts} holds {len(names)} concepts for {len(texts)} prompts: give one "
                                   "concept per prompt, in the same order")
-    pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder)
+    pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder, config=model_config, lora=lora or ())
     feats = cached_capture(pipe, texts, sites, cache=cache, chunk_size=chunk_size, force=force, reduce=reduce,
                            num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
                            batch_size=batch_size)
@@ -94,7 +98,7 @@ def extract(
         atomic_write_text(out / "concepts.txt", "\n".join(names) + "\n")
     else:  # a concepts.txt left by an earlier extract into OUT would name these rows wrongly
         (out / "concepts.txt").unlink(missing_ok=True)
-    manifest = {"model": model, "random_weights": is_random_weights(pipe), "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
+    manifest = {"model": model, "random_weights": is_random_weights(pipe), "loaded": pipe.provenance, "prompts": texts, "concepts": names, "reduce": reduce, "steps": steps,
                 "guidance_scale": guidance_scale, "seed": seed, "sites": {s: list(v.shape) for s, v in feats.items()}}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     typer.echo(f"wrote {len(feats)} site(s) for {len(texts)} prompts to {out}")

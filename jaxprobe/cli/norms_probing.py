@@ -59,6 +59,10 @@ def run(
     max_concepts: Annotated[Optional[int], typer.Option(help="only the first N concepts")] = None,
     image_encoder: Annotated[Optional[str], typer.Option(help="CLIP vision checkpoint: probe image embeddings too")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32 or bfloat16")] = None,
+    model_config: Annotated[Optional[str], typer.Option("--model-config", help="for a single-file checkpoint: the "
+                                                        "diffusers folder or cached id whose configs to use")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file merged at load, FILE or FILE:SCALE "
+                                                      "(repeatable)")] = None,
     force: Annotated[bool, typer.Option("--force", help="recompute cached features, and replace results of other "
                                         "settings in --out")] = False,
 ) -> None:
@@ -73,6 +77,7 @@ def run(
 
     overrides = {"model": model, "norms": norms, "out": out, "num_inference_steps": steps,
                  "max_concepts": max_concepts, "image_encoder": image_encoder, "dtype": dtype,
+                 "model_config": model_config, "lora": tuple(lora) if lora else None,
                  "force": force or None}
     if config is None and model in (None, "tiny"):
         config = QUICK_LOOK

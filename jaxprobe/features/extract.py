@@ -36,11 +36,11 @@ def build_prompts(concepts: Sequence[str], templates: Sequence[str]) -> PromptSe
 
 
 def model_fingerprint(pipe: Any) -> dict[str, Any]:
-    """What identifies the weights: the source, dtype and every component's config (a changed
-    checkpoint folder with the same configs is not detected: use --force after editing weights)."""
+    """What identifies the weights: the source, dtype, every component's config and the load's provenance
+    (a single file's and every LoRA's SHA-256, the cache revision, the folder's weight-file sizes and mtimes)."""
     return {"source": pipe.source, "dtype": str(np.dtype(pipe.dtype)) if pipe.dtype is not None else None,
             "configs": {name: repr(c.config) for name, c in pipe.components.items()},
-            "scheduler": repr(pipe.scheduler)}
+            "scheduler": repr(pipe.scheduler), "provenance": getattr(pipe, "provenance", None)}
 
 
 def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str, *, cache: str | Path,

@@ -18,9 +18,15 @@ from jaxprobe.runtime.configfile import config_from_mapping, config_from_toml, c
 
 @dataclass(frozen=True)
 class ModelSettings:
-    model: str = "tiny"              # 'tiny', 'sd15-random', a checkpoint folder or a cached model id
+    model: str = "tiny"              # 'tiny', 'sd15-random', a checkpoint folder, a cached model id or a single file
     dtype: str = "float32"
     scheduler: str | None = None     # override the checkpoint's sampler, keeping its noise schedule
+    model_config: str | None = None  # a single file's configs and tokenizer: a diffusers folder or cached id
+    lora: tuple[str, ...] = ()       # LoRA files merged at load, "FILE" or "FILE:SCALE"
+
+    def load_kwargs(self) -> dict:
+        """The `jaxprobe.load` options these settings give (besides the source)."""
+        return {"dtype": self.dtype, "scheduler": self.scheduler, "config": self.model_config, "lora": self.lora}
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxprobe.checkpoints.lora import parse_lora_spec
 from jaxprobe.checkpoints.loading import compute_dtype, load_parts
 from jaxprobe.pipeline.pipeline import Pipeline
 
 
 def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: str | None = None,
-         image_encoder: str | Path | None = None, scheduler: str | None = None) -> Pipeline:
+         image_encoder: str | Path | None = None, scheduler: str | None = None, config: str | Path | None = None,
+         prediction_type: str | None = None, lora: Sequence[tuple[str | Path, float] | str] = ()) -> Pipeline:
     """Load a pipeline (or just CLIP towers) from `source`: "tiny", "sd15-random", a diffusers or
-    transformers folder, or an `org/name` model id already in the local Hugging Face cache.
+    transformers folder, an `org/name` model id already in the local Hugging Face cache, or an original
+    single-file checkpoint (`.safetensors`/`.ckpt`, SD 1.x/2.x) with `config=` the diffusers folder or id
+    whose configs, tokenizer and scheduler to use (`prediction_type=` overrides the scheduler's).
+    lora: LoRA files merged into the UNet and text encoder, as (file, scale) or "FILE[:SCALE]".
 
     dtype: compute and parameter dtype ("float32", "bfloat16"). variant: weight-file variant such as
     "fp16" (falls back to plain files). image_encoder: a CLIP vision checkpoint (folder or id) used to
@@ -20,7 +27,10 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
     checkpoint's ("pndm", "ddim", "euler", "dpmpp_2m"), keeping its noise schedule.
     """
     dtype = compute_dtype(dtype)
-    label, parts = load_parts(source, dtype=dtype, variant=variant, image_encoder=image_encoder, scheduler=scheduler)
+    loras = [parse_lora_spec(str(item)) if isinstance(item, (str, os.PathLike)) else (item[0], float(item[1]))
+             for item in lora]
+    label, parts = load_parts(source, dtype=dtype, variant=variant, image_encoder=image_encoder, scheduler=scheduler,
+                              config=config, prediction_type=prediction_type, loras=loras)
     pipe = Pipeline(source=label, dtype=dtype, **parts)
     pipe.check_compatible()
     return pipe

@@ -41,6 +41,7 @@ class Pipeline:
     scheduler: Any = None
     image_encoder: Component | None = None
     image_preprocess: clip.ImagePreprocess | None = None
+    provenance: dict[str, Any] | None = None   # what was loaded (checkpoints.provenance.describe_source)
 
     # ------------------------------------------------------------------ structure
 

@@ -187,7 +187,7 @@ def concept_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
 
 
 def load_pipeline(config: DirectionsConfig) -> Any:
-    return jaxprobe.load(config.model, dtype=config.dtype, scheduler=config.scheduler)
+    return jaxprobe.load(config.model, **config.model_settings.load_kwargs())
 
 
 def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequence[str]], *,

@@ -138,8 +138,8 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     if config.max_concepts:
         norms = norms.select(list(norms.concepts[: config.max_concepts]), reason=f"beyond max_concepts={config.max_concepts}")
     log(f"norms: {norms}")
-    pipe = run.timed("load", lambda: jaxprobe.load(config.model, dtype=config.dtype, image_encoder=config.image_encoder,
-                                                    scheduler=config.scheduler))
+    pipe = run.timed("load", lambda: jaxprobe.load(config.model, image_encoder=config.image_encoder,
+                                                    **config.model_settings.load_kwargs()))
     check_results_folder(config)  # after the inputs are known good, before any extraction or probing
     prompt_set = build_prompts(norms.concepts, config.templates)
     log(f"model: {pipe.source}; {len(prompt_set.prompts)} prompts x {len(config.seeds)} seed(s); "
@@ -217,7 +217,8 @@ def _metadata(config: ExperimentConfig, pipe: Any, norms: Any, run: RunLog) -> d
     import jax
 
     return {
-        "model": pipe.source, "random_weights": is_random_weights(pipe), "norms": norms.name,
+        "model": pipe.source, "random_weights": is_random_weights(pipe), "loaded": pipe.provenance,
+        "norms": norms.name,
         "citation": norms.citation, "n_concepts": len(norms.concepts), "n_attributes": len(norms.attributes),
         "templates": list(config.templates), "seeds": list(config.seeds), "repeats": config.repeats,
         "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,

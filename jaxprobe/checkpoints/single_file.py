@@ -1,0 +1,231 @@
+"""Single-file Stable Diffusion checkpoints (`v1-5-pruned-emaonly.safetensors`, an SD 2.1 `.ckpt`): the
+original (CompVis/Stability "LDM") key layout renamed to diffusers' and transformers' component state dicts.
+
+A single file holds weights only, so the configs, tokenizer and scheduler come from `config=` (a diffusers
+folder or cached id of the same family); the family is inferred from the keys and checked against it.
+Layout of the original files, by component:
+
+- UNet `model.diffusion_model.*`: `input_blocks.k.{0: resnet, 1: attention}` numbered across the down
+  blocks (each block's layers, then its downsampler `op`), `middle_block.{0,1,2}`, `output_blocks.k`
+  numbered across the up blocks (layers_per_block + 1 each, the upsampler after the last one's
+  attention), `time_embed.{0,2}`, `label_emb.0.{0,2}` (SDXL), `out.{0,2}`; resnets as `in_layers`,
+  `emb_layers`, `out_layers`, `skip_connection`; attentions already in diffusers' names;
+- VAE `first_stage_model.*`: `encoder.down.i.block.j`, `mid.block_1|attn_1|block_2`, `decoder.up.i`
+  numbered from the bottom (diffusers' up_blocks from the top), attention `q|k|v|proj_out` as 1x1 convs;
+- text encoder `cond_stage_model.transformer.*` (SD 1.x: transformers' CLIPTextModel names) or
+  `cond_stage_model.model.*` (SD 2.x: OpenCLIP, fused `in_proj` attention, one layer more than the
+  checkpoint's diffusers text_encoder keeps).
+
+EMA weights (`model_ema.<key without dots>`) replace the UNet's when the file holds them, as diffusers'
+`extract_ema=True` does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxprobe.checkpoints.weights import read_state_dict
+from jaxprobe.errors import CheckpointError, preview
+
+SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP_HF, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+SDXL_EMBEDDERS = "conditioner.embedders."
+
+_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_OPEN_CLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def is_single_file(source: str | Path) -> bool:
+    path = Path(source).expanduser()
+    return path.is_file() and path.suffix.lower() in SUFFIXES
+
+
+def read_single_file(path: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors or a torch pickle (.ckpt/.pt, read with `weights_only=True`)."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".safetensors":
+        try:
+            return read_state_dict([path])
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
+            raise CheckpointError(f"cannot read {path} as safetensors ({err}): the file is truncated or not a "
+                                  "checkpoint; download it again") from None
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch (`pip install torch`), or "
+                              "convert it to .safetensors where torch is installed") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - an unsafe pickle, or a damaged file
+        raise CheckpointError(f"{path} cannot be read as a weights-only pickle ({type(err).__name__}: "
+                              f"{str(err)[:200]}): it is damaged or holds objects other than tensors; jaxprobe never "
+                              "unpickles code. Convert it to .safetensors where you trust it") from None
+    data = data.get("state_dict", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict of tensors")
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in data.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def infer_family(state: Mapping[str, np.ndarray]) -> str:
+    """"sd1", "sd2", "sdxl" or "sdxl-refiner" from the keys, as diffusers' single-file loader tells them apart."""
+    keys = state.keys()
+    if any(k.startswith(SDXL_EMBEDDERS + "1.model.") for k in keys):
+        return "sdxl"
+    if any(k.startswith(SDXL_EMBEDDERS + "0.model.") for k in keys):
+        return "sdxl-refiner"
+    if any(k.startswith(OPEN_CLIP) for k in keys):
+        return "sd2"
+    if any(k.startswith(CLIP_HF) for k in keys) or any(k.startswith(UNET) for k in keys):
+        return "sd1"
+    raise CheckpointError(f"no Stable Diffusion layout in this file (keys such as {preview(sorted(keys)[:5])}): "
+                          "jaxprobe reads the original SD 1.x/2.x/XL single files and diffusers folders")
+
+
+def _with_ema(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The UNet's weights, its EMA copy preferred (`model_ema.<key minus 'model.' without dots>`)."""
+    unet = {k: v for k, v in state.items() if k.startswith(UNET)}
+    ema = {k: state.get("model_ema." + k.removeprefix("model.").replace(".", "")) for k in unet}
+    if any(v is None for v in ema.values()):
+        return unet
+    return ema
+
+
+def _rename(keys_to: dict[str, str], state: Mapping[str, np.ndarray], prefix: str, what: str,
+            inner: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """Rename `prefix + old + rest` to `new + rest` by the longest matching `old` in keys_to; `inner` renames
+    the first part(s) of `rest` too. A key no rule reaches is an error, never dropped."""
+    rules = sorted(keys_to, key=len, reverse=True)
+    out, unknown = {}, []
+    for key, value in state.items():
+        local = key.removeprefix(prefix)
+        old = next((r for r in rules if local == r or local.startswith(r + ".")), None)
+        if old is None:
+            unknown.append(key)
+            continue
+        rest = local[len(old) + 1:]
+        for pattern, new in (inner or {}).items():
+            if rest.startswith(pattern + "."):
+                rest = new + rest[len(pattern):]
+                break
+        out[f"{keys_to[old]}.{rest}" if rest else keys_to[old]] = value
+    if unknown:
+        raise CheckpointError(f"{what}: keys {preview(unknown)} match no part of the configured architecture; the "
+                              "file and config= are of different families or sizes")
+    return out
+
+
+def unet_state(state: Mapping[str, np.ndarray], config: Any) -> dict[str, np.ndarray]:
+    """The UNet's keys in diffusers' names, for a UNetConfig (its blocks number the LDM indices)."""
+    n, cross = len(config.block_out_channels), ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
+    table = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+             "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+             "middle_block.2": "mid_block.resnets.1"}
+    k = 1
+    for b, kind in enumerate(config.down_block_types):
+        for layer in range(config.layers_per_block[b]):
+            table[f"input_blocks.{k}.0"] = f"down_blocks.{b}.resnets.{layer}"
+            if kind in cross:
+                table[f"input_blocks.{k}.1"] = f"down_blocks.{b}.attentions.{layer}"
+            k += 1
+        if b < n - 1:
+            table[f"input_blocks.{k}.0.op"] = f"down_blocks.{b}.downsamplers.0.conv"
+            k += 1
+    k = 0
+    for u, kind in enumerate(config.up_block_types):
+        layers = config.layers_per_block[n - 1 - u] + 1
+        for layer in range(layers):
+            table[f"output_blocks.{k}.0"] = f"up_blocks.{u}.resnets.{layer}"
+            if kind in cross:
+                table[f"output_blocks.{k}.1"] = f"up_blocks.{u}.attentions.{layer}"
+            if layer == layers - 1 and u < n - 1:
+                table[f"output_blocks.{k}.{2 if kind in cross else 1}.conv"] = f"up_blocks.{u}.upsamplers.0.conv"
+            k += 1
+    renamed = _rename(table, _with_ema(state), UNET, "UNet weights (model.diffusion_model.*)")
+    resnet = re.compile(r"^(.*\.resnets\.\d+)\.(in_layers\.0|in_layers\.2|emb_layers\.1|out_layers\.0|out_layers\.3|"
+                        r"skip_connection)\.(.+)$")
+    return {(f"{m[1]}.{_RESNET[m[2]]}.{m[3]}" if (m := resnet.match(k)) else k): v for k, v in renamed.items()}
+
+
+def vae_state(state: Mapping[str, np.ndarray], config: Any) -> dict[str, np.ndarray]:
+    """The VAE's keys in diffusers' names, for a VAEConfig."""
+    n = len(config.block_out_channels)
+    table = {f"{side}.{name}": f"{side}.{name}" for side in ("encoder", "decoder") for name in ("conv_in", "conv_out")}
+    table.update({"encoder.norm_out": "encoder.conv_norm_out", "decoder.norm_out": "decoder.conv_norm_out",
+                  "quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"})
+    for side in ("encoder", "decoder"):
+        table.update({f"{side}.mid.block_1": f"{side}.mid_block.resnets.0", f"{side}.mid.attn_1":
+                      f"{side}.mid_block.attentions.0", f"{side}.mid.block_2": f"{side}.mid_block.resnets.1"})
+    for i in range(n):
+        for j in range(config.layers_per_block + 1):
+            table[f"encoder.down.{i}.block.{j}"] = f"encoder.down_blocks.{i}.resnets.{j}"
+            table[f"decoder.up.{i}.block.{j}"] = f"decoder.up_blocks.{n - 1 - i}.resnets.{j}"
+        table[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+        table[f"decoder.up.{i}.upsample.conv"] = f"decoder.up_blocks.{n - 1 - i}.upsamplers.0.conv"
+    vae = {k: v for k, v in state.items() if k.startswith(VAE)}
+    renamed = _rename(table, vae, VAE, "VAE weights (first_stage_model.*)")
+    out = {}
+    for key, value in renamed.items():
+        key = key.replace(".nin_shortcut.", ".conv_shortcut.")
+        if ".attentions." in key:
+            head, _, leaf = key.rpartition(".")
+            block, _, name = head.rpartition(".")
+            key = f"{block}.{_VAE_ATTENTION.get(name, name)}.{leaf}"
+            value = value[..., 0, 0] if value.ndim == 4 else value  # 1x1 convs in the file, linear layers in diffusers
+        out[key] = value
+    return out
+
+
+def text_state(state: Mapping[str, np.ndarray], config: Any) -> dict[str, np.ndarray]:
+    """The text encoder's keys in transformers' CLIPTextModel names, for a CLIPTextConfig: SD 1.x's
+    transformers-style tower or SD 2.x's OpenCLIP one (layers the config does not keep are dropped)."""
+    if any(k.startswith(CLIP_HF) for k in state):
+        tower = {k.removeprefix(CLIP_HF): v for k, v in state.items() if k.startswith(CLIP_HF)}
+        return {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in tower.items()}
+    tower = {k.removeprefix(OPEN_CLIP): v for k, v in state.items() if k.startswith(OPEN_CLIP)}
+    if not tower:
+        raise CheckpointError("the file holds no text encoder (cond_stage_model.*); load one from config=")
+    out = {"text_model.embeddings.token_embedding.weight": tower["token_embedding.weight"],
+           "text_model.embeddings.position_embedding.weight": tower["positional_embedding"],
+           "text_model.final_layer_norm.weight": tower["ln_final.weight"],
+           "text_model.final_layer_norm.bias": tower["ln_final.bias"]}
+    for i in range(config.num_hidden_layers):
+        block, layer = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        if block + "attn.in_proj_weight" not in tower:
+            raise CheckpointError(f"the file's text encoder has fewer than the {config.num_hidden_layers} layers "
+                                  "config= asks for: the file and config= are of different models")
+        for name, weight in zip("qkv", np.split(tower[block + "attn.in_proj_weight"], 3)):
+            out[f"{layer}self_attn.{name}_proj.weight"] = weight
+        for name, bias in zip("qkv", np.split(tower[block + "attn.in_proj_bias"], 3)):
+            out[f"{layer}self_attn.{name}_proj.bias"] = bias
+        for old, new in _OPEN_CLIP_LAYER.items():
+            for leaf in ("weight", "bias"):
+                out[f"{layer}{new}.{leaf}"] = tower[f"{block}{old}.{leaf}"]
+    return out
+
+
+def component_states(state: Mapping[str, np.ndarray], configs: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """{component: state dict in diffusers/transformers names} for the components the file holds."""
+    family = infer_family(state)
+    if family.startswith("sdxl"):
+        raise CheckpointError(f"this is an {family.upper()} single file; jaxprobe reads SDXL only as a diffusers "
+                              "folder so far (convert it once with diffusers' from_single_file + save_pretrained)")
+    out = {}
+    if "unet" in configs and any(k.startswith(UNET) for k in state):
+        out["unet"] = unet_state(state, configs["unet"])
+    if "vae" in configs and any(k.startswith(VAE) for k in state):
+        out["vae"] = vae_state(state, configs["vae"])
+    if "text_encoder" in configs and any(k.startswith(("cond_stage_model.",)) for k in state):
+        out["text_encoder"] = text_state(state, configs["text_encoder"])
+    return out
