@@ -171,3 +171,39 @@ def save_pipeline(path: str | Path, style: str = "sd1") -> Any:
         requires_safety_checker=False)
     pipe.save_pretrained(path)
     return pipe
+
+
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                  "timestep_spacing": "leading", "prediction_type": "epsilon", "use_karras_sigmas": False}
+
+
+def save_sdxl_pipeline(path: str | Path, style: str = "sdxl2", *, force_zeros: bool = True, refiner: bool = False) -> Any:
+    """A tiny StableDiffusionXLPipeline (two CLIP text encoders, 32 wide each, the second with a 32-wide
+    projection), written with save_pretrained; refiner=True: text_encoder_2 only, aesthetic-score time ids."""
+    import diffusers
+    import transformers
+
+    from jaxprobe.checkpoints.random import TOKENIZER_DIR
+
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=len(tokenizer) - 2,
+                  pad_token_id=len(tokenizer) - 1)
+    torch.manual_seed(0)
+    text_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**common, projection_dim=POOLED_DIM))
+    unet_kwargs = dict(UNET_STYLES[style])
+    if refiner:  # conditioned on text_encoder_2 alone, with 5 time ids (sizes, crop, aesthetic score)
+        unet_kwargs.update(cross_attention_dim=32, projection_class_embeddings_input_dim=POOLED_DIM + 5 * TIME_ID_DIM)
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    parts = dict(vae=make_vae(seed=1), text_encoder_2=_perturbed(text_2, 3), tokenizer_2=tokenizer,
+                 unet=make_unet(unet_kwargs, seed=2), scheduler=scheduler)
+    if refiner:
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                                                          force_zeros_for_empty_prompt=force_zeros, **parts)
+    else:
+        text_1 = _perturbed(transformers.CLIPTextModel(transformers.CLIPTextConfig(**common)), 4)
+        pipe = diffusers.StableDiffusionXLPipeline(text_encoder=text_1, tokenizer=tokenizer,
+                                                   force_zeros_for_empty_prompt=force_zeros, **parts)
+    pipe.save_pretrained(path)
+    return pipe

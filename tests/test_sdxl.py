@@ -62,3 +62,35 @@ def test_added_conditioning_widths_are_checked():
         config.check_added_conditioning(sd_reference.POOLED_DIM, 5)   # a refiner's ids on a base UNet
     with pytest.raises(CheckpointError, match="addition_embed_type"):
         UNetConfig.from_dict({**sd_reference.SDXL_STYLES["sdxl2"], "addition_embed_type": "image"})
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["base", "refiner"])
+def test_sdxl_folders_load_with_both_text_encoders(refiner, tmp_path):
+    import jaxprobe
+
+    sd_reference.save_sdxl_pipeline(tmp_path / "sdxl", refiner=refiner, force_zeros=not refiner)
+    pipe = jaxprobe.load(tmp_path / "sdxl")
+    assert list(pipe.text_encoders) == (["text_encoder_2"] if refiner else ["text_encoder", "text_encoder_2"])
+    assert pipe.text_encoder_2.config.projection_dim == sd_reference.POOLED_DIM and pipe.tokenizer_2 is not None
+    assert pipe.pipeline_options == {"force_zeros_for_empty_prompt": not refiner,
+                                     **({"requires_aesthetics_score": True} if refiner else {})}
+    assert pipe.scheduler.kind == "euler"
+    sites = pipe.sites()
+    assert "text_encoder_2.text_model.encoder.layers.1" in sites and "unet.mid_block" in sites
+
+
+def test_sdxl_components_of_different_widths_are_refused(tmp_path):
+    import json
+    import shutil
+
+    import jaxprobe
+
+    sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")
+    config = tmp_path / "sdxl" / "unet" / "config.json"
+    changed = {**json.loads(config.read_text()), "cross_attention_dim": 48}
+    config.write_text(json.dumps(changed))
+    shutil.rmtree(tmp_path / "sdxl" / "unet")  # a UNet of another width, saved by diffusers itself
+    sd_reference.make_unet({**sd_reference.SDXL_STYLES["sdxl2"], "cross_attention_dim": 48}).save_pretrained(
+        tmp_path / "sdxl" / "unet")
+    with pytest.raises(CheckpointError, match="add up to 64"):
+        jaxprobe.load(tmp_path / "sdxl")

@@ -124,8 +124,10 @@ VISION_TOWER = _Tower("image_encoder", {"CLIPVisionModel": False, "CLIPVisionMod
 
 
 def load_clip_tower(tower: _Tower, folder: Path, *, dtype: Any, variant: str | None = None,
-                    state: dict[str, np.ndarray] | None = None, config: dict[str, Any] | None = None) -> Component:
-    """One CLIP tower from a transformers folder holding it alone or inside a full CLIPModel."""
+                    state: dict[str, np.ndarray] | None = None, config: dict[str, Any] | None = None,
+                    name: str | None = None) -> Component:
+    """One CLIP tower from a transformers folder holding it alone or inside a full CLIPModel. name: the
+    pipeline component it becomes (default the tower's: "text_encoder"; SDXL's second is "text_encoder_2")."""
     config = config if config is not None else read_config(folder / "config.json", tower.component)
     arch = (config.get("architectures") or [next(iter(tower.architectures))])[0]
     full_clip = arch == "CLIPModel"
@@ -140,7 +142,7 @@ def load_clip_tower(tower: _Tower, folder: Path, *, dtype: Any, variant: str | N
     ignore = (*_BUFFERS, *tower.other) if full_clip else _BUFFERS
     params = convert_state_dict(state, abstract_params(module, clip_example_inputs(cfg)), ignore=ignore,
                                 what=f"{tower.component} at {folder}")
-    return Component(tower.component, module, place_params(params, dtype), cfg)
+    return Component(name or tower.component, module, place_params(params, dtype), cfg)
 
 
 def _image_parts(folder: Path, *, dtype: Any, variant: str | None = None, **loaded: Any) -> dict[str, Any]:
@@ -182,15 +184,16 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
 
     index = read_config(folder / "model_index.json", "pipeline")
     listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
-    if not listed & {"text_encoder", "unet"}:
+    if not listed & {"text_encoder", "text_encoder_2", "unet"}:
         raise CheckpointError(f"{folder}/model_index.json lists no text_encoder or unet component "
                               f"({sorted(listed) or 'no components at all'}): it is incomplete or not a text-to-image "
                               "pipeline's; re-download the checkpoint.")
-    absent = sorted(k for k in listed & {"text_encoder", "tokenizer", "unet", "vae", "scheduler"} if not (folder / k).is_dir())
+    absent = sorted(k for k in listed & {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae",
+                                         "scheduler"} if not (folder / k).is_dir())
     if absent:
         raise CheckpointError(f"{folder}/model_index.json lists {', '.join(absent)} but the folder(s) are missing: "
                               "the download is partial. Re-download those components.")
-    weighted = [name for name in ("text_encoder", "unet", "vae") if name in listed]
+    weighted = [name for name in ("text_encoder", "text_encoder_2", "unet", "vae") if name in listed]
     states = {name: dict(weights[name]) if weights and name in weights else
               read_state_dict(find_weight_files(folder / name, variant=variant)) for name in weighted}
     if loras:
@@ -207,6 +210,16 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
     if "tokenizer" in listed:
         length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
         parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
+    if "text_encoder_2" in listed:  # SDXL: OpenCLIP bigG with projection, its own tokenizer
+        parts["text_encoder_2"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder_2", dtype=dtype,
+                                                  state=states["text_encoder_2"], name="text_encoder_2")
+        if "tokenizer_2" in listed:
+            parts["tokenizer_2"] = PromptTokenizer.from_dir(
+                folder / "tokenizer_2", parts["text_encoder_2"].config.max_position_embeddings)
+    # SDXL pipelines' conditioning switches, with StableDiffusionXL(Img2Img)Pipeline's defaults
+    options = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
+    if options:
+        parts["pipeline_options"] = options
     if "unet" in listed:
         parts["unet"] = load_denoiser(folder / "unet", component="unet", dtype=dtype, state=states["unet"])
     if "vae" in listed:

@@ -42,15 +42,34 @@ class Pipeline:
     image_encoder: Component | None = None
     image_preprocess: clip.ImagePreprocess | None = None
     provenance: dict[str, Any] | None = None   # what was loaded (checkpoints.provenance.describe_source)
+    text_encoder_2: Component | None = None    # SDXL's second text encoder (OpenCLIP bigG, with projection)
+    tokenizer_2: Any = None
+    pipeline_options: dict[str, Any] | None = None   # model_index.json switches, e.g. force_zeros_for_empty_prompt
 
     # ------------------------------------------------------------------ structure
 
     @property
     def components(self) -> dict[str, Component]:
-        return {c.name: c for c in (self.text_encoder, self.unet, self.vae, self.image_encoder) if c is not None}
+        return {c.name: c for c in (self.text_encoder, self.text_encoder_2, self.unet, self.vae, self.image_encoder)
+                if c is not None}
+
+    @property
+    def text_encoders(self) -> dict[str, Component]:
+        """The text encoders the denoiser is conditioned on, in checkpoint order."""
+        return {c.name: c for c in (self.text_encoder, self.text_encoder_2) if c is not None}
 
     def check_compatible(self) -> None:
         """Refuse pairings that would fail deep inside a jitted program."""
+        if self.text_encoder_2 is not None and self.unet is not None:  # SDXL: widths add up, pooled fills add_embedding
+            widths = {name: c.config.hidden_size for name, c in self.text_encoders.items()}
+            cross = self.unet.config.cross_attention_dim
+            if sum(widths.values()) != cross:
+                raise CheckpointError(f"the text encoders' widths {widths} add up to {sum(widths.values())}, but the UNet's "
+                                      f"cross_attention_dim is {cross}: components of different SDXL-family models?")
+            if self.unet.config.addition_embed_type == "text_time":
+                n_ids = 5 if (self.pipeline_options or {}).get("requires_aesthetics_score") else 6
+                self.unet.config.check_added_conditioning(self.text_encoder_2.config.projection_dim or 0, n_ids)
+            return
         if self.text_encoder is not None and self.unet is not None:
             width, cross = self.text_encoder.config.hidden_size, self.unet.config.cross_attention_dim
             if width != cross:
@@ -77,6 +96,7 @@ class Pipeline:
         blocks: list[str] = []
         for component, example, patterns in (
                 (self.text_encoder, clip.example_inputs, clip.BLOCK_SITES),
+                (self.text_encoder_2, clip.example_inputs, clip.BLOCK_SITES),
                 (self.unet, self.family.example_inputs if self.family else None,
                  self.family.block_sites if self.family else ()),
                 (self.image_encoder, clip.example_inputs, clip.BLOCK_SITES)):
