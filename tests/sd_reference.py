@@ -178,7 +178,8 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085
                   "timestep_spacing": "leading", "prediction_type": "epsilon", "use_karras_sigmas": False}
 
 
-def save_sdxl_pipeline(path: str | Path, style: str = "sdxl2", *, force_zeros: bool = True, refiner: bool = False) -> Any:
+def save_sdxl_pipeline(path: str | Path, style: str = "sdxl2", *, force_zeros: bool = True, refiner: bool = False,
+                       scheduler: dict | None = None) -> Any:
     """A tiny StableDiffusionXLPipeline (two CLIP text encoders, 32 wide each, the second with a 32-wide
     projection), written with save_pretrained; refiner=True: text_encoder_2 only, aesthetic-score time ids."""
     import diffusers
@@ -195,7 +196,8 @@ def save_sdxl_pipeline(path: str | Path, style: str = "sdxl2", *, force_zeros: b
     unet_kwargs = dict(UNET_STYLES[style])
     if refiner:  # conditioned on text_encoder_2 alone, with 5 time ids (sizes, crop, aesthetic score)
         unet_kwargs.update(cross_attention_dim=32, projection_class_embeddings_input_dim=POOLED_DIM + 5 * TIME_ID_DIM)
-    scheduler = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    config = scheduler or SDXL_SCHEDULER
+    scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     parts = dict(vae=make_vae(seed=1), text_encoder_2=_perturbed(text_2, 3), tokenizer_2=tokenizer,
                  unet=make_unet(unet_kwargs, seed=2), scheduler=scheduler)
     if refiner:

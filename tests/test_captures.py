@@ -209,8 +209,11 @@ class _FakePipe:
 
     source, dtype, components = "fake", None, {}
     text_encoder = tokenizer = object()
-    vae = image_encoder = None
-    unet = SimpleNamespace(name="unet", config=SimpleNamespace(sample_size=8, block_out_channels=(4, 8), in_channels=4))
+    text_encoders = {"text_encoder": text_encoder}
+    vae = image_encoder = pipeline_options = None
+    family = SimpleNamespace(name="stable-diffusion")
+    unet = SimpleNamespace(name="unet", config=SimpleNamespace(sample_size=8, block_out_channels=(4, 8), in_channels=4,
+                                                               addition_embed_type=None))
 
     def __init__(self):
         from jaxprobe.models.schedulers import SchedulerConfig

@@ -94,3 +94,65 @@ def test_sdxl_components_of_different_widths_are_refused(tmp_path):
         tmp_path / "sdxl" / "unet")
     with pytest.raises(CheckpointError, match="add up to 64"):
         jaxprobe.load(tmp_path / "sdxl")
+
+
+PROMPTS = ["a photo of a zebra", "a drawing of a banana"]
+
+
+def _latents(n: int = 2) -> np.ndarray:
+    return np.random.default_rng(5).standard_normal((n, 4, 16, 16)).astype(np.float32)  # diffusers' NCHW
+
+
+def _close(ours: np.ndarray, theirs: np.ndarray, rel: float = 1e-3) -> None:
+    assert np.abs(ours - theirs).max() <= rel * np.abs(theirs).max(), np.abs(ours - theirs).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("force_zeros", [True, False], ids=["zeros-uncond", "encoded-uncond"])
+def test_guided_euler_sampling_matches_the_diffusers_sdxl_pipeline(force_zeros, tmp_path):
+    import jaxprobe
+
+    reference = sd_reference.save_sdxl_pipeline(tmp_path / "sdxl", force_zeros=force_zeros)
+    pipe = jaxprobe.load(tmp_path / "sdxl")
+    latents = _latents()
+    feats = pipe.capture(PROMPTS, ["latents", "text_encoder_2.text_projection", "text_encoder.text_model.encoder.layers.1"],
+                         num_inference_steps=4, guidance_scale=5.0, latents=latents, timesteps=[-1],
+                         reduce={"text_encoder*": "none", "*": "none"})
+    with torch.no_grad():
+        theirs = reference(PROMPTS, num_inference_steps=4, guidance_scale=5.0, latents=torch.from_numpy(latents),
+                           output_type="latent").images.numpy()
+        embeds, _, pooled, _ = reference.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    _close(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(feats["text_encoder_2.text_projection"], pooled.numpy(), atol=1e-5)
+    np.testing.assert_allclose(feats["text_encoder.text_model.encoder.layers.1"], embeds.numpy()[..., :32], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_turbo_style_ancestral_sampling_without_guidance_matches_diffusers(tmp_path, monkeypatch):
+    """SDXL-Turbo's setting: Euler ancestral, trailing spacing, guidance 0 (one UNet pass per step); the
+    fresh noise of each step is jaxprobe's (seed, prompt index) stream, handed to diffusers."""
+    import jax
+    import jax.numpy as jnp
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
+
+    import jaxprobe
+    from jaxprobe.pipeline.programs import prompt_keys, step_noise
+
+    config = {**sd_reference.SDXL_SCHEDULER, "_class_name": "EulerAncestralDiscreteScheduler",
+              "timestep_spacing": "trailing"}
+    del config["use_karras_sigmas"]
+    reference = sd_reference.save_sdxl_pipeline(tmp_path / "turbo", scheduler=config)
+    pipe = jaxprobe.load(tmp_path / "turbo")
+    assert pipe.scheduler.kind == "euler_ancestral"
+    latents, seed, steps = _latents(), 3, 2
+    feats = pipe.capture(PROMPTS, ["latents"], num_inference_steps=steps, guidance_scale=0.0, latents=latents,
+                         seed=seed, timesteps=[-1], reduce="none")
+    keys = prompt_keys(jnp.int32(seed), jnp.arange(len(PROMPTS), dtype=jnp.int32))
+    noises = iter([np.asarray(step_noise(keys, jnp.int32(i), (16, 16, 4))).transpose(0, 3, 1, 2)
+                   for i in range(steps)])
+    monkeypatch.setattr(ancestral, "randn_tensor", lambda *a, **k: torch.from_numpy(next(noises)))
+    with torch.no_grad():
+        theirs = reference(PROMPTS, num_inference_steps=steps, guidance_scale=0.0, latents=torch.from_numpy(latents),
+                           output_type="latent").images.numpy()
+    _close(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1))
+    del jax

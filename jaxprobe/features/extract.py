@@ -57,7 +57,7 @@ def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str
     """
     prompts = list(prompts)
     sites = pipe.select(sites)
-    text_only = all(s.startswith("text_encoder.") for s in sites)
+    text_only = all(s.startswith(("text_encoder.", "text_encoder_2.")) for s in sites)
     key_options = {"reduce": options.get("reduce", "mean")} if text_only else options
     description = {"kind": "text" if text_only else "sampling", "model": model_fingerprint(pipe), "sites": sites,
                    "prompts": prompts, "options": key_options}

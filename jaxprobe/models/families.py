@@ -9,8 +9,10 @@ value in `FAMILIES`. The rest of the package asks the family, never the model cl
                 torch -> Flax mapping (`checkpoints.weights.convert_state_dict`); identity for most
     inputs      `example_inputs(config, batch)` -> zeros for shape tracing (params, sites)
     sites       `block_sites` (regexes that wildcards reach) and `bottleneck_site` (h-space)
-    conditioning `text_encoders` and `context_site` it reads, and `conditioning(activations)` ->
-                the keyword inputs of one evaluation beyond latents and timestep
+    conditioning `text_encoders` it reads, `context_site` (the first tower's site whose activation is
+                the context; the Diffusion Lens feeds it), and `conditioning(activations, extras)`:
+                {tower: {site: activation}} and per-run extras (SDXL's time ids) -> the keyword
+                inputs of one evaluation beyond latents and timestep
     evaluation  `apply(module, params, latents, t, conditioning)` -> (prediction, sown intermediates)
 
 Adding a family is a model file in models/, a `DenoiserFamily` entry here and, if its prompts need
@@ -20,10 +22,12 @@ another encoder, that encoder's model file: the pipeline, programs, loaders and 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models import unet
@@ -42,14 +46,39 @@ class DenoiserFamily:
     bottleneck_site: str
     text_encoders: tuple[str, ...]                  # pipeline components the conditioning reads, in order
     context_site: str                               # the text-encoder site whose activation conditions
-    conditioning: Callable[[Mapping[str, jax.Array]], dict[str, jax.Array]]
+    #                                                 ("" when it is several: SDXL's penultimate layers)
+    conditioning: Callable[[Mapping[str, Mapping[str, jax.Array]], Mapping[str, jax.Array]], dict[str, jax.Array]]
     apply: Callable[..., tuple[jax.Array, Any]]
     rename_keys: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda state: state
+    matches: Callable[[Any], bool] = lambda config: True   # among families sharing a config class
 
 
-def _sd_conditioning(context: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def _sd_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
+                     ) -> dict[str, jax.Array]:
     """SD 1.x/2.x condition on the text encoder's last hidden state (b, tokens, d), nothing else."""
-    return {"encoder_hidden_states": context["text_encoder"]}
+    return {"encoder_hidden_states": acts["text_encoder"]["text_model.final_layer_norm"]}
+
+
+def penultimate_site(acts: Mapping[str, jax.Array]) -> str:
+    """The output site of a CLIP tower's second-to-last layer (diffusers' `hidden_states[-2]`)."""
+    last = max(int(s.split(".")[3]) for s in acts if s.count(".") == 3 and s.startswith("text_model.encoder.layers."))
+    return f"text_model.encoder.layers.{last - 1}"
+
+
+def _sdxl_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
+                       ) -> dict[str, jax.Array]:
+    """SDXL: every tower's penultimate hidden states side by side (b, tokens, sum of widths), the pooled
+    projection of text_encoder_2 (b, d), and the micro-conditioning time ids (b, 5 or 6)."""
+    context = jnp.concatenate([a[penultimate_site(a)] for a in acts.values()], axis=-1)
+    return {"encoder_hidden_states": context, "text_embeds": acts["text_encoder_2"]["text_projection"],
+            "time_ids": extras["time_ids"]}
+
+
+def _sdxl_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
+                conditioning: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    out, state = module.apply({"params": params}, latents, t, conditioning["encoder_hidden_states"],
+                              conditioning["text_embeds"], conditioning["time_ids"], mutable=["intermediates"])
+    return out, state["intermediates"]
 
 
 def _sd_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
@@ -66,20 +95,30 @@ STABLE_DIFFUSION = DenoiserFamily(
     block_sites=unet.BLOCK_SITES, bottleneck_site="mid_block", text_encoders=("text_encoder",),
     context_site="text_model.final_layer_norm", conditioning=_sd_conditioning, apply=_sd_apply)
 
-FAMILIES: dict[str, DenoiserFamily] = {STABLE_DIFFUSION.name: STABLE_DIFFUSION}
+def _is_sdxl(config: Any) -> bool:
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
+
+# SDXL is the SD UNet with added text-time conditioning and two text towers (a refiner: the second alone).
+SDXL = dataclasses.replace(
+    STABLE_DIFFUSION, name="stable-diffusion-xl", text_encoders=("text_encoder", "text_encoder_2"),
+    context_site="", conditioning=_sdxl_conditioning, apply=_sdxl_apply, matches=_is_sdxl)
+STABLE_DIFFUSION = dataclasses.replace(STABLE_DIFFUSION, matches=lambda config: not _is_sdxl(config))
+
+FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION)}
 
 
 def family_of_config(config: Any) -> DenoiserFamily:
-    """The family whose Config type `config` is."""
+    """The family whose Config type `config` is (and whose `matches` accepts it)."""
     for family in FAMILIES.values():
-        if isinstance(config, family.config_cls):
+        if isinstance(config, family.config_cls) and family.matches(config):
             return family
     raise CheckpointError(f"no denoiser family reads a {type(config).__name__}; known: {', '.join(FAMILIES)}")
 
 
 def family_for_checkpoint(class_name: str | None, component: str) -> DenoiserFamily:
     """The family that reads a diffusers `component/` folder whose config names `class_name`."""
-    for family in FAMILIES.values():
+    for family in FAMILIES.values():  # families sharing a class (SD, SDXL) are told apart by their config later
         if family.component == component and (class_name is None or class_name in family.class_names):
             return family
     readable = ", ".join(f"{f.component}/ {'|'.join(f.class_names)} ({f.name})" for f in FAMILIES.values())

@@ -34,16 +34,23 @@ class Models:
     """The Flax modules of a pipeline (static under jit) and how its denoiser family is driven."""
 
     text_encoder: Any = None
+    text_encoder_2: Any = None                # SDXL's second text tower
     denoiser: Any = None
     family: DenoiserFamily | None = None
     vae: Any = None
     image_encoder: Any = None
     image_preprocess: clip.ImagePreprocess | None = None
 
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The text towers present, by component name, in checkpoint order."""
+        return tuple(name for name in ("text_encoder", "text_encoder_2") if getattr(self, name) is not None)
+
 
 @dataclass(frozen=True)
 class Plan:
-    """What one program computes and returns (static). Site names are paths inside their component."""
+    """What one program computes and returns (static). Site names are paths inside their component, but
+    text sites keep their component ("text_encoder.…", "text_encoder_2.…"): a pipeline may have two."""
 
     text_sites: tuple[str, ...] = ()
     text_reductions: tuple[str, ...] = ()
@@ -59,11 +66,34 @@ class Plan:
     given_noise: bool = False                # inputs carry "noise" instead of drawing it
     return_latents: bool = False
     return_images: bool = False
+    zero_uncond: bool = False                # SDXL's force_zeros_for_empty_prompt: the unconditional inputs are 0
 
 
-def _text_pass(models: Models, params: Any, ids: jax.Array) -> dict[str, jax.Array]:
-    _, state = models.text_encoder.apply({"params": params["text_encoder"]}, ids, mutable=["intermediates"])
+def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "text_encoder") -> dict[str, jax.Array]:
+    _, state = getattr(models, component).apply({"params": params[component]}, ids, mutable=["intermediates"])
     return flatten_intermediates(state["intermediates"])
+
+
+def _text_passes(models: Models, params: Any, ids: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
+    """{text tower: {site: activation}} for every tower's token ids."""
+    return {name: _text_pass(models, params, ids[name], name) for name in models.text_encoders}
+
+
+def conditioning_of(models: Models, params: Any, plan: Plan, inputs: Mapping[str, Any],
+                    acts: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    """The denoiser's conditioning inputs for the batch, [uncond; cond] along it when guided: the family
+    reads them from the text towers' activations and the per-run extras ("time_ids" for SDXL)."""
+    batch = inputs["prompt_index"].shape[0]
+    extras = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in inputs.get("extras", {}).items()}
+    cond = models.family.conditioning(acts, extras)
+    if not plan.guided:
+        return cond
+    uncond_extras = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in inputs.get("uncond_extras", {}).items()}
+    if plan.zero_uncond:  # the text parts are zeros; the micro-conditioning stays
+        uncond = {k: (uncond_extras[k] if k in uncond_extras else jnp.zeros_like(v)) for k, v in cond.items()}
+    else:
+        uncond = models.family.conditioning(_text_passes(models, params, inputs["uncond_ids"]), uncond_extras)
+    return {k: jnp.concatenate([jnp.broadcast_to(uncond[k], v.shape), v]) for k, v in cond.items()}
 
 
 def reduce_denoiser_site(site: str, x: jax.Array, how: str) -> jax.Array:
@@ -85,18 +115,31 @@ def capture_denoiser_sites(plan: Plan, acts: Mapping[str, jax.Array], batch: int
 
 def initial_noise(seed: jax.Array, prompt_index: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
     """(b, h, w, c): prompt i's noise depends only on (seed, i), whatever the batching or the host."""
+    return jax.vmap(lambda key: jax.random.normal(key, shape))(prompt_keys(seed, prompt_index))
+
+
+def step_noise(keys: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """(b, *shape): an ancestral sampler's fresh noise at step i, from each prompt's own key, so it too
+    depends only on (seed, prompt index)."""
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i + 1), shape))(keys)
+
+
+def prompt_keys(seed: jax.Array, prompt_index: jax.Array) -> jax.Array:
+    """(b,) keys: prompt i's is fold_in(key(seed), i), the key of its initial noise too."""
     key = jax.random.key(seed)
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(prompt_index)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(prompt_index)
 
 
 def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Plan, noise: jax.Array,
-            conditioning: Mapping[str, jax.Array], guidance_scale: jax.Array
+            conditioning: Mapping[str, jax.Array], guidance_scale: jax.Array, noise_keys: jax.Array | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The sampling loop: final latents (b, h, w, c) and {site: (steps, b, ...)} captured at every step.
 
-    conditioning: the family's inputs, already [uncond; cond] along the batch when guided."""
+    conditioning: the family's inputs, already [uncond; cond] along the batch when guided. noise_keys:
+    (b,) per-prompt keys of an ancestral sampler's fresh noise (`prompt_keys`)."""
     family, batch = models.family, noise.shape[0]
     latents = noise * schedulers.init_noise_sigma(schedule)
+    stochastic = schedulers.needs_noise(schedule)
 
     def step(carry, i):
         latents, state = carry
@@ -109,7 +152,8 @@ def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Pl
         if plan.guided:
             eps_uncond, eps_cond = eps[:batch], eps[batch:]
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        state, latents, x0 = schedulers.step(schedule, state, eps, i, latents)
+        fresh = step_noise(noise_keys, i, latents.shape[1:]) if stochastic else None
+        state, latents, x0 = schedulers.step(schedule, state, eps, i, latents, noise=fresh)
         captured = capture_denoiser_sites(plan, flatten_intermediates(inter), batch)
         sampler = {"latents": latents, "pred_original_sample": x0}
         for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
@@ -147,24 +191,23 @@ def embed_images(models: Models, params: Any, images: jax.Array, sites: tuple[st
 @functools.partial(jax.jit, static_argnames=("models", "plan"))
 def capture_program(models: Models, params: dict[str, Any], schedule: schedulers.Schedule | None, plan: Plan,
                     inputs: dict[str, jax.Array], seed: jax.Array, guidance_scale: jax.Array) -> dict[str, jax.Array]:
-    """inputs: "ids" (b, tokens), "eos" (b,), "prompt_index" (b,), "uncond_ids" (1, tokens) when guided,
-    "noise" (b, h, w, c) when given. Returns {"text:SITE": (b, ...), "denoiser:SITE": (b, kept steps, ...),
-    "image:SITE": (b, ...), "latents": (b, h, w, c), "images": (b, H, W, 3)}, as the plan asks."""
+    """inputs: "ids" and "eos" {text tower: (b, tokens) | (b,)}, "prompt_index" (b,), "uncond_ids" {tower:
+    (1, tokens)} when guided, "extras"/"uncond_extras" {name: (1, ...)} the family's per-run conditioning
+    (SDXL's time ids), "noise" (b, h, w, c) when given. Returns {"text:SITE": (b, ...), "denoiser:SITE":
+    (b, kept steps, ...), "image:SITE": (b, ...), "latents": (b, h, w, c), "images": (b, H, W, 3)}, as the
+    plan asks."""
     out: dict[str, jax.Array] = {}
-    acts = _text_pass(models, params, inputs["ids"])
+    acts = _text_passes(models, params, inputs["ids"])
     for site, how in zip(plan.text_sites, plan.text_reductions):
-        out[f"text:{site}"] = reduce_tokens(acts[site], inputs["eos"], how).astype(jnp.float32)
+        component, local = site.split(".", 1)
+        out[f"text:{site}"] = reduce_tokens(acts[component][local], inputs["eos"][component], how).astype(jnp.float32)
     if not plan.sample:
         return out
-    family = models.family
-    context = acts[family.context_site]                                            # (b, tokens, d)
-    if plan.guided:
-        uncond = _text_pass(models, params, inputs["uncond_ids"])[family.context_site]  # (1, tokens, d)
-        context = jnp.concatenate([jnp.broadcast_to(uncond, context.shape), context])
-    conditioning = family.conditioning({"text_encoder": context})
+    conditioning = conditioning_of(models, params, plan, inputs, acts)
     shape = plan.latent_shape
     noise = inputs["noise"] if plan.given_noise else initial_noise(seed, inputs["prompt_index"], shape)
-    latents, captured = denoise(models, params, schedule, plan, noise, conditioning, guidance_scale)
+    latents, captured = denoise(models, params, schedule, plan, noise, conditioning, guidance_scale,
+                                prompt_keys(seed, inputs["prompt_index"]))
     keep = slice(None) if plan.steps is None else jnp.asarray(plan.steps)
     for site, value in captured.items():
         out[f"denoiser:{site}"] = jnp.moveaxis(value[keep], 0, 1)                  # (b, kept steps, ...)
@@ -199,8 +242,8 @@ def real_image_program(models: Models, params: dict[str, Any], sched_config: sch
     batch = x0.shape[0]
     noise = initial_noise(seed, inputs["prompt_index"], x0.shape[1:])
     noisy = schedulers.add_noise(sched_config, x0, noise, jnp.full((batch,), t))
-    context = _text_pass(models, params, inputs["prompt_ids"])[models.family.context_site]
-    conditioning = models.family.conditioning({"text_encoder": jnp.broadcast_to(context, (batch, *context.shape[1:]))})
+    prompt = models.family.conditioning(_text_passes(models, params, inputs["prompt_ids"]), inputs.get("extras", {}))
+    conditioning = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in prompt.items()}
     _, inter = models.family.apply(models.denoiser, params["denoiser"], noisy.astype(models.denoiser.dtype), t,
                                    conditioning)
     captured = capture_denoiser_sites(plan, flatten_intermediates(inter), batch)

@@ -7,6 +7,7 @@ images encoded, noised to step t, one denoiser pass).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Mapping, Sequence
@@ -113,6 +114,7 @@ def _given_noise(latents: np.ndarray, n: int, channels: int) -> np.ndarray:
 def models_of(pipe: "Pipeline") -> Models:
     return Models(
         text_encoder=pipe.text_encoder.module if pipe.text_encoder else None,
+        text_encoder_2=pipe.text_encoder_2.module if pipe.text_encoder_2 else None,
         denoiser=pipe.unet.module if pipe.unet else None, family=pipe.family,
         vae=pipe.vae.module if pipe.vae else None,
         image_encoder=pipe.image_encoder.module if pipe.image_encoder else None,
@@ -121,13 +123,47 @@ def models_of(pipe: "Pipeline") -> Models:
 
 def params_of(pipe: "Pipeline") -> dict[str, Any]:
     """Every component's (already placed) parameters under the program's names."""
-    names = {"text_encoder": pipe.text_encoder, "denoiser": pipe.unet, "vae": pipe.vae,
-             "image_encoder": pipe.image_encoder}
+    names = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2, "denoiser": pipe.unet,
+             "vae": pipe.vae, "image_encoder": pipe.image_encoder}
     return {name: c.params for name, c in names.items() if c is not None}
 
 
 CAPTURE_DEFAULTS = dict(timesteps="all", num_inference_steps=50, guidance_scale=7.5, seed=0, reduce="mean",
-                        latents=None, branch="cond", negative_prompt="", height=None, width=None, prompt_offset=0)
+                        latents=None, branch="cond", negative_prompt="", height=None, width=None, prompt_offset=0,
+                        original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                        aesthetic_score=6.0, negative_aesthetic_score=2.5)
+TEXT_TOWERS = ("text_encoder.", "text_encoder_2.")
+
+
+def tokenized(pipe: "Pipeline", prompts: Sequence[str], allow_empty: bool = False) -> tuple[dict, dict]:
+    """({text tower: ids (n, tokens)}, {text tower: EOS positions (n,)}), each tower with its own tokenizer."""
+    ids, eos = {}, {}
+    for name in pipe.text_encoders:
+        tokenizer = pipe.tokenizer_2 if name == "text_encoder_2" else pipe.tokenizer
+        if tokenizer is None:
+            raise SiteError(f"{pipe.source} has no tokenizer for {name}; its folder is incomplete")
+        ids[name] = tokenizer(prompts, allow_empty=allow_empty)
+        eos[name] = tokenizer.eos_positions(ids[name])
+    return ids, eos
+
+
+def sdxl_extras(pipe: "Pipeline", plan: Plan, o: Mapping[str, Any]) -> tuple[dict, dict]:
+    """SDXL's micro-conditioning as diffusers builds it, (cond, uncond) {"time_ids": (1, n)}: original size,
+    crop top-left and target size (both default the image's size), or for a refiner (requires_aesthetics_score)
+    original size, crop and the (negative) aesthetic score. Empty for other families."""
+    if pipe.unet is None or pipe.unet.config.addition_embed_type != "text_time":
+        return {}, {}
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 8
+    size = (plan.latent_shape[0] * factor, plan.latent_shape[1] * factor)
+    original, target = tuple(o["original_size"] or size), tuple(o["target_size"] or size)
+    crop = tuple(o["crops_coords_top_left"])
+    if (pipe.pipeline_options or {}).get("requires_aesthetics_score"):
+        cond, uncond = (*original, *crop, o["aesthetic_score"]), (*original, *crop, o["negative_aesthetic_score"])
+    else:
+        cond = uncond = (*original, *crop, *target)
+    def ids(values):
+        return {"time_ids": np.asarray([values], np.float32)}
+    return ids(cond), ids(uncond)
 
 
 def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool = False,
@@ -136,16 +172,16 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
     before anything runs. Options not given take `CAPTURE_DEFAULTS`; others (batch_size, progress) are
     ignored here."""
     o = {**CAPTURE_DEFAULTS, **{k: v for k, v in options.items() if k in CAPTURE_DEFAULTS}}
-    text_sites = [s for s in sites if s.startswith("text_encoder.")]
+    text_sites = [s for s in sites if s.startswith(TEXT_TOWERS)]
     image_sites = [s for s in sites if s.startswith("image_encoder.")]
     loop_sites = [s for s in sites if s not in text_sites and s not in image_sites]
-    if pipe.text_encoder is None:
+    if not pipe.text_encoders:
         raise SiteError(f"{pipe.source} has no text encoder")
-    text = dict(text_sites=tuple(s.removeprefix("text_encoder.") for s in text_sites),
+    text = dict(text_sites=tuple(text_sites),
                 text_reductions=resolve_reductions(text_sites, o["reduce"], lambda s: TOKEN_REDUCTIONS))
     if not (loop_sites or image_sites or return_images):
         return Plan(**text), None
-    _require(pipe, "unet", "scheduler", "text_encoder", "tokenizer")
+    _require(pipe, "unet", "scheduler")
     if image_sites or return_images:
         _require(pipe, "vae")
     if image_sites and pipe.image_encoder is None:
@@ -163,7 +199,10 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
                 image_reductions=("cls",) * len(image_sites), sample=True, guided=guided, branch=branch,
                 steps=_step_indices(o["timesteps"], len(schedule.timesteps)),
                 latent_shape=latent_shape(pipe, o["height"], o["width"]), given_noise=o["latents"] is not None,
-                return_images=return_images)
+                return_images=return_images,
+                # diffusers' SDXL pipelines default force_zeros_for_empty_prompt to True
+                zero_uncond=guided and pipe.family.name == "stable-diffusion-xl" and not o["negative_prompt"]
+                and (pipe.pipeline_options or {}).get("force_zeros_for_empty_prompt", True))
     return plan, schedule
 
 
@@ -184,13 +223,15 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
         if how == "none" and not site.endswith(PROBS):
             warnings.warn(f"reduce='none' keeps full maps of {site} at every step: memory grows with "
                           "prompts x steps x h x w x channels", stacklevel=4)
-    ids = pipe.tokenize(prompts, allow_empty=not plan.text_sites)
-    inputs = {"ids": ids, "eos": pipe.tokenizer.eos_positions(ids),
-              "prompt_index": np.arange(offset, offset + len(prompts), dtype=np.int32)}
+    ids, eos = tokenized(pipe, prompts, allow_empty=not plan.text_sites)
+    inputs = {"ids": ids, "eos": eos, "prompt_index": np.arange(offset, offset + len(prompts), dtype=np.int32)}
     if plan.given_noise:
         inputs["noise"] = _given_noise(o["latents"], len(prompts), plan.latent_shape[2])
     # What every batch shares goes to the devices once, so a batch uploads only its own rows.
-    shared = replicate({"uncond_ids": pipe.tokenize([o["negative_prompt"]], allow_empty=True)} if plan.guided else {})
+    shared = {"uncond_ids": tokenized(pipe, [o["negative_prompt"]], allow_empty=True)[0]} if plan.guided else {}
+    if plan.sample:
+        shared["extras"], shared["uncond_extras"] = sdxl_extras(pipe, plan, o)
+    shared = replicate(shared)
     on_device = replicate(schedule) if schedule is not None else None
     models, params = models_of(pipe), params_of(pipe)
     seed, scale = jnp.int32(o["seed"]), jnp.float32(o["guidance_scale"])
@@ -200,7 +241,7 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
 
     out = run_batched(run, inputs, batch_size, progress=progress,
                       label="sampling" if plan.sample else "text encoder")
-    named = {f"text_encoder.{s}": out[f"text:{s}"] for s in plan.text_sites}
+    named = {s: out[f"text:{s}"] for s in plan.text_sites}
     named.update({s if s in SAMPLER_SITES else f"{pipe.unet.name}.{s}": out[f"denoiser:{s}"]
                   for s in plan.denoiser_sites})
     named.update({f"image_encoder.{s}": out[f"image:{s}"] for s in plan.image_sites})
@@ -220,7 +261,7 @@ def describe_capture(pipe: "Pipeline", sites: Sequence[str], plan: Plan, schedul
         return {"reductions": dict(zip(sites, plan.text_reductions)), "seed": None,
                 "prompt_offset": options["prompt_offset"], "options": {}}
     steps = np.asarray(plan.steps if plan.steps is not None else range(len(schedule.timesteps)))
-    text = [s for s in sites if s.startswith("text_encoder.")]
+    text = [s for s in sites if s.startswith(TEXT_TOWERS)]
     image = [s for s in sites if s.startswith("image_encoder.")]
     loop = [s for s in sites if s not in text and s not in image]
     reductions = dict(zip(text, plan.text_reductions)) | dict(zip(loop, plan.denoiser_reductions)) \
@@ -274,7 +315,7 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     depends only on (seed, offset + image index), and passed once through the UNet conditioned on
     `prompt`; `offset` lets a dataset extracted in chunks get the noise of one whole run.
     """
-    _require(pipe, "unet", "vae", "scheduler", "text_encoder", "tokenizer")
+    _require(pipe, "unet", "vae", "scheduler")
     if not 0 <= t < pipe.scheduler.num_train_timesteps:
         raise InputError(f"t must be a training timestep in 0..{pipe.scheduler.num_train_timesteps - 1}, got {t}")
     chosen = [s for s in pipe.select(sites) if s.startswith("unet.")]
@@ -286,7 +327,9 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     plan = Plan(denoiser_sites=tuple(s.removeprefix("unet.") for s in chosen),
                 denoiser_reductions=resolve_reductions(chosen, reduce, _denoiser_reductions), branch="cond")
     inputs = {"images": arr, "prompt_index": np.arange(offset, offset + len(arr), dtype=np.int32)}
-    shared = replicate({"prompt_ids": pipe.tokenize([prompt], allow_empty=True)})
+    plan_extras, _ = sdxl_extras(pipe, dataclasses.replace(plan, latent_shape=(size // factor, size // factor, 0)),
+                                 CAPTURE_DEFAULTS)
+    shared = replicate({"prompt_ids": tokenized(pipe, [prompt], allow_empty=True)[0], "extras": plan_extras})
     models, params = models_of(pipe), params_of(pipe)
     seed_, t_ = jnp.int32(seed), jnp.int32(t)
     out = run_batched(lambda batch: real_image_program(models, params, pipe.scheduler, plan, {**batch, **shared},

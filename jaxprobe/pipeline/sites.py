@@ -79,8 +79,10 @@ def block_sites_of(available: Iterable[str], component: str, patterns: Sequence[
 
 def short_site(site: str) -> str:
     """A site name without the prefixes every site of its component shares, for axis labels."""
-    for prefix in ("text_encoder.text_model.encoder.", "text_encoder.text_model.", "text_encoder.",
-                   "image_encoder.vision_model.", "image_encoder.", "unet."):
+    for prefix, label in (("text_encoder.text_model.encoder.", ""), ("text_encoder.text_model.", ""),
+                          ("text_encoder.", ""), ("text_encoder_2.text_model.encoder.", "te2 "),
+                          ("text_encoder_2.text_model.", "te2 "), ("text_encoder_2.", "te2 "),
+                          ("image_encoder.vision_model.", ""), ("image_encoder.", ""), ("unet.", "")):
         if site.startswith(prefix):
-            return site.removeprefix(prefix)
+            return label + site.removeprefix(prefix)
     return site
