@@ -19,9 +19,11 @@ _LAZY = {
     "RidgeCV": "jaxprobe.probes",
     "BandedRidgeCV": "jaxprobe.probes",
     "probe_sweep": "jaxprobe.probes",
+    "variance_partition": "jaxprobe.probes",
 }
 
-__all__ = ["load", "Pipeline", "Captures", "Component", "RidgeCV", "BandedRidgeCV", "probe_sweep", "JaxprobeError",
+__all__ = ["load", "Pipeline", "Captures", "Component", "RidgeCV", "BandedRidgeCV", "probe_sweep",
+           "variance_partition", "JaxprobeError",
            "CheckpointError", "InputError", "SiteError", "__version__"]
 
 

@@ -14,12 +14,13 @@ from jaxprobe.probes.banded import cross_validate_banded, kernel_weights
 from jaxprobe.probes.crossval import CVResult, cross_validate, cross_validate_ridge
 from jaxprobe.probes.folds import FoldPlan, nested_plan
 from jaxprobe.probes.linear import ProbeConfig
+from jaxprobe.probes.partition import variance_partition
 from jaxprobe.probes.sweep import aggregate, probe_sweep, run_probe_files
 
 __all__ = [
     "Alignment", "BandedRidgeCV", "CVResult", "FoldPlan", "LogisticProbe", "ProbeConfig", "RidgeCV",
     "aggregate", "align_by_concept", "cross_validate", "cross_validate_banded", "cross_validate_ridge",
-    "kernel_weights", "nested_plan", "probe_sweep", "run_probe_files",
+    "kernel_weights", "nested_plan", "probe_sweep", "run_probe_files", "variance_partition",
 ]
 
 

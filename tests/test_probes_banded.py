@@ -1,0 +1,162 @@
+"""Banded ridge and variance partitioning on the Binder concrete nouns: himalaya's banded ridge on the
+same folds and grid, planted unique/shared structure, a duplicated space, and the permutation null."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+from sklearn.model_selection import KFold
+
+import jaxprobe
+from jaxprobe.errors import InputError
+from jaxprobe.probes import cross_validate_banded, kernel_weights, nested_plan
+
+from binder_sheet import concrete_rows
+
+ALPHAS = np.logspace(-2, 5, 8)
+
+
+@pytest.fixture(scope="module")
+def binder() -> pd.DataFrame:
+    """Concrete nouns x the 65 attributes without a missing rating among them, indexed by word."""
+    _, ratings = concrete_rows()
+    return ratings.loc[:, ratings.notna().all()]
+
+
+def standard(v: np.ndarray) -> np.ndarray:
+    return (v - v.mean(0)) / v.std(0)
+
+
+def encode(signals: np.ndarray, d: int, noise: float, rng) -> np.ndarray:
+    """(n, d) features carrying `signals` (n, s) through a random projection, plus noise."""
+    return signals @ rng.normal(size=(signals.shape[1], d)) + noise * rng.normal(size=(len(signals), d))
+
+
+def himalaya_banded(spaces, Y, splits, gammas):
+    from himalaya.ridge import BandedRidgeCV as HimalayaBanded
+
+    model = HimalayaBanded(groups="input", fit_intercept=True, cv=splits,
+                           solver_params=dict(n_iter=gammas, alphas=ALPHAS, progress_bar=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # himalaya: n < d would be faster as multiple-kernel ridge
+        return model.fit(spaces, Y)
+
+
+@pytest.fixture(scope="module")
+def spaces(binder):
+    """A carries the first 5 attributes, B the next 5 (B wider than n: the dual form), C the next 3."""
+    rng = np.random.default_rng(0)
+    Y = standard(binder.to_numpy())
+    return [encode(Y[:, :5], 30, 2.0, rng), encode(Y[:, 5:10], 300, 3.0, rng), encode(Y[:, 10:13], 12, 1.0, rng)]
+
+
+@pytest.mark.parametrize("n_spaces", [2, 3])
+def test_banded_ridge_matches_himalaya_on_the_same_splits_and_grid(binder, spaces, n_spaces):
+    Y = binder.to_numpy()[:, :13]
+    splits = list(KFold(5, shuffle=True, random_state=3).split(Y))
+    gammas = kernel_weights(n_spaces, np.logspace(-2, 2, 5))
+    ours = jaxprobe.BandedRidgeCV(ALPHAS, gammas=gammas, cv=splits, scoring="neg_mean_squared_error",
+                                  dtype=np.float64).fit(spaces[:n_spaces], Y)
+    ref = himalaya_banded(spaces[:n_spaces], Y, splits, gammas)
+    np.testing.assert_allclose(ours.deltas_, np.asarray(ref.deltas_), rtol=1e-10)
+    np.testing.assert_allclose(ours.predict(spaces[:n_spaces]), np.asarray(ref.predict(spaces[:n_spaces])),
+                               atol=1e-4)
+    assert len(np.unique(ours.deltas_[1] - ours.deltas_[0])) > 1  # targets really pick different ratios
+
+
+def test_engine_outer_folds_match_himalaya_and_float32_stays_close(binder, spaces):
+    """The batched engine (the path of variance_partition) against himalaya fitted per outer fold."""
+    Y = binder.to_numpy()[:, :13]
+    A, B = spaces[0], spaces[1]
+    plan = nested_plan(len(Y), 3, 4, seed=1)
+    gammas = kernel_weights(2, np.logspace(-2, 2, 5))
+    expected = np.zeros_like(Y)
+    for k in range(plan.n_outer):
+        train, test = plan.train[k][plan.train_mask[k]], plan.test[k][plan.test_mask[k]]
+        inner = [(np.setdiff1d(np.arange(len(train)), v[m]), v[m]) for v, m in zip(plan.val[k], plan.val_mask[k])]
+        ref = himalaya_banded([A[train], B[train]], Y[train], inner, gammas)
+        expected[test] = np.asarray(ref.predict([A[test], B[test]]))
+    for dtype, atol in ((np.float64, 1e-4), (np.float32, 2e-2)):
+        res = cross_validate_banded([np.hstack([A, B])], Y, plan, (30, 300), ALPHAS, gammas, standardize=False,
+                                    scoring="neg_mse", dtype=dtype)
+        np.testing.assert_allclose(res.predictions[0], expected, atol=atol)
+    assert res.alphas.shape == (1, plan.n_outer, 13, 2)  # per-space penalties alpha / gamma_j
+
+
+def test_estimator_takes_column_slices_and_splits_coef_by_space(binder, spaces):
+    Y = binder.to_numpy()[:, :4]
+    A, B = spaces[0], spaces[2]
+    X = np.hstack([B, A])
+    listed = jaxprobe.BandedRidgeCV(ALPHAS, cv=5).fit([A, B], Y)
+    sliced = jaxprobe.BandedRidgeCV(ALPHAS, cv=5, feature_spaces=[slice(12, 42), np.arange(12)]).fit(X, Y)
+    np.testing.assert_allclose(sliced.predict(X), listed.predict([A, B]), atol=1e-4)
+    np.testing.assert_allclose(sliced.coefs_[0], listed.coefs_[0], atol=1e-5)
+    np.testing.assert_allclose(sliced.coef_[:, :12], listed.coefs_[1], atol=1e-5)
+    assert listed.deltas_.shape == (2, 4) and listed.cv_scores_.shape == (9, len(ALPHAS), 4)
+    np.testing.assert_allclose(np.exp(listed.deltas_).sum(0), 1 / listed.alpha_, rtol=1e-6)
+    one = jaxprobe.BandedRidgeCV(ALPHAS, cv=5).fit([A, B], Y[:, 0])
+    assert one.deltas_.shape == (2,) and one.coef_.shape == (42,) and np.ndim(one.alpha_) == 0
+    with pytest.raises(InputError, match="feature spaces"):
+        jaxprobe.BandedRidgeCV().fit(X, Y)
+    with pytest.raises(InputError, match="disjoint"):
+        jaxprobe.BandedRidgeCV(feature_spaces=[slice(0, 20), slice(10, 42)]).fit(X, Y)
+
+
+def test_variance_partition_recovers_a_planted_split(binder):
+    """A carries attribute 0, B attribute 1, both attribute 2 (decorrelated real ratings); the targets
+    are those attributes plus rating noise, so the partition of each is known."""
+    rng = np.random.default_rng(1)
+    z = np.linalg.qr(standard(binder.to_numpy()[:, [0, 20, 40]]))[0] * np.sqrt(len(binder))
+    A = encode(z[:, [0, 2]], 40, 0.5, rng)
+    B = {"unet.mid_block": np.stack([encode(z[:, [1, 2]], 60, 0.5, rng) for _ in range(2)], 1)}  # 2 steps
+    targets = pd.DataFrame(z + 0.5 * rng.normal(size=z.shape), index=binder.index,
+                           columns=["only_a", "only_b", "both"])
+    shuffled = targets.sample(frac=1.0, random_state=0)  # matched back by concept
+    table = jaxprobe.variance_partition(A, B, shuffled, concepts=list(binder.index), n_bootstrap=200,
+                                        target_groups={"only_a": "a", "only_b": "b", "both": "ab"})
+    assert list(table["step"].unique()) == [0, 1] and table["pair"].iloc[0] == "a + unet.mid_block@0"
+    explained = 1 / 1.25  # signal variance 1, noise variance 0.25
+    row = table.groupby("target")[["unique_a", "unique_b", "shared"]].mean()
+    np.testing.assert_allclose(row.loc["only_a"], [explained, 0, 0], atol=0.08)
+    np.testing.assert_allclose(row.loc["only_b"], [0, explained, 0], atol=0.08)
+    np.testing.assert_allclose(row.loc["both"], [0, 0, explained], atol=0.08)
+    np.testing.assert_allclose(table["unique_a"], table["r2_joint"] - table["r2_b"])
+    assert ((table["unique_b_low"] <= table["unique_b"]) & (table["unique_b"] <= table["unique_b_high"])).all()
+    big = table["target"] == "only_b"
+    assert (table.loc[big, "unique_b_low"] > 0.5).all() and (table.loc[~big, "unique_b_low"] < 0.05).all()
+
+
+def test_a_duplicated_space_adds_no_unique_variance(binder, spaces):
+    A = spaces[0]
+    table = jaxprobe.variance_partition(A, np.hstack([A, A]), binder.iloc[:, :10].to_numpy())
+    assert table["r2_a"].mean() > 0.3
+    assert table["unique_b"].abs().max() < 0.01
+    np.testing.assert_allclose(table["shared"], table["r2_a"], atol=0.01)
+
+
+def test_permutation_pvalues_of_a_null_space_are_uniform(binder, spaces):
+    """80 independent noise spaces B against one real attribute: at 5% the false positives are a
+    binomial(80, 0.05) count (P(>= 12) < 0.001), and the p-values look uniform."""
+    rng = np.random.default_rng(2)
+    nulls = {f"null{i}": rng.normal(size=(len(binder), 4)) for i in range(80)}
+    table = jaxprobe.variance_partition(spaces[0], nulls, binder.iloc[:, [2]].to_numpy(), outer_cv=3,
+                                        inner_cv=3, n_permutations=19, ratios=[0.1, 1.0, 10.0])
+    p = table["p"].to_numpy()
+    assert len(p) == 80 and set(np.round(p * 20).astype(int)) <= set(range(1, 21))
+    assert (p <= 0.05).sum() <= 11
+    assert scipy_stats.kstest(p, "uniform").pvalue > 0.001
+    assert (table["q"] >= table["p"]).all()
+
+
+def test_bad_inputs_name_the_fix(binder, spaces):
+    Y = binder.to_numpy()[:, :3]
+    with pytest.raises(InputError, match="row"):
+        jaxprobe.variance_partition(spaces[0], spaces[1][:100], Y)
+    with pytest.raises(InputError, match="sizes"):
+        cross_validate_banded([np.hstack(spaces[:2])], Y, nested_plan(len(Y), 3, 3), (30, 30))
+    with pytest.raises(InputError, match="gammas"):
+        jaxprobe.BandedRidgeCV(gammas=[[1.0, -1.0]]).fit(spaces[:2], Y)
