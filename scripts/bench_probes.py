@@ -142,8 +142,8 @@ def bench_sklearn(X, Y, folds, repeats: int) -> float:
 
 
 def bench_banded(args) -> None:
-    import jax
     import himalaya
+    import jax
     import sklearn
     from threadpoolctl import threadpool_limits
 
@@ -203,7 +203,7 @@ def bench_himalaya_banded(pair, Y, folds, gammas, repeats: int) -> tuple[float, 
             ks = np.stack([a[train] @ a[train].T, b[train] @ b[train].T])
             ks_test = np.stack([a[test] @ a[train].T, b[test] @ b[train].T])
             model = MultipleKernelRidgeCV(kernels="precomputed", fit_intercept=True, cv=inner,
-                                          solver_params=dict(n_iter=gammas, alphas=ALPHAS, progress_bar=False))
+                                          solver_params={"n_iter": gammas, "alphas": ALPHAS, "progress_bar": False})
             model.fit(ks, Y[train])
             model.predict(ks_test)
             chosen[k] = np.exp(-np.asarray(model.deltas_)).T

@@ -110,7 +110,7 @@ def variance_partition(
         raise InputError(f"{len(Y)} targets rows for {n} feature rows: give one targets row per feature row, "
                          "or pass concepts= to match them by name")
     plan = nested_plan(n, outer_cv, inner_cv, groups=groups, seed=seed)
-    common = dict(alphas=alphas, standardize=standardize, metric="r2", dtype=dtype, batch_size=batch_size)
+    common = {"alphas": alphas, "standardize": standardize, "metric": "r2", "dtype": dtype, "batch_size": batch_size}
     r2_a, pred_a = _single(a_sets, Y, plan, common)                       # (F_a, t), (F_a, n, t)
     r2_b, pred_b = _single(b_sets, Y, plan, common)
     pairs = [(i, j) for i in range(len(a_sets)) for j in range(len(b_sets))]
