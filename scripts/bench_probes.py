@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import time
 import warnings
 from collections.abc import Sequence
@@ -181,7 +182,8 @@ def bench_banded(args) -> None:
                    same_choice=float(np.isclose(him_penalties, chosen, rtol=1e-4).all(-1).mean()))
     meta = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax.__version__, "himalaya": himalaya.__version__,
-            "sklearn": sklearn.__version__, "folds": "5x5", "peer_blas_threads": args.blas_threads}
+            "sklearn": sklearn.__version__, "folds": "5x5", "peer_blas_threads": args.blas_threads,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}  # Linux: KiB
     print(json.dumps(row))
     print(json.dumps(meta))
     if args.json:

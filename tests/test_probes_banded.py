@@ -133,14 +133,17 @@ def test_variance_partition_recovers_a_planted_split(binder):
 
 
 def test_a_duplicated_space_adds_no_unique_variance(binder, spaces):
+    """B = A's columns twice: the joint model is ridge on A with a finer grid of penalties, so unique(B)
+    is 0 up to what that finer grid buys in selection (the attributes A encodes; the others score ~0)."""
     A = spaces[0]
-    table = jaxprobe.variance_partition(A, np.hstack([A, A]), binder.iloc[:, :10].to_numpy(), outer_cv=3,
+    table = jaxprobe.variance_partition(A, np.hstack([A, A]), binder.iloc[:, :5].to_numpy(), outer_cv=3,
                                         inner_cv=3, alphas=ALPHAS)
-    assert table["r2_a"].mean() > 0.3
+    assert table["r2_a"].min() > 0.3
     assert table["unique_b"].abs().max() < 0.01
-    np.testing.assert_allclose(table["shared"], table["r2_a"], atol=0.01)
+    np.testing.assert_allclose(table["shared"], table["r2_a"], atol=0.02)  # r2_b: A with the alphas halved
 
 
+@pytest.mark.slow  # 1,200 joint fits (60 null spaces x 20 designs): about 30 s on the shared 2-core host
 def test_permutation_pvalues_of_a_null_space_are_uniform(binder, spaces):
     """60 independent noise spaces B against one real attribute: at 5% the false positives are a
     binomial(60, 0.05) count (P(>= 10) < 0.001), and the p-values look uniform."""
@@ -165,6 +168,7 @@ def test_bad_inputs_name_the_fix(binder, spaces):
         jaxprobe.BandedRidgeCV(gammas=[[1.0, -1.0]]).fit(spaces[:2], Y)
 
 
+@pytest.mark.slow  # a probe sweep, then the partition: six programs to compile
 def test_experiment_section_partitions_every_step_against_the_best_text_site(binder, tmp_path):
     from jaxprobe.studies.norms_probing import variance
 
