@@ -19,14 +19,23 @@ Table columns, one row per (pair, target):
   <each of r2_joint, unique_a, unique_b, shared>_low/_high   percentile bootstrap interval over
                    concepts resampled with replacement, the same resamples for the three models
                    (NaN without n_bootstrap)
-  p, q             one-sided permutation p-value of unique_b: B's rows are permuted jointly across
-                   its columns (A and the targets stay paired) and the joint model refitted, model
-                   selection included; q: Benjamini–Hochberg over every row (NaN without permutations)
+  p, q             one-sided permutation p-value of unique_b (below); q: Benjamini–Hochberg over
+                   every row (NaN without permutations)
   null_mean, null_high   mean and 95th percentile of unique_b under that null (with permutations)
 
-A permutation is a new joint design, not a new target column (permuting B against A and the
-targets cannot be written as a permutation of the targets), so each one costs one banded fit of the
-pair; the permuted designs are extra feature sets of the same batched program.
+Two nulls for "B adds nothing beyond A", model selection rerun on every permutation:
+  permute_b (default)  B's rows are permuted jointly across its columns, A and the targets stay
+                   paired, and the joint model is refitted. Exact, but a permuted B is a new design,
+                   not a new target column, so each permutation costs one joint fit per pair (the
+                   permuted designs are extra feature sets of the same batched program).
+  freedman_lane    the targets are replaced by A's out-of-fold fit plus its residuals permuted among
+                   the observed rows (Freedman & Lane 1983), and A alone and A+B are refitted on them.
+                   The permuted targets are extra target columns of the same decompositions, so 100
+                   permutations cost the target-dependent part of the fits, not 100 fits. Approximate:
+                   it treats A's fit as the truth under the null. With ridge and model selection it
+                   is conservative: against noise spaces B its p-values pile up in the middle instead
+                   of being uniform (false positives stay below the nominal rate, power drops;
+                   tests/test_probes_banded.py), so prefer permute_b where its cost is affordable.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from jaxprobe.probes.folds import nested_plan
 from jaxprobe.probes.sweep import _align_to_concepts, _targets
 
 INTERVALS = ("r2_joint", "unique_a", "unique_b", "shared")
+NULLS = ("permute_b", "freedman_lane")
 
 
 class JointDesigns(Sequence):
@@ -79,6 +89,7 @@ def variance_partition(
     groups: Sequence | np.ndarray | None = None,
     target_groups: Mapping[str, str] | None = None,
     n_permutations: int = 0,
+    null: str = "permute_b",
     n_bootstrap: int = 0,
     ci: float = 0.95,
     seed: int = 0,
@@ -95,9 +106,13 @@ def variance_partition(
         `align_by_concept` when `concepts` is given; alphas are chosen per target).
     alphas: overall ridge penalties, shared by the three models; ratios / gammas: the joint model's
         candidate weights of B relative to A (`banded.kernel_weights`), or the (G, 2) weights.
-    n_permutations: B-row permutations for the p-value of unique_b (each a refit of the joint model);
+    n_permutations, null: permutations for the p-value of unique_b. null "permute_b": B's rows
+        permuted (each permutation one more joint fit per pair); "freedman_lane": A's residuals
+        permuted (the permuted targets are extra target columns of the same fits; module docstring).
     n_bootstrap: concept resamples for the intervals, at level `ci`.
     """
+    if null not in NULLS:
+        raise InputError(f"null must be one of {NULLS}, got {null!r}")
     a_sets, b_sets = _sets(features_a, "a"), _sets(features_b, "b")
     n = len(a_sets[0].array)
     if any(len(s.array) != n for s in a_sets + b_sets):
@@ -111,6 +126,7 @@ def variance_partition(
                          "or pass concepts= to match them by name")
     plan = nested_plan(n, outer_cv, inner_cv, groups=groups, seed=seed)
     common = {"alphas": alphas, "standardize": standardize, "metric": "r2", "dtype": dtype, "batch_size": batch_size}
+    banded = {"ratios": ratios, "gammas": gammas}
     r2_a, pred_a = _single(a_sets, Y, plan, common)                       # (F_a, t), (F_a, n, t)
     r2_b, pred_b = _single(b_sets, Y, plan, common)
     pairs = [(i, j) for i in range(len(a_sets)) for j in range(len(b_sets))]
@@ -119,21 +135,19 @@ def variance_partition(
     boot = stats.bootstrap_weights(rng, n_bootstrap, np.ones(n, bool))
 
     t = Y.shape[1]
-    r2_joint = np.empty((len(pairs), t))
-    pred_joint = np.empty((len(pairs), n, t))
-    null_joint = np.empty((len(pairs), n_permutations, t))
-    widths = {(a_sets[i].array.shape[1], b_sets[j].array.shape[1]) for i, j in pairs}
-    for sizes in sorted(widths):  # one compiled program per pair of widths
-        index = [p for p, (i, j) in enumerate(pairs)
-                 if (a_sets[i].array.shape[1], b_sets[j].array.shape[1]) == sizes]
-        arrays = [(a_sets[pairs[p][0]].array, b_sets[pairs[p][1]].array) for p in index]
-        joint = cross_validate_banded(JointDesigns(arrays), Y, plan, sizes, ratios=ratios, gammas=gammas,
-                                      return_predictions=True, **common)
-        r2_joint[index], pred_joint[index] = joint.score, joint.predictions
-        if n_permutations:
-            null = cross_validate_banded(JointDesigns(arrays, perms), Y, plan, sizes, ratios=ratios,
-                                         gammas=gammas, return_predictions=False, **common)
-            null_joint[index] = null.score.reshape(len(index), n_permutations, t)
+    r2_joint, pred_joint = _joint(a_sets, b_sets, pairs, Y, plan, common, banded, predictions=True)
+    null_unique = None
+    if n_permutations and null == "permute_b":
+        null_joint, _ = _joint(a_sets, b_sets, pairs, Y, plan, common, banded, perms=perms)
+        null_unique = null_joint - r2_a[[i for i, _ in pairs]][:, None, :]   # (pairs, P, t)
+    elif n_permutations:  # freedman_lane: the null's targets depend on A's fit, one set per A
+        null_unique = np.empty((len(pairs), n_permutations, t))
+        for i in range(len(a_sets)):
+            y_null = _residual_permutations(rng, Y, pred_a[i], n_permutations)         # (n, P * t)
+            null_a, _ = _single([a_sets[i]], y_null, plan, common, predictions=False)
+            mine = [p for p, (a, _) in enumerate(pairs) if a == i]
+            null_joint, _ = _joint(a_sets, b_sets, [pairs[p] for p in mine], y_null, plan, common, banded)
+            null_unique[mine] = (null_joint - null_a).reshape(len(mine), n_permutations, t)
 
     ia, ib = np.array([i for i, _ in pairs]), np.array([j for _, j in pairs])
     parts = _partition(r2_a[ia], r2_b[ib], r2_joint)
@@ -153,12 +167,11 @@ def variance_partition(
     for name in INTERVALS:
         table[f"{name}_low"], table[f"{name}_high"] = low[name].ravel(), high[name].ravel()
     p = np.full((len(pairs), t), np.nan)
-    if n_permutations:
-        null_unique = null_joint - r2_a[ia][:, None, :]                 # (pairs, P, t)
+    if null_unique is not None:
         p = stats.permutation_pvalues(parts["unique_b"], null_unique, axis=1)
     table["p"] = p.ravel()
     table["q"] = stats.fdr_bh(table["p"].to_numpy())
-    if n_permutations:
+    if null_unique is not None:
         table["null_mean"] = null_unique.mean(1).ravel()
         table["null_high"] = np.percentile(null_unique, 95, axis=1).ravel()
     return table
@@ -170,15 +183,52 @@ def _sets(features, name: str) -> list[FeatureSet]:
     return feature_sets(features)
 
 
-def _single(sets: list[FeatureSet], Y: np.ndarray, plan, common: dict) -> tuple[np.ndarray, np.ndarray]:
+def _single(sets: list[FeatureSet], Y: np.ndarray, plan, common: dict, *,
+            predictions: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Out-of-fold R² (F, t) and predictions (F, n, t) of single-space ridge, one program per width."""
     r2 = np.empty((len(sets), Y.shape[1]))
-    predictions = np.empty((len(sets), *Y.shape))
+    kept = np.empty((len(sets), *Y.shape)) if predictions else None
     for d in sorted({s.array.shape[1] for s in sets}):
         index = [i for i, s in enumerate(sets) if s.array.shape[1] == d]
-        res = cross_validate_ridge([sets[i].array for i in index], Y, plan, return_predictions=True, **common)
-        r2[index], predictions[index] = res.score, res.predictions
-    return r2, predictions
+        res = cross_validate_ridge([sets[i].array for i in index], Y, plan, return_predictions=predictions,
+                                   **common)
+        r2[index] = res.score
+        if predictions:
+            kept[index] = res.predictions
+    return r2, kept
+
+
+def _joint(a_sets, b_sets, pairs, Y, plan, common: dict, banded: dict, *, perms: np.ndarray | None = None,
+           predictions: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Out-of-fold R² of the joint model of every pair (i, j): (pairs, t), or (pairs, P, t) with B's rows
+    in each order of perms (P, n); predictions (pairs, n, t) on request. One program per pair of widths."""
+    n_orders = 1 if perms is None else len(perms)
+    r2 = np.empty((len(pairs), n_orders, Y.shape[1]))
+    kept = np.empty((len(pairs), *Y.shape)) if predictions else None
+    widths = [(a_sets[i].array.shape[1], b_sets[j].array.shape[1]) for i, j in pairs]
+    for sizes in sorted(set(widths)):
+        index = [p for p, w in enumerate(widths) if w == sizes]
+        arrays = [(a_sets[pairs[p][0]].array, b_sets[pairs[p][1]].array) for p in index]
+        res = cross_validate_banded(JointDesigns(arrays, perms), Y, plan, sizes, return_predictions=predictions,
+                                    **banded, **common)
+        r2[index] = res.score.reshape(len(index), n_orders, -1)
+        if predictions:
+            kept[index] = res.predictions
+    return (r2[:, 0] if perms is None else r2), kept
+
+
+def _residual_permutations(rng: np.random.Generator, Y: np.ndarray, fitted: np.ndarray,
+                           n_permutations: int) -> np.ndarray:
+    """(n, P * t) targets under "B adds nothing beyond A" (Freedman & Lane 1983): A's out-of-fold fit
+    (n, t) plus its residuals permuted among each target's observed rows; column p * t + j is target j
+    under permutation p, missing where Y is."""
+    n, t = Y.shape
+    out = np.empty((n, n_permutations, t))
+    residual = Y - fitted
+    for j in range(t):
+        orders = stats.permutations(rng, n_permutations, ~np.isnan(Y[:, j]))          # (P, n)
+        out[:, :, j] = fitted[:, j, None] + residual[orders, j].T
+    return out.reshape(n, n_permutations * t)
 
 
 def _partition(r2_a: np.ndarray, r2_b: np.ndarray, r2_joint: np.ndarray) -> dict[str, np.ndarray]:

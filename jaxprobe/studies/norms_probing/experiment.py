@@ -63,7 +63,8 @@ class ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     n_bootstrap: int = 200
     variance: bool = True                      # unique vs shared variance of every sampled site beyond a text space
     variance_reference: tuple[str, ...] = ()   # text feature sets joined as that space; () = best mean decoding
-    variance_permutations: int = 20            # site-row permutations per site x step, each a joint refit
+    variance_permutations: int = 20            # permutations per site x step for the unique-variance test
+    variance_null: str = "permute_b"           # "permute_b" (exact, a joint refit each) or "freedman_lane" (cheap)
     seed: int = 0
     out: str = "jaxprobe-runs/default"
 
@@ -163,7 +164,8 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     partitioned = None if not config.variance else run.timed("variance", lambda: variance.partition_denoiser(
         feats, targets, table, reference=config.variance_reference, alphas=np.asarray(config.alphas),
         outer_cv=config.outer_cv, inner_cv=config.inner_cv, groups=fold_groups, target_groups=norms.groups,
-        n_permutations=config.variance_permutations, n_bootstrap=config.n_bootstrap, seed=config.seed))
+        n_permutations=config.variance_permutations, null=config.variance_null, n_bootstrap=config.n_bootstrap,
+        seed=config.seed))
     feature_sets = list(dict.fromkeys(table["feature_set"]))
     Y = targets.to_numpy(dtype=np.float64)
     results = report.ExperimentResults.build(

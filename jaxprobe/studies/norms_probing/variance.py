@@ -78,13 +78,13 @@ def partition_denoiser(
 def write_table(table: pd.DataFrame | None, out_dir: str | os.PathLike) -> None:
     """out_dir/variance.parquet and .csv; None (partitioning off) removes those of an earlier run, so
     the report never shows stale results."""
-    out = Path(out_dir)
-    for suffix, write in ((".parquet", "to_parquet"), (".csv", "to_csv")):
-        path = out / f"{TABLE}{suffix}"
-        if table is None:
+    paths = [Path(out_dir) / f"{TABLE}{suffix}" for suffix in (".parquet", ".csv")]
+    if table is None:
+        for path in paths:
             path.unlink(missing_ok=True)
-        else:
-            write_atomic(path, lambda p, w=getattr(table, write): w(p, index=False))
+        return
+    for path, write in zip(paths, (table.to_parquet, table.to_csv)):
+        write_atomic(path, lambda p, w=write: w(p, index=False))
 
 
 def read_table(out_dir: str | os.PathLike) -> pd.DataFrame | None:
