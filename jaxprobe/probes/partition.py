@@ -131,13 +131,13 @@ def variance_partition(
     r2_b, pred_b = _single(b_sets, Y, plan, common)
     pairs = [(i, j) for i in range(len(a_sets)) for j in range(len(b_sets))]
     rng = np.random.default_rng(seed)
-    perms = stats.permutations(rng, n_permutations, np.ones(n, bool))
-    boot = stats.bootstrap_weights(rng, n_bootstrap, np.ones(n, bool))
+    boot = stats.bootstrap_weights(rng, n_bootstrap, np.ones(n, bool))   # first: the same for either null
 
     t = Y.shape[1]
     r2_joint, pred_joint = _joint(a_sets, b_sets, pairs, Y, plan, common, banded, predictions=True)
     null_unique = None
     if n_permutations and null == "permute_b":
+        perms = stats.permutations(rng, n_permutations, np.ones(n, bool))
         null_joint, _ = _joint(a_sets, b_sets, pairs, Y, plan, common, banded, perms=perms)
         null_unique = null_joint - r2_a[[i for i, _ in pairs]][:, None, :]   # (pairs, P, t)
     elif n_permutations:  # freedman_lane: the null's targets depend on A's fit, one set per A
