@@ -17,10 +17,13 @@ _LAZY = {
     "Captures": "jaxprobe.captures",
     "Component": "jaxprobe.checkpoints.component",
     "RidgeCV": "jaxprobe.probes",
+    "BandedRidgeCV": "jaxprobe.probes",
     "probe_sweep": "jaxprobe.probes",
+    "variance_partition": "jaxprobe.probes",
 }
 
-__all__ = ["load", "Pipeline", "Captures", "Component", "RidgeCV", "probe_sweep", "JaxprobeError",
+__all__ = ["load", "Pipeline", "Captures", "Component", "RidgeCV", "BandedRidgeCV", "probe_sweep",
+           "variance_partition", "JaxprobeError",
            "CheckpointError", "InputError", "SiteError", "__version__"]
 
 

@@ -19,6 +19,17 @@ same way on the CPU backend (see crossval.host_lapack_single_threaded).
 
   python scripts/bench_probes.py --device cpu --dims 768 1280 --json bench_probes.json
   python scripts/bench_probes.py --device gpu --feature-sets 10000 --peer-sets 0   # the sweep
+
+--banded: the variance-partitioning pair workload of issue 16 instead. THINGS (n=1,854 concepts, the
+66 SPoSE dimensions as targets), a reference space A (768) and a space B (1,280) built from the
+targets like the sets above, 20 alphas x 9 kernel weights (`banded.kernel_weights(2)`), 5x5 nested
+CV, selection by mean squared error. jaxprobe: `cross_validate_banded` on --feature-sets pairs at
+once, then the same pairs with --banded-permutations permutations of B's rows (each a refit of the
+joint model: a permuted design, so it is an extra feature set of the program, not a target column).
+himalaya: MultipleKernelRidgeCV on precomputed linear kernels (its fast path for n < d; the kernels
+are computed inside the timing) with the same inner splits, grid and score, per outer fold.
+
+  python scripts/bench_probes.py --banded --feature-sets 1 --banded-permutations 1 --repeats 1 --json bench_banded.json
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 BINDER = Path(__file__).resolve().parents[1] / "jaxprobe/norms/data/binder2016/WordSet1_Ratings.xlsx"
+SPOSE = Path(__file__).resolve().parents[1] / "jaxprobe/norms/data/things/spose_embedding_66d_sorted.txt"
 ALPHAS = np.logspace(-2, 6, 20)
 
 
@@ -129,6 +142,77 @@ def bench_sklearn(X, Y, folds, repeats: int) -> float:
     return best_of(repeats, run) / len(X)
 
 
+def bench_banded(args) -> None:
+    import himalaya
+    import jax
+    import sklearn
+    from threadpoolctl import threadpool_limits
+
+    from jaxprobe.probes import cross_validate_banded, kernel_weights, nested_plan
+    from jaxprobe.probes.partition import JointDesigns
+
+    Y = np.loadtxt(SPOSE, dtype=np.float32)                      # (1854, 66)
+    n = len(Y)
+    A, B = SyntheticFeatures(Y, args.feature_sets, 768, seed=1), SyntheticFeatures(Y, args.feature_sets, 1280, seed=2)
+    pairs = [(A[i], B[i]) for i in range(args.feature_sets)]
+    plan = nested_plan(n, outer=5, inner=5, seed=0)
+    gammas = kernel_weights(2)
+    perms = np.stack([np.random.default_rng(p).permutation(n) for p in range(args.banded_permutations)])
+
+    def ours(designs):
+        return cross_validate_banded(designs, Y, plan, (768, 1280), ALPHAS, gammas, standardize=False,
+                                     scoring="neg_mse", return_predictions=False)
+
+    start = time.perf_counter()
+    chosen = ours(JointDesigns(pairs[:1])).alphas[0]             # compiles; (k, t, 2) per-space penalties
+    compile_s = time.perf_counter() - start
+    base_s = best_of(args.repeats, lambda: ours(JointDesigns(pairs))) / len(pairs)
+    perm_s = float("nan")
+    if args.banded_permutations:  # pairs x permutations designs; with one of each nothing compiles again
+        perm_s = best_of(1, lambda: ours(JointDesigns(pairs, perms))) / (len(pairs) * len(perms))
+    row = {"n": n, "d_a": 768, "d_b": 1280, "targets": Y.shape[1], "alphas": len(ALPHAS), "gammas": len(gammas),
+           "pairs": len(pairs), "jaxprobe_first_call_s": compile_s, "jaxprobe_s_per_pair": base_s,
+           "jaxprobe_s_per_permutation": perm_s, "permutation_over_base": perm_s / base_s,
+           "projected_100_permutations_over_base": 100 * perm_s / base_s}
+    print(json.dumps(row), flush=True)
+    if args.peer_sets:
+        with threadpool_limits(limits=args.blas_threads, user_api="blas"):
+            him_s, him_penalties = bench_himalaya_banded(pairs[0], Y, outer_splits(plan), gammas, args.repeats)
+        row.update(himalaya_s_per_pair=him_s, himalaya_ratio=him_s / base_s,
+                   same_choice=float(np.isclose(him_penalties, chosen, rtol=1e-4).all(-1).mean()))
+    meta = {"device": str(jax.devices()[0].device_kind), "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax.__version__, "himalaya": himalaya.__version__,
+            "sklearn": sklearn.__version__, "folds": "5x5", "peer_blas_threads": args.blas_threads,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}  # Linux: KiB
+    print(json.dumps(row))
+    print(json.dumps(meta))
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": [row]}, indent=1))
+
+
+def bench_himalaya_banded(pair, Y, folds, gammas, repeats: int) -> tuple[float, np.ndarray]:
+    """himalaya's multiple-kernel ridge per outer fold; returns s per pair and the per-space
+    penalties alpha / gamma_j it chose (k, t, 2), comparable with jaxprobe's."""
+    from himalaya.backend import set_backend
+    from himalaya.kernel_ridge import MultipleKernelRidgeCV
+
+    set_backend("numpy", on_error="raise")
+    a, b = pair
+    chosen = np.zeros((len(folds), Y.shape[1], 2))
+
+    def run():
+        for k, (train, test, inner) in enumerate(folds):
+            ks = np.stack([a[train] @ a[train].T, b[train] @ b[train].T])
+            ks_test = np.stack([a[test] @ a[train].T, b[test] @ b[train].T])
+            model = MultipleKernelRidgeCV(kernels="precomputed", fit_intercept=True, cv=inner,
+                                          solver_params={"n_iter": gammas, "alphas": ALPHAS, "progress_bar": False})
+            model.fit(ks, Y[train])
+            model.predict(ks_test)
+            chosen[k] = np.exp(-np.asarray(model.deltas_)).T
+
+    return best_of(repeats, run), chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
@@ -139,10 +223,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads for the peers")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--banded", action="store_true", help="the banded-ridge pair workload (module docstring)")
+    parser.add_argument("--banded-permutations", type=int, default=1,
+                        help="B-row permutations timed per pair (their cost is linear in the count)")
     args = parser.parse_args()
 
     import jax
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else "cpu")
+    if args.banded:
+        bench_banded(args)
+        return
     import himalaya
     import sklearn
     from threadpoolctl import threadpool_limits

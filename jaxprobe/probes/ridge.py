@@ -160,12 +160,17 @@ def inner_cv_scores(
     return jnp.where(jnp.isfinite(score), score, -jnp.inf)
 
 
+def group_totals(scores: jax.Array, groups: jax.Array) -> jax.Array:
+    """(t, A) total of scores (A, t) over the selection group of each target; group ids (t,) in
+    [0, t) (arange(t): every target on its own)."""
+    return jax.ops.segment_sum(scores.T, groups, len(groups))[groups]
+
+
 def select_alphas(scores: jax.Array, groups: jax.Array) -> jax.Array:
     """(t,) index of the best alpha for each target of scores (A, t); targets with the same group
     id (t,) in [0, t) share the alpha with the best total score (arange(t): one alpha per target).
     Ties go to the first alpha."""
-    total = jax.ops.segment_sum(scores.T, groups, len(groups))    # (t, A), unused groups empty
-    return jnp.argmax(total, axis=1)[groups]
+    return jnp.argmax(group_totals(scores, groups), axis=1)
 
 
 def fitted_coords(dec: Decomposition, tt: TrainingTargets, alpha: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSetti
 from jaxprobe.norms import load_norms
 from jaxprobe.probes.sweep import probe_sweep_across_processes
 from jaxprobe.runtime.files import write_atomic
-from jaxprobe.studies.norms_probing import disentanglement, groups, report
+from jaxprobe.studies.norms_probing import disentanglement, groups, report, variance
 
 DEFAULT_UNET_SITES = ("unet.down_blocks.*", "unet.mid_block", "unet.up_blocks.*", "latents", "pred_original_sample")
 
@@ -61,6 +61,10 @@ class ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     fold_groups: str | None = None             # a norms metadata column whose values stay on one side of splits
     n_permutations: int = 200                  # smallest p = 1/201: BH can reach q < 0.05 (see summary.py)
     n_bootstrap: int = 200
+    variance: bool = True                      # unique vs shared variance of every sampled site beyond a text space
+    variance_reference: tuple[str, ...] = ()   # text feature sets joined as that space; () = best mean decoding
+    variance_permutations: int = 20            # permutations per site x step for the unique-variance test
+    variance_null: str = "permute_b"           # "permute_b" (exact, a joint refit each) or "freedman_lane" (cheap)
     seed: int = 0
     out: str = "jaxprobe-runs/default"
 
@@ -170,6 +174,11 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
         log(f"process {jax.process_index()}: my share of features and probes is done; process 0 writes the report")
         return None
     table, predictions = swept
+    partitioned = None if not config.variance else run.timed("variance", lambda: variance.partition_denoiser(
+        feats, targets, table, reference=config.variance_reference, alphas=np.asarray(config.alphas),
+        outer_cv=config.outer_cv, inner_cv=config.inner_cv, groups=fold_groups, target_groups=norms.groups,
+        n_permutations=config.variance_permutations, null=config.variance_null, n_bootstrap=config.n_bootstrap,
+        seed=config.seed))
     feature_sets = list(dict.fromkeys(table["feature_set"]))
     Y = targets.to_numpy(dtype=np.float64)
     results = report.ExperimentResults.build(
@@ -183,6 +192,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / CONFIG_FILE, lambda path: path.write_text(config.to_toml()))
     report.write_tables(results, out)
+    variance.write_table(partitioned, out)
     path = report.write_report(results, out)
     log(f"report: {path}")
     return results

@@ -15,7 +15,7 @@ import dataclasses
 import html
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from jaxprobe.runtime.files import write_atomic
 from jaxprobe.studies.norms_probing.decoding import best, short_site, site_order, stage_of
 from jaxprobe.studies.norms_probing.disentanglement import entanglement_index
 from jaxprobe.studies.norms_probing.summary import PAPER, SAMPLED_STAGES, ExperimentResults, along_steps, summarize
+from jaxprobe.studies.norms_probing.variance import section_html as variance_section
 
 __all__ = ["ExperimentResults", "ReportConfig", "make_figures", "read_results", "rerender", "write_report",
            "write_tables"]
@@ -439,7 +440,8 @@ def _citations(results: ExperimentResults) -> list[str]:
     return [*([cited] if isinstance(cited, str) else cited), f"Method reproduced: {PAPER}"]
 
 
-def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportConfig) -> str:
+def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportConfig,
+          sections: Sequence[str] = ()) -> str:
     title = f"jaxprobe: semantic attributes in {results.metadata.get('model', 'the pipeline')}"
     summary = summarize(results, config.level, config.focus_site)
     random = summary[0] if results.random_weights else None  # summarize puts the warning first
@@ -452,6 +454,7 @@ def _html(results: ExperimentResults, figures: dict[str, Path], config: ReportCo
         "</ul>",
         "<h2>Figures</h2>", *images,
         "<h2>Tables</h2>", *_result_tables(results, config),
+        *sections,
         "<h2>Run settings</h2>", settings_html({k: v for k, v in results.metadata.items() if k != "citation"}),
         f"<h2>Concepts left out ({len(dropped)})</h2>",
         table_html(dropped.head(config.top_rows), f"First {config.top_rows} (dropped.csv has all)",
@@ -467,7 +470,8 @@ def write_report(results: ExperimentResults, out_dir: str | os.PathLike,
     the summary in words, the top rows of the tables, the run settings, the left-out concepts and the
     citations. Returns the report's path."""
     out = Path(out_dir)
-    page = _html(results, make_figures(results, out, config), config)
+    page = _html(results, make_figures(results, out, config), config,
+                 variance_section(out, dpi=config.dpi, level=config.level, top_rows=config.top_rows))
     return write_atomic(out / REPORT, lambda p: p.write_text(page, encoding="utf-8"))
 
 
