@@ -81,6 +81,29 @@ def save_vae(directory: str | Path, seed: int = 0, **overrides: Any) -> Path:
     return Path(directory)
 
 
+def build_pipeline(path: str | Path, style: str = "sd1"):
+    """A tiny diffusers StableDiffusionPipeline (2-layer CLIP text encoder, PNDM, the tiny UNet and VAE),
+    saved to `path` as an ordinary pipeline folder; returns the torch pipeline."""
+    import diffusers
+    import transformers
+
+    from jaxprobe.checkpoints.random import SD15_SCHEDULER, TOKENIZER_DIR
+
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    torch.manual_seed(0)
+    text_cfg = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=len(tokenizer) - 2,
+        pad_token_id=len(tokenizer) - 1)
+    scheduler = diffusers.PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": PREDICTION_TYPE[style]})
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=make_vae(seed=1), text_encoder=transformers.CLIPTextModel(text_cfg).eval(), tokenizer=tokenizer,
+        unet=make_unet(style, seed=2), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return pipe
+
+
 def nchw(x: np.ndarray) -> torch.Tensor:
     """jaxprobe's (b, h, w, c) -> a torch (b, c, h, w) float tensor."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))

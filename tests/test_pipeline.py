@@ -14,29 +14,12 @@ transformers = pytest.importorskip("transformers")
 
 import jaxprobe  # noqa: E402
 from jaxprobe.errors import CheckpointError, InputError, SiteError  # noqa: E402
-from jaxprobe.checkpoints.random import SD15_SCHEDULER, TOKENIZER_DIR  # noqa: E402
 from jaxprobe.pipeline.sampling import sampling_timesteps  # noqa: E402
 
-from sd_reference import CROSS_ATTENTION_DIM, PREDICTION_TYPE, make_unet, make_vae, nchw, run_with_hooks  # noqa: E402
+from sd_reference import CROSS_ATTENTION_DIM, build_pipeline, nchw, run_with_hooks  # noqa: E402
 
 PROMPTS = ["a photo of a airplane", "a photo of a zebra", "a drawing of a banana"]
 STEPS = 10
-
-
-def _build(path, style: str):
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    torch.manual_seed(0)
-    text_cfg = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=len(tokenizer) - 2,
-        pad_token_id=len(tokenizer) - 1)
-    scheduler = diffusers.PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": PREDICTION_TYPE[style]})
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=make_vae(seed=1), text_encoder=transformers.CLIPTextModel(text_cfg).eval(), tokenizer=tokenizer,
-        unet=make_unet(style, seed=2), scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.save_pretrained(path)
-    return pipe
 
 
 _BUILT: dict[str, tuple] = {}
@@ -45,7 +28,7 @@ _BUILT: dict[str, tuple] = {}
 def _pipeline(style: str, tmp_path_factory) -> tuple:
     if style not in _BUILT:
         path = tmp_path_factory.mktemp(f"pipeline_{style}")
-        reference = _build(path, style)
+        reference = build_pipeline(path, style)
         _BUILT[style] = (path, reference, jaxprobe.load(path))
     return _BUILT[style]
 

@@ -7,8 +7,9 @@ classifier-free guidance, the requested steps selected, and optionally the VAE d
 image embedding of the result. Only the reduced activations that were asked for leave the device.
 
 Everything that changes the program's structure (modules, sites, reductions, kept steps, branch,
-what runs at all) is static in `Plan`; values (parameters, ids, seed, guidance scale, schedule
-arrays) are traced, so a second call of the same shape compiles nothing.
+what runs at all, the interventions' kinds, sites and steps) is static in `Plan`; values (parameters,
+ids, seed, guidance scale, schedule arrays, intervention vectors, scales and sources) are traced, so a
+second call of the same shape compiles nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxprobe.models import clip, schedulers
 from jaxprobe.models.families import DenoiserFamily
+from jaxprobe.pipeline.interventions import Spec, intervening, with_values
 from jaxprobe.pipeline.reductions import reduce_spatial, reduce_tokens
 from jaxprobe.pipeline.sites import flatten_intermediates
 
@@ -59,10 +61,18 @@ class Plan:
     given_noise: bool = False                # inputs carry "noise" instead of drawing it
     return_latents: bool = False
     return_images: bool = False
+    interventions: tuple[Spec, ...] = ()     # in list order (pipeline.interventions); values are in the inputs
+    text_layer: str | None = None            # Diffusion Lens: this text-encoder site feeds the context site
 
 
-def _text_pass(models: Models, params: Any, ids: jax.Array) -> dict[str, jax.Array]:
-    _, state = models.text_encoder.apply({"params": params["text_encoder"]}, ids, mutable=["intermediates"])
+def _text_pass(models: Models, params: Any, ids: jax.Array, plan: Plan = Plan(),
+               inputs: Mapping[str, Any] | None = None, branch: str = "cond") -> dict[str, jax.Array]:
+    """{text site: activation} of one text-encoder pass, with the plan's text interventions of `branch`
+    ("cond": the prompts, "uncond": the negative prompt) and the Diffusion Lens applied."""
+    specs = [(s, v) for s, v in with_values(plan.interventions, "text", inputs or {}) if s.branch in (branch, "both")]
+    lens = {models.family.context_site: plan.text_layer} if plan.text_layer is not None else None
+    with intervening(specs, feed=lens):
+        _, state = models.text_encoder.apply({"params": params["text_encoder"]}, ids, mutable=["intermediates"])
     return flatten_intermediates(state["intermediates"])
 
 
@@ -90,12 +100,14 @@ def initial_noise(seed: jax.Array, prompt_index: jax.Array, shape: tuple[int, in
 
 
 def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Plan, noise: jax.Array,
-            conditioning: Mapping[str, jax.Array], guidance_scale: jax.Array
+            conditioning: Mapping[str, jax.Array], guidance_scale: jax.Array, inputs: Mapping[str, Any] | None = None
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The sampling loop: final latents (b, h, w, c) and {site: (steps, b, ...)} captured at every step.
 
-    conditioning: the family's inputs, already [uncond; cond] along the batch when guided."""
+    conditioning: the family's inputs, already [uncond; cond] along the batch when guided. inputs: the
+    program's inputs, for the values of the plan's denoiser interventions."""
     family, batch = models.family, noise.shape[0]
+    specs = with_values(plan.interventions, "denoiser", inputs or {})
     latents = noise * schedulers.init_noise_sigma(schedule)
 
     def step(carry, i):
@@ -103,8 +115,9 @@ def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Pl
         model_in = schedulers.scale_model_input(schedule, latents, i)
         model_in = jnp.concatenate([model_in, model_in]) if plan.guided else model_in
         t = jnp.asarray(schedule.timesteps)[i]
-        eps, inter = family.apply(models.denoiser, params["denoiser"], model_in.astype(models.denoiser.dtype), t,
-                                  conditioning)
+        with intervening(specs, half=batch if plan.guided else None, step=i):
+            eps, inter = family.apply(models.denoiser, params["denoiser"], model_in.astype(models.denoiser.dtype), t,
+                                      conditioning)
         eps = eps.astype(jnp.float32)
         if plan.guided:
             eps_uncond, eps_cond = eps[:batch], eps[batch:]
@@ -151,7 +164,7 @@ def capture_program(models: Models, params: dict[str, Any], schedule: schedulers
     "noise" (b, h, w, c) when given. Returns {"text:SITE": (b, ...), "denoiser:SITE": (b, kept steps, ...),
     "image:SITE": (b, ...), "latents": (b, h, w, c), "images": (b, H, W, 3)}, as the plan asks."""
     out: dict[str, jax.Array] = {}
-    acts = _text_pass(models, params, inputs["ids"])
+    acts = _text_pass(models, params, inputs["ids"], plan, inputs)
     for site, how in zip(plan.text_sites, plan.text_reductions):
         out[f"text:{site}"] = reduce_tokens(acts[site], inputs["eos"], how).astype(jnp.float32)
     if not plan.sample:
@@ -159,12 +172,17 @@ def capture_program(models: Models, params: dict[str, Any], schedule: schedulers
     family = models.family
     context = acts[family.context_site]                                            # (b, tokens, d)
     if plan.guided:
-        uncond = _text_pass(models, params, inputs["uncond_ids"])[family.context_site]  # (1, tokens, d)
+        # One negative-prompt row, unless per-prompt text interventions act on it: then one per prompt.
+        per_prompt = any(s.component == "text" and s.branch != "cond" and s.per_prompt for s in plan.interventions)
+        uncond_ids = inputs["uncond_ids"]
+        if per_prompt:
+            uncond_ids = jnp.broadcast_to(uncond_ids, inputs["ids"].shape)
+        uncond = _text_pass(models, params, uncond_ids, plan, inputs, "uncond")[family.context_site]  # (1|b, tokens, d)
         context = jnp.concatenate([jnp.broadcast_to(uncond, context.shape), context])
     conditioning = family.conditioning({"text_encoder": context})
     shape = plan.latent_shape
     noise = inputs["noise"] if plan.given_noise else initial_noise(seed, inputs["prompt_index"], shape)
-    latents, captured = denoise(models, params, schedule, plan, noise, conditioning, guidance_scale)
+    latents, captured = denoise(models, params, schedule, plan, noise, conditioning, guidance_scale, inputs)
     keep = slice(None) if plan.steps is None else jnp.asarray(plan.steps)
     for site, value in captured.items():
         out[f"denoiser:{site}"] = jnp.moveaxis(value[keep], 0, 1)                  # (b, kept steps, ...)
