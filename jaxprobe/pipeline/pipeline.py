@@ -138,7 +138,7 @@ class Pipeline:
                 latents: np.ndarray | None = None, batch_size: int = 8, branch: str = "cond",
                 negative_prompt: str = "", height: int | None = None, width: int | None = None,
                 prompt_offset: int = 0, progress: bool = False,
-                interventions: Sequence[Intervention] = ()) -> Captures:
+                interventions: Sequence[Intervention] = (), text_layer: int | None = None) -> Captures:
         """Run the prompts and return a `Captures` ({site: array}) for every site the patterns select.
 
         Text sites: (n_prompts, dim) after the token reduction, (n_prompts, tokens, dim) with "none".
@@ -152,14 +152,15 @@ class Pipeline:
         Mapping that also knows its steps, timesteps, reductions, prompts and options, and yields
         feature sets (`site@step`) for `probe_sweep`, the SAE trainer and the directions maths.
         interventions: `jaxprobe.interventions` (Steer, Patch, Ablate, Scale, ClampSAE) applied inside
-        the same program, in list order; captured sites show the intervened activations.
+        the same program, in list order; captured sites show the intervened activations. text_layer:
+        the Diffusion Lens (see `generate`).
         """
         chosen = self.select(sites)
         return sampling.run_capture(
             self, prompts, chosen, batch_size=batch_size, progress=progress, timesteps=timesteps,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, reduce=reduce,
             latents=latents, branch=branch, negative_prompt=negative_prompt, height=height, width=width,
-            prompt_offset=prompt_offset, interventions=interventions)
+            prompt_offset=prompt_offset, interventions=interventions, text_layer=text_layer)
 
     def embed_images(self, images: np.ndarray, sites: str | Iterable[str] = ("image_encoder.visual_projection",),
                      *, reduce: Reduce = "cls", batch_size: int = 8, progress: bool = False) -> dict[str, np.ndarray]:
