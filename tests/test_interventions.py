@@ -30,7 +30,8 @@ MID = "unet.mid_block"
 def sd(tmp_path_factory):
     path = tmp_path_factory.mktemp("interventions_pipeline")
     reference = build_pipeline(path)
-    return reference, jaxprobe.load(path)
+    pipe = jaxprobe.load(path)
+    return reference, pipe
 
 
 @pytest.fixture(scope="session")
@@ -195,10 +196,10 @@ def test_text_encoder_interventions_act_on_the_conditioning(sd):
 
 def test_text_layer_lens_at_the_last_layer_equals_the_normal_run(sd, noise, base):
     _, pipe = sd
-    last = _capture(pipe, noise, text_layer=pipe.text_encoder.config.num_hidden_layers - 1)
+    last = _capture(pipe, noise, text_layer=pipe.text_encoder.config.num_hidden_layers)
     for site in SITES:
         np.testing.assert_array_equal(last[site], base[site])
-    first = _capture(pipe, noise, text_layer=0)
+    first = _capture(pipe, noise, text_layer=1)
     assert not np.allclose(first["latents"][:, -1], base["latents"][:, -1], atol=1e-3)
 
 
@@ -209,6 +210,25 @@ def test_generate_takes_interventions_and_the_lens(sd, noise):
     normal = pipe.generate(PROMPTS, **kw)
     lens = pipe.generate(PROMPTS, text_layer=0, interventions=[Scale(MID, 1.0)], **kw)
     assert lens.shape == normal.shape and not np.allclose(lens, normal, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_lens_command_writes_a_grid_and_a_page(sd, tmp_path):
+    from typer.testing import CliRunner
+
+    from jaxprobe.cli import app
+
+    _, pipe = sd
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "lens"
+    result = CliRunner().invoke(app, ["lens", "--model", pipe.source, "--prompts", str(prompts), "--layers", "0", "2",
+                                      "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    images = np.load(out / "lens.npy")
+    assert images.shape[:2] == (len(PROMPTS), 2)
+    assert (out / "figures" / "lens.png").is_file()
+    assert "Diffusion Lens" in (out / "lens.html").read_text()
 
 
 def test_bad_interventions_are_named_errors_before_anything_runs(sd, noise, base):

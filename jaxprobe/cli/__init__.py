@@ -49,6 +49,7 @@ from jaxprobe.cli import decoding_diffusion, features, norms_probing, revelio  #
 
 app.command()(features.info)
 app.command()(features.extract)
+app.command()(features.lens)
 app.command()(norms_probing.probe)
 app.command()(norms_probing.run)
 app.command()(norms_probing.report)

@@ -173,10 +173,13 @@ def _with_interventions(pipe: "Pipeline", plan: Plan, schedule: schedulers.Sched
         n_layers = pipe.text_encoder.config.num_hidden_layers
         if not plan.sample:
             raise InputError("text_layer changes what conditions the denoiser: generate, or capture a denoiser site")
-        if not isinstance(text_layer, (int, np.integer)) or not -n_layers <= text_layer < n_layers:
-            raise InputError(f"text_layer must be a text-encoder layer index in 0..{n_layers - 1} (negative ones "
-                             f"count from the end), not {text_layer!r}")
-        plan = dataclasses.replace(plan, text_layer=f"text_model.encoder.layers.{int(text_layer) % n_layers}")
+        if not isinstance(text_layer, (int, np.integer)) or not -n_layers - 1 <= text_layer <= n_layers:
+            raise InputError(f"text_layer must be a text-encoder layer in 0..{n_layers} (0: the token embeddings, "
+                             f"k: the output of the k-th layer, {n_layers}: the normal run; negative ones count "
+                             f"from the end), not {text_layer!r}")
+        k = int(text_layer) % (n_layers + 1)
+        plan = dataclasses.replace(plan, text_layer="text_model.embeddings" if k == 0 else
+                                   f"text_model.encoder.layers.{k - 1}")
     if not interventions:
         return plan, {}, {}
     if isinstance(interventions, (str, bytes)) or not isinstance(interventions, Sequence):
@@ -283,8 +286,9 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] |
 
     With `sites`, returns (images, {site: array}) from the same run (shapes as in Pipeline.capture).
     interventions: as in `Pipeline.capture`. text_layer: the Diffusion Lens (Toker et al. 2024): the
-    denoiser is conditioned on text-encoder layer k's output (`text_encoder.text_model.encoder.layers.k`)
-    passed through the final layer norm, instead of the last layer's.
+    denoiser is conditioned on the text encoder's hidden state k (counted as transformers'
+    `hidden_states[k]`: 0 the token embeddings, k the output of `text_model.encoder.layers.{k-1}`, the
+    number of layers the normal run) passed through the final layer norm.
     """
     if output_type not in ("np", "pil"):
         raise InputError(f"output_type must be 'np' or 'pil', not {output_type!r}")
