@@ -231,6 +231,50 @@ def test_lens_command_writes_a_grid_and_a_page(sd, tmp_path):
     assert "Diffusion Lens" in (out / "lens.html").read_text()
 
 
+@pytest.mark.slow
+def test_directions_edit_writes_a_dose_response_page(tmp_path):
+    """`jaxprobe directions edit` on the tiny model with a tiny CLIP vision tower and a saved direction."""
+    import pandas as pd
+    import transformers
+    from typer.testing import CliRunner
+
+    from jaxprobe.cli import app
+
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)
+    transformers.CLIPVisionModelWithProjection(vision).save_pretrained(tmp_path / "vision")
+    out = tmp_path / "out"
+    out.mkdir()
+    width = jaxprobe.load("tiny").unet.config.block_out_channels[-1]
+    concepts = np.array(["doctor", "nurse", "man", "woman"])
+    dirs = np.random.default_rng(0).standard_normal((len(concepts), 3, width)).astype(np.float32)
+    np.savez(out / "directions.npz", concepts=concepts, **{"site/unet.mid_block": dirs})
+    (tmp_path / "study.toml").write_text(f"""
+[directions]
+templates = ["a photo of a {{concept}}"]
+seeds = [0]
+num_inference_steps = 2
+n_bootstrap = 20
+associations = [["professions", "gender"]]
+out = "{out}"
+cache = "{tmp_path / 'cache'}"
+[directions.families]
+professions = ["doctor", "nurse"]
+gender = ["man", "woman"]
+""")
+    result = CliRunner().invoke(app, ["directions", "edit", str(tmp_path / "study.toml"), "--direction", "woman",
+                                      "--scales", "0,50", "--steps", "0:2", "--image-encoder", str(tmp_path / "vision")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "edit" / "woman" / "edit.csv")
+    assert list(table["scale"]) == [0.0, 50.0] and table["change"].iloc[0] == 0.0
+    assert table["change"].iloc[1] != 0.0
+    assert (table["ci_low"] <= table["association"]).all() and (table["association"] <= table["ci_high"]).all()
+    for name in ("dose_response", "grid"):
+        assert (out / "edit" / "woman" / "figures" / f"{name}.png").is_file()
+    assert "Dose-response" in (out / "edit" / "woman" / "edit.html").read_text()
+
+
 def test_bad_interventions_are_named_errors_before_anything_runs(sd, noise, base):
     _, pipe = sd
     c = _width(pipe)

@@ -146,7 +146,7 @@ def step_indices(steps: Sequence[int], n_steps: int, what: str = "step indices",
     bad = idx[(idx < -n_steps) | (idx >= n_steps)]
     if bad.size:
         raise error(f"{what} {bad.tolist()} are outside 0..{n_steps - 1} "
-                                f"(this sampler makes {n_steps} UNet evaluations)")
+                    f"(this sampler makes {n_steps} UNet evaluations)")
     return tuple(int(i) for i in idx % n_steps)
 
 
@@ -163,20 +163,20 @@ def _err(iv: Intervention, message: str) -> InterventionError:
 
 
 def plan_interventions(interventions: Sequence[Intervention], shapes: Mapping[str, Mapping[str, tuple[int, ...]]],
-                       *, n_prompts: int, n_steps: int, guided: bool
+                       *, n_prompts: int, n_steps: int, guided: bool, examples: Sequence[str] = ()
                        ) -> tuple[tuple[Spec, ...], dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     """Validate the interventions against the run and split them into static specs and values.
 
     shapes: {"text": {path: per-sample shape}, "denoiser": {path: per-sample shape}} of the module
     outputs that can be intervened on, with the component's site prefix ("text_encoder.", "unet.")
     under the key "prefix:text" / "prefix:denoiser". n_steps: 0 when the run does not sample.
-    Returns (specs, per-prompt values {str(j): {name: (n_prompts, ...)}}, shared values {str(j): ...})."""
+    examples: site names an unknown-site error suggests (the block-level ones). Returns (specs, per-prompt values {str(j): {name: (n_prompts, ...)}}, shared values {str(j): ...})."""
     specs, batched, shared = [], {}, {}
     for j, iv in enumerate(interventions):
         if not isinstance(iv, KINDS):
             raise InterventionError(f"interventions[{j}] is a {type(iv).__name__}; pass Steer, Patch, Ablate, "
                                     "Scale or ClampSAE from jaxprobe.interventions")
-        component, path, shape = _locate(iv, shapes, n_steps)
+        component, path, shape = _locate(iv, shapes, n_steps, examples)
         if iv.branch not in BRANCHES:
             raise _err(iv, f"branch must be one of {', '.join(BRANCHES)}, not {iv.branch!r}")
         if iv.branch == "uncond" and not guided:
@@ -190,8 +190,9 @@ def plan_interventions(interventions: Sequence[Intervention], shapes: Mapping[st
             chosen = step_indices(iv.steps, n_steps, f"{type(iv).__name__} on {iv.site!r}: steps", InterventionError)
             if not chosen:
                 raise _err(iv, "steps is empty; pass None for every step")
-            active = tuple(i in set(chosen) for i in range(n_steps))
-        spec, per, common = _values(iv, component, shape, n_prompts, n_steps, active)
+            active = tuple(i in chosen for i in range(n_steps))
+        spec, per, common = _values(iv, component, shape, n_prompts, n_steps if component == "denoiser" else 0,
+                                    active)
         specs.append(Spec(component=component, site=path, branch=iv.branch, active=active, **spec))
         if per:
             batched[str(j)] = per
@@ -200,7 +201,8 @@ def plan_interventions(interventions: Sequence[Intervention], shapes: Mapping[st
     return tuple(specs), batched, shared
 
 
-def _locate(iv: Intervention, shapes: Mapping[str, Any], n_steps: int) -> tuple[str, str, tuple[int, ...]]:
+def _locate(iv: Intervention, shapes: Mapping[str, Any], n_steps: int, examples: Sequence[str]
+            ) -> tuple[str, str, tuple[int, ...]]:
     for component in ("text", "denoiser"):
         prefix = shapes.get(f"prefix:{component}")
         if prefix and iv.site.startswith(prefix) and iv.site.removeprefix(prefix) in shapes[component]:
@@ -209,12 +211,11 @@ def _locate(iv: Intervention, shapes: Mapping[str, Any], n_steps: int) -> tuple[
                                "intervention would change nothing it returns; capture a denoiser site or generate")
             path = iv.site.removeprefix(prefix)
             return component, path, tuple(shapes[component][path])
-    known = [f"{shapes[f'prefix:{c}']}{p}" for c in ("text", "denoiser") if shapes.get(f"prefix:{c}")
-             for p in shapes[c]]
-    blocks = [s for s in known if s.count(".") <= 1 or ".layers." in s and s.count(".") == 4]
+    known = {f"{shapes[f'prefix:{c}']}{p}" for c in ("text", "denoiser") if shapes.get(f"prefix:{c}")
+             for p in shapes[c]}
     raise SiteError(f"{type(iv).__name__}: {iv.site!r} is not a site that can be intervened on. Interventions "
                     "take the exact name of a module output (no patterns; not `latents`, `...probs` or `...mlp`), "
-                    "e.g.:\n  " + "\n  ".join(blocks)
+                    "e.g.:\n  " + "\n  ".join(s for s in examples if s in known)
                     + "\n(`pipe.sites(all=True)` lists every site)")
 
 
@@ -248,7 +249,7 @@ def _channels(iv: Intervention, shape: tuple[int, ...]) -> tuple[int, ...] | Non
     idx = np.asarray(list(iv.channels), dtype=int).reshape(-1)
     if idx.size == 0 or (idx < 0).any() or (idx >= shape[-1]).any():
         raise _err(iv, f"channels must be indices in 0..{shape[-1] - 1}, got {idx.tolist()}")
-    return tuple(sorted(set(int(i) for i in idx)))
+    return tuple(sorted({int(i) for i in idx}))
 
 
 def _scalar(iv: Intervention, value: Any, name: str) -> np.ndarray:
@@ -263,9 +264,10 @@ def _values(iv: Intervention, component: str, shape: tuple[int, ...], n: int, n_
     """(static Spec fields, per-prompt values, shared values) of one intervention."""
     if isinstance(iv, Steer):
         vector, per_prompt = _site_values(iv, iv.vector, "vector", shape, n)
-        spec = dict(kind="steer", per_prompt=("vector",) if per_prompt else ())
-        per, common = ({"vector": vector} if per_prompt else {}), {"scale": _scalar(iv, iv.scale, "scale")}
-        return spec, per, common if per_prompt else {**common, "vector": vector}
+        scale = {"scale": _scalar(iv, iv.scale, "scale")}
+        if per_prompt:
+            return dict(kind="steer", per_prompt=("vector",)), {"vector": vector}, scale
+        return dict(kind="steer"), {}, {**scale, "vector": vector}
     if isinstance(iv, Patch):
         source = np.asarray(iv.source, np.float32)
         if component == "text":
@@ -317,9 +319,10 @@ def _clamp_values(iv: ClampSAE, shape: tuple[int, ...], n: int, n_steps: int
         raise _err(iv, f"latent indices {idx} must be in 0..{m - 1}")
     values = [np.asarray(v, np.float32) for v in iv.latents.values()]
     shapes_ = {v.shape for v in values}
-    if len(shapes_) != 1 or next(iter(shapes_)) not in ((), (n,), (n, n_steps)):
-        raise _err(iv, f"latent values must all be numbers, (n_prompts={n},) or (n_prompts={n}, n_steps={n_steps}); "
-                       f"got shapes {sorted(shapes_)}")
+    allowed = ((), (n,), (n, n_steps)) if n_steps else ((), (n,))    # a text-encoder site acts once
+    if len(shapes_) != 1 or next(iter(shapes_)) not in allowed:
+        per_step = f" or (n_prompts={n}, n_steps={n_steps})" if n_steps else ""
+        raise _err(iv, f"latent values must all be numbers or (n_prompts={n},){per_step}; got shapes {sorted(shapes_)}")
     value = np.stack(values, axis=-1)                                  # (L,), (n, L) or (n, T, L)
     weights = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec[idx], "b_dec": b_dec, "scale": np.float32(scale)}
     spec = dict(kind="clamp_sae", latents=tuple(idx), k=k, pooled=iv.pooled, per_step=value.ndim == 3,

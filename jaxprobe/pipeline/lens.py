@@ -48,8 +48,8 @@ def write_lens(pipe: "Pipeline", prompts: Sequence[str], layers: Sequence[int], 
     notice = "The model has random weights: the images show the plumbing, not what a layer means." \
         if is_random_weights(pipe.source) else None
     body = [
-        f"<p>Each row is a prompt, each column the text-encoder hidden state the denoiser was conditioned on "
-        f"(through the final layer norm; {n_layers} is the normal run). Same noise in every column.</p>",
+        ("<p>Each row is a prompt, each column the text-encoder hidden state the denoiser was conditioned on "
+         f"(through the final layer norm; {n_layers} is the normal run). Same noise in every column.</p>"),
         settings_html({"model": pipe.source, "layers": list(layers), **options}),
         figure_html(png_bytes(figure), "Diffusion Lens grid", "prompts x text-encoder layers"),
         "<h2>Prompts</h2><ol>" + "".join(f"<li>{html.escape(p)}</li>" for p in prompts) + "</ol>",

@@ -190,7 +190,7 @@ def _with_interventions(pipe: "Pipeline", plan: Plan, schedule: schedulers.Sched
                        "denoiser": pipe.output_shapes(pipe.unet.name, plan.latent_shape if plan.sample else None)})
     specs, batched, shared = plan_interventions(
         interventions, shapes, n_prompts=n_prompts, n_steps=len(schedule.timesteps) if plan.sample else 0,
-        guided=plan.guided)
+        guided=plan.guided, examples=pipe.sites())
     return dataclasses.replace(plan, interventions=specs), batched, shared
 
 
