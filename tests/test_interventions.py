@@ -275,6 +275,33 @@ gender = ["man", "woman"]
     assert "Dose-response" in (out / "edit" / "woman" / "edit.html").read_text()
 
 
+@pytest.mark.slow
+def test_sae_steer_clamps_latents_and_writes_a_page(tmp_path):
+    """`jaxprobe sae steer` with an SAE trained on the tiny model's mid block at every step."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from jaxprobe.cli import app
+    from jaxprobe.sae import SAEConfig, train_saes
+
+    prompts = ["a photo of a cat", "a photo of a dog", "a red car", "a tall tree"]
+    pipe = jaxprobe.load("tiny")
+    feats = pipe.capture(prompts, "unet.mid_block", num_inference_steps=2)
+    train_saes(feats, SAEConfig(k=4, expansion=2, batch_size=4, steps=5, warmup_steps=1, checkpoint_every=0),
+               tmp_path / "sae")
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n")
+    result = CliRunner().invoke(app, ["sae", "steer", str(tmp_path / "sae"), "-f", "unet.mid_block@1", "-p",
+                                      str(tmp_path / "prompts.txt"), "--steps", "2", "--latents", "0",
+                                      "--multiples", "0,3"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "sae" / "steer" / "sae_steer.csv")
+    assert set(table["multiple"]) == {0.0, 3.0} and set(table["step"]) == {1, 2}
+    at_step = table[table["step"] == 1].set_index("multiple")["activation"]
+    assert at_step[0.0] < at_step[3.0]            # the clamped latent reads back higher when clamped higher
+    for name in ("activation", "grid"):
+        assert (tmp_path / "sae" / "steer" / "figures" / f"{name}.png").is_file()
+
+
 def test_bad_interventions_are_named_errors_before_anything_runs(sd, noise, base):
     _, pipe = sd
     c = _width(pipe)
