@@ -2,12 +2,13 @@
 
     pipe = jaxprobe.load("tiny")                      # or a diffusers folder / HF-cache model id
     feats = pipe.capture(prompts, sites=["text_encoder.*", "unet.mid_block"], reduce="mean")
+    images = pipe.generate(prompts, interventions=[jaxprobe.Steer("unet.mid_block", direction, scale=4.0)])
     table = jaxprobe.probe_sweep(feats, norms.to_frame())
 
 Importing jaxprobe loads no JAX: each public name is imported from its layer on first use.
 """
 
-from jaxprobe.errors import CheckpointError, InputError, JaxprobeError, SiteError
+from jaxprobe.errors import CheckpointError, InputError, InterventionError, JaxprobeError, SiteError
 
 __version__ = "0.1.0"
 
@@ -20,11 +21,12 @@ _LAZY = {
     "BandedRidgeCV": "jaxprobe.probes",
     "probe_sweep": "jaxprobe.probes",
     "variance_partition": "jaxprobe.probes",
+    **{name: "jaxprobe.interventions" for name in ("Steer", "Patch", "Ablate", "Scale", "ClampSAE", "SAEWeights")},
 }
 
 __all__ = ["load", "Pipeline", "Captures", "Component", "RidgeCV", "BandedRidgeCV", "probe_sweep",
-           "variance_partition", "JaxprobeError",
-           "CheckpointError", "InputError", "SiteError", "__version__"]
+           "variance_partition", "Steer", "Patch", "Ablate", "Scale", "ClampSAE", "SAEWeights", "JaxprobeError",
+           "CheckpointError", "InputError", "InterventionError", "SiteError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -34,3 +34,8 @@ class StoreError(JaxprobeError, OSError):
 
 class AlignmentError(InputError):
     """Features and targets that cannot be paired row for row by concept: a repeated, unmatched or missing name."""
+
+
+class InterventionError(InputError):
+    """An intervention that does not fit its run: a vector of the wrong width, steps outside the run, a patch
+    source of the wrong shape, a CFG branch the run does not have."""

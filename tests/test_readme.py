@@ -32,6 +32,15 @@ REPLACEMENTS = [
     ("timesteps=(25, 100)", "timesteps=(25,)"),
     ("ConvHeadConfig(width=1024, epochs=30)", "ConvHeadConfig(width=8, epochs=1)"),
     ("SAEConfig(k=32, expansion=64, steps=5000)", "SAEConfig(k=4, expansion=2, steps=60, warmup_steps=10)"),
+    # the Interventions section on the tiny model: 2 steps, its widths and its attention blocks
+    ("steps=range(20)", "steps=range(1)"),
+    ("steps=range(10, 50)", "steps=range(1, 2)"),
+    ("steps=[10]", "steps=[1]"),
+    ("@10", "@1"),
+    ("SAEConfig(k=8, expansion=4, steps=2000)", "SAEConfig(k=4, expansion=2, steps=30, warmup_steps=5)"),
+    ("unet.down_blocks.1.attentions.0", "unet.down_blocks.0.attentions.0"),
+    ("standard_normal(768)", "standard_normal(64)"),
+    ("encoder.layers.10", "encoder.layers.3"),
 ]
 
 

@@ -117,8 +117,8 @@ def main(
 
 from jaxprobe.cli import decoding_diffusion, features, norms_probing, revelio  # noqa: E402
 
-for command in (features.info, features.extract, norms_probing.probe, norms_probing.run, norms_probing.report,
-                revelio.classify):
+for command in (features.info, features.extract, features.lens, norms_probing.probe, norms_probing.run,
+                norms_probing.report, revelio.classify):
     app.command(cls=Command)(command)
 app.add_typer(features.store_app, name="store")
 app.add_typer(decoding_diffusion.directions_app, name="directions")

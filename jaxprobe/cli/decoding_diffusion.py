@@ -1,4 +1,4 @@
-"""`jaxprobe directions build|score|report`: directions in h-space and their associations
+"""`jaxprobe directions build|score|report|edit`: directions in h-space, their associations, and edits
 (studies.decoding_diffusion).
 
 cli/__init__.py registers this group; each command imports what it runs inside its body, so `--help` stays light.
@@ -68,3 +68,35 @@ def directions_report(results: Annotated[Path, typer.Argument(help="the folder b
 
     path = directions_report_fn(results)
     typer.echo(f"wrote {path}")
+
+
+def _numbers(text: str, what: str, cast=float) -> list:
+    try:
+        return [cast(v) for v in text.replace(",", " ").split()]
+    except ValueError as err:
+        raise typer.BadParameter(f"{what} must be numbers separated by commas or spaces, not {text!r}") from err
+
+
+@directions_app.command("edit")
+def directions_edit(
+    config: DirectionsConfigArg = None,
+    direction: Annotated[str, typer.Option("--direction", "-d", help="the concept whose h-space direction is added")] = "",
+    scales: Annotated[str, typer.Option(help="scales of the direction, e.g. '0,4,8,16' (0: the baseline)")] = "0,4,8,16",
+    steps: Annotated[Optional[str], typer.Option(help="steps it is added at, e.g. '0,1,2' or '0:20' (default all)")] = None,
+    image_encoder: Annotated[Optional[str], typer.Option(help="CLIP vision checkpoint that scores the images")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m")] = None, out: DirectionsOutOpt = None,
+) -> None:
+    """Add a built direction to h-space at several scales: dose-response of the CLIP image association, grids.
+
+    Example: jaxprobe directions edit study.toml -d woman --scales 0,4,8 --steps 0:25 --image-encoder clip-vit
+    """
+    from jaxprobe.studies.decoding_diffusion.edit import edit
+
+    if not direction:
+        raise typer.BadParameter("pass --direction CONCEPT (a concept of the config's families that build saw)")
+    chosen = None
+    if steps:
+        chosen = range(*_numbers(steps.replace(":", " "), "--steps", int)) if ":" in steps else \
+            _numbers(steps, "--steps", int)
+    edit(_directions_config(config, model=model, out=out), direction=direction, scales=_numbers(scales, "--scales"),
+         steps=chosen, image_encoder=image_encoder, log=typer.echo)

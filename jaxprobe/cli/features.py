@@ -1,4 +1,5 @@
-"""`jaxprobe info`, `extract` and `store ls|verify|gc`: the model and its sites, features on disk (features/).
+"""`jaxprobe info`, `extract`, `lens` and `store ls|verify|gc`: the model and its sites, the Diffusion Lens,
+features on disk (features/).
 
 cli/__init__.py registers these commands; each imports what it runs inside its body, so `--help` stays light.
 """
@@ -42,6 +43,35 @@ def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the 
         typer.echo(f"{len(sites)} sites of {model}:")
         for site in sites:
             typer.echo(f"  {site}")
+
+
+def lens(
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="text file, one prompt per line")],
+    layers: Annotated[list[int], typer.Option("--layers", "-l", help="text-encoder hidden states (0: embeddings, "
+                                              "the number of layers: the normal run): --layers 4 8 12")],
+    more_layers: Annotated[Optional[list[int]], typer.Argument(metavar="[LAYERS]...", show_default=False,
+                                                               help="the values after the first --layers one")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("jaxprobe-runs/lens"),
+    model: ModelOpt = "tiny",
+    steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
+    guidance_scale: Annotated[float, typer.Option()] = 7.5,
+    seed: Annotated[int, typer.Option()] = 0,
+    batch_size: Annotated[int, typer.Option(help="prompts per device program")] = 8,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+) -> None:
+    """Diffusion Lens: generate each prompt from several text-encoder layers -> OUT/lens.html and a grid.
+
+    Example: jaxprobe lens --model runwayml/stable-diffusion-v1-5 --prompts prompts.txt --layers 4 8 12
+    """
+    import jaxprobe
+    from jaxprobe.pipeline.lens import write_lens
+    from jaxprobe.runtime.files import read_lines
+
+    texts = read_lines(prompts, "prompts file")
+    # click options take one value each; the rest of `--layers 4 8 12` arrives as arguments
+    path = write_lens(jaxprobe.load(model, dtype=dtype), texts, [*layers, *(more_layers or [])], out,
+                      num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+    typer.echo(f"wrote {path}")
 
 
 def extract(

@@ -1,4 +1,4 @@
-"""`jaxprobe classify` and `sae train|inspect`: classifiers and sparse autoencoders on diffusion features
+"""`jaxprobe classify` and `sae train|inspect|steer`: classifiers and sparse autoencoders on diffusion features
 (studies.revelio, sae/).
 
 cli/__init__.py registers these commands; each imports what it runs inside its body, so `--help` stays light.
@@ -113,3 +113,37 @@ def sae_inspect(
     page = inspect_saes(sae, features, out or sae / "inspect", sites=sites, norms=norms, images=images,
                         top_n=top_n, max_latents=max_latents, **({"min_rated": min_rated} if min_rated else {}))
     typer.echo(f"wrote {page}")
+
+
+@sae_app.command("steer")
+def sae_steer(
+    sae: Annotated[Path, typer.Argument(help="the --out folder of `jaxprobe sae train`")],
+    feature_set: Annotated[str, typer.Option("--feature-set", "-f", help="the SAE's feature set, site@step")],
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="text file, one prompt per line")],
+    model: ModelOpt = "tiny",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="default: SAE/steer")] = None,
+    latents: Annotated[Optional[str], typer.Option(help="latent indices, e.g. '3,17' (default: the most active)")] = None,
+    n_latents: Annotated[int, typer.Option(help="how many latents by default")] = 4,
+    multiples: Annotated[str, typer.Option(help="clamp values as multiples of each latent's peak")] = "0,2,4",
+    steps: Annotated[int, typer.Option(help="denoising steps (as the SAE's features were captured)")] = 50,
+    guidance_scale: Annotated[float, typer.Option()] = 7.5,
+    seed: Annotated[int, typer.Option()] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+) -> None:
+    """Clamp SAE latents at one step while generating: image grids and the latents' activation downstream.
+
+    Example: jaxprobe sae steer runs/sae -f unet.mid_block@10 -p prompts.txt -m runwayml/stable-diffusion-v1-5
+    """
+    import jaxprobe
+    from jaxprobe.runtime.files import read_lines
+    from jaxprobe.studies.revelio.steer import sae_steer as steer
+
+    try:
+        chosen = [int(v) for v in latents.replace(",", " ").split()] if latents else None
+        factors = [float(v) for v in multiples.replace(",", " ").split()]
+    except ValueError as err:
+        raise typer.BadParameter(f"--latents and --multiples take numbers separated by commas: {err}") from None
+    path = steer(jaxprobe.load(model, dtype=dtype), sae, feature_set, read_lines(prompts, "prompts file"),
+                 out or sae / "steer", latents=chosen, n_latents=n_latents, multiples=factors,
+                 num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, log=typer.echo)
+    typer.echo(f"wrote {path}")

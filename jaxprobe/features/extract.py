@@ -55,6 +55,9 @@ def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str
     floating-point tolerance (README, Determinism). Returns `Captures` described by the prompts and
     options (the store holds only the arrays; the description is rebuilt from the call).
     """
+    if options.get("interventions") or options.get("text_layer") is not None:
+        raise InputError("the feature store caches unedited runs only: call pipe.capture(..., interventions=...) "
+                         "or text_layer= directly (their arrays are not part of a cache key)")
     prompts = list(prompts)
     sites = pipe.select(sites)
     text_only = all(s.startswith(("text_encoder.", "text_encoder_2.")) for s in sites)

@@ -22,6 +22,7 @@ from jaxprobe.errors import CheckpointError, SiteError
 from jaxprobe.models import clip
 from jaxprobe.models.families import DenoiserFamily, family_of_config
 from jaxprobe.pipeline import sampling
+from jaxprobe.pipeline.interventions import Intervention, module_outputs
 from jaxprobe.pipeline.programs import Plan, image_program
 from jaxprobe.pipeline.sampling import IMAGE_REDUCTIONS, Reduce, resolve_reductions
 from jaxprobe.pipeline.sites import SAMPLER_SITES, block_sites_of, flatten_intermediates, select_sites
@@ -110,6 +111,32 @@ class Pipeline:
                 blocks += list(SAMPLER_SITES)
         return every, blocks
 
+    @functools.cached_property
+    def _output_shapes(self) -> dict[tuple[str, Any], dict[str, tuple[int, ...]]]:
+        return {}
+
+    def output_shapes(self, component: str, latent_shape: tuple[int, int, int] | None = None
+                      ) -> dict[str, tuple[int, ...]]:
+        """{module path: per-example output shape} of the component's modules that sow their output: the
+        sites interventions act on. latent_shape (h, w, c): the denoiser's input (default: sample size)."""
+        key = (component, latent_shape)
+        if key not in self._output_shapes:
+            c = self.components[component]
+            if c is self.unet:
+                example = self.family.example_inputs(c.config)
+                if latent_shape is not None:
+                    example = (jax.ShapeDtypeStruct((1, *latent_shape), example[0].dtype), *example[1:])
+            else:
+                example = clip.example_inputs(c.config)
+
+            def trace(*xs):
+                _, state = c.module.apply({"params": c.params}, *xs, mutable=["intermediates"])
+                return state["intermediates"]
+
+            outputs = module_outputs(jax.eval_shape(trace, *example))
+            self._output_shapes[key] = {path: tuple(v.shape[1:]) for path, v in outputs.items()}
+        return self._output_shapes[key]
+
     def sites(self, all: bool = False) -> list[str]:  # noqa: A002 - mirrors the CLI flag
         """Capture sites: block-level ones by default, every sown site with `all=True`."""
         every, blocks = self._site_table
@@ -131,7 +158,8 @@ class Pipeline:
                 guidance_scale: float = 7.5, seed: int = 0, reduce: Reduce = "mean",
                 latents: np.ndarray | None = None, batch_size: int = 8, branch: str = "cond",
                 negative_prompt: str = "", height: int | None = None, width: int | None = None,
-                prompt_offset: int = 0, progress: bool = False) -> Captures:
+                prompt_offset: int = 0, progress: bool = False,
+                interventions: Sequence[Intervention] = (), text_layer: int | None = None) -> Captures:
         """Run the prompts and return a `Captures` ({site: array}) for every site the patterns select.
 
         Text sites: (n_prompts, dim) after the token reduction, (n_prompts, tokens, dim) with "none".
@@ -144,13 +172,16 @@ class Pipeline:
         One compiled program per shape runs all of it (`jaxprobe.pipeline.programs`). The result is a
         Mapping that also knows its steps, timesteps, reductions, prompts and options, and yields
         feature sets (`site@step`) for `probe_sweep`, the SAE trainer and the directions maths.
+        interventions: `jaxprobe.interventions` (Steer, Patch, Ablate, Scale, ClampSAE) applied inside
+        the same program, in list order; captured sites show the intervened activations. text_layer:
+        the Diffusion Lens (see `generate`).
         """
         chosen = self.select(sites)
         return sampling.run_capture(
             self, prompts, chosen, batch_size=batch_size, progress=progress, timesteps=timesteps,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, reduce=reduce,
             latents=latents, branch=branch, negative_prompt=negative_prompt, height=height, width=width,
-            prompt_offset=prompt_offset)
+            prompt_offset=prompt_offset, interventions=interventions, text_layer=text_layer)
 
     def embed_images(self, images: np.ndarray, sites: str | Iterable[str] = ("image_encoder.visual_projection",),
                      *, reduce: Reduce = "cls", batch_size: int = 8, progress: bool = False) -> dict[str, np.ndarray]:

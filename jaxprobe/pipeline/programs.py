@@ -7,8 +7,9 @@ classifier-free guidance, the requested steps selected, and optionally the VAE d
 image embedding of the result. Only the reduced activations that were asked for leave the device.
 
 Everything that changes the program's structure (modules, sites, reductions, kept steps, branch,
-what runs at all) is static in `Plan`; values (parameters, ids, seed, guidance scale, schedule
-arrays) are traced, so a second call of the same shape compiles nothing.
+what runs at all, the interventions' kinds, sites and steps) is static in `Plan`; values (parameters,
+ids, seed, guidance scale, schedule arrays, intervention vectors, scales and sources) are traced, so a
+second call of the same shape compiles nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxprobe.models import clip, schedulers
 from jaxprobe.models.families import DenoiserFamily
+from jaxprobe.pipeline.interventions import Spec, intervening, with_values
 from jaxprobe.pipeline.reductions import reduce_spatial, reduce_tokens
 from jaxprobe.pipeline.sites import flatten_intermediates
 
@@ -67,16 +69,28 @@ class Plan:
     return_latents: bool = False
     return_images: bool = False
     zero_uncond: bool = False                # SDXL's force_zeros_for_empty_prompt: the unconditional inputs are 0
+    interventions: tuple[Spec, ...] = ()     # in list order (pipeline.interventions); values are in the inputs
+    text_layer: str | None = None            # Diffusion Lens: this text-encoder site feeds the context site
 
 
-def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "text_encoder") -> dict[str, jax.Array]:
-    _, state = getattr(models, component).apply({"params": params[component]}, ids, mutable=["intermediates"])
+def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "text_encoder", plan: Plan = Plan(),
+               inputs: Mapping[str, Any] | None = None, branch: str = "cond") -> dict[str, jax.Array]:
+    """{site: activation} of one pass of a text tower, with the plan's text interventions of `branch`
+    ("cond": the prompts, "uncond": the negative prompt) and the Diffusion Lens applied (both act on the
+    first tower, `text_encoder`)."""
+    first = component == "text_encoder"
+    specs = [(s, v) for s, v in with_values(plan.interventions, "text", inputs or {})
+             if s.branch in (branch, "both")] if first else []
+    lens = {models.family.context_site: plan.text_layer} if plan.text_layer is not None and first else None
+    with intervening(specs, feed=lens):
+        _, state = getattr(models, component).apply({"params": params[component]}, ids, mutable=["intermediates"])
     return flatten_intermediates(state["intermediates"])
 
 
-def _text_passes(models: Models, params: Any, ids: Mapping[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
+def _text_passes(models: Models, params: Any, ids: Mapping[str, jax.Array], plan: Plan = Plan(),
+                 inputs: Mapping[str, Any] | None = None, branch: str = "cond") -> dict[str, dict[str, jax.Array]]:
     """{text tower: {site: activation}} for every tower's token ids."""
-    return {name: _text_pass(models, params, ids[name], name) for name in models.text_encoders}
+    return {name: _text_pass(models, params, ids[name], name, plan, inputs, branch) for name in models.text_encoders}
 
 
 def conditioning_of(models: Models, params: Any, plan: Plan, inputs: Mapping[str, Any],
@@ -92,7 +106,12 @@ def conditioning_of(models: Models, params: Any, plan: Plan, inputs: Mapping[str
     if plan.zero_uncond:  # the text parts are zeros; the micro-conditioning stays
         uncond = {k: (uncond_extras[k] if k in uncond_extras else jnp.zeros_like(v)) for k, v in cond.items()}
     else:
-        uncond = models.family.conditioning(_text_passes(models, params, inputs["uncond_ids"]), uncond_extras)
+        # One negative-prompt row, unless per-prompt text interventions act on it: then one per prompt.
+        per_prompt = any(s.component == "text" and s.branch != "cond" and s.per_prompt for s in plan.interventions)
+        uncond_ids = {name: jnp.broadcast_to(ids, inputs["ids"][name].shape) if per_prompt else ids
+                      for name, ids in inputs["uncond_ids"].items()}
+        uncond = models.family.conditioning(_text_passes(models, params, uncond_ids, plan, inputs, "uncond"),
+                                            uncond_extras)
     return {k: jnp.concatenate([jnp.broadcast_to(uncond[k], v.shape), v]) for k, v in cond.items()}
 
 
@@ -131,13 +150,15 @@ def prompt_keys(seed: jax.Array, prompt_index: jax.Array) -> jax.Array:
 
 
 def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Plan, noise: jax.Array,
-            conditioning: Mapping[str, jax.Array], guidance_scale: jax.Array, noise_keys: jax.Array | None = None
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+            conditioning: Mapping[str, jax.Array], guidance_scale: jax.Array, inputs: Mapping[str, Any] | None = None,
+            noise_keys: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The sampling loop: final latents (b, h, w, c) and {site: (steps, b, ...)} captured at every step.
 
-    conditioning: the family's inputs, already [uncond; cond] along the batch when guided. noise_keys:
-    (b,) per-prompt keys of an ancestral sampler's fresh noise (`prompt_keys`)."""
+    conditioning: the family's inputs, already [uncond; cond] along the batch when guided. inputs: the
+    program's inputs, for the values of the plan's denoiser interventions. noise_keys: (b,) per-prompt
+    keys of an ancestral sampler's fresh noise (`prompt_keys`)."""
     family, batch = models.family, noise.shape[0]
+    specs = with_values(plan.interventions, "denoiser", inputs or {})
     latents = noise * schedulers.init_noise_sigma(schedule)
     stochastic = schedulers.needs_noise(schedule)
 
@@ -146,8 +167,9 @@ def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Pl
         model_in = schedulers.scale_model_input(schedule, latents, i)
         model_in = jnp.concatenate([model_in, model_in]) if plan.guided else model_in
         t = jnp.asarray(schedule.timesteps)[i]
-        eps, inter = family.apply(models.denoiser, params["denoiser"], model_in.astype(models.denoiser.dtype), t,
-                                  conditioning)
+        with intervening(specs, half=batch if plan.guided else None, step=i):
+            eps, inter = family.apply(models.denoiser, params["denoiser"], model_in.astype(models.denoiser.dtype), t,
+                                      conditioning)
         eps = eps.astype(jnp.float32)
         if plan.guided:
             eps_uncond, eps_cond = eps[:batch], eps[batch:]
@@ -197,7 +219,7 @@ def capture_program(models: Models, params: dict[str, Any], schedule: schedulers
     (b, kept steps, ...), "image:SITE": (b, ...), "latents": (b, h, w, c), "images": (b, H, W, 3)}, as the
     plan asks."""
     out: dict[str, jax.Array] = {}
-    acts = _text_passes(models, params, inputs["ids"])
+    acts = _text_passes(models, params, inputs["ids"], plan, inputs)
     for site, how in zip(plan.text_sites, plan.text_reductions):
         component, local = site.split(".", 1)
         out[f"text:{site}"] = reduce_tokens(acts[component][local], inputs["eos"][component], how).astype(jnp.float32)
@@ -206,7 +228,7 @@ def capture_program(models: Models, params: dict[str, Any], schedule: schedulers
     conditioning = conditioning_of(models, params, plan, inputs, acts)
     shape = plan.latent_shape
     noise = inputs["noise"] if plan.given_noise else initial_noise(seed, inputs["prompt_index"], shape)
-    latents, captured = denoise(models, params, schedule, plan, noise, conditioning, guidance_scale,
+    latents, captured = denoise(models, params, schedule, plan, noise, conditioning, guidance_scale, inputs,
                                 prompt_keys(seed, inputs["prompt_index"]))
     keep = slice(None) if plan.steps is None else jnp.asarray(plan.steps)
     for site, value in captured.items():

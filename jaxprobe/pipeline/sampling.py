@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprobe.captures import Captures
-from jaxprobe.errors import InputError, SiteError
+from jaxprobe.errors import InputError, InterventionError, SiteError
 from jaxprobe.models import schedulers
 from jaxprobe.pipeline.images import load_images
+from jaxprobe.pipeline.interventions import Intervention, describe, plan_interventions, step_indices
 from jaxprobe.pipeline.programs import PROBS, Models, Plan, capture_program, real_image_program
 from jaxprobe.pipeline.reductions import SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS
 from jaxprobe.pipeline.sites import SAMPLER_SITES
@@ -95,12 +96,7 @@ def _step_indices(timesteps: str | Sequence[int], n_steps: int) -> tuple[int, ..
         if timesteps != "all":
             raise InputError(f"timesteps must be 'all' or a list of step indices, not {timesteps!r}")
         return None
-    idx = np.asarray(list(timesteps), dtype=int)
-    bad = idx[(idx < -n_steps) | (idx >= n_steps)]
-    if bad.size:
-        raise InputError(f"step indices {bad.tolist()} are outside 0..{n_steps - 1} "
-                         f"(this sampler makes {n_steps} UNet evaluations)")
-    return tuple(int(i) for i in idx % n_steps)
+    return step_indices(timesteps, n_steps)
 
 
 def _given_noise(latents: np.ndarray, n: int, channels: int) -> np.ndarray:
@@ -206,19 +202,52 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
     return plan, schedule
 
 
+def _with_interventions(pipe: "Pipeline", plan: Plan, schedule: schedulers.Schedule | None,
+                        interventions: Sequence[Intervention], text_layer: int | None, n_prompts: int
+                        ) -> tuple[Plan, dict[str, Any], dict[str, Any]]:
+    """The plan with its interventions' static specs and the Diffusion Lens layer, and the interventions'
+    (per-prompt, shared) values, all validated before anything runs."""
+    if text_layer is not None:
+        n_layers = pipe.text_encoder.config.num_hidden_layers
+        if not plan.sample:
+            raise InputError("text_layer changes what conditions the denoiser: generate, or capture a denoiser site")
+        if not isinstance(text_layer, (int, np.integer)) or not -n_layers - 1 <= text_layer <= n_layers:
+            raise InputError(f"text_layer must be a text-encoder layer in 0..{n_layers} (0: the token embeddings, "
+                             f"k: the output of the k-th layer, {n_layers}: the normal run; negative ones count "
+                             f"from the end), not {text_layer!r}")
+        k = int(text_layer) % (n_layers + 1)
+        plan = dataclasses.replace(plan, text_layer="text_model.embeddings" if k == 0 else
+                                   f"text_model.encoder.layers.{k - 1}")
+    if not interventions:
+        return plan, {}, {}
+    if isinstance(interventions, (str, bytes)) or not isinstance(interventions, Sequence):
+        raise InterventionError("interventions must be a list of Steer/Patch/Ablate/Scale/ClampSAE")
+    shapes: dict[str, Any] = {"prefix:text": "text_encoder.", "text": pipe.output_shapes("text_encoder")}
+    if pipe.unet is not None:
+        shapes.update({"prefix:denoiser": f"{pipe.unet.name}.",
+                       "denoiser": pipe.output_shapes(pipe.unet.name, plan.latent_shape if plan.sample else None)})
+    specs, batched, shared = plan_interventions(
+        interventions, shapes, n_prompts=n_prompts, n_steps=len(schedule.timesteps) if plan.sample else 0,
+        guided=plan.guided, examples=pipe.sites())
+    return dataclasses.replace(plan, interventions=specs), batched, shared
+
+
 def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], *, batch_size: int = 8,
-                progress: bool = False, return_images: bool = False,
-                **options: Any) -> Captures | tuple[Captures, np.ndarray]:
+                progress: bool = False, return_images: bool = False, interventions: Sequence[Intervention] = (),
+                text_layer: int | None = None, **options: Any) -> Captures | tuple[Captures, np.ndarray]:
     """A Captures of `sites` (already selected), and the decoded images when asked: one program.
 
     options: those of `Pipeline.capture` (`CAPTURE_DEFAULTS` for any not given). Text sites (n, ...);
-    denoiser and sampler sites (n, kept steps, ...); image-encoder sites embed the decoded images (n, dim)."""
+    denoiser and sampler sites (n, kept steps, ...); image-encoder sites embed the decoded images (n, dim).
+    interventions: `jaxprobe.interventions` in the order they apply; text_layer: the Diffusion Lens'
+    text-encoder layer (see `generate`)."""
     unknown = set(options) - set(CAPTURE_DEFAULTS)
     if unknown:
         raise InputError(f"unknown capture option(s) {sorted(unknown)}; known: {', '.join(CAPTURE_DEFAULTS)}")
     o = {**CAPTURE_DEFAULTS, **options}
     prompts, offset = list(prompts), o["prompt_offset"]
     plan, schedule = plan_capture(pipe, sites, return_images=return_images, **o)
+    plan, iv_rows, iv_shared = _with_interventions(pipe, plan, schedule, interventions, text_layer, len(prompts))
     for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
         if how == "none" and not site.endswith(PROBS):
             warnings.warn(f"reduce='none' keeps full maps of {site} at every step: memory grows with "
@@ -227,10 +256,14 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     inputs = {"ids": ids, "eos": eos, "prompt_index": np.arange(offset, offset + len(prompts), dtype=np.int32)}
     if plan.given_noise:
         inputs["noise"] = _given_noise(o["latents"], len(prompts), plan.latent_shape[2])
+    if iv_rows:
+        inputs["interventions"] = iv_rows        # per-prompt vectors and patch sources travel with their prompts
     # What every batch shares goes to the devices once, so a batch uploads only its own rows.
     shared = {"uncond_ids": tokenized(pipe, [o["negative_prompt"]], allow_empty=True)[0]} if plan.guided else {}
     if plan.sample:
         shared["extras"], shared["uncond_extras"] = sdxl_extras(pipe, plan, o)
+    if iv_shared:
+        shared["intervention_values"] = iv_shared
     shared = replicate(shared)
     on_device = replicate(schedule) if schedule is not None else None
     models, params = models_of(pipe), params_of(pipe)
@@ -245,8 +278,11 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     named.update({s if s in SAMPLER_SITES else f"{pipe.unet.name}.{s}": out[f"denoiser:{s}"]
                   for s in plan.denoiser_sites})
     named.update({f"image_encoder.{s}": out[f"image:{s}"] for s in plan.image_sites})
-    captures = Captures.from_arrays({s: named[s] for s in sites}, prompts=tuple(prompts),
-                                    **describe_capture(pipe, sites, plan, schedule, o))
+    description = describe_capture(pipe, sites, plan, schedule, o)
+    if interventions or text_layer is not None:
+        description["options"] = {**description["options"], "interventions": [describe(iv) for iv in interventions],
+                                  "text_layer": text_layer}
+    captures = Captures.from_arrays({s: named[s] for s in sites}, prompts=tuple(prompts), **description)
     return (captures, out["images"]) if return_images else captures
 
 
@@ -283,10 +319,15 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] |
              output_type: str = "np", num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
              reduce: Any = "mean", latents: np.ndarray | None = None, batch_size: int = 8, branch: str = "cond",
              negative_prompt: str = "", height: int | None = None, width: int | None = None,
-             timesteps: str | Sequence[int] = "all", progress: bool = False):
+             timesteps: str | Sequence[int] = "all", progress: bool = False,
+             interventions: Sequence[Intervention] = (), text_layer: int | None = None):
     """Images for the prompts: (n, H, W, 3) floats in [0, 1] ("np") or PIL images ("pil").
 
     With `sites`, returns (images, {site: array}) from the same run (shapes as in Pipeline.capture).
+    interventions: as in `Pipeline.capture`. text_layer: the Diffusion Lens (Toker et al. 2024): the
+    denoiser is conditioned on the text encoder's hidden state k (counted as transformers'
+    `hidden_states[k]`: 0 the token embeddings, k the output of `text_model.encoder.layers.{k-1}`, the
+    number of layers the normal run) passed through the final layer norm.
     """
     if output_type not in ("np", "pil"):
         raise InputError(f"output_type must be 'np' or 'pil', not {output_type!r}")
@@ -294,7 +335,7 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] |
     out = run_capture(pipe, prompts, chosen, batch_size=batch_size, progress=progress, return_images=True,
                       timesteps=timesteps, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       seed=seed, reduce=reduce, latents=latents, branch=branch, negative_prompt=negative_prompt,
-                      height=height, width=width)
+                      height=height, width=width, interventions=interventions, text_layer=text_layer)
     captures, images = out
     result = images if output_type == "np" else _to_pil(images)
     return (result, captures) if sites is not None else result

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,3 +17,25 @@ def save_figures(out_dir: str | os.PathLike, figures: Mapping[str, Any], dpi: in
     folder.mkdir(parents=True, exist_ok=True)
     return {name: write_atomic(folder / f"{name}.png", lambda p, f=figure: f.savefig(p, format="png", dpi=dpi))
             for name, figure in figures.items() if figure is not None}
+
+
+def image_grid(images: Any, row_labels: Sequence[str], col_labels: Sequence[str], *, cell: float = 1.6,
+               label_chars: int = 40) -> Any:
+    """A Figure of images (rows, cols, H, W, 3) in [0, 1], rows and columns labelled (long labels cut)."""
+    from matplotlib.figure import Figure
+
+    rows, cols = len(row_labels), len(col_labels)
+    figure = Figure(figsize=(cell * cols + 2.2, cell * rows + 0.4), layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(images[r][c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=8)
+            if c == 0:
+                label = row_labels[r]
+                ax.set_ylabel(label if len(label) <= label_chars else label[:label_chars - 1] + "…", fontsize=7)
+    return figure

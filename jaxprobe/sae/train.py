@@ -38,6 +38,7 @@ import pandas as pd
 from jaxprobe.captures import feature_sets as split_feature_sets
 from jaxprobe.errors import InputError
 from jaxprobe.features.store import FeatureEntry
+from jaxprobe.interventions import SAEWeights
 from jaxprobe.reporting.random_weights import is_random_weights
 from jaxprobe.runtime.files import write_atomic
 from jaxprobe.runtime.progress import progress as progress_bar
@@ -258,6 +259,12 @@ class SAEs:
         """One SAE's state (params W_enc (d, m), b_enc, W_dec (m, d), b_dec, and its input scale)."""
         width, i = self._where(name)
         return jax.tree.map(lambda leaf: leaf[i], self.stacks[width])
+
+    def weights(self, name: str) -> SAEWeights:
+        """One SAE's arrays and k, as `jaxprobe.interventions.ClampSAE` takes them (`name`: its feature set)."""
+        state = self.state(name)
+        return SAEWeights(**{k: np.asarray(v) for k, v in state.params.items()}, k=self.config.k,
+                          scale=float(state.scale))
 
     def encode(self, name: str, x: Any) -> tuple[np.ndarray, np.ndarray]:
         """Raw features (n, d) -> TopK code: activations (n, k) and latent indices (n, k)."""
