@@ -156,3 +156,32 @@ def test_turbo_style_ancestral_sampling_without_guidance_matches_diffusers(tmp_p
                            output_type="latent").images.numpy()
     _close(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1))
     del jax
+
+
+@pytest.mark.slow
+def test_steering_sdxl_mid_block_matches_a_diffusers_forward_hook(tmp_path):
+    """Interventions on the SDXL family: Steer on unet.mid_block over two steps, both CFG halves."""
+    import jaxprobe
+    from jaxprobe.interventions import Steer
+
+    reference = sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")
+    pipe = jaxprobe.load(tmp_path / "sdxl")
+    latents, steps, scale = _latents(), range(1, 3), 2.0
+    vector = np.random.default_rng(1).standard_normal(64).astype(np.float32)   # mid_block's width in sdxl2
+    ours = pipe.capture(PROMPTS, ["latents"], num_inference_steps=4, guidance_scale=5.0, latents=latents,
+                        timesteps=[-1], reduce="none", interventions=[Steer("unet.mid_block", vector, scale=scale,
+                                                                             steps=steps)])["latents"][:, -1]
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(None)
+        return output + torch.from_numpy(scale * vector)[None, :, None, None] if len(calls) - 1 in steps else output
+
+    handle = reference.unet.mid_block.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            theirs = reference(PROMPTS, num_inference_steps=4, guidance_scale=5.0, latents=torch.from_numpy(latents),
+                               output_type="latent").images.numpy()
+    finally:
+        handle.remove()
+    _close(ours, theirs.transpose(0, 2, 3, 1))
