@@ -17,6 +17,7 @@ import pytest
 import typer
 from PIL import Image
 
+import sd_reference
 from jaxprobe.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -28,6 +29,7 @@ REPLACEMENTS = [
     ('"path/to/sd15"', '"tiny"'),
     ("concepts = list(norms.concepts[:60])", "concepts = list(norms.concepts[:30])"),
     ("num_inference_steps=50", "num_inference_steps=2"),
+    ("num_inference_steps=30", "num_inference_steps=2"),
     ("n_permutations=200, n_bootstrap=200", "n_permutations=3, n_bootstrap=5"),
     ("timesteps=(25, 100)", "timesteps=(25,)"),
     ("ConvHeadConfig(width=1024, epochs=30)", "ConvHeadConfig(width=8, epochs=1)"),
@@ -76,6 +78,8 @@ def test_python_snippets_run_as_pasted(tmp_path, monkeypatch):
         source = source.replace(readme, instead)
     monkeypatch.chdir(tmp_path)
     _image_folder(tmp_path / "oxford-pets")
+    sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")   # the SDXL section's folder
+    source = source.replace('"path/to/sdxl-dir"', repr(str(tmp_path / "sdxl")))
     namespace: dict = {}
     exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - the README is ours
     assert {"feature_set", "target", "score", "q"} <= set(namespace["table"].columns)

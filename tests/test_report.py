@@ -54,7 +54,8 @@ def _text_only(run: ExperimentResults) -> ExperimentResults:
 
 def test_every_figure_is_a_png(out: Path):
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert figures == sorted(f"{name}.png" for name in report.FIGURES)
+    # 12 attributes: the page's correlation figure shows every pair, so there is no separate matrices file
+    assert figures == sorted(f"{name}.png" for name in report.FIGURES if name != "correlation_matrices")
     assert all((out / "figures" / f).read_bytes().startswith(PNG) for f in figures)
 
 
@@ -62,7 +63,7 @@ def test_report_is_self_contained(page: str):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", page)
     assert "<link" not in page and "<script" not in page
     images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == len(report.FIGURES)
+    assert len(images) == len(set(report.FIGURES) - set(report.LINKED_FIGURES))
     assert all(base64.b64decode(image).startswith(PNG) for image in images)
 
 
@@ -120,3 +121,16 @@ def test_a_text_only_run_leaves_out_the_diffusion_figures(run: ExperimentResults
 def test_reading_a_folder_without_results_names_what_is_missing(tmp_path: Path):
     with pytest.raises(InputError, match="probes.parquet"):
         report.read_results(tmp_path)
+
+
+def test_many_attributes_show_group_means_and_the_full_matrices_beside_the_page(tmp_path: Path):
+    """Issue 20, item 10: beyond 30 attributes the page's correlation figure is group by group, and every
+    pair goes to figures/correlation_matrices.png, linked from the caption rather than embedded."""
+    from jaxprobe.studies.norms_probing.report import group_correlations
+
+    matrix = np.array([[1.0, 0.5, 0.1, 0.2], [0.5, 1.0, 0.3, 0.4], [0.1, 0.3, 1.0, 0.9], [0.2, 0.4, 0.9, 1.0]])
+    means, names = group_correlations(matrix, ["a", "a", "b", "b"])
+    assert names == ["a", "b"]
+    np.testing.assert_allclose(means, [[0.5, 0.25], [0.25, 0.9]])   # the diagonal leaves out self-correlations
+    assert "correlation_matrices" in report.LINKED_FIGURES
+    assert "figures/correlation_matrices.png" in report.FIGURES["correlations"][1]

@@ -286,3 +286,28 @@ def test_what_was_loaded_keys_the_store_and_is_recorded(original, tmp_path):
                                       "--lora", f"{lora}:0.5", "--cache", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "f" / "manifest.json").read_text())["loaded"]["loras"][0]["scale"] == 0.5
+
+
+def test_ckpt_files_load_through_the_weights_only_reader(original, tmp_path):
+    """A .ckpt (a torch pickle, {"state_dict": ...} as the original releases) loads like the .safetensors;
+    a pickle holding anything but tensors is refused, never unpickled."""
+    from safetensors.torch import load_file
+
+    style, folder, path, _ = original
+    if style == "sd2":
+        pytest.skip("one layout suffices for the pickle reader")
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(path)), "global_step": 10}, ckpt)
+    expected = _leaves(jaxprobe.load(path, config=folder))
+    for name, leaves in _leaves(jaxprobe.load(ckpt, config=folder)).items():
+        for ours, theirs in zip(leaves, expected[name], strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("never run",))
+
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, unsafe)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        jaxprobe.load(unsafe, config=folder)

@@ -1,4 +1,4 @@
-"""Models built in memory with random weights: `tiny` and `sd15-random`.
+"""Models built in memory with random weights: `tiny`, `sd15-random` and `sdxl-random`.
 
 `tiny` is Stable Diffusion 1.x's architecture at toy widths: deterministic (fixed seeds), built in
 seconds, no files beyond the small BPE vocabulary in assets/. It exists so that `jaxprobe run` and
@@ -63,7 +63,31 @@ def sd15_configs(vocab_size: int) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig
     return text, unet, vae
 
 
-RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs)))
+def sdxl_configs(vocab_size: int) -> dict[str, Any]:
+    """SDXL 1.0 base at full size: CLIP ViT-L (penultimate layer), OpenCLIP bigG with its 1280-wide
+    projection, the 2.6B-parameter UNet, the 1024 px VAE."""
+    del vocab_size
+    text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+    text_2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                            hidden_act="gelu", projection_dim=1280)
+    unet = UNetConfig(sample_size=128, block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                      transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, cross_attention_dim=2048,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816)
+    vae = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                    scaling_factor=0.13025)
+    return {"text_encoder": text, "text_encoder_2": text_2, "unet": unet, "vae": vae}
+
+
+# SDXL 1.0 base's scheduler_config.json (Euler, scaled-linear betas, leading spacing, steps_offset 1).
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+                  "timestep_spacing": "leading", "prediction_type": "epsilon", "use_karras_sigmas": False}
+
+RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs)))
 
 
 def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
@@ -89,20 +113,25 @@ def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+_BUILDERS = {"text_encoder": (CLIPTextModel, clip.example_inputs), "text_encoder_2": (CLIPTextModel, clip.example_inputs),
+             "unet": (UNet2DConditionModel, unet_model.example_inputs), "vae": (AutoencoderKL, vae_model.example_inputs)}
+
+
 def random_parts(name: str, dtype: Any) -> dict[str, Any]:
     """The components of the random model `name` (a key of RANDOM_MODELS)."""
     tokenizer = PromptTokenizer.from_dir(TOKENIZER_DIR)
-    text_cfg, unet_cfg, vae_cfg = RANDOM_MODELS[name](tokenizer.vocab_size)
-    text = CLIPTextModel(text_cfg, dtype=dtype)
-    unet = UNet2DConditionModel(unet_cfg, dtype=dtype)
-    vae = AutoencoderKL(vae_cfg, dtype=dtype)
-    text_params = place_params(random_params(text, *clip.example_inputs(text_cfg)), dtype)
-    unet_params = place_params(random_params(unet, *unet_model.example_inputs(unet_cfg)), dtype)
-    vae_params = place_params(random_params(vae, *vae_model.example_inputs(vae_cfg)), dtype)
-    return {
-        "tokenizer": tokenizer,
-        "text_encoder": Component("text_encoder", text, text_params, text_cfg),
-        "unet": Component("unet", unet, unet_params, unet_cfg),
-        "vae": Component("vae", vae, vae_params, vae_cfg),
-        "scheduler": SchedulerConfig.from_dict(SD15_SCHEDULER),
-    }
+    configs = RANDOM_MODELS[name](tokenizer.vocab_size)
+    if isinstance(configs, tuple):
+        configs = dict(zip(("text_encoder", "unet", "vae"), configs))
+    parts: dict[str, Any] = {"tokenizer": tokenizer}
+    for component, config in configs.items():
+        module_cls, example = _BUILDERS[component]
+        module = module_cls(config, dtype=dtype)
+        params = place_params(random_params(module, *example(config)), dtype)
+        parts[component] = Component(component, module, params, config)
+    if "text_encoder_2" in configs:  # SDXL: the second tokenizer, its scheduler and pipeline switches
+        parts.update(tokenizer_2=tokenizer, scheduler=SchedulerConfig.from_dict(SDXL_SCHEDULER),
+                     pipeline_options={"force_zeros_for_empty_prompt": True})
+    else:
+        parts["scheduler"] = SchedulerConfig.from_dict(SD15_SCHEDULER)
+    return parts

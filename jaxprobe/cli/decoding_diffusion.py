@@ -77,7 +77,7 @@ def _numbers(text: str, what: str, cast=float) -> list:
         raise typer.BadParameter(f"{what} must be numbers separated by commas or spaces, not {text!r}") from err
 
 
-@directions_app.command("edit")
+@directions_app.command("edit", cls=Command)
 def directions_edit(
     config: DirectionsConfigArg = None,
     direction: Annotated[str, typer.Option("--direction", "-d", help="the concept whose h-space direction is added")] = "",

@@ -47,10 +47,10 @@ def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the 
 
 def lens(
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="text file, one prompt per line")],
-    layers: Annotated[list[int], typer.Option("--layers", "-l", help="text-encoder hidden states (0: embeddings, "
-                                              "the number of layers: the normal run): --layers 4 8 12")],
-    more_layers: Annotated[Optional[list[int]], typer.Argument(metavar="[LAYERS]...", show_default=False,
-                                                               help="the values after the first --layers one")] = None,
+    layers: Annotated[list[int], typer.Option("--layers", "-l", metavar="<int>", help="text-encoder hidden states "
+                                              "(0: embeddings, the number of layers: the normal run), as --layers 4 "
+                                              "8 12 (the values after the first arrive as arguments)")],
+    more_layers: Annotated[Optional[list[int]], typer.Argument(metavar="LAYERS", show_default=False, hidden=True)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("jaxprobe-runs/lens"),
     model: ModelOpt = "tiny",
     steps: Annotated[int, typer.Option(help="denoising steps")] = 50,
@@ -91,7 +91,7 @@ def extract(
     force: Annotated[bool, typer.Option("--force", help="recompute cached chunks")] = False,
     model_config: Annotated[Optional[str], typer.Option("--model-config", help="for a single-file checkpoint: the "
                                                         "diffusers folder or cached id whose configs to use")] = None,
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file merged at load, FILE or FILE:SCALE "
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", metavar="FILE[:SCALE]", help="LoRA file merged at load, FILE or FILE:SCALE "
                                                       "(repeatable)")] = None,
     concepts: Annotated[Optional[Path], typer.Option("--concepts", help="text file, the concept of each prompt, one "
                                                      "per line: written as OUT/concepts.txt for `probe`")] = None,

@@ -61,7 +61,7 @@ def run(
     dtype: Annotated[Optional[str], typer.Option(help="float32 or bfloat16")] = None,
     model_config: Annotated[Optional[str], typer.Option("--model-config", help="for a single-file checkpoint: the "
                                                         "diffusers folder or cached id whose configs to use")] = None,
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file merged at load, FILE or FILE:SCALE "
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", metavar="FILE[:SCALE]", help="LoRA file merged at load, FILE or FILE:SCALE "
                                                       "(repeatable)")] = None,
     force: Annotated[bool, typer.Option("--force", help="recompute cached features, and replace results of other "
                                         "settings in --out")] = False,

@@ -115,7 +115,7 @@ def sae_inspect(
     typer.echo(f"wrote {page}")
 
 
-@sae_app.command("steer")
+@sae_app.command("steer", cls=Command)
 def sae_steer(
     sae: Annotated[Path, typer.Argument(help="the --out folder of `jaxprobe sae train`")],
     feature_set: Annotated[str, typer.Option("--feature-set", "-f", help="the SAE's feature set, site@step")],
