@@ -31,6 +31,7 @@ REPLACEMENTS = [
     ("num_inference_steps=50", "num_inference_steps=2"),
     ("num_inference_steps=30", "num_inference_steps=2"),
     ("n_permutations=200, n_bootstrap=200", "n_permutations=3, n_bootstrap=5"),
+    ("n_permutations=100, n_bootstrap=200", "n_permutations=2, n_bootstrap=5"),
     ("timesteps=(25, 100)", "timesteps=(25,)"),
     ("ConvHeadConfig(width=1024, epochs=30)", "ConvHeadConfig(width=8, epochs=1)"),
     ("SAEConfig(k=32, expansion=64, steps=5000)", "SAEConfig(k=4, expansion=2, steps=60, warmup_steps=10)"),
@@ -82,7 +83,7 @@ def test_python_snippets_run_as_pasted(tmp_path, monkeypatch):
     source = source.replace('"path/to/sdxl-dir"', repr(str(tmp_path / "sdxl")))
     namespace: dict = {}
     exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - the README is ours
-    assert {"feature_set", "target", "score", "q"} <= set(namespace["table"].columns)
+    assert {"feature_set", "target", "unique_b", "q"} <= set(namespace["table"].columns)   # the last table: variance
     assert (tmp_path / "runs" / "sae" / "inspect").is_dir() and (tmp_path / "runs" / "pets" / "report.html").is_file()
 
 

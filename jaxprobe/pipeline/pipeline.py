@@ -159,7 +159,8 @@ class Pipeline:
                 latents: np.ndarray | None = None, batch_size: int = 8, branch: str = "cond",
                 negative_prompt: str = "", height: int | None = None, width: int | None = None,
                 prompt_offset: int = 0, progress: bool = False,
-                interventions: Sequence[Intervention] = (), text_layer: int | None = None) -> Captures:
+                interventions: Sequence[Intervention] = (), text_layer: int | None = None,
+                **micro_conditioning: Any) -> Captures:
         """Run the prompts and return a `Captures` ({site: array}) for every site the patterns select.
 
         Text sites: (n_prompts, dim) after the token reduction, (n_prompts, tokens, dim) with "none".
@@ -174,14 +175,16 @@ class Pipeline:
         feature sets (`site@step`) for `probe_sweep`, the SAE trainer and the directions maths.
         interventions: `jaxprobe.interventions` (Steer, Patch, Ablate, Scale, ClampSAE) applied inside
         the same program, in list order; captured sites show the intervened activations. text_layer:
-        the Diffusion Lens (see `generate`).
+        the Diffusion Lens (see `generate`). micro_conditioning: SDXL's `original_size`, `target_size`
+        (default: the image's size), `crops_coords_top_left` ((0, 0)), and a refiner's `aesthetic_score` (6.0)
+        and `negative_aesthetic_score` (2.5).
         """
         chosen = self.select(sites)
         return sampling.run_capture(
             self, prompts, chosen, batch_size=batch_size, progress=progress, timesteps=timesteps,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, reduce=reduce,
             latents=latents, branch=branch, negative_prompt=negative_prompt, height=height, width=width,
-            prompt_offset=prompt_offset, interventions=interventions, text_layer=text_layer)
+            prompt_offset=prompt_offset, interventions=interventions, text_layer=text_layer, **micro_conditioning)
 
     def embed_images(self, images: np.ndarray, sites: str | Iterable[str] = ("image_encoder.visual_projection",),
                      *, reduce: Reduce = "cls", batch_size: int = 8, progress: bool = False) -> dict[str, np.ndarray]:

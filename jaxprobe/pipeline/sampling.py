@@ -287,6 +287,8 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
 
 
 _DESCRIBED = ("num_inference_steps", "guidance_scale", "branch", "negative_prompt", "height", "width", "timesteps")
+_MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
+                       "negative_aesthetic_score")
 
 
 def describe_capture(pipe: "Pipeline", sites: Sequence[str], plan: Plan, schedule: schedulers.Schedule | None,
@@ -304,7 +306,8 @@ def describe_capture(pipe: "Pipeline", sites: Sequence[str], plan: Plan, schedul
         | dict(zip(image, plan.image_reductions))
     return {"steps": steps, "timesteps": np.asarray(schedule.timesteps)[steps], "reductions": reductions,
             "seed": options["seed"], "prompt_offset": options["prompt_offset"],
-            "options": {k: options[k] for k in _DESCRIBED}}
+            "options": {k: options[k] for k in _DESCRIBED + (_MICRO_CONDITIONING if sdxl_extras(pipe, plan, options)[0]
+                                                             else ())}}
 
 
 def capture_description(pipe: "Pipeline", sites: Sequence[str], **options: Any) -> dict[str, Any]:
@@ -320,14 +323,15 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] |
              reduce: Any = "mean", latents: np.ndarray | None = None, batch_size: int = 8, branch: str = "cond",
              negative_prompt: str = "", height: int | None = None, width: int | None = None,
              timesteps: str | Sequence[int] = "all", progress: bool = False,
-             interventions: Sequence[Intervention] = (), text_layer: int | None = None):
+             interventions: Sequence[Intervention] = (), text_layer: int | None = None, **micro_conditioning: Any):
     """Images for the prompts: (n, H, W, 3) floats in [0, 1] ("np") or PIL images ("pil").
 
     With `sites`, returns (images, {site: array}) from the same run (shapes as in Pipeline.capture).
     interventions: as in `Pipeline.capture`. text_layer: the Diffusion Lens (Toker et al. 2024): the
     denoiser is conditioned on the text encoder's hidden state k (counted as transformers'
     `hidden_states[k]`: 0 the token embeddings, k the output of `text_model.encoder.layers.{k-1}`, the
-    number of layers the normal run) passed through the final layer norm.
+    number of layers the normal run) passed through the final layer norm. micro_conditioning: SDXL's
+    time-id options, as in `Pipeline.capture`.
     """
     if output_type not in ("np", "pil"):
         raise InputError(f"output_type must be 'np' or 'pil', not {output_type!r}")
@@ -335,7 +339,8 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] |
     out = run_capture(pipe, prompts, chosen, batch_size=batch_size, progress=progress, return_images=True,
                       timesteps=timesteps, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       seed=seed, reduce=reduce, latents=latents, branch=branch, negative_prompt=negative_prompt,
-                      height=height, width=width, interventions=interventions, text_layer=text_layer)
+                      height=height, width=width, interventions=interventions, text_layer=text_layer,
+                      **micro_conditioning)
     captures, images = out
     result = images if output_type == "np" else _to_pil(images)
     return (result, captures) if sites is not None else result
