@@ -209,3 +209,17 @@ def save_sdxl_pipeline(path: str | Path, style: str = "sdxl2", *, force_zeros: b
                                                    force_zeros_for_empty_prompt=force_zeros, **parts)
     pipe.save_pretrained(path)
     return pipe
+
+
+def count_compiles() -> tuple[list, Callable[[], None]]:
+    """(a list that grows by one per XLA backend compile from now on, a function that stops counting)."""
+    from jax._src import dispatch, monitoring
+
+    seen: list = []
+
+    def listener(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            seen.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    return seen, lambda: monitoring.unregister_event_duration_listener(listener)

@@ -17,7 +17,7 @@ import jaxprobe  # noqa: E402
 from jaxprobe.errors import InterventionError, SiteError  # noqa: E402
 from jaxprobe.interventions import Ablate, ClampSAE, Patch, SAEWeights, Scale, Steer  # noqa: E402
 
-from sd_reference import save_pipeline, single_threaded  # noqa: E402
+from sd_reference import count_compiles, save_pipeline, single_threaded  # noqa: E402
 
 PROMPTS = ["a photo of a airplane", "a photo of a zebra"]
 STEPS = 3            # PNDM: 4 UNet evaluations
@@ -55,19 +55,6 @@ def _width(pipe, site=MID):
     return pipe.output_shapes("unet")[site.removeprefix("unet.")][-1]
 
 
-def _count_compiles():
-    from jax._src import dispatch, monitoring
-
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            seen.append(event)
-
-    monitoring.register_event_duration_secs_listener(listener)
-    return seen, lambda: monitoring.unregister_event_duration_listener(listener)
-
-
 def test_zero_steer_unit_scale_and_self_patch_are_bit_identical(sd, noise, base):
     _, pipe = sd
     c = _width(pipe)
@@ -89,7 +76,7 @@ def test_a_new_scale_or_vector_compiles_nothing(sd, noise, base):
     c = _width(pipe)
     steer = lambda v, s: [Steer(MID, v, scale=s, steps=range(1, 3))]  # noqa: E731
     first = _capture(pipe, noise, steer(np.ones(c, np.float32), 2.0))
-    seen, stop = _count_compiles()
+    seen, stop = count_compiles()
     try:
         second = _capture(pipe, noise, steer(np.full(c, 0.5, np.float32), -1.0))
     finally:

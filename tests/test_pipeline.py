@@ -16,7 +16,7 @@ import jaxprobe  # noqa: E402
 from jaxprobe.errors import CheckpointError, InputError, SiteError  # noqa: E402
 from jaxprobe.pipeline.sampling import sampling_timesteps  # noqa: E402
 
-from sd_reference import CROSS_ATTENTION_DIM, nchw, run_with_hooks, save_pipeline  # noqa: E402
+from sd_reference import CROSS_ATTENTION_DIM, count_compiles, nchw, run_with_hooks, save_pipeline  # noqa: E402
 
 PROMPTS = ["a photo of a airplane", "a photo of a zebra", "a drawing of a banana"]
 STEPS = 10
@@ -194,26 +194,13 @@ def test_image_encoder_embeds_the_generated_images(tmp_path):
     np.testing.assert_allclose(feats["image_encoder.visual_projection"], again, atol=1e-5)
 
 
-def _count_compiles():
-    from jax._src import dispatch, monitoring
-
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            seen.append(event)
-
-    monitoring.register_event_duration_secs_listener(listener)
-    return seen, lambda: monitoring.unregister_event_duration_listener(listener)
-
-
 def test_one_compile_per_capture_and_none_on_a_second_call(sd):
     _, _, pipe = sd
     prompts = ["a red cube", "a blue sphere", "a cat"]
     options = dict(sites=["text_encoder.*", "unet.mid_block", "latents"], num_inference_steps=3,
                    timesteps=[0, 2], batch_size=2)
     pipe.select(options["sites"])  # site tracing is abstract and happens once per pipeline
-    seen, stop = _count_compiles()
+    seen, stop = count_compiles()
     try:
         first = pipe.capture(prompts, **options)
         compiles_first = len(seen)

@@ -93,16 +93,23 @@ def _association_steps(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) ->
     return fig
 
 
+def _first_site_at_focus(table: pd.DataFrame | None, meta: dict[str, Any]) -> tuple[pd.DataFrame, str, int] | None:
+    """The rows of the study's first site at its focus step, with that site and step; None without rows."""
+    if table is None or table.empty:
+        return None
+    site = meta["sites"][0]
+    table = table[table["site"] == site]
+    step = _focus(table, meta["focus_step"])
+    return table[table["step"] == step], site, step
+
+
 def _association_ranked(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
 
-    assoc = tables.get("associations")
-    if assoc is None or assoc.empty:
+    focused = _first_site_at_focus(tables.get("associations"), meta)
+    if focused is None:
         return None
-    site = meta["sites"][0]
-    assoc = assoc[assoc["site"] == site]
-    step = _focus(assoc, meta["focus_step"])
-    assoc = assoc[assoc["step"] == step]
+    assoc, site, step = focused
     axes_names = list(dict.fromkeys(assoc["axis"]))
     n_queries = assoc.groupby("axis").size().max()
     fig = Figure(figsize=(4.6 * len(axes_names), 1.2 + 0.32 * n_queries), layout="constrained")
@@ -235,14 +242,12 @@ def _direction_stability(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) 
 def _query_projections(tables: dict[str, pd.DataFrame], meta: dict[str, Any]) -> pd.DataFrame | None:
     """(rows: the `score --prompts` queries, then the study's concepts; columns: directions) of the mean
     projection over seeds at the focus step of the first site; None without queries."""
-    queries = tables.get("prompt_projections")
-    if queries is None or queries.empty:
+    focused = _first_site_at_focus(tables.get("prompt_projections"), meta)
+    if focused is None:
         return None
-    site = meta["sites"][0]
-    queries = queries[queries["site"] == site]
-    step = _focus(queries, meta["focus_step"])
+    queries, site, step = focused
     columns = [c for c in queries.columns if c.startswith("dir:")]
-    mean = queries[queries["step"] == step].groupby("prompt", sort=False)[columns].mean()
+    mean = queries.groupby("prompt", sort=False)[columns].mean()
     gens = tables["generations"]
     gens = gens[(gens["site"] == site) & (gens["step"] == step) & (gens["concept"] != NEUTRAL)]
     reference = gens.groupby("concept", sort=False)[columns].mean()
