@@ -52,6 +52,7 @@ from jaxprobe.probes.banded import DEFAULT_RATIOS, cross_validate_banded
 from jaxprobe.probes.crossval import DEFAULT_ALPHAS, cross_validate_ridge
 from jaxprobe.probes.folds import nested_plan
 from jaxprobe.probes.sweep import _align_to_concepts, _targets
+from jaxprobe.runtime.progress import progress as progress_bar
 
 INTERVALS = ("r2_joint", "unique_a", "unique_b", "shared")
 NULLS = ("permute_b", "freedman_lane")
@@ -96,6 +97,7 @@ def variance_partition(
     standardize: bool = True,
     dtype: np.dtype | type = np.float32,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """Unique and shared held-out R² of every (A, B) pair of feature sets, per target (module docstring).
 
@@ -109,7 +111,8 @@ def variance_partition(
     n_permutations, null: permutations for the p-value of unique_b. null "permute_b": B's rows
         permuted (each permutation one more joint fit per pair); "freedman_lane": A's residuals
         permuted (the permuted targets are extra target columns of the same fits; module docstring).
-    n_bootstrap: concept resamples for the intervals, at level `ci`.
+    n_bootstrap: concept resamples for the intervals, at level `ci`. progress: a bar (or periodic lines)
+    over the fitted designs: the single spaces, then every pair once per ordering of B's rows.
     """
     if null not in NULLS:
         raise InputError(f"null must be one of {NULLS}, got {null!r}")
@@ -125,11 +128,25 @@ def variance_partition(
         raise InputError(f"{len(Y)} targets rows for {n} feature rows: give one targets row per feature row, "
                          "or pass concepts= to match them by name")
     plan = nested_plan(n, outer_cv, inner_cv, groups=groups, seed=seed)
-    common = {"alphas": alphas, "standardize": standardize, "metric": "r2", "dtype": dtype, "batch_size": batch_size}
+    pairs = [(i, j) for i in range(len(a_sets)) for j in range(len(b_sets))]
+    designs = len(a_sets) + len(b_sets) + len(pairs) * (1 + (n_permutations if null == "permute_b" else 0))
+    if n_permutations and null == "freedman_lane":
+        designs += len(a_sets) + len(pairs)
+    with progress_bar("variance partition (designs)", designs, progress) as bar:
+        return _variance_partition(a_sets, b_sets, pairs, Y, target_names, plan, bar, alphas=alphas, ratios=ratios,
+                                   gammas=gammas, target_groups=target_groups, n_permutations=n_permutations,
+                                   null=null, n_bootstrap=n_bootstrap, ci=ci, seed=seed, standardize=standardize,
+                                   dtype=dtype, batch_size=batch_size)
+
+
+def _variance_partition(a_sets, b_sets, pairs, Y, target_names, plan, bar, *, alphas, ratios, gammas, target_groups,
+                        n_permutations, null, n_bootstrap, ci, seed, standardize, dtype, batch_size) -> pd.DataFrame:
+    n = len(Y)
+    common = {"alphas": alphas, "standardize": standardize, "metric": "r2", "dtype": dtype, "batch_size": batch_size,
+              "progress": bar}
     banded = {"ratios": ratios, "gammas": gammas}
     r2_a, pred_a = _single(a_sets, Y, plan, common)                       # (F_a, t), (F_a, n, t)
     r2_b, pred_b = _single(b_sets, Y, plan, common)
-    pairs = [(i, j) for i in range(len(a_sets)) for j in range(len(b_sets))]
     rng = np.random.default_rng(seed)
     boot = stats.bootstrap_weights(rng, n_bootstrap, np.ones(n, bool))   # first: the same for either null
 

@@ -174,11 +174,14 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
         log(f"process {jax.process_index()}: my share of features and probes is done; process 0 writes the report")
         return None
     table, predictions = swept
+    if config.variance:
+        log(f"variance partitioning: every sampled feature set against the text reference "
+            f"({config.variance_permutations} permutations, null {config.variance_null}; variance = false skips it)")
     partitioned = None if not config.variance else run.timed("variance", lambda: variance.partition_denoiser(
         feats, targets, table, reference=config.variance_reference, alphas=np.asarray(config.alphas),
         outer_cv=config.outer_cv, inner_cv=config.inner_cv, groups=fold_groups, target_groups=norms.groups,
         n_permutations=config.variance_permutations, null=config.variance_null, n_bootstrap=config.n_bootstrap,
-        seed=config.seed))
+        seed=config.seed, progress=progress))
     feature_sets = list(dict.fromkeys(table["feature_set"]))
     Y = targets.to_numpy(dtype=np.float64)
     results = report.ExperimentResults.build(

@@ -102,26 +102,33 @@ def along_steps(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def figure(table: pd.DataFrame) -> Figure | None:
-    """Unique denoiser variance vs step, one panel per sampled site, one line per attribute group,
-    with the bootstrap band and the permutation null's 95th percentile (dashed)."""
+    """Unique denoiser variance vs step, one panel per sampled site: a thin line per attribute group, and
+    the mean over all attributes in black with its bootstrap band and the null's 95th percentile (dashed).
+    One band per panel: a band per group would hide the lines under one another."""
     if table is None or table.empty or (table["step"] < 0).all():
         return None
     curves = along_steps(table)
+    overall = along_steps(table.assign(group="all attributes"))
     sites = list(dict.fromkeys(curves["site"]))
-    fig = Figure(figsize=(4.2 * min(len(sites), 3), 3.4 * -(-len(sites) // 3)), layout="constrained")
+    fig = Figure(figsize=(4.2 * min(len(sites), 3) + 1.6, 3.2 * -(-len(sites) // 3)), layout="constrained")
     axes = fig.subplots(-(-len(sites) // 3), min(len(sites), 3), squeeze=False).ravel()
     for ax, site in zip(axes, sites):
         for group, curve in curves[curves["site"] == site].groupby("group", sort=False):
-            color = ax.plot(curve["step"], curve["unique_b"], label=group)[0].get_color()
-            if curve["unique_b_low"].notna().any():
-                ax.fill_between(curve["step"], curve["unique_b_low"], curve["unique_b_high"], color=color, alpha=0.15)
-            if "null_high" in curve:
-                ax.plot(curve["step"], curve["null_high"], color=color, linestyle="--", linewidth=0.8)
+            ax.plot(curve["step"], curve["unique_b"], label=group, linewidth=0.9)
+        mean = overall[overall["site"] == site]
+        if mean["unique_b_low"].notna().any():
+            ax.fill_between(mean["step"], mean["unique_b_low"], mean["unique_b_high"], color="k", alpha=0.12,
+                            label="bootstrap interval (all attributes)")
+        ax.plot(mean["step"], mean["unique_b"], color="k", linewidth=2.0, label="all attributes")
+        if "null_high" in mean and mean["null_high"].notna().any():
+            ax.plot(mean["step"], mean["null_high"], color="k", linestyle="--", linewidth=0.9,
+                    label="null, 95th percentile")
         ax.axhline(0, color="grey", linewidth=0.6)
         ax.set(title=short_site(site), xlabel="denoising step (position)", ylabel="unique R² beyond text")
     for ax in axes[len(sites):]:
         ax.set_axis_off()
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize="small")
     return fig
 
 
@@ -154,9 +161,11 @@ def section_html(out_dir: str | os.PathLike, *, dpi: int = 110, level: float = 0
     if table is None:
         return []
     figures = save_figures(out_dir, {TABLE: figure(table)}, dpi)
-    caption = ("Unique R² of each attribute group beyond the reference text space, per denoising step: mean over "
-               "the group's attributes, band = mean of their bootstrap intervals, dashed = mean 95th percentile "
-               "of the permutation null.")
+    permuted = "null_high" in table and table["null_high"].notna().any()
+    caption = ("Unique R² beyond the reference text space, per denoising step: thin lines, the mean over each "
+               "attribute group's attributes; black, the mean over all attributes with the mean of their bootstrap "
+               "intervals" + (" and, dashed, the mean 95th percentile of the permutation null." if permuted else
+                              "; this run made no permutations, so there is no null."))
     top = table[table["q"] < level].sort_values("unique_b", ascending=False)
     shown = ["target", "group", "site", "step", "r2_a", "r2_b", "r2_joint", "unique_b", "unique_b_low",
              "unique_b_high", "shared", "q"]
