@@ -84,15 +84,14 @@ def merge_loras(states: Mapping[str, Mapping[str, np.ndarray]], loras: Sequence[
     for path, scale in loras:
         path = Path(path).expanduser()
         unplaced = []
+        # kohya writes module paths with underscores: matched against each model's own names
+        underscored = {component: {k[: -len(".weight")].replace(".", "_"): k for k in state if k.endswith(".weight")}
+                       for component, state in merged.items()}
         for (component, module), parts in _adapters(path).items():
             state = merged.get(component)
             target = None
             if state is not None:
-                if f"{module}.weight" in state:
-                    target = f"{module}.weight"
-                else:  # kohya writes the module path with underscores: match against the model's own names
-                    names = {k[: -len(".weight")].replace(".", "_"): k for k in state if k.endswith(".weight")}
-                    target = names.get(module)
+                target = f"{module}.weight" if f"{module}.weight" in state else underscored[component].get(module)
             if target is None:
                 unplaced.append(f"{component}:{module}")
                 continue

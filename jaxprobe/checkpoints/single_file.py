@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprobe.checkpoints.weights import read_state_dict
+from jaxprobe.checkpoints.weights import read_state_dict, read_torch_pickle, tensors_to_numpy
 from jaxprobe.errors import CheckpointError, preview
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -58,22 +58,11 @@ def read_single_file(path: str | Path) -> dict[str, np.ndarray]:
         except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
             raise CheckpointError(f"cannot read {path} as safetensors ({err}): the file is truncated or not a "
                                   "checkpoint; download it again") from None
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch (`pip install torch`), or "
-                              "convert it to .safetensors where torch is installed") from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - an unsafe pickle, or a damaged file
-        raise CheckpointError(f"{path} cannot be read as a weights-only pickle ({type(err).__name__}: "
-                              f"{str(err)[:200]}): it is damaged or holds objects other than tensors; jaxprobe never "
-                              "unpickles code. Convert it to .safetensors where you trust it") from None
-    data = data.get("state_dict", data) if isinstance(data, dict) else data
+    data = read_torch_pickle(path)
+    data = data.get("state_dict", data) if isinstance(data, dict) else data   # the original releases nest it
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a {type(data).__name__}, not a state dict of tensors")
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in data.items()
-            if isinstance(v, torch.Tensor)}
+    return tensors_to_numpy(data)
 
 
 def infer_family(state: Mapping[str, np.ndarray]) -> str:

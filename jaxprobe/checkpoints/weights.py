@@ -189,16 +189,34 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
 
 
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+def read_torch_pickle(path: Path) -> Any:
+    """What a PyTorch pickle (.bin, .ckpt) holds, read with `weights_only=True`: tensors and plain containers,
+    never code. A missing torch, a damaged file or a pickle holding objects is a CheckpointError."""
     try:
         import torch
     except ImportError as err:
         raise CheckpointError(
-            f"{path} is a PyTorch pickle (.bin); reading it needs torch, which is not installed. "
-            "Install it (`pip install torch`), or convert the checkpoint to safetensors once "
+            f"{path} is a PyTorch pickle; reading it needs torch, which is not installed. Install it "
+            "(`pip install torch`), or convert the checkpoint to safetensors once where torch is installed "
             "(`save_pretrained(..., safe_serialization=True)`).") from err
-    tensors = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in tensors.items()}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - an unsafe pickle, or a damaged file
+        raise CheckpointError(f"{path} cannot be read as a weights-only pickle ({type(err).__name__}: "
+                              f"{str(err)[:200]}): it is damaged or holds objects other than tensors; jaxprobe never "
+                              "unpickles code. Convert it to .safetensors where you trust it") from None
+
+
+def tensors_to_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The torch tensors of a state dict as numpy arrays (bfloat16, which numpy lacks, as float32)."""
+    import torch
+
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in tensors.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    return tensors_to_numpy(read_torch_pickle(path))
 
 
 def abstract_params(module: Any, example_inputs: tuple[Any, ...]) -> Any:
