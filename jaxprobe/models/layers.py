@@ -6,6 +6,8 @@ keep their own parameter names so loading stays a key mapping, but the maths liv
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,38 +28,114 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     return x.reshape(b, n, num_heads, hd // num_heads)
 
 
-def _fused_implementation(q: jax.Array) -> str | None:
-    """cuDNN's fused kernel on NVIDIA GPUs for half-precision heads it supports; XLA elsewhere.
+# What `multi_head_attention` runs on each backend. XLA's CPU backend materialises the whole
+# (batch, heads, queries, keys) score tensor and streams it through memory several times: at SD's
+# 4096 latent tokens that is 1 GiB per layer, and 3-4x slower than one (batch, head, query-chunk) tile
+# at a time whose scores stay in cache ("blocked"). GPUs keep cuDNN's fused kernel where it applies.
+ATTENTION_BY_BACKEND = {"cpu": "blocked", "gpu": "fused"}
+ATTENTION_IMPLEMENTATIONS = ("xla", "fused", "blocked")
+_SCORE_TILE = 1 << 21   # float32 scores per blocked tile (8 MiB): 512 queries x 4096 keys
 
-    `jax.nn.dot_product_attention` does not pick cuDNN by itself (implementation=None means XLA).
-    """
+
+def attention_implementation(backend: str | None = None) -> str:
+    """The implementation for `backend` (the default backend when None): $JAXPROBE_ATTENTION when set
+    (one of ATTENTION_IMPLEMENTATIONS, e.g. to compare them), else ATTENTION_BY_BACKEND, else "xla"."""
+    chosen = os.environ.get("JAXPROBE_ATTENTION") or ATTENTION_BY_BACKEND.get(backend or jax.default_backend(), "xla")
+    if chosen not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"JAXPROBE_ATTENTION={chosen!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    return chosen
+
+
+def _cudnn_applies(q: jax.Array) -> bool:
+    """cuDNN's fused kernel takes half-precision heads up to 256 wide, in multiples of 8, on NVIDIA GPUs."""
     head_dim = q.shape[-1]
     half = q.dtype in (jnp.bfloat16, jnp.float16)
-    if jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 256:
-        return "cudnn"
-    return None
+    return jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 256
+
+
+def _xla_attention(qh, kh, vh, *, mask, is_causal, fused):
+    """`jax.nn.dot_product_attention` on (b, l, h, d) heads; cuDNN when `fused` and it applies."""
+    if fused and _cudnn_applies(qh):
+        try:
+            return jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal, implementation="cudnn")
+        except (ValueError, NotImplementedError, TypeError):  # shapes or dtypes cuDNN refuses at trace time
+            pass
+    return jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal)
+
+
+def _tiling(heads: int, lq: int, lk: int) -> tuple[int, int]:
+    """(heads per tile, queries per tile) keeping a tile's scores near _SCORE_TILE floats: long self-attention
+    splits each head's queries; short keys (cross-attention, small latents) group heads instead."""
+    if lq * lk >= _SCORE_TILE:
+        return 1, max(1, min(lq, _SCORE_TILE // lk))
+    fit = max(1, _SCORE_TILE // (lq * lk))
+    return max(g for g in range(1, min(heads, fit) + 1) if heads % g == 0), lq
+
+
+def _blocked_attention(qh, kh, vh, *, key_mask, is_causal):
+    """Exact softmax attention one tile (a few heads, or a chunk of one head's queries) at a time, under `lax.map`.
+
+    Same numerics as `jax.nn.dot_product_attention`'s XLA path: logits and softmax in float32, the
+    probabilities cast to v's dtype for the second matmul; normalising after it (one division per
+    output instead of per score) is exact up to rounding. qh (b, lq, h, d), kh/vh (b, lk, h, d).
+    """
+    b, lq, h, d = qh.shape
+    lk = kh.shape[1]
+    group, chunk = _tiling(b * h, lq, lk)
+    n_groups, n_chunks = b * h // group, -(-lq // chunk)
+    pad = n_chunks * chunk - lq
+    q_tiles = jnp.pad(qh, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)      # (b, h, lq', d)
+    q_tiles = q_tiles.reshape(n_groups, group, n_chunks, chunk, d).transpose(0, 2, 1, 3, 4)
+    q_tiles = q_tiles.reshape(n_groups * n_chunks, group, chunk, d)
+    k_heads = kh.transpose(0, 2, 3, 1).reshape(n_groups, group, d, lk)   # keys transposed once, for q @ k^T
+    v_heads = vh.transpose(0, 2, 1, 3).reshape(n_groups, group, lk, d)
+    keep = None if key_mask is None else jnp.repeat(key_mask, h, axis=0).reshape(n_groups, group, 1, lk)
+    scale = jnp.float32(d ** -0.5)
+    precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                 jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(qh.dtype))
+
+    def tile(index_and_q):
+        index, q = index_and_q                              # q (group, chunk, d)
+        heads = index // n_chunks
+        logits = jnp.matmul(q, k_heads[heads], precision=precision, preferred_element_type=jnp.float32) * scale
+        allowed = None if keep is None else jnp.broadcast_to(keep[heads], logits.shape)
+        if is_causal:
+            rows = (index % n_chunks) * chunk + jnp.arange(chunk)[:, None]
+            causal = rows >= jnp.arange(lk)[None, :]
+            allowed = causal if allowed is None else allowed & causal
+        if allowed is not None:
+            logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+        probs = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+        out = jnp.matmul(probs.astype(vh.dtype), v_heads[heads], preferred_element_type=jnp.float32)
+        return (out / probs.sum(axis=-1, keepdims=True)).astype(vh.dtype)
+
+    out = jax.lax.map(tile, (jnp.arange(n_groups * n_chunks), q_tiles))   # (tiles, group, chunk, d)
+    out = out.reshape(n_groups, n_chunks, group, chunk, d).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(b, h, n_chunks * chunk, d)[:, :, :lq]
+    return out.transpose(0, 2, 1, 3)
 
 
 def multi_head_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
     is_causal: bool = False, key_mask: jax.Array | None = None, upcast: bool = False,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention over already-projected q (b, lq, h*d), k, v (b, lk, h*d).
 
-    Goes through `jax.nn.dot_product_attention`, which picks the cuDNN fused kernel on GPU where it
-    applies and XLA elsewhere. key_mask: (b, lk) booleans, True where a key may be attended.
-    upcast: compute in float32 (SD 2.x's `upcast_attention`). Returns (b, lq, h*d).
+    key_mask: (b, lk) booleans, True where a key may be attended. upcast: compute in float32 (SD 2.x's
+    `upcast_attention`). implementation: one of ATTENTION_IMPLEMENTATIONS, by default the backend's
+    (`attention_implementation`); all agree to float32 rounding. Returns (b, lq, h*d).
     """
     dtype = q.dtype
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-    mask = None if key_mask is None else key_mask[:, None, None, :]
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
-    try:
-        out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal,
-                                           implementation=_fused_implementation(qh))
-    except (ValueError, NotImplementedError, TypeError):  # shapes or dtypes cuDNN refuses at trace time
-        out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal)
+    implementation = implementation or attention_implementation()
+    if implementation == "blocked":
+        out = _blocked_attention(qh, kh, vh, key_mask=key_mask, is_causal=is_causal)
+    else:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = _xla_attention(qh, kh, vh, mask=mask, is_causal=is_causal, fused=implementation == "fused")
     b, n, h, d = out.shape
     return out.reshape(b, n, h * d).astype(dtype)
 
