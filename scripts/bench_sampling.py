@@ -1,18 +1,23 @@
-"""Benchmark: SD-1.5-sized sampling, jaxprobe (bf16, jitted lax.scan, capture on/off) vs diffusers.
+"""Benchmark: full-size UNet sampling, jaxprobe (jitted lax.scan, capture on/off, steering) vs diffusers.
 
-The UNet has SD-1.5's architecture (860M parameters) with random weights; 512x512 images (64x64
-latents), classifier-free guidance (UNet batch = 2 x batch), PNDM. Reports ms per denoising step and
-images/s for jaxprobe with every down/mid/up block output captured (spatial mean) at every step and
-with capture off, the compile time, and diffusers' UNet fp16 eager and torch.compile on the same
-inputs in the same process; optionally the largest batch that fits (--max-batch).
+The UNet has SD 1.5's (860M parameters, 64x64 latents) or SDXL base's (2.6B, 128x128) architecture with
+random weights; classifier-free guidance (UNet batch = 2 x batch), the model's own sampler (PNDM, Euler).
+Every row runs `--steps` denoising steps on the same inputs; rows are timed interleaved (`--repeats`
+rounds of every row in turn, after one warm-up each) and reported as median ms per UNet evaluation
+with the spread (min, max), so a shared machine's drift hits every row alike.
 
-The steering row runs one Patch and then one Steer on `unet.mid_block` at every step (no capture; in
-this order neither edit is dead code) against capture off, and diffusers eager with the same two
-edits as a forward hook on its mid block.
+Rows: jaxprobe with capture off, with every down/mid/up block output captured (spatial mean) at every
+step, and with a Patch then a Steer on `mid_block` at every step; diffusers' UNet eager, torch.compile,
+eager with forward hooks capturing the same block means (`diffusers_capture`), and eager with a hook
+doing the steering row's two edits (`diffusers_hooks`).
 
-    python scripts/bench_sampling.py --json bench_sampling.json                  # GPU
-    python scripts/bench_sampling.py --small --steps 3 --batch 1                 # a CPU smoke run
-    python scripts/bench_sampling.py --steps 2 --batch 1 --rows capture_off steering diffusers_eager diffusers_hooks
+Precision follows the device: float32 on CPU (both frameworks), bfloat16 for jaxprobe and float16 for
+diffusers on GPU; `--dtype` overrides jaxprobe's.
+
+    python scripts/bench_sampling.py --model sd15-random --json bench_sampling.json          # GPU
+    python scripts/bench_sampling.py --model sd15-random --device cpu --steps 1 --batch 1 --repeats 3 \
+        --rows capture_off capture_blocks diffusers_eager diffusers_capture                  # issue 21's CPU row
+    python scripts/bench_sampling.py --model toy --steps 3 --batch 1                         # a smoke run
 """
 
 from __future__ import annotations
@@ -21,55 +26,75 @@ import argparse
 import functools
 import json
 import platform
+import resource
+import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprobe.checkpoints.random import SD15_SCHEDULER, random_params
+from jaxprobe.checkpoints.random import SD15_SCHEDULER, SDXL_SCHEDULER, random_params
 from jaxprobe.models import schedulers
-from jaxprobe.models.families import STABLE_DIFFUSION
+from jaxprobe.models.families import family_of_config
+from jaxprobe.models.layers import attention_implementation
 from jaxprobe.models.unet import BLOCK_SITES, UNet2DConditionModel, UNetConfig, example_inputs
 from jaxprobe.pipeline.interventions import Patch, Steer, module_outputs, plan_interventions
 from jaxprobe.pipeline.programs import Models, Plan, denoise
 from jaxprobe.pipeline.sites import block_sites_of, flatten_intermediates
 
-ROWS = ("capture_off", "capture_blocks", "steering", "diffusers_eager", "diffusers_compiled", "diffusers_hooks")
+ROWS = ("capture_off", "capture_blocks", "steering", "diffusers_eager", "diffusers_compiled", "diffusers_capture",
+        "diffusers_hooks")
+PEERS = ROWS[3:]
 
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-SMALL_UNET = dict(sample_size=16, cross_attention_dim=64, block_out_channels=(32, 64), layers_per_block=1,
-                  norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+# (diffusers UNet2DConditionModel kwargs, scheduler_config.json) of each model; jaxprobe's UNetConfig takes the same.
+MODELS = {
+    "sd15-random": (dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8), SD15_SCHEDULER),
+    "sdxl-random": (dict(sample_size=128, block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+                         transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, cross_attention_dim=2048,
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                         addition_embed_type="text_time", addition_time_embed_dim=256,
+                         projection_class_embeddings_input_dim=2816), SDXL_SCHEDULER),
+    "toy": (dict(sample_size=16, cross_attention_dim=64, block_out_channels=(32, 64), layers_per_block=1,
+                 norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), SD15_SCHEDULER),
+}
+TEXT_TOKENS, POOLED_WIDTH = 77, 1280
 
 
 @functools.partial(jax.jit, static_argnames=("models", "plan"))
-def sample_program(models, params, schedule, plan, noise, context, scale, inputs):
+def sample_program(models, params, schedule, plan, noise, conditioning, scale, inputs):
     """The sampling loop of jaxprobe's capture program, on given conditioning ([uncond; cond]);
     inputs: the values of the plan's interventions."""
-    return denoise(models, params, schedule, plan, noise, {"encoder_hidden_states": context}, scale, inputs)
+    return denoise(models, params, schedule, plan, noise, conditioning, scale, inputs)
 
 
-def jax_step_ms(module, params, schedule, plan, batch, latent, width, steps, inputs=None,
-                repeats: int = 1) -> tuple[float, float]:
-    """(best ms per UNet evaluation over `repeats` timed runs after a warm-up, compile seconds)."""
-    rng = np.random.default_rng(0)
-    noise = jnp.asarray(rng.standard_normal((batch, latent, latent, 4)), jnp.float32)
-    context = jnp.asarray(rng.standard_normal((2 * batch, 77, width)), jnp.float32)
-    models, scale = Models(denoiser=module, family=STABLE_DIFFUSION), jnp.float32(7.5)
-    params, inputs = {"denoiser": params}, jax.device_put(inputs or {})
+def make_inputs(config: UNetConfig, batch: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Initial noise (batch, h, w, 4) and the CFG pair's conditioning (2 x batch rows), channels last."""
+    rng = np.random.default_rng(seed)
+    side = config.sample_size
+    noise = rng.standard_normal((batch, side, side, config.in_channels)).astype(np.float32)
+    conditioning = {"encoder_hidden_states": rng.standard_normal((2 * batch, TEXT_TOKENS, config.cross_attention_dim))}
+    if config.addition_embed_type == "text_time":
+        conditioning["text_embeds"] = rng.standard_normal((2 * batch, POOLED_WIDTH))
+        conditioning["time_ids"] = np.tile(np.array([[1024, 1024, 0, 0, 1024, 1024]]), (2 * batch, 1))
+    return noise, {k: v.astype(np.float32) for k, v in conditioning.items()}
+
+
+def jax_runner(module, params, schedule, plan, noise, conditioning, inputs=None) -> tuple[Callable[[], None], dict]:
+    """A function running the whole sampling loop once, and its compile time and memory figures."""
+    models = Models(denoiser=module, family=family_of_config(module.config))
+    params, inputs, scale = {"denoiser": params}, jax.device_put(inputs or {}), jnp.float32(7.5)
+    noise, conditioning = jnp.asarray(noise), {k: jnp.asarray(v) for k, v in conditioning.items()}
     start = time.perf_counter()
-    compiled = sample_program.lower(models, params, schedule, plan, noise, context, scale, inputs).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, schedule, noise, context, scale, inputs))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, schedule, noise, context, scale, inputs))
-        best = min(best, time.perf_counter() - start)
-    return best / steps * 1e3, compile_s
-
-
+    compiled = sample_program.lower(models, params, schedule, plan, noise, conditioning, scale, inputs).compile()
+    figures = {"compile_s": time.perf_counter() - start}
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        figures["temp_bytes"] = int(memory.temp_size_in_bytes)
+    return lambda: jax.block_until_ready(compiled(params, schedule, noise, conditioning, scale, inputs)), figures
 def steering(module, params, config, batch: int, evals: int) -> tuple[Plan, dict, np.ndarray, np.ndarray]:
     """The steering row: Patch then Steer on mid_block at every step. Returns the plan, its inputs, and the
     vector (c,) and patch source (batch, evals, h, w, c) for the diffusers hook."""
@@ -87,19 +112,31 @@ def steering(module, params, config, batch: int, evals: int) -> tuple[Plan, dict
     return plan, {"interventions": rows, "intervention_values": shared}, vector, source
 
 
-def torch_step_ms(config: dict, batch: int, latent: int, width: int, steps: int, compile_: bool,
-                  hook: tuple[np.ndarray, np.ndarray] | None = None, repeats: int = 1) -> float:
+def torch_runner(kwargs: dict, noise: np.ndarray, conditioning: dict[str, np.ndarray], evals: int, *,
+                 compile_: bool = False, capture: tuple[str, ...] = (), hook: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[Callable[[], None], dict]:
+    """diffusers' UNet doing the same `evals` guided evaluations (the CFG combination, no sampler update:
+    diffusers' schedulers are a few elementwise ops per step). capture: block names whose spatial mean a
+    forward hook keeps at every step, as jaxprobe's capture row; hook: the steering row's (vector, patch)."""
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    unet = TorchUNet(**config).to(device, dtype).eval()
+    unet = TorchUNet(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}).to(device, dtype).eval()
     if compile_:
         unet = torch.compile(unet, mode="max-autotune" if device == "cuda" else "default", fullgraph=True)
-    x = torch.randn(2 * batch, 4, latent, latent, device=device, dtype=dtype)
-    context = torch.randn(2 * batch, 77, width, device=device, dtype=dtype)
-    step = [0]
+    as_torch = lambda a: torch.from_numpy(a).to(device, dtype)
+    x = as_torch(np.concatenate([noise, noise])).permute(0, 3, 1, 2).contiguous()
+    context = as_torch(conditioning["encoder_hidden_states"])
+    added = ({"text_embeds": as_torch(conditioning["text_embeds"]), "time_ids": as_torch(conditioning["time_ids"])}
+             if "time_ids" in conditioning else None)
+    step, kept = [0], []
+    for name in capture:
+        def keep(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            kept.append(out.mean(dim=(2, 3)))
+        unet.get_submodule(name).register_forward_hook(keep)
     if hook is not None:   # a hand-written hook doing what the steering row does: patch, then add the vector
         vector = torch.from_numpy(2.0 * hook[0]).to(device, dtype)[None, :, None, None]
         source = torch.from_numpy(hook[1]).to(device, dtype).permute(0, 1, 4, 2, 3)   # (b, T, c, h, w)
@@ -109,104 +146,123 @@ def torch_step_ms(config: dict, batch: int, latent: int, width: int, steps: int,
         unet.mid_block.register_forward_hook(edit)
 
     @torch.no_grad()
-    def loop(n):
-        for t in range(n):
-            noise = unet(x, 999 - t, encoder_hidden_states=context).sample
+    def loop():
+        kept.clear()
+        for t in range(evals):
+            eps = unet(x, 999 - t, encoder_hidden_states=context, added_cond_kwargs=added).sample
             step[0] += 1
-            uncond, cond = noise.chunk(2)
+            uncond, cond = eps.chunk(2)
             _ = uncond + 7.5 * (cond - uncond)
         if device == "cuda":
             torch.cuda.synchronize()
 
-    loop(min(3, steps))
-    best = float("inf")
+    return loop, {"torch_threads": torch.get_num_threads(), "torch_dtype": str(dtype)}
+
+
+def interleaved(runners: dict[str, Callable[[], None]], repeats: int, evals: int) -> dict[str, dict[str, float]]:
+    """Warm every runner up once, then time `repeats` rounds of all of them in turn: ms per UNet evaluation."""
+    for run in runners.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        loop(steps)
-        best = min(best, time.perf_counter() - start)
-    return best / steps * 1e3
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) / evals * 1e3)
+    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t), "all": t} for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", choices=list(MODELS), default="sd15-random")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default=None, help="default: JAX's default backend")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="jaxprobe's compute dtype")
+    parser.add_argument("--batch", type=int, default=8, help="prompts; the UNet sees twice as many (CFG)")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--small", action="store_true", help="a toy UNet, for a CPU smoke run")
-    parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--max-batch", action="store_true", help="double the batch until it no longer fits")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which measurements to run")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (the best is kept)")
+    parser.add_argument("--no-peer", action="store_true", help="skip every diffusers row")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds of every row (interleaved)")
+    parser.add_argument("--max-batch", action="store_true", help="then double the capture row's batch until it no "
+                        "longer fits")
     parser.add_argument("--json")
     args = parser.parse_args()
-    rows = set(args.rows) - ({"diffusers_eager", "diffusers_compiled", "diffusers_hooks"} if args.no_peer else set())
+    if args.device:
+        jax.config.update("jax_platforms", args.device.replace("gpu", "cuda"))
+    device = jax.devices()[0]
+    rows = [r for r in args.rows if not (args.no_peer and r in PEERS)]
+    dtype = jnp.dtype(args.dtype or ("float32" if device.platform == "cpu" else "bfloat16"))
 
-    kwargs = SMALL_UNET if args.small else SD15_UNET
+    kwargs, scheduler = MODELS[args.model]
     config = UNetConfig(**kwargs)
-    module = UNet2DConditionModel(config, dtype=jnp.bfloat16)
-    latent, width = config.sample_size, config.cross_attention_dim
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), random_params(module, *example_inputs(config)))
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_dict(SD15_SCHEDULER), args.steps)
+    module = UNet2DConditionModel(config, dtype=dtype)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), random_params(module, *example_inputs(config)))
+    schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_dict(scheduler), args.steps)
     evals = len(schedule.timesteps)
+    noise, conditioning = make_inputs(config, args.batch)
 
     names = jax.eval_shape(lambda: module.apply({"params": params}, *example_inputs(config),
                                                 mutable=["intermediates"])[1]["intermediates"])
     blocks = tuple(s.removeprefix("unet.") for s in
                    block_sites_of([f"unet.{n}" for n in flatten_intermediates(names)], "unet", BLOCK_SITES))
+    steer_plan, steer_inputs, vector, source = steering(module, params, config, args.batch, evals)
     plans = {"capture_off": (Plan(sample=True, guided=True), None),
              "capture_blocks": (Plan(denoiser_sites=blocks, denoiser_reductions=("mean",) * len(blocks), sample=True,
-                                     guided=True), None)}
-    steer_plan, steer_inputs, vector, source = steering(module, params, config, args.batch, evals)
-    plans["steering"] = (steer_plan, steer_inputs)
-    figures: dict = {"device": jax.devices()[0].device_kind, "unet_parameters": int(n_params), "batch": args.batch,
+                                     guided=True), None),
+             "steering": (steer_plan, steer_inputs)}
+    figures: dict = {"model": args.model, "device": device.device_kind, "platform": device.platform,
+                     "dtype": str(dtype), "attention": attention_implementation(device.platform),
+                     "unet_parameters": int(sum(x.size for x in jax.tree.leaves(params))), "batch": args.batch,
                      "cfg_unet_batch": 2 * args.batch, "steps": args.steps, "unet_evaluations": evals,
-                     "captured_sites": list(blocks), "jax": jax.__version__, "python": platform.python_version()}
-    figures["rows"] = [r for r in ROWS if r in rows]
-    for name, (plan, inputs) in plans.items():
-        if name not in rows:
-            continue
-        ms, compile_s = jax_step_ms(module, params, schedule, plan, args.batch, latent, width, evals, inputs,
-                                    args.repeats)
-        figures[f"jaxprobe_{name}_ms_per_step"] = ms
-        figures[f"jaxprobe_{name}_images_per_s"] = args.batch / (ms * evals / 1e3)
-        figures[f"jaxprobe_{name}_compile_s"] = compile_s
-    off = figures.get("jaxprobe_capture_off_ms_per_step")
-    for name, key in (("capture_blocks", "capture_overhead"), ("steering", "steering_overhead")):
-        if off and f"jaxprobe_{name}_ms_per_step" in figures:
-            figures[key] = figures[f"jaxprobe_{name}_ms_per_step"] / off - 1
-    if rows & {"diffusers_eager", "diffusers_compiled", "diffusers_hooks"}:
+                     "repeats": args.repeats, "captured_sites": list(blocks), "rows": rows, "jax": jax.__version__,
+                     "python": platform.python_version()}
+    runners: dict[str, Callable[[], None]] = {}
+    for name in rows:
+        if name in plans:
+            plan, inputs = plans[name]
+            runners[name], extra = jax_runner(module, params, schedule, plan, noise, conditioning, inputs)
+            figures.update({f"jaxprobe_{name}_{k}": v for k, v in extra.items()})
+    if any(r in PEERS for r in rows):
         import diffusers
         import torch
 
-        torch_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
         figures["torch"], figures["diffusers"] = torch.__version__, diffusers.__version__
-        peers = {"diffusers_eager": (False, None), "diffusers_compiled": (True, None),
-                 "diffusers_hooks": (False, (vector, source))}
-        for key, (compile_, hook) in peers.items():
-            if key not in rows:
-                continue
+        peers = {"diffusers_eager": {}, "diffusers_compiled": {"compile_": True},
+                 "diffusers_capture": {"capture": blocks}, "diffusers_hooks": {"hook": (vector, source)}}
+        for name in (r for r in rows if r in PEERS):
             try:
-                figures[f"{key}_ms_per_step"] = torch_step_ms(torch_kwargs, args.batch, latent, width, evals, compile_,
-                                                              hook, args.repeats)
+                runners[name], extra = torch_runner(kwargs, noise, conditioning, evals, **peers[name])
+                figures.update(extra)
             except Exception as err:  # noqa: BLE001 - record why a peer could not run, keep the rest
-                figures[f"{key}_error"] = repr(err)[:300]
-        for key in ("diffusers_eager", "diffusers_compiled"):
-            if f"{key}_ms_per_step" in figures and "jaxprobe_capture_blocks_ms_per_step" in figures:
-                figures[f"speedup_vs_{key}"] = figures[f"{key}_ms_per_step"] / figures["jaxprobe_capture_blocks_ms_per_step"]
-        if "diffusers_hooks_ms_per_step" in figures and "diffusers_eager_ms_per_step" in figures:
-            figures["diffusers_hooks_overhead"] = figures["diffusers_hooks_ms_per_step"] / figures["diffusers_eager_ms_per_step"] - 1
-        if "diffusers_hooks_ms_per_step" in figures and "jaxprobe_steering_ms_per_step" in figures:
-            figures["speedup_vs_diffusers_hooks"] = figures["diffusers_hooks_ms_per_step"] / figures["jaxprobe_steering_ms_per_step"]
+                figures[f"{name}_error"] = repr(err)[:300]
+    timed = interleaved(runners, args.repeats, evals)
+    for name, t in timed.items():
+        figures[f"{name}_ms_per_step"] = t["median"]
+        figures[f"{name}_ms_spread"] = [t["min"], t["max"]]
+        figures[f"{name}_ms_all"] = t["all"]
+        if name in plans:
+            figures[f"jaxprobe_{name}_images_per_s"] = args.batch / (t["median"] * evals / 1e3)
+    ms = {name: t["median"] for name, t in timed.items()}
+    for name, key in (("capture_blocks", "capture_overhead"), ("steering", "steering_overhead")):
+        if "capture_off" in ms and name in ms:
+            figures[key] = ms[name] / ms["capture_off"] - 1
+    for jax_row, peer in (("capture_off", "diffusers_eager"), ("capture_blocks", "diffusers_eager"),
+                          ("capture_blocks", "diffusers_capture"), ("capture_blocks", "diffusers_compiled"),
+                          ("steering", "diffusers_hooks")):
+        if jax_row in ms and peer in ms:
+            figures[f"speedup_{jax_row}_vs_{peer}"] = ms[peer] / ms[jax_row]
     if args.max_batch:
         batch, fits = args.batch, args.batch
         while batch <= 1024:
             try:
-                jax_step_ms(module, params, schedule, plans["capture_blocks"][0], batch, latent, width, evals)
+                batch_noise, batch_conditioning = make_inputs(config, batch)
+                run, _ = jax_runner(module, params, schedule, plans["capture_blocks"][0], batch_noise, batch_conditioning)
+                run()
                 fits, batch = batch, batch * 2
             except Exception:  # noqa: BLE001 - out of memory ends the search
                 break
         figures["largest_batch_that_fits"] = fits
-    print(json.dumps(figures, indent=2))
+    figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({k: v for k, v in figures.items() if not k.endswith("_ms_all")}, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
