@@ -185,3 +185,33 @@ def test_steering_sdxl_mid_block_matches_a_diffusers_forward_hook(tmp_path):
     finally:
         handle.remove()
     _close(ours, theirs.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.slow
+def test_sae_hook_point_contributions_match_diffusers_forward_hooks(tmp_path):
+    """What SDXL-Turbo SAEs train on: a transformer block's output minus its input, one step, no guidance."""
+    import jaxprobe
+
+    reference = sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")
+    pipe = jaxprobe.load(tmp_path / "sdxl")
+    modules = ["mid_block.attentions.0", "down_blocks.1.attentions.0"]
+    latents = _latents()
+    ours = pipe.capture(PROMPTS, [f"unet.{m}.contribution" for m in modules], num_inference_steps=1,
+                        guidance_scale=0.0, latents=latents, reduce="none")
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, kwargs, output):
+            seen[name] = sd_reference.nhwc(output[0] - (args[0] if args else kwargs["hidden_states"]))
+        return hook
+
+    handles = [reference.unet.get_submodule(m).register_forward_hook(keep(m), with_kwargs=True) for m in modules]
+    try:
+        with torch.no_grad():
+            reference(PROMPTS, num_inference_steps=1, guidance_scale=0.0, latents=torch.from_numpy(latents),
+                      output_type="latent")
+    finally:
+        for handle in handles:
+            handle.remove()
+    for m in modules:
+        np.testing.assert_allclose(ours[f"unet.{m}.contribution"][:, 0], seen[m], atol=ATOL, rtol=RTOL, err_msg=m)

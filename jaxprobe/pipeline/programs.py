@@ -26,7 +26,7 @@ from jaxprobe.models import clip, schedulers
 from jaxprobe.models.families import DenoiserFamily
 from jaxprobe.pipeline.interventions import Spec, intervening, with_values
 from jaxprobe.pipeline.reductions import reduce_spatial, reduce_tokens
-from jaxprobe.pipeline.sites import flatten_intermediates
+from jaxprobe.pipeline.sites import flatten_intermediates, sowing_inputs, with_contributions
 
 PROBS = ".probs"          # cross-attention probability sites: (b, h*w, tokens)
 
@@ -82,9 +82,11 @@ def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "te
     specs = [(s, v) for s, v in with_values(plan.interventions, "text", inputs or {})
              if s.branch in (branch, "both")] if first else []
     lens = {models.family.context_site: plan.text_layer} if plan.text_layer is not None and first else None
-    with intervening(specs, feed=lens):
+    prefix = f"{component}."
+    with intervening(specs, feed=lens), sowing_inputs(plan.text_sites, prefix):
         _, state = getattr(models, component).apply({"params": params[component]}, ids, mutable=["intermediates"])
-    return flatten_intermediates(state["intermediates"])
+    return with_contributions(flatten_intermediates(state["intermediates"]),
+                              [s for s in plan.text_sites if s.startswith(prefix)], prefix)
 
 
 def _text_passes(models: Models, params: Any, ids: Mapping[str, jax.Array], plan: Plan = Plan(),
@@ -124,6 +126,7 @@ def reduce_denoiser_site(site: str, x: jax.Array, how: str) -> jax.Array:
 def capture_denoiser_sites(plan: Plan, acts: Mapping[str, jax.Array], batch: int) -> dict[str, jax.Array]:
     """Keep the requested CFG half of each denoiser activation (the batch is [uncond; cond]) and reduce it."""
     half = slice(batch, None) if plan.branch == "cond" else slice(0, batch)
+    acts = with_contributions(acts, plan.denoiser_sites)
     out = {}
     for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
         if site in acts:
@@ -167,7 +170,7 @@ def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Pl
         model_in = schedulers.scale_model_input(schedule, latents, i)
         model_in = jnp.concatenate([model_in, model_in]) if plan.guided else model_in
         t = jnp.asarray(schedule.timesteps)[i]
-        with intervening(specs, half=batch if plan.guided else None, step=i):
+        with intervening(specs, half=batch if plan.guided else None, step=i), sowing_inputs(plan.denoiser_sites):
             eps, inter = family.apply(models.denoiser, params["denoiser"], model_in.astype(models.denoiser.dtype), t,
                                       conditioning)
         eps = eps.astype(jnp.float32)
@@ -199,8 +202,9 @@ def embed_images(models: Models, params: Any, images: jax.Array, sites: tuple[st
     """images (b, H, W, 3) in [0, 1] -> {image-encoder site: reduced activation}; `cls` pools the class token."""
     module = models.image_encoder
     pixels = clip.preprocess_images(images, models.image_preprocess or clip.ImagePreprocess()).astype(module.dtype)
-    _, state = module.apply({"params": params["image_encoder"]}, pixels, mutable=["intermediates"])
-    acts = flatten_intermediates(state["intermediates"])
+    with sowing_inputs(sites):
+        _, state = module.apply({"params": params["image_encoder"]}, pixels, mutable=["intermediates"])
+    acts = with_contributions(flatten_intermediates(state["intermediates"]), sites)
     out = {}
     for site, how in zip(sites, reductions):
         x = acts[site]
@@ -266,7 +270,8 @@ def real_image_program(models: Models, params: dict[str, Any], sched_config: sch
     noisy = schedulers.add_noise(sched_config, x0, noise, jnp.full((batch,), t))
     prompt = models.family.conditioning(_text_passes(models, params, inputs["prompt_ids"]), inputs.get("extras", {}))
     conditioning = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in prompt.items()}
-    _, inter = models.family.apply(models.denoiser, params["denoiser"], noisy.astype(models.denoiser.dtype), t,
-                                   conditioning)
+    with sowing_inputs(plan.denoiser_sites):
+        _, inter = models.family.apply(models.denoiser, params["denoiser"], noisy.astype(models.denoiser.dtype), t,
+                                       conditioning)
     captured = capture_denoiser_sites(plan, flatten_intermediates(inter), batch)
     return {f"denoiser:{site}": value for site, value in captured.items()}

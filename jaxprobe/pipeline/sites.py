@@ -10,18 +10,72 @@ up-block outputs rather than hundreds of inner layers, a pattern reaches *block-
 (each model lists its own, see `BLOCK_SITES`), unless it asks for more: it contains `**`, its literal
 prefix already names a path inside a block (`unet.up_blocks.1.attentions.*`), or it ends in a literal
 name (`unet.*.attn2`).
+
+Two sites derive from any module site X: `X.input`, what the module was given (its first argument),
+and `X.contribution`, its output minus its input - what a residual block writes into the stream it
+reads (the quantity sparse autoencoders on SDXL-Turbo's transformer blocks are trained on). Patterns
+take the suffix too: `unet.up_blocks.0.attentions.*.contribution`. The module sows its input only when
+a capture asks for one (`sowing_inputs`), so other programs do not change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import flax.linen as nn
+import jax
 
 from jaxprobe.errors import SiteError
 
 SAMPLER_SITES = ("latents", "pred_original_sample")  # the sampler's own sites, beside the models' modules
+DERIVED = ("input", "contribution")                   # X.input, X.contribution of any module site X
+
+
+def split_derived(site: str) -> tuple[str, str | None]:
+    """`unet.mid_block.contribution` -> ("unet.mid_block", "contribution"); a plain site -> (site, None)."""
+    base, _, last = site.rpartition(".")
+    return (base, last) if base and last in DERIVED else (site, None)
+
+
+@contextlib.contextmanager
+def sowing_inputs(sites: Iterable[str], prefix: str = "") -> Iterator[None]:
+    """While tracing inside this context, the modules of the derived sites among `sites` (paths after
+    `prefix`) also sow their first argument as `input`."""
+    paths = {base.removeprefix(prefix) for base, kind in map(split_derived, sites) if kind}
+    if not paths:
+        yield
+        return
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and ".".join(context.module.path) in paths:
+            if not args or not isinstance(args[0], jax.Array):
+                raise SiteError(f"{'.'.join(context.module.path)} is called without an array input, so it has no "
+                                "input or contribution site")
+            context.module.sow("intermediates", "input", args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def with_contributions(acts: Mapping[str, Any], sites: Iterable[str], prefix: str = "") -> dict[str, Any]:
+    """`acts` (flattened, paths after `prefix`) with `X.contribution` = X - X.input for the sites asking for one."""
+    out = dict(acts)
+    for site in sites:
+        base, kind = split_derived(site.removeprefix(prefix))
+        if kind != "contribution":
+            continue
+        output, given = acts[base], acts[f"{base}.input"]
+        if output.shape != given.shape:
+            raise SiteError(f"{prefix}{base} turns its input {tuple(given.shape[1:])} into {tuple(output.shape[1:])}, "
+                            f"so output minus input is undefined: capture {prefix}{base}.input and {prefix}{base} "
+                            "apart, or the contribution of a block inside it")
+        out[f"{base}.contribution"] = output - given
+    return out
 
 
 def flatten_intermediates(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -59,15 +113,23 @@ def select_sites(patterns: str | Iterable[str], available: Sequence[str], block_
     blocks = set(block_sites)
     chosen: set[str] = set()
     for pattern in patterns:
-        glob = pattern.replace("**", "*")
+        base_pattern, kind = split_derived(pattern)
+        glob = base_pattern.replace("**", "*")
         hits = [s for s in available if fnmatch.fnmatchcase(s, glob)
-                and (s in blocks or _pattern_reaches_inside(pattern, s, sorted(blocks)))]
+                and (s in blocks or _pattern_reaches_inside(base_pattern, s, sorted(blocks)))]
         if not hits:
             raise SiteError(f"site pattern {pattern!r} matches no site of this pipeline. "
                             f"Block-level sites:\n  " + "\n  ".join(block_sites)
                             + "\n(`jaxprobe info --sites MODEL` or `pipe.sites(all=True)` lists every site)")
+        if kind:
+            modules = [s for s in hits if s not in SAMPLER_SITES and split_derived(s)[1] is None
+                       and not s.endswith(".probs")]
+            if not modules:
+                raise SiteError(f"{pattern!r}: {', '.join(hits[:3])} are not modules, so they have no {kind}; "
+                                f"{kind} sites derive from module sites such as 'unet.mid_block.{kind}'")
+            hits = [f"{s}.{kind}" for s in modules]
         chosen.update(hits)
-    return [s for s in available if s in chosen]
+    return [s for site in available for s in (site, *(f"{site}.{kind}" for kind in DERIVED)) if s in chosen]
 
 
 def block_sites_of(available: Iterable[str], component: str, patterns: Sequence[str]) -> list[str]:
