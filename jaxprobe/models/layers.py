@@ -14,6 +14,7 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # T5 v1.1's name for the tanh approximation
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "relu": jax.nn.relu,
@@ -41,12 +42,15 @@ def _fused_implementation(q: jax.Array) -> str | None:
 def multi_head_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
     is_causal: bool = False, key_mask: jax.Array | None = None, upcast: bool = False,
+    bias: jax.Array | None = None, scale: float | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention over already-projected q (b, lq, h*d), k, v (b, lk, h*d).
 
     Goes through `jax.nn.dot_product_attention`, which picks the cuDNN fused kernel on GPU where it
     applies and XLA elsewhere. key_mask: (b, lk) booleans, True where a key may be attended.
-    upcast: compute in float32 (SD 2.x's `upcast_attention`). Returns (b, lq, h*d).
+    upcast: compute in float32 (SD 2.x's `upcast_attention`). bias: added to the logits, (b | 1, h, lq, lk)
+    (T5's relative position bias). scale: of the logits, default 1/sqrt(head dim); T5 uses 1.0.
+    Returns (b, lq, h*d).
     """
     dtype = q.dtype
     if upcast:
@@ -54,10 +58,10 @@ def multi_head_attention(
     mask = None if key_mask is None else key_mask[:, None, None, :]
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
     try:
-        out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal,
+        out = jax.nn.dot_product_attention(qh, kh, vh, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
                                            implementation=_fused_implementation(qh))
     except (ValueError, NotImplementedError, TypeError):  # shapes or dtypes cuDNN refuses at trace time
-        out = jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal)
+        out = jax.nn.dot_product_attention(qh, kh, vh, bias=bias, mask=mask, scale=scale, is_causal=is_causal)
     b, n, h, d = out.shape
     return out.reshape(b, n, h * d).astype(dtype)
 
@@ -89,6 +93,15 @@ class SownDense(nn.Dense):
 
 class SownLayerNorm(nn.LayerNorm):
     """A LayerNorm that is itself a capture site (CLIP's final/pre/post layer norms)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        self.sow("intermediates", "output", y)
+        return y
+
+
+class SownRMSNorm(nn.RMSNorm):
+    """An RMSNorm that is itself a capture site (T5's final_layer_norm)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = super().__call__(x)
