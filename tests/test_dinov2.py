@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import encoder_reference
 import jax
 import jax.numpy as jnp
 
@@ -26,18 +27,9 @@ CASES = {"mlp": False, "swiglu": True}
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def dinov2_checkpoint(request, tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
-                                       image_size=SIZE, patch_size=PATCH, use_swiglu_ffn=CASES[request.param],
-                                       layerscale_value=0.5)
-    model = transformers.Dinov2Model(config).eval()
-    with torch.no_grad():  # position embeddings and norms start near constants: make every parameter count
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
     path = tmp_path_factory.mktemp(f"dinov2_{request.param}")
-    model.save_pretrained(path)
-    transformers.BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": SIZE, "width": SIZE},
-                                   image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(path)
+    model = encoder_reference.save_dinov2(path, image_size=SIZE, patch_size=PATCH, layers=LAYERS,
+                                          use_swiglu_ffn=CASES[request.param])
     return path, model
 
 

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import encoder_reference
 import jax
 import jax.numpy as jnp
 
@@ -19,55 +20,15 @@ from jaxprobe.models.t5 import attention_mask_from_eos, relative_position_bucket
 from jaxprobe.pipeline.reductions import reduce_tokens
 from jaxprobe.pipeline.sites import flatten_intermediates
 
-PROMPTS = ["a photo of a airplane", "a photo of a zebra", "a drawing of a banana and a knife beside a dog", "x"]
+PROMPTS = [*encoder_reference.T5_CORPUS[:3], "x"]
 LENGTH = 12   # max_sequence_length: pads the short prompts, truncates the long one
 CASES = {"gated_gelu": {"feed_forward_proj": "gated-gelu"}, "relu": {"feed_forward_proj": "relu"}}
 
 
-def save_tiny_t5_tokenizer(path) -> None:
-    """A T5-style tokenizer (Metaspace pre-tokenizer, Unigram model, `</s>` appended, `<pad>` = 0) trained on a few
-    sentences, saved as T5Tokenizer saves a real one (tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    corpus = PROMPTS + ["the quick brown fox jumps over the lazy dog", "a painting of a cat on a mat"]
-    tok.train_from_iterator(corpus * 10, trainers.UnigramTrainer(vocab_size=80, unk_token="<unk>",
-                                                                 special_tokens=["<pad>", "</s>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                 extra_ids=0).save_pretrained(path)
-
-
-def _t5_config(**overrides):
-    base = {"vocab_size": 96, "d_model": 32, "num_layers": 2, "num_heads": 4, "d_kv": 8, "d_ff": 64,
-            "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16}
-    return transformers.T5Config(**{**base, **overrides})
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def t5_checkpoint(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = transformers.T5EncoderModel(_t5_config(**CASES[request.param])).eval()
-    with torch.no_grad():  # RMS-norm weights start at 1: perturb them so a missing scale would show
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
     path = tmp_path_factory.mktemp(f"t5_{request.param}")
-    model.save_pretrained(path)
-    save_tiny_t5_tokenizer(path)
-    return path, model
+    return path, encoder_reference.save_t5_encoder(path, **CASES[request.param])
 
 
 def _reference_blocks(model, ids: np.ndarray, mask: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -144,7 +105,7 @@ def test_relative_position_buckets_match_transformers(buckets, distance):
 
 def test_fp16_variant_and_tied_embedding_key(tmp_path):
     torch.manual_seed(1)
-    model = transformers.T5EncoderModel(_t5_config(feed_forward_proj="gated-gelu")).eval()
+    model = transformers.T5EncoderModel(encoder_reference.t5_config()).eval()
     model.half().save_pretrained(tmp_path, variant="fp16")
     encoder = load_t5_encoder(tmp_path, variant="fp16")
     shared = model.shared.weight.detach().float().numpy()
