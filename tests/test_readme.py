@@ -17,6 +17,7 @@ import pytest
 import typer
 from PIL import Image
 
+import encoder_reference
 import sd_reference
 from jaxprobe.cli import app
 
@@ -44,6 +45,7 @@ REPLACEMENTS = [
     ("unet.down_blocks.1.attentions.0", "unet.down_blocks.0.attentions.0"),
     ("standard_normal(768)", "standard_normal(64)"),
     ("encoder.layers.10", "encoder.layers.3"),
+    ("image_encoder.encoder.layer.11", "image_encoder.encoder.layer.1"),   # the tiny DINOv2 has two layers
 ]
 
 
@@ -81,6 +83,14 @@ def test_python_snippets_run_as_pasted(tmp_path, monkeypatch):
     _image_folder(tmp_path / "oxford-pets")
     sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")   # the SDXL section's folder
     source = source.replace('"path/to/sdxl-dir"', repr(str(tmp_path / "sdxl")))
+    encoder_reference.save_t5_encoder(tmp_path / "t5")   # the T5 and DINOv2 section's folders and images
+    encoder_reference.save_dinov2(tmp_path / "dinov2")
+    for name in ("cat.png", "dog.png"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / name)
+    for placeholder, folder in (("path/to/pixart/text_encoder", "t5"), ("path/to/pixart/tokenizer", "t5"),
+                                ("path/to/dinov2-base", "dinov2")):
+        assert placeholder in source, f"the README no longer says {placeholder!r}"
+        source = source.replace(f'"{placeholder}"', repr(str(tmp_path / folder)))
     namespace: dict = {}
     exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - the README is ours
     assert {"feature_set", "target", "unique_b", "q"} <= set(namespace["table"].columns)   # the last table: variance

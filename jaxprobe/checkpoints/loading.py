@@ -6,7 +6,8 @@ Accepted sources:
 - a diffusers pipeline folder (`model_index.json` with text_encoder/, tokenizer/, unet/, vae/,
   scheduler/, optionally image_encoder/ and feature_extractor/; `variant="fp16"` weight files);
 - a transformers CLIP folder (`config.json` + safetensors/.bin, sharded or not): CLIPTextModel,
-  CLIPTextModelWithProjection, CLIPVisionModel(WithProjection) or a full CLIPModel;
+  CLIPTextModelWithProjection, CLIPVisionModel(WithProjection) or a full CLIPModel; or a Dinov2Model folder,
+  an image encoder like CLIP's vision tower (T5 encoder folders load as components: `checkpoints.encoders`);
 - a model id (`org/name`) already in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), never
   downloaded;
 - an original single-file checkpoint (`.safetensors`, `.ckpt`; SD 1.x and 2.x, `checkpoints.single_file`)
@@ -27,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprobe.checkpoints import encoders
 from jaxprobe.checkpoints.component import Component
 from jaxprobe.checkpoints.diffusers import load_denoiser, load_vae
 from jaxprobe.checkpoints.provenance import describe_source
@@ -146,6 +148,11 @@ def load_clip_tower(tower: _Tower, folder: Path, *, dtype: Any, variant: str | N
 
 
 def _image_parts(folder: Path, *, dtype: Any, variant: str | None = None, **loaded: Any) -> dict[str, Any]:
+    """The image encoder a folder holds, CLIP's vision tower or DINOv2, with the preprocessing it expects."""
+    config = loaded.get("config") or read_config(folder / "config.json", "image encoder")
+    if encoders.architecture(folder, config) in encoders.DINOV2_ARCHITECTURES:
+        image = encoders.load_dinov2(folder, dtype=dtype, variant=variant, state=loaded.get("state"))
+        return {"image_encoder": image, "image_preprocess": encoders.dinov2_preprocess(folder)}
     image = load_clip_tower(VISION_TOWER, folder, dtype=dtype, variant=variant, **loaded)
     return {"image_encoder": image, "image_preprocess": _image_preprocess(folder, image.config)}
 
@@ -160,17 +167,22 @@ def _image_preprocess(folder: Path, cfg: CLIPVisionConfig) -> ImagePreprocess:
 def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[str, Any]:
     config = read_config(folder / "config.json")
     arch = (config.get("architectures") or [""])[0]
+    if arch in encoders.T5_ARCHITECTURES:  # its prompts need the padding mask the text programs do not pass yet
+        raise CheckpointError(f"{folder} is a T5 encoder, a component of PixArt-style pipelines rather than a "
+                              "pipeline: load it with jaxprobe.checkpoints.encoders.load_t5_encoder(folder) and "
+                              "load_t5_tokenizer(folder, max_sequence_length).")
     parts: dict[str, Any] = {}
     state = read_state_dict(find_weight_files(folder, variant=variant))
     if arch in TEXT_TOWER.architectures or arch == "CLIPModel":
         parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder, dtype=dtype, state=state, config=config)
         if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
             parts["tokenizer"] = PromptTokenizer.from_dir(folder, parts["text_encoder"].config.max_position_embeddings)
-    if arch in VISION_TOWER.architectures or arch == "CLIPModel":
+    if arch in VISION_TOWER.architectures or arch == "CLIPModel" or arch in encoders.DINOV2_ARCHITECTURES:
         parts.update(_image_parts(folder, dtype=dtype, state=state, config=config))
     if not parts:
         raise CheckpointError(f"{folder}: config.json names architecture {arch or '(none)'}; jaxprobe loads "
-                              "CLIP text/vision models and Stable Diffusion pipelines (model_index.json).")
+                              "CLIP text/vision models, DINOv2 models and Stable Diffusion pipelines "
+                              "(model_index.json).")
     return parts
 
 

@@ -1,4 +1,4 @@
-"""Prompts -> fixed-length CLIP token ids, with transformers' CLIPTokenizer from the checkpoint."""
+"""Prompts -> fixed-length token ids, with transformers' CLIPTokenizer or T5Tokenizer from the checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from jaxprobe.errors import CheckpointError, InputError
 
 @dataclass(frozen=True)
 class PromptTokenizer:
-    """Pads and truncates to the text encoder's context length, as Stable Diffusion pipelines do."""
+    """Pads and truncates to the text encoder's context length, as Stable Diffusion pipelines do (CLIP) or
+    PixArt pipelines do (T5, to `max_sequence_length`). Both end a prompt with EOS before the padding, so the
+    EOS position is also where a prompt's real tokens end (`attention_mask`)."""
 
     hf_tokenizer: object
     max_length: int = 77
@@ -31,6 +33,22 @@ class PromptTokenizer:
         hf = CLIPTokenizer.from_pretrained(str(path))
         length = max_length or min(int(getattr(hf, "model_max_length", 77)), 77)
         return cls(hf, length)
+
+    @classmethod
+    def t5_from_dir(cls, path: str | Path, max_sequence_length: int) -> PromptTokenizer:
+        from transformers import T5Tokenizer
+
+        path = Path(path)
+        if not ((path / "tokenizer.json").is_file() or (path / "spiece.model").is_file()):
+            raise CheckpointError(f"{path} is not a T5 tokenizer folder: it needs tokenizer.json or spiece.model; "
+                                  "copy the checkpoint's tokenizer/ folder completely.")
+        if max_sequence_length < 1:
+            raise CheckpointError(f"max_sequence_length must be positive, not {max_sequence_length}")
+        return cls(T5Tokenizer.from_pretrained(str(path)), int(max_sequence_length))
+
+    def attention_mask(self, ids: np.ndarray) -> np.ndarray:
+        """(n, tokens) -> (n, tokens) int32, 1 at each prompt's tokens up to and including EOS (T5's mask)."""
+        return (np.arange(ids.shape[1])[None, :] <= self.eos_positions(ids)[:, None]).astype(np.int32)
 
     @property
     def eos_token_id(self) -> int:

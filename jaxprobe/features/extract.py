@@ -1,7 +1,8 @@
 """Cached extraction: a pipeline's captures through the feature store, shared by every study.
 
 `cached_capture` is `pipe.capture` with chunked, resumable, content-keyed storage; `extract_features`
-runs text and sampled sites for several seeds; `image_features` is Revelio's real-image path.
+runs text and sampled sites for several seeds; `image_features` is Revelio's real-image path;
+`image_encoder_features` is the image-encoder baseline beside it (CLIP's vision tower or DINOv2, every layer).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jaxprobe.captures import Captures
 from jaxprobe.errors import InputError
 from jaxprobe.features.settings import RunSettings, SamplingSettings
 from jaxprobe.features.store import FeatureStore
-from jaxprobe.pipeline.images import ImageDataset
+from jaxprobe.pipeline.images import ImageDataset, load_images
 from jaxprobe.pipeline.sampling import capture_description
 
 
@@ -130,3 +131,31 @@ def image_features(pipe: Any, dataset: ImageDataset, sites: Sequence[str], t: in
     return FeatureStore(cache).compute(description, len(paths), lambda part, bar: pipe.capture_images(
         paths[part], chosen, t=t, prompt=prompt, seed=seed, reduce=reduce, batch_size=batch_size, size=size,
         offset=part.start, progress=bar), force=force, progress=progress, label=f"images at t={t}")
+
+
+def image_encoder_features(source: Any, images: Any, *, sites: str | Sequence[str] = "image_encoder.*",
+                           reductions: Sequence[str] = ("cls", "mean_patch"), batch_size: int = 8,
+                           dtype: str = "float32", progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """{reduction: {site: (n_images, dim)}}: an image encoder's features of every selected layer, the baseline that
+    diffusion features are compared with. source: a Pipeline with an image encoder, or a DINOv2 or CLIP vision
+    folder / cached model id. images: paths, PIL images, or an array (n, H, W, 3) in [0, 1] or 0..255.
+    reductions: "cls" (the class token), "mean_patch" (mean of the patch tokens), "mean" (of all tokens).
+
+    Files are read at the encoder's resize size (shortest side, centre crop) and an array goes in as it is; the
+    encoder's own preprocessing (resize, centre crop, normalisation) then runs on device. One encoder pass per
+    reduction: the encoder is cheap beside a denoiser, and each pass returns only its reduced features."""
+    from jaxprobe.pipeline.load import load
+    from jaxprobe.pipeline.pipeline import Pipeline
+
+    pipe = source if isinstance(source, Pipeline) else load(source, dtype=dtype)
+    if pipe.image_encoder is None:
+        raise InputError(f"{pipe.source} has no image encoder; pass a DINOv2 or CLIP vision folder, or "
+                         "jaxprobe.load(..., image_encoder=PATH)")
+    if isinstance(reductions, str) or not reductions:
+        raise InputError(f"reductions must be a list such as ['cls', 'mean_patch'], not {reductions!r}")
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        pixels = images.astype(np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
+    else:
+        pixels = load_images(images, pipe.image_preprocess.size if pipe.image_preprocess else 224)
+    return {how: pipe.embed_images(pixels, sites, reduce=how, batch_size=batch_size, progress=progress)
+            for how in reductions}

@@ -16,6 +16,7 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # T5 v1.1's name for the tanh approximation
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "relu": jax.nn.relu,
@@ -53,14 +54,15 @@ def _cudnn_applies(q: jax.Array) -> bool:
     return jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 256
 
 
-def _xla_attention(qh, kh, vh, *, mask, is_causal, fused):
+def _xla_attention(qh, kh, vh, *, bias, mask, scale, is_causal, fused):
     """`jax.nn.dot_product_attention` on (b, l, h, d) heads; cuDNN when `fused` and it applies."""
+    kwargs = dict(bias=bias, mask=mask, scale=scale, is_causal=is_causal)
     if fused and _cudnn_applies(qh):
         try:
-            return jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal, implementation="cudnn")
+            return jax.nn.dot_product_attention(qh, kh, vh, implementation="cudnn", **kwargs)
         except (ValueError, NotImplementedError, TypeError):  # shapes or dtypes cuDNN refuses at trace time
             pass
-    return jax.nn.dot_product_attention(qh, kh, vh, mask=mask, is_causal=is_causal)
+    return jax.nn.dot_product_attention(qh, kh, vh, **kwargs)
 
 
 def _tiling(heads: int, lq: int, lk: int) -> tuple[int, int]:
@@ -72,7 +74,7 @@ def _tiling(heads: int, lq: int, lk: int) -> tuple[int, int]:
     return max(g for g in range(1, min(heads, fit) + 1) if heads % g == 0), lq
 
 
-def _blocked_attention(qh, kh, vh, *, key_mask, is_causal):
+def _blocked_attention(qh, kh, vh, *, key_mask, is_causal, scale=None):
     """Exact softmax attention one tile (a few heads, or a chunk of one head's queries) at a time, under `lax.map`.
 
     Same numerics as `jax.nn.dot_product_attention`'s XLA path: logits and softmax in float32, the
@@ -90,7 +92,7 @@ def _blocked_attention(qh, kh, vh, *, key_mask, is_causal):
     k_heads = kh.transpose(0, 2, 3, 1).reshape(n_groups, group, d, lk)   # keys transposed once, for q @ k^T
     v_heads = vh.transpose(0, 2, 1, 3).reshape(n_groups, group, lk, d)
     keep = None if key_mask is None else jnp.repeat(key_mask, h, axis=0).reshape(n_groups, group, 1, lk)
-    scale = jnp.float32(d ** -0.5)
+    scale = jnp.float32(d ** -0.5 if scale is None else scale)
     precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
                  jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(qh.dtype))
 
@@ -118,24 +120,27 @@ def _blocked_attention(qh, kh, vh, *, key_mask, is_causal):
 def multi_head_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, num_heads: int,
     is_causal: bool = False, key_mask: jax.Array | None = None, upcast: bool = False,
-    implementation: str | None = None,
+    bias: jax.Array | None = None, scale: float | None = None, implementation: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention over already-projected q (b, lq, h*d), k, v (b, lk, h*d).
 
     key_mask: (b, lk) booleans, True where a key may be attended. upcast: compute in float32 (SD 2.x's
-    `upcast_attention`). implementation: one of ATTENTION_IMPLEMENTATIONS, by default the backend's
-    (`attention_implementation`); all agree to float32 rounding. Returns (b, lq, h*d).
+    `upcast_attention`). bias: added to the logits, (b | 1, h, lq, lk) (T5's relative position bias).
+    scale: of the logits, default 1/sqrt(head dim); T5 uses 1.0. implementation: one of
+    ATTENTION_IMPLEMENTATIONS, by default the backend's (`attention_implementation`); all agree to
+    float32 rounding, and a bias (short T5 sequences only) always takes XLA's path. Returns (b, lq, h*d).
     """
     dtype = q.dtype
     if upcast:
         q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
     implementation = implementation or attention_implementation()
-    if implementation == "blocked":
-        out = _blocked_attention(qh, kh, vh, key_mask=key_mask, is_causal=is_causal)
+    if implementation == "blocked" and bias is None:
+        out = _blocked_attention(qh, kh, vh, key_mask=key_mask, is_causal=is_causal, scale=scale)
     else:
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = _xla_attention(qh, kh, vh, mask=mask, is_causal=is_causal, fused=implementation == "fused")
+        out = _xla_attention(qh, kh, vh, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
+                             fused=implementation == "fused")
     b, n, h, d = out.shape
     return out.reshape(b, n, h * d).astype(dtype)
 
@@ -167,6 +172,15 @@ class SownDense(nn.Dense):
 
 class SownLayerNorm(nn.LayerNorm):
     """A LayerNorm that is itself a capture site (CLIP's final/pre/post layer norms)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        self.sow("intermediates", "output", y)
+        return y
+
+
+class SownRMSNorm(nn.RMSNorm):
+    """An RMSNorm that is itself a capture site (T5's final_layer_norm)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = super().__call__(x)

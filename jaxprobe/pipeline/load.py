@@ -22,8 +22,8 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
     lora: LoRA files merged into the UNet and text encoder, as (file, scale) or "FILE[:SCALE]".
 
     dtype: compute and parameter dtype ("float32", "bfloat16"). variant: weight-file variant such as
-    "fp16" (falls back to plain files). image_encoder: a CLIP vision checkpoint (folder or id) used to
-    embed generated images (`image_encoder.*` sites). scheduler: sampler name overriding the
+    "fp16" (falls back to plain files). image_encoder: a CLIP vision or DINOv2 checkpoint (folder or id)
+    used to embed images (`image_encoder.*` sites). scheduler: sampler name overriding the
     checkpoint's ("pndm", "ddim", "euler", "dpmpp_2m"), keeping its noise schedule.
     """
     dtype = compute_dtype(dtype)

@@ -19,7 +19,7 @@ import numpy as np
 from jaxprobe.captures import Captures
 from jaxprobe.checkpoints.component import Component
 from jaxprobe.errors import CheckpointError, SiteError
-from jaxprobe.models import clip
+from jaxprobe.models import clip, encoders
 from jaxprobe.models.families import DenoiserFamily, family_of_config
 from jaxprobe.pipeline import sampling
 from jaxprobe.pipeline.interventions import Intervention, module_outputs
@@ -95,12 +95,15 @@ class Pipeline:
         """(every site, block-level sites), found by tracing each component once, abstractly."""
         every: list[str] = []
         blocks: list[str] = []
+
+        def tower(c: Component | None) -> tuple[Component | None, Any, tuple[str, ...]]:
+            return c, encoders.example_inputs, encoders.block_sites(c.config) if c is not None else ()
+
         for component, example, patterns in (
-                (self.text_encoder, clip.example_inputs, clip.BLOCK_SITES),
-                (self.text_encoder_2, clip.example_inputs, clip.BLOCK_SITES),
+                tower(self.text_encoder), tower(self.text_encoder_2),
                 (self.unet, self.family.example_inputs if self.family else None,
                  self.family.block_sites if self.family else ()),
-                (self.image_encoder, clip.example_inputs, clip.BLOCK_SITES)):
+                tower(self.image_encoder)):
             if component is None:
                 continue
             names = [f"{component.name}.{n}" for n in traced_sites(component, example(component.config))]
@@ -127,7 +130,7 @@ class Pipeline:
                 if latent_shape is not None:
                     example = (jax.ShapeDtypeStruct((1, *latent_shape), example[0].dtype), *example[1:])
             else:
-                example = clip.example_inputs(c.config)
+                example = encoders.example_inputs(c.config)
 
             def trace(*xs):
                 _, state = c.module.apply({"params": c.params}, *xs, mutable=["intermediates"])
@@ -188,10 +191,11 @@ class Pipeline:
 
     def embed_images(self, images: np.ndarray, sites: str | Iterable[str] = ("image_encoder.visual_projection",),
                      *, reduce: Reduce = "cls", batch_size: int = 8, progress: bool = False) -> dict[str, np.ndarray]:
-        """images (n, H, W, 3) floats in [0, 1] -> {image_encoder site: (n, dim)} ("cls", "mean", "none")."""
+        """images (n, H, W, 3) floats in [0, 1] -> {image_encoder site: (n, dim)}: the class token ("cls"), the
+        mean over all tokens ("mean") or over the patch tokens alone ("mean_patch"), or every token ("none")."""
         if self.image_encoder is None:
             raise SiteError("this pipeline has no image encoder; pass image_encoder=PATH to jaxprobe.load "
-                            "(or --image-encoder PATH) with a CLIP vision checkpoint")
+                            "(or --image-encoder PATH) with a CLIP vision or DINOv2 checkpoint")
         chosen = [s for s in self.select(sites) if s.startswith("image_encoder.")]
         plan = Plan(image_sites=tuple(s.removeprefix("image_encoder.") for s in chosen),
                     image_reductions=resolve_reductions(chosen, reduce, lambda s: IMAGE_REDUCTIONS))

@@ -199,7 +199,8 @@ def decode(vae: Any, params: Any, latents: jax.Array) -> jax.Array:
 
 def embed_images(models: Models, params: Any, images: jax.Array, sites: tuple[str, ...],
                  reductions: tuple[str, ...]) -> dict[str, jax.Array]:
-    """images (b, H, W, 3) in [0, 1] -> {image-encoder site: reduced activation}; `cls` pools the class token."""
+    """images (b, H, W, 3) in [0, 1] -> {image-encoder site: reduced activation}: `cls` the class token, `mean`
+    every token, `mean_patch` the patch tokens (DINOv2's linear-probe features beside the class token)."""
     module = models.image_encoder
     pixels = clip.preprocess_images(images, models.image_preprocess or clip.ImagePreprocess()).astype(module.dtype)
     with sowing_inputs(sites):
@@ -208,8 +209,8 @@ def embed_images(models: Models, params: Any, images: jax.Array, sites: tuple[st
     out = {}
     for site, how in zip(sites, reductions):
         x = acts[site]
-        if x.ndim == 3:
-            x = x[:, 0] if how == "cls" else (x.mean(axis=1) if how == "mean" else x)
+        if x.ndim == 3 and how != "none":
+            x = x[:, 0] if how == "cls" else (x[:, 1:] if how == "mean_patch" else x).mean(axis=1)
         out[site] = x.astype(jnp.float32)
     return out
 

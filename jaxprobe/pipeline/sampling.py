@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from jaxprobe.pipeline.pipeline import Pipeline
 
 Reduce = str | Mapping[str, str]
-KNOWN_REDUCTIONS = tuple(dict.fromkeys((*TOKEN_REDUCTIONS, *SPATIAL_REDUCTIONS, "cls")))
-IMAGE_REDUCTIONS = ("cls", "mean", "none")
+IMAGE_REDUCTIONS = ("cls", "mean", "mean_patch", "none")
+KNOWN_REDUCTIONS = tuple(dict.fromkeys((*TOKEN_REDUCTIONS, *SPATIAL_REDUCTIONS, *IMAGE_REDUCTIONS)))
 
 
 def resolve_reductions(sites: Sequence[str], reduce: Reduce, allowed_for: callable) -> tuple[str, ...]:
@@ -182,7 +182,7 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
         _require(pipe, "vae")
     if image_sites and pipe.image_encoder is None:
         raise SiteError("this pipeline has no image encoder; pass image_encoder=PATH to jaxprobe.load "
-                        "(or --image-encoder PATH) with a CLIP vision checkpoint")
+                        "(or --image-encoder PATH) with a CLIP vision or DINOv2 checkpoint")
     branch, guided = o["branch"], o["guidance_scale"] > 1.0
     if branch not in ("cond", "uncond"):
         raise InputError(f"branch must be 'cond' or 'uncond', not {branch!r}")
