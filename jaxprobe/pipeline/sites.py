@@ -26,9 +26,6 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
-import jax
-
 from jaxprobe.errors import SiteError
 
 SAMPLER_SITES = ("latents", "pred_original_sample")  # the sampler's own sites, beside the models' modules
@@ -49,10 +46,11 @@ def sowing_inputs(sites: Iterable[str], prefix: str = "") -> Iterator[None]:
     if not paths:
         yield
         return
+    import flax.linen as nn   # here, not at the top: the light entry points read site names without JAX
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and ".".join(context.module.path) in paths:
-            if not args or not isinstance(args[0], jax.Array):
+            if not args or not hasattr(args[0], "shape"):
                 raise SiteError(f"{'.'.join(context.module.path)} is called without an array input, so it has no "
                                 "input or contribution site")
             context.module.sow("intermediates", "input", args[0])
