@@ -9,6 +9,9 @@ Importing jaxprobe loads no JAX: each public name is imported from its layer on 
 """
 
 from jaxprobe.errors import CheckpointError, InputError, InterventionError, JaxprobeError, SiteError
+from jaxprobe.runtime.xla_flags import add_cpu_flags
+
+add_cpu_flags()   # before JAX starts its CPU backend; see jaxprobe/runtime/xla_flags.py
 
 __version__ = "0.1.0"
 

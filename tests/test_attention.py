@@ -56,3 +56,18 @@ def test_blocked_under_jit_and_vmap():
                                                                implementation="blocked")[0]))
     whole = multi_head_attention(q, k, v, num_heads=2, implementation="xla")
     np.testing.assert_allclose(np.asarray(fn(q, k, v)), np.asarray(whole), rtol=1e-5, atol=2e-6)
+
+
+def test_cpu_xla_flags_respect_the_user_and_the_jaxlib_version():
+    from jaxprobe.runtime.xla_flags import add_cpu_flags
+
+    env = {}
+    assert add_cpu_flags(env, jaxlib="0.10") == ["--xla_cpu_experimental_ynn_fusion_type="]
+    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot --xla_force_host_platform_device_count=4"}
+    assert add_cpu_flags(mine, jaxlib="0.10") == [] and mine["XLA_FLAGS"].startswith("--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert add_cpu_flags({}, jaxlib="0.6") == []              # not measured there: XLA aborts on unknown flags
+    assert add_cpu_flags({"JAXPROBE_XLA_FLAGS": "0"}, jaxlib="0.10") == []
+    other = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    add_cpu_flags(other, jaxlib="0.10")
+    assert other["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type="

@@ -1,0 +1,41 @@
+"""XLA flags that make jaxprobe's programs faster on the CPU backend, set before JAX starts it.
+
+XLA reads `XLA_FLAGS` once, when a backend first starts, so `import jaxprobe` adds these to the
+environment (without importing JAX) and they act only if JAX has not run anything yet. A flag the
+user already names in `XLA_FLAGS` keeps the user's value; `JAXPROBE_XLA_FLAGS=0` adds none. Each flag
+applies only to the jaxlib versions it was measured on: XLA aborts on a flag it does not know, and an
+experimental flag may be renamed in any release.
+
+`--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions) runs convolutions and matmuls on
+XLA's Eigen kernels and one thread pool: a full-size SD-1.5 UNet evaluation on 2 cores takes 11.2 s
+instead of 12.9 s, the same float32 numerics to rounding (BENCHMARKS.md, "CPU speed").
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+
+# flag -> (value, jaxlib "major.minor" versions on which it was measured)
+CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": ("", ("0.10",))}
+
+
+def jaxlib_minor() -> str | None:
+    try:
+        return ".".join(metadata.version("jaxlib").split(".")[:2])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def add_cpu_flags(environ: dict[str, str] | os._Environ = os.environ, jaxlib: str | None = None) -> list[str]:
+    """Append CPU_FLAGS that apply to this jaxlib and that the user does not set to environ["XLA_FLAGS"];
+    returns what was added."""
+    if environ.get("JAXPROBE_XLA_FLAGS", "1") == "0":
+        return []
+    jaxlib = jaxlib or jaxlib_minor()
+    current = environ.get("XLA_FLAGS", "")
+    added = [f"{flag}={value}" for flag, (value, versions) in CPU_FLAGS.items()
+             if jaxlib in versions and flag not in current]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
