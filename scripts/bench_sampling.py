@@ -7,9 +7,10 @@ rounds of every row in turn, after one warm-up each) and reported as median ms p
 with the spread (min, max), so a shared machine's drift hits every row alike.
 
 Rows: jaxprobe with capture off, with every down/mid/up block output captured (spatial mean) at every
-step, and with a Patch then a Steer on `mid_block` at every step; diffusers' UNet eager, torch.compile,
-eager with forward hooks capturing the same block means (`diffusers_capture`), and eager with a hook
-doing the steering row's two edits (`diffusers_hooks`).
+step (for SDXL: the contributions of the four transformer blocks SDXL-Turbo's SAEs are trained on), and
+with a Patch then a Steer on `mid_block` at every step; diffusers' UNet eager, torch.compile, eager with
+forward hooks capturing the same means (`diffusers_capture`), and eager with a hook doing the steering
+row's two edits (`diffusers_hooks`).
 
 Precision follows the device: float32 on CPU (both frameworks), bfloat16 for jaxprobe and float16 for
 diffusers on GPU; `--dtype` overrides jaxprobe's.
@@ -17,6 +18,9 @@ diffusers on GPU; `--dtype` overrides jaxprobe's.
     python scripts/bench_sampling.py --model sd15-random --json bench_sampling.json          # GPU
     python scripts/bench_sampling.py --model sd15-random --device cpu --steps 1 --batch 1 --repeats 3 \
         --rows capture_off capture_blocks diffusers_eager diffusers_capture                  # issue 21's CPU row
+    python scripts/bench_sampling.py --model sdxl-random --batch 4 --steps 30 --json bench_sdxl.json    # GPU
+    python scripts/bench_sampling.py --model sdxl-random --size 512 --dtype bfloat16 --steps 1 --batch 1 \
+        --rows capture_off --no-peer                                                        # SDXL on a CPU
     python scripts/bench_sampling.py --model toy --steps 3 --batch 1                         # a smoke run
 """
 
@@ -62,6 +66,10 @@ MODELS = {
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), SD15_SCHEDULER),
 }
 TEXT_TOKENS, POOLED_WIDTH = 77, 1280
+# The capture row's sites (spatial mean at every step): every block output, or for SDXL the four hook points
+# whose contributions SDXL-Turbo's SAEs are trained on (issue 13).
+CAPTURES = {"sdxl-random": ("down_blocks.2.attentions.1.contribution", "mid_block.attentions.0.contribution",
+                            "up_blocks.0.attentions.0.contribution", "up_blocks.0.attentions.1.contribution")}
 
 
 @functools.partial(jax.jit, static_argnames=("models", "plan"))
@@ -133,10 +141,14 @@ def torch_runner(kwargs: dict, noise: np.ndarray, conditioning: dict[str, np.nda
              if "time_ids" in conditioning else None)
     step, kept = [0], []
     for name in capture:
-        def keep(module, args, output):
+        module_name, _, kind = name.rpartition(".") if name.endswith(".contribution") else (name, "", "")
+
+        def keep(module, args, kwargs, output, kind=kind):
             out = output[0] if isinstance(output, tuple) else output
+            if kind:   # jaxprobe's X.contribution: output minus input
+                out = out - (args[0] if args else kwargs["hidden_states"])
             kept.append(out.mean(dim=(2, 3)))
-        unet.get_submodule(name).register_forward_hook(keep)
+        unet.get_submodule(module_name).register_forward_hook(keep, with_kwargs=True)
     if hook is not None:   # a hand-written hook doing what the steering row does: patch, then add the vector
         vector = torch.from_numpy(2.0 * hook[0]).to(device, dtype)[None, :, None, None]
         source = torch.from_numpy(hook[1]).to(device, dtype).permute(0, 1, 4, 2, 3)   # (b, T, c, h, w)
@@ -178,6 +190,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "gpu"), default=None, help="default: JAX's default backend")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="jaxprobe's compute dtype")
     parser.add_argument("--batch", type=int, default=8, help="prompts; the UNet sees twice as many (CFG)")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: the model's); latents are 1/8")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which measurements to run")
     parser.add_argument("--no-peer", action="store_true", help="skip every diffusers row")
@@ -193,6 +206,8 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype or ("float32" if device.platform == "cpu" else "bfloat16"))
 
     kwargs, scheduler = MODELS[args.model]
+    if args.size:
+        kwargs = {**kwargs, "sample_size": args.size // 8}
     config = UNetConfig(**kwargs)
     module = UNet2DConditionModel(config, dtype=dtype)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), random_params(module, *example_inputs(config)))
@@ -202,8 +217,9 @@ def main() -> None:
 
     names = jax.eval_shape(lambda: module.apply({"params": params}, *example_inputs(config),
                                                 mutable=["intermediates"])[1]["intermediates"])
-    blocks = tuple(s.removeprefix("unet.") for s in
-                   block_sites_of([f"unet.{n}" for n in flatten_intermediates(names)], "unet", BLOCK_SITES))
+    blocks = CAPTURES.get(args.model) or tuple(
+        s.removeprefix("unet.") for s in block_sites_of([f"unet.{n}" for n in flatten_intermediates(names)], "unet",
+                                                        BLOCK_SITES))
     steer_plan, steer_inputs, vector, source = steering(module, params, config, args.batch, evals)
     plans = {"capture_off": (Plan(sample=True, guided=True), None),
              "capture_blocks": (Plan(denoiser_sites=blocks, denoiser_reductions=("mean",) * len(blocks), sample=True,
