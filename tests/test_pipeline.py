@@ -107,28 +107,61 @@ def test_generate_returns_images_and_captures(sd):
     assert pil[0].size == images.shape[1:3]
 
 
+def _real_images(pipe, n=2):
+    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return np.random.default_rng(0).uniform(size=(n, size, size, 3)).astype(np.float32)
+
+
+def _reference_unet_pass(reference, images, t, seed, names, hook=None):
+    """diffusers' UNet once on the VAE means of `images` noised with jaxprobe's (seed, index) noise, the
+    empty prompt as context; {name: NHWC output} of the named blocks, `hook` on mid_block if given."""
+    import jax
+
+    with torch.no_grad():
+        mean = reference.vae.encode(nchw(images * 2 - 1)).latent_dist.mean * reference.vae.config.scaling_factor
+        ids = reference.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        context = reference.text_encoder(ids)[0].repeat(len(images), 1, 1)
+        key = jax.random.key(seed)
+        noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), mean.shape[2:] + (4,)))
+                          for i in range(len(images))]).transpose(0, 3, 1, 2)
+        noisy = reference.scheduler.add_noise(mean, torch.from_numpy(noise), torch.tensor([t] * len(images)))
+    handle = reference.unet.mid_block.register_forward_hook(hook) if hook else None
+    try:
+        _, hooked = run_with_hooks(reference.unet, names, lambda: reference.unet(noisy, t, encoder_hidden_states=context))
+    finally:
+        if handle:
+            handle.remove()
+    return hooked
+
+
 def test_capture_images_matches_manual_unet_pass(sd):
     _, reference, pipe = sd
-    rng = np.random.default_rng(0)
-    size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    images = rng.uniform(size=(2, size, size, 3)).astype(np.float32)
+    images = _real_images(pipe)
     feats = pipe.capture_images(images, ["unet.mid_block"], t=25, seed=3)
     again = pipe.capture_images(images, ["unet.mid_block"], t=25, seed=3)
     np.testing.assert_array_equal(feats["unet.mid_block"], again["unet.mid_block"])
     assert feats["unet.mid_block"].shape == (2, pipe.unet.config.block_out_channels[-1])
-    with torch.no_grad():
-        mean = reference.vae.encode(nchw(images * 2 - 1)).latent_dist.mean * reference.vae.config.scaling_factor
-        ids = reference.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-        context = reference.text_encoder(ids)[0].repeat(2, 1, 1)
-        key = __import__("jax").random.key(3)
-        import jax
-
-        noise = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), mean.shape[2:] + (4,)))
-                          for i in range(2)]).transpose(0, 3, 1, 2)
-        noisy = reference.scheduler.add_noise(mean, torch.from_numpy(noise), torch.tensor([25, 25]))
-        _, hooked = run_with_hooks(reference.unet, ["mid_block"],
-                                   lambda: reference.unet(noisy, 25, encoder_hidden_states=context))
+    hooked = _reference_unet_pass(reference, images, 25, 3, ["mid_block"])
     np.testing.assert_allclose(feats["unet.mid_block"], hooked["mid_block"].mean(axis=(1, 2)), atol=1e-3)
+
+
+def test_capture_images_with_a_steer_matches_a_diffusers_forward_hook(sd):
+    from jaxprobe.errors import InterventionError
+    from jaxprobe.interventions import Steer
+
+    _, reference, pipe = sd
+    images = _real_images(pipe)
+    vector = np.random.default_rng(2).standard_normal(pipe.unet.config.block_out_channels[-1]).astype(np.float32)
+    sites = ["unet.mid_block", "unet.up_blocks.0"]
+    plain = pipe.capture_images(images, sites, t=25, seed=3)
+    steered = pipe.capture_images(images, sites, t=25, seed=3, interventions=[Steer("unet.mid_block", vector, 2.0)])
+    np.testing.assert_allclose(steered["unet.mid_block"], plain["unet.mid_block"] + 2.0 * vector, atol=1e-4)
+    hooked = _reference_unet_pass(reference, images, 25, 3, ["up_blocks.0"],
+                                  hook=lambda m, a, out: out + torch.from_numpy(2.0 * vector)[None, :, None, None])
+    np.testing.assert_allclose(steered["unet.up_blocks.0"], hooked["up_blocks.0"].mean(axis=(1, 2)), atol=1e-3)
+    with pytest.raises(InterventionError, match="UNet sites only"):
+        pipe.capture_images(images, sites, interventions=[Steer("text_encoder.text_model.encoder.layers.0",
+                                                                np.zeros(pipe.text_encoder.config.hidden_size))])
 
 
 def test_bad_inputs_are_named(sd, tmp_path):

@@ -271,7 +271,8 @@ def real_image_program(models: Models, params: dict[str, Any], sched_config: sch
     noisy = schedulers.add_noise(sched_config, x0, noise, jnp.full((batch,), t))
     prompt = models.family.conditioning(_text_passes(models, params, inputs["prompt_ids"]), inputs.get("extras", {}))
     conditioning = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in prompt.items()}
-    with sowing_inputs(plan.denoiser_sites):
+    specs = with_values(plan.interventions, "denoiser", inputs)
+    with intervening(specs, step=jnp.int32(0)), sowing_inputs(plan.denoiser_sites):
         _, inter = models.family.apply(models.denoiser, params["denoiser"], noisy.astype(models.denoiser.dtype), t,
                                        conditioning)
     captured = capture_denoiser_sites(plan, flatten_intermediates(inter), batch)

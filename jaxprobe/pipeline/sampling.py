@@ -354,12 +354,15 @@ def _to_pil(images: np.ndarray) -> list:
 
 def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = ("unet.mid_block",), *,
                    t: int = 25, prompt: str = "", seed: int = 0, reduce: Any = "mean", batch_size: int = 8,
-                   size: int | None = None, offset: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
+                   size: int | None = None, offset: int = 0, progress: bool = False,
+                   interventions: Sequence[Intervention] = ()) -> dict[str, np.ndarray]:
     """Diffusion features of real images: {site: (n, dim)} (or unreduced maps with reduce="none").
 
     Each image is VAE-encoded (the posterior mean), noised to training timestep `t` with noise that
     depends only on (seed, offset + image index), and passed once through the UNet conditioned on
     `prompt`; `offset` lets a dataset extracted in chunks get the noise of one whole run.
+    interventions: on UNet sites, in list order, during that one pass (its step axis has one entry, 0;
+    per-image vectors and Patch sources have one row per image).
     """
     _require(pipe, "unet", "vae", "scheduler")
     if not 0 <= t < pipe.scheduler.num_train_timesteps:
@@ -373,9 +376,23 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     plan = Plan(denoiser_sites=tuple(s.removeprefix("unet.") for s in chosen),
                 denoiser_reductions=resolve_reductions(chosen, reduce, _denoiser_reductions), branch="cond")
     inputs = {"images": arr, "prompt_index": np.arange(offset, offset + len(arr), dtype=np.int32)}
-    plan_extras, _ = sdxl_extras(pipe, dataclasses.replace(plan, latent_shape=(size // factor, size // factor, 0)),
-                                 CAPTURE_DEFAULTS)
-    shared = replicate({"prompt_ids": tokenized(pipe, [prompt], allow_empty=True)[0], "extras": plan_extras})
+    latent = (size // factor, size // factor, pipe.unet.config.in_channels)
+    plan_extras, _ = sdxl_extras(pipe, dataclasses.replace(plan, latent_shape=latent), CAPTURE_DEFAULTS)
+    shared = {"prompt_ids": tokenized(pipe, [prompt], allow_empty=True)[0], "extras": plan_extras}
+    if interventions:
+        text = [iv.site for iv in interventions if not iv.site.startswith(f"{pipe.unet.name}.")]
+        if text:
+            raise InterventionError(f"capture_images conditions every image on one prompt and intervenes on UNet "
+                                    f"sites only; {', '.join(text)} is not one (change `prompt` instead)")
+        shapes = {"prefix:denoiser": f"{pipe.unet.name}.", "denoiser": pipe.output_shapes(pipe.unet.name, latent)}
+        specs, rows, values = plan_interventions(interventions, shapes, n_prompts=len(arr), n_steps=1, guided=False,
+                                                 examples=pipe.sites())
+        plan = dataclasses.replace(plan, interventions=specs)
+        if rows:
+            inputs["interventions"] = rows
+        if values:
+            shared["intervention_values"] = values
+    shared = replicate(shared)
     models, params = models_of(pipe), params_of(pipe)
     seed_, t_ = jnp.int32(seed), jnp.int32(t)
     out = run_batched(lambda batch: real_image_program(models, params, pipe.scheduler, plan, {**batch, **shared},
