@@ -9,10 +9,11 @@ Accepted sources:
   CLIPTextModelWithProjection, CLIPVisionModel(WithProjection) or a full CLIPModel;
 - a model id (`org/name`) already in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), never
   downloaded;
-- an original single-file checkpoint (`.safetensors`, `.ckpt`; SD 1.x and 2.x, `checkpoints.single_file`)
-  with `config=` a diffusers folder or id of the same family for the configs, tokenizer and scheduler.
-LoRA files (`checkpoints.lora`, kohya or diffusers/PEFT layout) merge into the UNet and text encoder of a
-diffusers folder or a single file. Every load records what it read (`checkpoints.provenance`).
+- an original single-file checkpoint (`.safetensors`, `.ckpt`; SD 1.x, 2.x, SDXL base and refiner,
+  `checkpoints.single_file`) with `config=` a diffusers folder or id of the same family for the configs,
+  tokenizer and scheduler.
+LoRA files (`checkpoints.lora`, kohya or diffusers/PEFT layout, SD 1.x/2.x or SDXL) merge into the UNet and
+text encoders of a diffusers folder or a single file. Every load records what it read (`checkpoints.provenance`).
 """
 
 from __future__ import annotations
@@ -235,8 +236,6 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant
                       loras: Sequence[tuple[str | Path, float]]) -> dict[str, Any]:
     """An original-layout single file: weights from it, configs, tokenizer and scheduler from `config`."""
     from jaxprobe.checkpoints import single_file
-    from jaxprobe.models.clip import CLIPTextConfig as TextConfig
-    from jaxprobe.models.unet import UNetConfig
     from jaxprobe.models.vae import VAEConfig
 
     state = single_file.read_single_file(path)
@@ -245,19 +244,40 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant
         raise CheckpointError(
             f"{path} is a single-file {family.upper()} checkpoint: it holds weights but no configs or tokenizer. "
             "Pass config= (CLI: --model-config) a diffusers folder or cached model id of the same family, e.g. a local "
-            f"copy of {_CONFIG_EXAMPLES.get(family, 'the base model')}")
+            f"copy of {_CONFIG_EXAMPLES[family]}")
     folder = resolve_source(config)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"config={config!r} is not a diffusers pipeline folder (no model_index.json)")
-    configs = {"unet": UNetConfig.from_dict(read_config(folder / "unet" / "config.json", "unet")),
-               "vae": VAEConfig.from_dict(read_config(folder / "vae" / "config.json", "VAE")),
-               "text_encoder": TextConfig.from_dict(read_config(folder / "text_encoder" / "config.json"))}
+    index = read_config(folder / "model_index.json", "pipeline")
+    listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    configs: dict[str, Any] = {name: _text_config(folder / name) for name in ("text_encoder", "text_encoder_2")
+                               if name in listed}
+    if "unet" in listed:
+        configs["unet"] = _unet_config(folder)
+    if "vae" in listed:
+        configs["vae"] = VAEConfig.from_dict(read_config(folder / "vae" / "config.json", "VAE"))
     return _load_diffusers_dir(folder, dtype, variant, weights=single_file.component_states(state, configs),
                                loras=loras)
 
 
+def _text_config(folder: Path) -> CLIPTextConfig:
+    """A text encoder's config as `load_clip_tower` reads it (with the projection of
+    CLIPTextModelWithProjection, SDXL's text_encoder_2)."""
+    config = read_config(folder / "config.json", "text encoder")
+    arch = (config.get("architectures") or [next(iter(TEXT_TOWER.architectures))])[0]
+    return CLIPTextConfig.from_dict(config, with_projection=TEXT_TOWER.architectures.get(arch, False))
+
+
+def _unet_config(folder: Path) -> Any:
+    from jaxprobe.models.unet import UNetConfig
+
+    return UNetConfig.from_dict(read_config(folder / "unet" / "config.json", "unet"))
+
+
 _CONFIG_EXAMPLES = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                    "sd2": "stabilityai/stable-diffusion-2-1 (v-prediction) or -2-1-base (epsilon)"}
+                    "sd2": "stabilityai/stable-diffusion-2-1 (v-prediction) or -2-1-base (epsilon)",
+                    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+                    "sdxl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0"}
 
 
 def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant: str | None = None,
@@ -271,7 +291,7 @@ def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant
 
     if loras and (is_random_weights(source) or not (is_single_file(source) or
                                                      (resolve_source(source) / "model_index.json").is_file())):
-        raise CheckpointError("LoRA adapters merge into a Stable Diffusion pipeline's UNet and text encoder: load a "
+        raise CheckpointError("LoRA adapters merge into a Stable Diffusion pipeline's UNet and text encoders: load a "
                               "diffusers folder or a single file with them")
     if is_random_weights(source):
         parts, label = random_parts(str(source), dtype), str(source)
