@@ -184,8 +184,14 @@ def test_bad_single_files_get_named_errors(original, tmp_path):
         jaxprobe.load(truncated, config=folder)
     unknown = tmp_path / "unknown.safetensors"
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(unknown))
-    with pytest.raises(CheckpointError, match="no Stable Diffusion layout"):
+    with pytest.raises(CheckpointError, match=r"no Stable Diffusion layout in this file: it holds 'encoder.weight' "
+                                              r"\(1 key\)"):
         jaxprobe.load(unknown, config=folder)
+    sd3 = tmp_path / "sd3.safetensors"   # an MMDiT under the UNet's prefix: named, not read as an SD 1.x UNet
+    save_file({f"model.diffusion_model.joint_blocks.{i}.x_block.attn.qkv.weight": torch.zeros(2) for i in range(3)},
+              str(sd3))
+    with pytest.raises(CheckpointError, match=r"holds 'model.diffusion_model' \(3 keys\) \(these look like SD3"):
+        jaxprobe.load(sd3, config=folder)
 
 
 # --- SDXL ------------------------------------------------------------------------------------------------
@@ -299,10 +305,19 @@ def test_sdxl_files_with_configs_of_another_family_are_refused(sdxl_original, tm
 
 # --- LoRA -------------------------------------------------------------------------------------------------
 
-_TARGETS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-            "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
-            "down_blocks.0.resnets.0.conv1")
-_TEXT_TARGETS = ("text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc1")
+# {component: modules} a test LoRA adapts: attention projections, a conv, text layers
+_TARGETS = {"unet": ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                     "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", "down_blocks.0.resnets.0.conv1"),
+            "text_encoder": ("text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc1")}
+# SDXL ("sdxl2" UNet): deeper transformers, the mid block, a resnet of an up block; both text towers
+_SDXL_TARGETS = {"unet": ("down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+                          "mid_block.attentions.0.transformer_blocks.1.attn2.to_k",
+                          "up_blocks.0.attentions.1.transformer_blocks.1.ff.net.2", "down_blocks.1.attentions.0.proj_in",
+                          "up_blocks.0.resnets.1.conv1"),
+                 "text_encoder": ("text_model.encoder.layers.0.self_attn.q_proj",),
+                 "text_encoder_2": ("text_model.encoder.layers.1.self_attn.out_proj", "text_model.encoder.layers.2.mlp.fc2")}
+_KOHYA = {"sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
+          "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
 
 
 def _lora_pair(weight: torch.Tensor, rank: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,16 +327,30 @@ def _lora_pair(weight: torch.Tensor, rank: int, rng: np.random.Generator) -> tup
     return torch.from_numpy(down), torch.from_numpy(up)
 
 
-def write_lora(pipe, path, layout: str, rank: int = 2, alpha: float = 1.0) -> None:
+def _ldm_module(module: str, config: dict) -> str:
+    """A diffusers UNet module path in the original LDM names (the single-file converter's inverse mapping)."""
+    (key,) = _unet_to_original({f"{module}.weight": None}, config)
+    return key.removeprefix("model.diffusion_model.").removesuffix(".weight")
+
+
+def _kohya_name(pipe, family: str, component: str, module: str, ldm: bool) -> str:
+    written = _ldm_module(module, dict(pipe.unet.config)) if ldm and component == "unet" else module
+    return f"{_KOHYA[family][component]}_{written.replace('.', '_')}"
+
+
+def write_lora(pipe, path, layout: str, rank: int = 2, alpha: float = 1.0, family: str = "sd",
+               ldm: bool = False) -> None:
+    """A LoRA of the modules `family` targets, in the "kohya" or "peft" layout; ldm: kohya UNet modules in the
+    original LDM names (`lora_unet_input_blocks_1_1_...`), as sd-scripts writes SDXL LoRAs and A1111 exports."""
     rng = np.random.default_rng(3)
     state = {}
-    for component, modules in (("unet", _TARGETS), ("text_encoder", _TEXT_TARGETS)):
+    for component, modules in (_SDXL_TARGETS if family == "sdxl" else _TARGETS).items():
         weights = getattr(pipe, component).state_dict()
-        for module in modules:  # transformers >= 5 names the text tower's modules without text_model.
+        for module in modules:  # transformers >= 5 names CLIPTextModel's modules without text_model.
             weight = weights.get(f"{module}.weight", weights.get(f"{module.removeprefix('text_model.')}.weight"))
             down, up = _lora_pair(weight, rank, rng)
             if layout == "kohya":
-                name = f"lora_{'unet' if component == 'unet' else 'te'}_{module.replace('.', '_')}"
+                name = _kohya_name(pipe, family, component, module, ldm)
                 state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                               f"{name}.alpha": torch.tensor(alpha)})
             else:
@@ -329,46 +358,96 @@ def write_lora(pipe, path, layout: str, rank: int = 2, alpha: float = 1.0) -> No
     save_file(state, str(path))
 
 
-def _apply_by_hand(state: dict, lora, scale: float) -> None:
-    """W += scale * alpha / rank * up @ down for the kohya text-encoder entries of `lora`."""
+def _apply_by_hand(pipe, component: str, lora, scale: float, family: str) -> None:
+    """W += scale * alpha / rank * up @ down for the kohya entries of one text encoder of `lora`."""
     from safetensors.torch import load_file
 
-    adapters = load_file(str(lora))
-    for module in _TEXT_TARGETS:
-        name = f"lora_te_{module.replace('.', '_')}"
+    adapters, model = load_file(str(lora)), getattr(pipe, component)
+    state = model.state_dict()
+    for module in (_SDXL_TARGETS if family == "sdxl" else _TARGETS)[component]:
+        name = _kohya_name(pipe, family, component, module, ldm=False)
         down, up = adapters[f"{name}.lora_down.weight"], adapters[f"{name}.lora_up.weight"]
-        key = f"{module.removeprefix('text_model.')}.weight"
+        key = next(k for k in (f"{module}.weight", f"{module.removeprefix('text_model.')}.weight") if k in state)
         state[key] = state[key] + scale * float(adapters[f"{name}.alpha"]) / down.shape[0] * (up @ down)
+    model.load_state_dict(state)
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def _kernels(component) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(component.params)[0]
+    return {torch_key(tuple(str(getattr(k, "key", k)) for k in path)): leaf for path, leaf in flat}
+
+
+def _flax_weight(model, module: str) -> np.ndarray:
+    """A torch module's weight (or PEFT's base_layer weight once fused) in Flax's kernel layout."""
+    state, local = model.state_dict(), module.removeprefix("text_model.")
+    weight = state[next(k for k in state if k.endswith((f"{local}.weight", f"{local}.base_layer.weight")))].numpy()
+    return weight.T if weight.ndim == 2 else weight.transpose(2, 3, 1, 0)
+
+
+def _assert_merged_like(reference, ours, targets: dict, plain, atol: float = 1e-5) -> None:
+    """Every adapted weight of `ours` (jaxprobe) equals the fused one of `reference` (a diffusers pipeline), and
+    differs from the unadapted one of `plain` (so a LoRA that neither side applied cannot pass)."""
+    for component, modules in targets.items():
+        kernels = _kernels(getattr(ours, component))
+        for module in modules:
+            expected = _flax_weight(getattr(reference, component), module)
+            np.testing.assert_allclose(np.asarray(kernels[f"{module}.weight"]), expected, atol=atol,
+                                       err_msg=f"{component}.{module}")
+            assert np.abs(expected - _flax_weight(getattr(plain, component), module)).max() > 1e-3, module
+
+
+@pytest.mark.parametrize("layout", ["kohya", "kohya-ldm", "peft"])
 def test_lora_merge_equals_diffusers_fuse_lora(layout, tmp_path_factory):
+    """kohya-ldm: an A1111-style file whose UNet modules use the original LDM names. diffusers 0.42 renames
+    those blocks for SD 1.x without the block arithmetic (input_blocks_1_1 -> down_blocks.1.1) and finds no
+    module, so its reference is the same adapters written in diffusers' names."""
     pytest.importorskip("peft")
     folder = tmp_path_factory.mktemp(f"lora_{layout}")
     pipe = sd_reference.save_pipeline(folder / "pipe", "sd1")
-    lora = folder / "adapter.safetensors"
-    write_lora(pipe, lora, layout)
+    lora, theirs = folder / "adapter.safetensors", folder / "adapter-diffusers-names.safetensors"
+    write_lora(pipe, lora, layout.partition("-")[0], ldm=layout == "kohya-ldm")
+    write_lora(pipe, theirs, layout.partition("-")[0])   # the same matrices: the same seed draws them
     scale = 0.7
-    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
-    pipe.load_lora_weights(str(lora))
+    plain, unadapted = (sd_reference.save_pipeline(folder / f"unused{i}", "sd1") for i in range(2))
+    pipe.load_lora_weights(str(theirs))
     pipe.fuse_lora(lora_scale=scale)
     ours = jaxprobe.load(folder / "pipe", lora=[f"{lora}:{scale}"])
-    if layout == "kohya":
+    if layout.startswith("kohya"):
         # diffusers 0.42 maps kohya's lora_te_text_model_* onto text_model.*, which transformers >= 5 no
         # longer has, and skips them silently; the reference for the text tower is then the formula itself
-        _apply_by_hand(before, lora, scale)
-        pipe.text_encoder.load_state_dict(before, strict=False)
-    for component, modules in (("unet", _TARGETS), ("text_encoder", _TEXT_TARGETS)):
-        fused = getattr(pipe, component).state_dict()
-        flat = jax.tree_util.tree_flatten_with_path(getattr(ours, component).params)[0]
-        kernels = {torch_key(tuple(str(getattr(k, "key", k)) for k in path)): leaf for path, leaf in flat}
-        for module in modules:
-            kernel = np.asarray(kernels[f"{module}.weight"])
-            local = module.removeprefix("text_model.")
-            expected = fused[next(k for k in fused if k.endswith((f"{local}.weight", f"{local}.base_layer.weight")))]
-            expected = expected.numpy()
-            expected = expected.T if expected.ndim == 2 else expected.transpose(2, 3, 1, 0)
-            np.testing.assert_allclose(kernel, expected, atol=1e-5, err_msg=module)
+        _apply_by_hand(plain, "text_encoder", lora, scale, "sd")
+        pipe.text_encoder = plain.text_encoder
+    _assert_merged_like(pipe, ours, _TARGETS, unadapted)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_sdxl_lora_merge_equals_diffusers_fuse_lora(layout, tmp_path_factory):
+    """SDXL LoRAs: kohya (sd-scripts: lora_te1_/lora_te2_, UNet modules in the LDM names) and PEFT
+    (text_encoder_2.), on both text towers and a UNet with transformer depth 2."""
+    from safetensors.torch import load_file
+
+    pytest.importorskip("peft")
+    folder = tmp_path_factory.mktemp(f"sdxl_lora_{layout}")
+    pipe = sd_reference.save_sdxl_pipeline(folder / "pipe")
+    lora = folder / "adapter.safetensors"
+    write_lora(pipe, lora, layout, family="sdxl", ldm=layout == "kohya")
+    scale = 0.7
+    theirs = lora
+    if layout == "kohya":
+        # diffusers 0.42 with transformers >= 5 raises "Could not automatically infer state dict type" on
+        # kohya text-encoder keys: it gets the UNet's part (whose LDM names it maps itself), and the text
+        # towers' reference is W += scale * alpha / rank * up @ down
+        theirs = folder / "adapter-unet.safetensors"
+        save_file({k: v for k, v in load_file(str(lora)).items() if k.startswith("lora_unet_")}, str(theirs))
+    plain, unadapted = (sd_reference.save_sdxl_pipeline(folder / f"unused{i}") for i in range(2))
+    pipe.load_lora_weights(str(theirs))
+    pipe.fuse_lora(lora_scale=scale)
+    ours = jaxprobe.load(folder / "pipe", lora=[(lora, scale)])
+    if layout == "kohya":
+        for component in ("text_encoder", "text_encoder_2"):
+            _apply_by_hand(plain, component, lora, scale, "sdxl")
+            setattr(pipe, component, getattr(plain, component))
+    _assert_merged_like(pipe, ours, _SDXL_TARGETS, unadapted)
 
 
 def test_a_lora_for_another_model_is_refused(tmp_path):
@@ -380,6 +459,21 @@ def test_a_lora_for_another_model_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="match no weight of this model"):
         jaxprobe.load(folder, lora=[lora])
     del pipe
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_an_sdxl_lora_on_sd1_lists_what_does_not_fit(layout, tmp_path):
+    sd_reference.save_pipeline(tmp_path / "sd1", "sd1")
+    lora = tmp_path / "sdxl-lora.safetensors"
+    write_lora(sd_reference.save_sdxl_pipeline(tmp_path / "sdxl"), lora, layout, family="sdxl", ldm=layout == "kohya")
+    with pytest.raises(CheckpointError, match="match no weight of this model") as refused:
+        jaxprobe.load(tmp_path / "sd1", lora=[lora])
+    message = str(refused.value)
+    assert "This model has no text_encoder_2: an SDXL LoRA on an SD 1.x/2.x model?" in message
+    assert "Nothing was merged" in message
+    unmatched = ("unet:input_blocks_3_1_transformer_blocks_1_attn1_to_q" if layout == "kohya" else
+                 "unet:down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q")
+    assert unmatched in message
 
 
 def test_what_was_loaded_keys_the_store_and_is_recorded(original, tmp_path):

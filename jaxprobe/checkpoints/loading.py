@@ -200,10 +200,10 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
     if loras:
         from jaxprobe.checkpoints.lora import merge_loras
 
-        text = states.get("text_encoder")
-        if text is not None:  # LoRA files name text modules without the text_model. level transformers >= 5 drops
-            states["text_encoder"] = _with_prefix(text, TEXT_TOWER.prefix, TEXT_TOWER.tops)
-        states = merge_loras(states, loras)
+        for name in ("text_encoder", "text_encoder_2"):  # LoRA files name text modules with the text_model.
+            if name in states:                          # level that transformers >= 5 drops from CLIPTextModel
+                states[name] = _with_prefix(states[name], TEXT_TOWER.prefix, TEXT_TOWER.tops)
+        states = merge_loras(states, loras, unet_config=_unet_config(folder) if "unet" in states else None)
     parts: dict[str, Any] = {}
     if "text_encoder" in listed:
         parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder", dtype=dtype,
