@@ -19,6 +19,7 @@ from PIL import Image
 
 import sd_reference
 from jaxprobe.cli import app
+from test_single_file import write_lora, write_single_file
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -79,7 +80,9 @@ def test_python_snippets_run_as_pasted(tmp_path, monkeypatch):
         source = source.replace(readme, instead)
     monkeypatch.chdir(tmp_path)
     _image_folder(tmp_path / "oxford-pets")
-    sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")   # the SDXL section's folder
+    sdxl = sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")   # the SDXL section's folder, single file and LoRA
+    write_single_file(sdxl, tmp_path / "sd_xl_base_1.0.safetensors", "sdxl")
+    write_lora(sdxl, tmp_path / "sdxl-style.safetensors", "kohya", family="sdxl", ldm=True)
     source = source.replace('"path/to/sdxl-dir"', repr(str(tmp_path / "sdxl")))
     namespace: dict = {}
     exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - the README is ours
