@@ -308,7 +308,8 @@ def component_states(state: Mapping[str, np.ndarray], configs: Mapping[str, Any]
     """{component: state dict in diffusers/transformers names} for the components the file holds (the others
     come from config=)."""
     family = infer_family(state)
-    check_family(family, list(configs))
+    if any(k.startswith(prefix) for prefix, _ in TEXT_TOWERS[family].values() for k in state):
+        check_family(family, list(configs))   # a UNet-only file cannot tell an SDXL base from a refiner
     out = {}
     if "unet" in configs and any(k.startswith(UNET) for k in state):
         out["unet"] = unet_state(state, configs["unet"])
