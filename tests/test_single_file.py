@@ -292,6 +292,20 @@ def test_sdxl_single_file_sampling_matches_diffusers_at_every_block_and_layer(sd
         np.testing.assert_allclose(feats[site], hidden[c][int(layer) + 1].numpy(), atol=1e-5, err_msg=site)
 
 
+def test_a_unet_only_sdxl_file_takes_the_rest_from_config(sdxl_original, tmp_path):
+    """Without text towers a file cannot tell base from refiner: its UNet loads with either's config=."""
+    from safetensors.torch import load_file
+
+    style, folder, path, _ = sdxl_original
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if k.startswith("model.diffusion_model.")}, str(unet_only))
+    single, direct = jaxprobe.load(unet_only, config=folder), jaxprobe.load(folder)
+    for name in ("unet", "text_encoder_2"):
+        ours = _named_leaves(getattr(single, name))
+        for key, leaf in _named_leaves(getattr(direct, name)).items():
+            np.testing.assert_array_equal(ours[key], leaf, err_msg=f"{style} {name}.{key}")
+
+
 def test_sdxl_files_with_configs_of_another_family_are_refused(sdxl_original, tmp_path):
     style, _, path, _ = sdxl_original
     sd_reference.save_pipeline(tmp_path / "sd1", "sd1")
