@@ -179,23 +179,28 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085
 
 
 def save_sdxl_pipeline(path: str | Path, style: str = "sdxl2", *, force_zeros: bool = True, refiner: bool = False,
-                       scheduler: dict | None = None) -> Any:
-    """A tiny StableDiffusionXLPipeline (two CLIP text encoders, 32 wide each, the second with a 32-wide
-    projection), written with save_pretrained; refiner=True: text_encoder_2 only, aesthetic-score time ids."""
+                       scheduler: dict | None = None, widths: tuple[int, int] = (32, 32)) -> Any:
+    """A tiny StableDiffusionXLPipeline (two CLIP text encoders, `widths` wide, adding up to SDXL_CONTEXT_DIM,
+    the second with a 32-wide projection), written with save_pretrained; refiner=True: text_encoder_2 only,
+    aesthetic-score time ids. Unequal widths, as in the real model (768, 1280), let diffusers' single-file loader
+    tell the two towers apart: it goes by width."""
     import diffusers
     import transformers
 
     from jaxprobe.checkpoints.random import TOKENIZER_DIR
 
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=3,
                   num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=len(tokenizer) - 2,
                   pad_token_id=len(tokenizer) - 1)
+    assert sum(widths) == SDXL_CONTEXT_DIM, widths
     torch.manual_seed(0)
-    text_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**common, projection_dim=POOLED_DIM))
+    text_2 = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**common, hidden_size=widths[1], projection_dim=POOLED_DIM))
     unet_kwargs = dict(UNET_STYLES[style])
     if refiner:  # conditioned on text_encoder_2 alone, with 5 time ids (sizes, crop, aesthetic score)
-        unet_kwargs.update(cross_attention_dim=32, projection_class_embeddings_input_dim=POOLED_DIM + 5 * TIME_ID_DIM)
+        unet_kwargs.update(cross_attention_dim=widths[1],
+                           projection_class_embeddings_input_dim=POOLED_DIM + 5 * TIME_ID_DIM)
     config = scheduler or SDXL_SCHEDULER
     scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     parts = dict(vae=make_vae(seed=1), text_encoder_2=_perturbed(text_2, 3), tokenizer_2=tokenizer,
@@ -204,7 +209,7 @@ def save_sdxl_pipeline(path: str | Path, style: str = "sdxl2", *, force_zeros: b
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
                                                           force_zeros_for_empty_prompt=force_zeros, **parts)
     else:
-        text_1 = _perturbed(transformers.CLIPTextModel(transformers.CLIPTextConfig(**common)), 4)
+        text_1 = _perturbed(transformers.CLIPTextModel(transformers.CLIPTextConfig(**common, hidden_size=widths[0])), 4)
         pipe = diffusers.StableDiffusionXLPipeline(text_encoder=text_1, tokenizer=tokenizer,
                                                    force_zeros_for_empty_prompt=force_zeros, **parts)
     pipe.save_pretrained(path)

@@ -89,6 +89,21 @@ def test_both_classifiers_separate_coloured_shapes(run):
     assert "Random weights." in page and "the same 24 held-out test images" in page
 
 
+def test_results_record_what_was_loaded(run):
+    """The pipeline's provenance (describe_source's record, as the norms experiment keeps it) reaches
+    metadata.json and the page."""
+    import html
+    import json
+
+    pipe, config, results = run
+    out = Path(config.out)
+    assert pipe.provenance["source"] == "tiny"
+    assert json.loads((out / "metadata.json").read_text())["loaded"] == pipe.provenance
+    assert results.files["metadata"] == out / "metadata.json"
+    assert html.escape(f"source: {pipe.provenance['source']}; dtype: {pipe.provenance['dtype']}") in \
+        (out / "report.html").read_text()
+
+
 def test_features_come_from_the_cache_and_noise_follows_the_image_index(run, monkeypatch):
     pipe, config, results = run
     dataset = results.dataset

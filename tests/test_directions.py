@@ -250,7 +250,11 @@ def test_report_and_resume_from_the_feature_cache(study, monkeypatch):
     effects = pd.Series(["no clear change"] * 12 + ["amplifies"] * 3)
     sentence = report_module._unet_effect_sentence(effects)
     assert "no clear change 12" not in sentence and sentence.endswith("the UNet amplifies the association in 3.")
-    assert json.loads((out / "metadata.json").read_text())["axes"] == ["man vs woman"]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["axes"] == ["man vs woman"]
+    # what was loaded (the pipeline's provenance, as the norms experiment records it), in the settings too
+    assert meta["loaded"] == pipe.provenance and pipe.provenance["source"] == pipe.source
+    assert f"source: {pipe.provenance['source']}; dtype: {pipe.provenance['dtype']}" in page
 
     import jaxprobe.pipeline.pipeline
 

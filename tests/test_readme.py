@@ -20,6 +20,7 @@ from PIL import Image
 import encoder_reference
 import sd_reference
 from jaxprobe.cli import app
+from test_single_file import write_lora, write_single_file
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -81,7 +82,9 @@ def test_python_snippets_run_as_pasted(tmp_path, monkeypatch):
         source = source.replace(readme, instead)
     monkeypatch.chdir(tmp_path)
     _image_folder(tmp_path / "oxford-pets")
-    sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")   # the SDXL section's folder
+    sdxl = sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")   # the SDXL section's folder, single file and LoRA
+    write_single_file(sdxl, tmp_path / "sd_xl_base_1.0.safetensors", "sdxl")
+    write_lora(sdxl, tmp_path / "sdxl-style.safetensors", "kohya", family="sdxl", ldm=True)
     source = source.replace('"path/to/sdxl-dir"', repr(str(tmp_path / "sdxl")))
     encoder_reference.save_t5_encoder(tmp_path / "t5")   # the T5 and DINOv2 section's folders and images
     encoder_reference.save_dinov2(tmp_path / "dinov2")

@@ -162,7 +162,10 @@ def test_cli_sae_train_and_inspect(planted, tmp_path):
     feats.mkdir()
     np.save(feats / "unet.mid_block.npy", planted[0]["site"][:300])
     np.save(feats / "text_encoder.layers.1.npy", planted[0]["site"][:300, 0, :8])
-    (feats / "manifest.json").write_text(json.dumps({"model": "tiny", "prompts": [f"prompt {i}" for i in range(300)]}))
+    loaded = {"source": "tiny", "dtype": "float32", "loras": [{"file": "a.safetensors", "scale": 0.5,
+                                                               "sha256": "c0ffee"}]}   # as `jaxprobe extract` writes
+    (feats / "manifest.json").write_text(json.dumps({"model": "tiny", "loaded": loaded,
+                                                     "prompts": [f"prompt {i}" for i in range(300)]}))
     runner = CliRunner()
     # The settings of the resume test: the same compiled programs
     common = ["--k", "3", "--expansion", "2", "--batch-size", "96", "--warmup", "4", "--lr", "3e-3", "--aux-k", "2",
@@ -179,6 +182,7 @@ def test_cli_sae_train_and_inspect(planted, tmp_path):
     page = (tmp_path / "sae" / "inspect" / "sae_report.html").read_text()
     assert "prompt " in page and "Random weights." in page  # the model came from the manifest via the checkpoint
     assert load_saes(tmp_path / "sae").model == "tiny" and (tmp_path / "sae" / "loss_curves_per_sae.png").is_file()
+    assert load_saes(tmp_path / "sae").loaded == loaded and "c0ffee" in page   # what was loaded, kept and shown
     result = runner.invoke(app, ["sae", "train", "-f", str(feats), "-o", str(tmp_path / "x"), "--k", "99", *common[2:]])
     assert result.exit_code == 2 and "error:" in result.output and "lower k" in result.output, result.output
 
@@ -218,9 +222,14 @@ def test_features_provenance_reads_the_model_where_the_features_record_it(tmp_pa
 
     entry = FeatureStore(tmp_path / "store").entry({"kind": "text", "model": {"source": "sd15-random"}}, 4,
                                                    chunk_size=2)
-    assert features_provenance(entry) == {"model": "sd15-random", "random_weights": True}
+    assert features_provenance(entry) == {"model": "sd15-random", "random_weights": True, "loaded": None}
     folder = tmp_path / "feats"
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({"model": "org/real-model", "random_weights": False}))
-    assert features_provenance(folder) == {"model": "org/real-model", "random_weights": False}
-    assert features_provenance({"site": np.zeros((2, 3))}) == {"model": None, "random_weights": False}
+    assert features_provenance(folder) == {"model": "org/real-model", "random_weights": False, "loaded": None}
+    assert features_provenance({"site": np.zeros((2, 3))}) == {"model": None, "random_weights": False, "loaded": None}
+    # a store entry keys on the model's fingerprint, which holds the load's provenance
+    record = {"source": "org/real-model", "dtype": "float32", "revision": "abc1234"}
+    fingerprinted = FeatureStore(tmp_path / "store").entry(
+        {"kind": "text", "model": {"source": "org/real-model", "provenance": record}}, 4, chunk_size=2)
+    assert features_provenance(fingerprinted)["loaded"] == record

@@ -10,10 +10,11 @@ Accepted sources:
   an image encoder like CLIP's vision tower (T5 encoder folders load as components: `checkpoints.encoders`);
 - a model id (`org/name`) already in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), never
   downloaded;
-- an original single-file checkpoint (`.safetensors`, `.ckpt`; SD 1.x and 2.x, `checkpoints.single_file`)
-  with `config=` a diffusers folder or id of the same family for the configs, tokenizer and scheduler.
-LoRA files (`checkpoints.lora`, kohya or diffusers/PEFT layout) merge into the UNet and text encoder of a
-diffusers folder or a single file. Every load records what it read (`checkpoints.provenance`).
+- an original single-file checkpoint (`.safetensors`, `.ckpt`; SD 1.x, 2.x, SDXL base and refiner,
+  `checkpoints.single_file`) with `config=` a diffusers folder or id of the same family for the configs,
+  tokenizer and scheduler.
+LoRA files (`checkpoints.lora`, kohya or diffusers/PEFT layout, SD 1.x/2.x or SDXL) merge into the UNet and
+text encoders of a diffusers folder or a single file. Every load records what it read (`checkpoints.provenance`).
 """
 
 from __future__ import annotations
@@ -211,10 +212,10 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
     if loras:
         from jaxprobe.checkpoints.lora import merge_loras
 
-        text = states.get("text_encoder")
-        if text is not None:  # LoRA files name text modules without the text_model. level transformers >= 5 drops
-            states["text_encoder"] = _with_prefix(text, TEXT_TOWER.prefix, TEXT_TOWER.tops)
-        states = merge_loras(states, loras)
+        for name in ("text_encoder", "text_encoder_2"):  # LoRA files name text modules with the text_model.
+            if name in states:                          # level that transformers >= 5 drops from CLIPTextModel
+                states[name] = _with_prefix(states[name], TEXT_TOWER.prefix, TEXT_TOWER.tops)
+        states = merge_loras(states, loras, unet_config=_unet_config(folder) if "unet" in states else None)
     parts: dict[str, Any] = {}
     if "text_encoder" in listed:
         parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder", dtype=dtype,
@@ -247,8 +248,6 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant
                       loras: Sequence[tuple[str | Path, float]]) -> dict[str, Any]:
     """An original-layout single file: weights from it, configs, tokenizer and scheduler from `config`."""
     from jaxprobe.checkpoints import single_file
-    from jaxprobe.models.clip import CLIPTextConfig as TextConfig
-    from jaxprobe.models.unet import UNetConfig
     from jaxprobe.models.vae import VAEConfig
 
     state = single_file.read_single_file(path)
@@ -257,19 +256,40 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant
         raise CheckpointError(
             f"{path} is a single-file {family.upper()} checkpoint: it holds weights but no configs or tokenizer. "
             "Pass config= (CLI: --model-config) a diffusers folder or cached model id of the same family, e.g. a local "
-            f"copy of {_CONFIG_EXAMPLES.get(family, 'the base model')}")
+            f"copy of {_CONFIG_EXAMPLES[family]}")
     folder = resolve_source(config)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"config={config!r} is not a diffusers pipeline folder (no model_index.json)")
-    configs = {"unet": UNetConfig.from_dict(read_config(folder / "unet" / "config.json", "unet")),
-               "vae": VAEConfig.from_dict(read_config(folder / "vae" / "config.json", "VAE")),
-               "text_encoder": TextConfig.from_dict(read_config(folder / "text_encoder" / "config.json"))}
+    index = read_config(folder / "model_index.json", "pipeline")
+    listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+    configs: dict[str, Any] = {name: _text_config(folder / name) for name in ("text_encoder", "text_encoder_2")
+                               if name in listed}
+    if "unet" in listed:
+        configs["unet"] = _unet_config(folder)
+    if "vae" in listed:
+        configs["vae"] = VAEConfig.from_dict(read_config(folder / "vae" / "config.json", "VAE"))
     return _load_diffusers_dir(folder, dtype, variant, weights=single_file.component_states(state, configs),
                                loras=loras)
 
 
+def _text_config(folder: Path) -> CLIPTextConfig:
+    """A text encoder's config as `load_clip_tower` reads it (with the projection of
+    CLIPTextModelWithProjection, SDXL's text_encoder_2)."""
+    config = read_config(folder / "config.json", "text encoder")
+    arch = (config.get("architectures") or [next(iter(TEXT_TOWER.architectures))])[0]
+    return CLIPTextConfig.from_dict(config, with_projection=TEXT_TOWER.architectures.get(arch, False))
+
+
+def _unet_config(folder: Path) -> Any:
+    from jaxprobe.models.unet import UNetConfig
+
+    return UNetConfig.from_dict(read_config(folder / "unet" / "config.json", "unet"))
+
+
 _CONFIG_EXAMPLES = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                    "sd2": "stabilityai/stable-diffusion-2-1 (v-prediction) or -2-1-base (epsilon)"}
+                    "sd2": "stabilityai/stable-diffusion-2-1 (v-prediction) or -2-1-base (epsilon)",
+                    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+                    "sdxl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0"}
 
 
 def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant: str | None = None,
@@ -283,7 +303,7 @@ def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant
 
     if loras and (is_random_weights(source) or not (is_single_file(source) or
                                                      (resolve_source(source) / "model_index.json").is_file())):
-        raise CheckpointError("LoRA adapters merge into a Stable Diffusion pipeline's UNet and text encoder: load a "
+        raise CheckpointError("LoRA adapters merge into a Stable Diffusion pipeline's UNet and text encoders: load a "
                               "diffusers folder or a single file with them")
     if is_random_weights(source):
         parts, label = random_parts(str(source), dtype), str(source)

@@ -364,6 +364,7 @@ def inspect_saes(saes: SAEs | str | Path, features: Any, out: str | Path, *, ima
     c = saes.config
     settings = {
         "model": saes.model or "not recorded (features without a manifest)", "random weights": saes.random_weights,
+        "loaded": saes.loaded or "not recorded",
         "features": str(features) if isinstance(features, (str, Path)) else type(features).__name__,
         "inputs": source.n, "SAEs": len(saes.names), "sites": sites,
         "SAE": f"TopK k={c.k}, {c.expansion}x expansion, aux_k={c.aux_k}",

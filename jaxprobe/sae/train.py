@@ -139,9 +139,10 @@ def as_source(features: Any, sites: Sequence[str] | None = None) -> FeatureSourc
 
 
 def features_provenance(features: Any) -> dict[str, Any]:
-    """{"model": source or None, "random_weights": bool} of the model that computed `features`, where they
-    record it: a `jaxprobe extract` folder's manifest.json ("model", "random_weights") or a feature-store
-    entry's description ("model" -> "source"); model None for bare arrays."""
+    """{"model": source or None, "random_weights": bool, "loaded": the load's record or None} of the model that
+    computed `features`, where they record it: a `jaxprobe extract` folder's manifest.json ("model",
+    "random_weights", "loaded": the pipeline's `provenance`, `checkpoints.provenance.describe_source`) or a
+    feature-store entry's description ("model" -> "source" and "provenance"); model None for bare arrays."""
     if isinstance(features, StoreSource):
         features = features.entry
     if isinstance(features, FeatureEntry):
@@ -152,8 +153,9 @@ def features_provenance(features: Any) -> dict[str, Any]:
     else:
         description = {}
     model = description.get("model")
+    loaded = description.get("loaded") or (model.get("provenance") if isinstance(model, Mapping) else None)
     model = str(model.get("source")) if isinstance(model, Mapping) else (str(model) if model else None)
-    return {"model": model, "random_weights": is_random_weights({**description, "model": model})}
+    return {"model": model, "random_weights": is_random_weights({**description, "model": model}), "loaded": loaded}
 
 
 # --- data order ----------------------------------------------------------------------------------------
@@ -240,6 +242,7 @@ class SAEs:
     model: str | None = None   # the model the training features came from (None: they did not say)
     random_weights: bool = False  # whether that model has random weights (`features_provenance`)
     n_rows: int | None = None  # training rows
+    loaded: dict[str, Any] | None = None  # what that model's load read: source, SHA-256s, LoRAs (`features_provenance`)
 
     @property
     def dead_window(self) -> int:
@@ -326,7 +329,7 @@ def load_saes(out: str | Path | SAEs) -> SAEs:
     stacks, meta = restored
     return SAEs(SAEConfig(**meta["config"]), {int(w): n for w, n in meta["groups"].items()}, stacks,
                 pd.DataFrame(meta["history"]), meta["step"], meta.get("model"), is_random_weights(meta),
-                meta.get("n_rows"))
+                meta.get("n_rows"), meta.get("loaded"))
 
 
 # --- training ------------------------------------------------------------------------------------------

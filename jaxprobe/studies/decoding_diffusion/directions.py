@@ -552,9 +552,9 @@ def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pip
     for name, frame in tables.items():
         write_table(frame, out, name)
 
-    meta = {"model": pipe.source, "random_weights": is_random_weights(pipe), "concepts": list(gens.concepts),
-            "families": dict(config.families), "axes": [a[2] for a in config.axes], "baseline": config.baseline,
-            "whiten": config.whiten, "seeds": list(config.seeds), "templates": list(config.templates),
+    meta = {"model": pipe.source, "random_weights": is_random_weights(pipe), "loaded": pipe.provenance,
+            "concepts": list(gens.concepts), "families": dict(config.families), "axes": [a[2] for a in config.axes],
+            "baseline": config.baseline, "whiten": config.whiten, "seeds": list(config.seeds), "templates": list(config.templates),
             "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
             "n_generations": len(gens.rows), "n_bootstrap": config.n_bootstrap, "level": config.level,
             "focus_step": config.focus_step, "text_site": config.text_site, "sites": list(gens.features)}

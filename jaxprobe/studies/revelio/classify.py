@@ -327,7 +327,7 @@ def run_classification(config: ClassifyConfig, *, pipe: Any = None, progress: bo
             log(f"linear probe {site} t={t}: accuracy {rows[-1]['accuracy']:.3f}")
     table = comparison_table(rows)
     files = {} if config.out is None else write_outputs(table, config, dataset,
-                                                        random_weights=is_random_weights(pipe))
+                                                        random_weights=is_random_weights(pipe), loaded=pipe.provenance)
     return ClassificationResults(table, dataset, files)
 
 
@@ -379,10 +379,12 @@ def _config_record(config: ClassifyConfig) -> dict[str, Any]:
 
 
 def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDataset, *,
-                  random_weights: bool | None = None) -> dict[str, Path]:
-    """accuracy.parquet, accuracy.csv, accuracy.png, config.toml and report.html under config.out,
+                  random_weights: bool | None = None, loaded: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """accuracy.parquet, accuracy.csv, accuracy.png, config.toml, metadata.json and report.html under config.out,
     each written to a temporary name and renamed. random_weights: whether the features come from a model
-    with random weights (the page says so first); None: decided from config.model."""
+    with random weights (the page says so first); None: decided from config.model. loaded: what the pipeline's
+    load read (its `provenance`), recorded in metadata.json and the page so that results name the exact weights
+    (a config.toml names only the model's path or id)."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"parquet": write_atomic(out / f"{TABLE}.parquet", lambda p: table.to_parquet(p, index=False)),
@@ -391,6 +393,9 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
     files["figure"] = write_atomic(out / FIGURE, lambda p: fig.savefig(p, format="png", dpi=110))
     files["config"] = write_atomic(out / "config.toml", lambda p: p.write_text(config.to_toml()))
     random_weights = is_random_weights(config.model) if random_weights is None else random_weights
+    metadata = {"model": config.model, "random_weights": random_weights, "loaded": loaded}
+    files["metadata"] = write_atomic(out / "metadata.json",
+                                     lambda p: p.write_text(json.dumps(metadata, indent=2, default=str)))
     notice = ("The model has random weights: its features carry no learned semantics, so the accuracies below "
               "measure what a randomly initialised UNet keeps of the images (colour, layout), not what a trained "
               "model knows. Run a real checkpoint for findings.") if random_weights else None
@@ -408,7 +413,7 @@ def write_outputs(table: pd.DataFrame, config: ClassifyConfig, dataset: ImageDat
                     f"1/{len(dataset.classes)}."),
         table_html(table, "Test accuracy per site, timestep and classifier (95% Wilson score intervals over "
                           "n_test images)"),
-        "<h2>Run settings</h2>", settings_html(_config_record(config)),
+        "<h2>Run settings</h2>", settings_html({**_config_record(config), "loaded": loaded or "not recorded"}),
         "<p class='small'>Method: Kim, Thomas &amp; Ghadiyaram, Revelio (ICCV 2025): VAE-encode, noise to t, one "
         "UNet step; a linear probe on mean-pooled features and a small conv head on the feature maps.</p>"],
         notice=notice)
