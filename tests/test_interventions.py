@@ -134,6 +134,35 @@ def test_steer_over_a_step_range_matches_a_diffusers_forward_hook(sd, noise, bas
     assert _relative(base["latents"][:, -1], ref) > 1e-2  # the steer mattered
 
 
+def test_steering_a_block_input_matches_a_diffusers_forward_pre_hook(sd, noise):
+    """`X.input` sites take interventions too: the vector is added to what X is given, before it runs."""
+    reference, pipe = sd
+    module = "up_blocks.1.attentions.0"
+    c = pipe.output_shapes("unet")[f"{module}.input"][-1]
+    vector = np.random.default_rng(3).standard_normal(c).astype(np.float32)
+    with pytest.warns(UserWarning, match="reduce='none'"):
+        ours = pipe.capture(PROMPTS, ["latents", f"unet.{module}.input"], num_inference_steps=STEPS,
+                            guidance_scale=GUIDANCE, latents=noise, reduce="none",
+                            interventions=[Steer(f"unet.{module}.input", vector, scale=2.0)])
+    add = torch.from_numpy(2.0 * vector)[None, :, None, None]
+    given = []
+
+    def pre(mod, args, kwargs):
+        given.append(args[0] + add)
+        return (args[0] + add, *args[1:]), kwargs
+
+    handle = reference.unet.get_submodule(module).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with single_threaded(), torch.no_grad():
+            ref = reference(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                            latents=torch.from_numpy(noise), output_type="latent").images.numpy()
+    finally:
+        handle.remove()
+    assert _relative(ours["latents"][:, -1], ref.transpose(0, 2, 3, 1)) < 1e-3
+    cond = np.stack([g[len(PROMPTS):].permute(0, 2, 3, 1).numpy() for g in given], axis=1)
+    assert _relative(ours[f"unet.{module}.input"], cond) < 1e-3   # the capture shows the steered input
+
+
 def test_ablating_a_block_matches_a_diffusers_forward_hook(sd, noise):
     reference, pipe = sd
     ours = _capture(pipe, noise, [Ablate("unet.up_blocks.0")])["latents"][:, -1]

@@ -214,7 +214,8 @@ def _locate(iv: Intervention, shapes: Mapping[str, Any], n_steps: int, examples:
     known = {f"{shapes[f'prefix:{c}']}{p}" for c in ("text", "denoiser") if shapes.get(f"prefix:{c}")
              for p in shapes[c]}
     raise SiteError(f"{type(iv).__name__}: {iv.site!r} is not a site that can be intervened on. Interventions "
-                    "take the exact name of a module output (no patterns; not `latents`, `...probs` or `...mlp`), "
+                    "take the exact name of a module output or input (`X.input`; no patterns; not `latents`, "
+                    "`...probs` or `...mlp`), "
                     "e.g.:\n  " + "\n  ".join(s for s in examples if s in known)
                     + "\n(`pipe.sites(all=True)` lists every site)")
 
@@ -414,6 +415,8 @@ def intervening(specs: Sequence[tuple[Spec, Mapping[str, jax.Array]]], *, half: 
         site = ".".join(context.module.path)
         if site in feed:
             args = (fed[feed[site]], *args[1:])
+        for spec, values in by_site.get(f"{site}.input", ()):   # interventions on what the module is given
+            args = (_rows_for(spec, values, args[0], half, step), *args[1:])
         out = next_fun(*args, **kwargs)
         todo = by_site.get(site, ())
         if todo:

@@ -25,7 +25,14 @@ from jaxprobe.pipeline import sampling
 from jaxprobe.pipeline.interventions import Intervention, module_outputs
 from jaxprobe.pipeline.programs import Plan, image_program
 from jaxprobe.pipeline.sampling import IMAGE_REDUCTIONS, Reduce, resolve_reductions
-from jaxprobe.pipeline.sites import SAMPLER_SITES, block_sites_of, flatten_intermediates, select_sites
+from jaxprobe.pipeline.sites import (
+    SAMPLER_SITES,
+    block_sites_of,
+    flatten_intermediates,
+    select_sites,
+    sowing_inputs,
+    split_derived,
+)
 from jaxprobe.runtime.batching import run_batched
 
 
@@ -120,8 +127,9 @@ class Pipeline:
 
     def output_shapes(self, component: str, latent_shape: tuple[int, int, int] | None = None
                       ) -> dict[str, tuple[int, ...]]:
-        """{module path: per-example output shape} of the component's modules that sow their output: the
-        sites interventions act on. latent_shape (h, w, c): the denoiser's input (default: sample size)."""
+        """{site: per-example shape} of the sites interventions act on: the component's modules that sow
+        their output (by module path) and what each was given (`path.input`). latent_shape (h, w, c): the
+        denoiser's input (default: sample size)."""
         key = (component, latent_shape)
         if key not in self._output_shapes:
             c = self.components[component]
@@ -133,11 +141,15 @@ class Pipeline:
                 example = encoders.example_inputs(c.config)
 
             def trace(*xs):
-                _, state = c.module.apply({"params": c.params}, *xs, mutable=["intermediates"])
+                with sowing_inputs((), every=True):
+                    _, state = c.module.apply({"params": c.params}, *xs, mutable=["intermediates"])
                 return state["intermediates"]
 
-            outputs = module_outputs(jax.eval_shape(trace, *example))
-            self._output_shapes[key] = {path: tuple(v.shape[1:]) for path, v in outputs.items()}
+            sown = jax.eval_shape(trace, *example)
+            outputs = module_outputs(sown)
+            given = {site: v for site, v in flatten_intermediates(sown).items()
+                     if split_derived(site)[1] == "input" and split_derived(site)[0] in outputs}
+            self._output_shapes[key] = {path: tuple(v.shape[1:]) for path, v in {**outputs, **given}.items()}
         return self._output_shapes[key]
 
     def sites(self, all: bool = False) -> list[str]:  # noqa: A002 - mirrors the CLI flag

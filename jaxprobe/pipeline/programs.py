@@ -26,6 +26,8 @@ from jaxprobe.models import clip, schedulers
 from jaxprobe.models.families import DenoiserFamily
 from jaxprobe.pipeline.interventions import Spec, intervening, with_values
 from jaxprobe.pipeline.reductions import reduce_spatial, reduce_tokens
+# sowing_inputs is entered after intervening: flax runs the interceptor entered last innermost, so an
+# intervention on `X.input` acts before X's input is sown, and captures show the intervened input.
 from jaxprobe.pipeline.sites import flatten_intermediates, sowing_inputs, with_contributions
 
 PROBS = ".probs"          # cross-attention probability sites: (b, h*w, tokens)

@@ -39,17 +39,21 @@ def split_derived(site: str) -> tuple[str, str | None]:
 
 
 @contextlib.contextmanager
-def sowing_inputs(sites: Iterable[str], prefix: str = "") -> Iterator[None]:
+def sowing_inputs(sites: Iterable[str], prefix: str = "", every: bool = False) -> Iterator[None]:
     """While tracing inside this context, the modules of the derived sites among `sites` (paths after
-    `prefix`) also sow their first argument as `input`."""
+    `prefix`) also sow their first argument as `input`; with `every`, each module given an array does."""
     paths = {base.removeprefix(prefix) for base, kind in map(split_derived, sites) if kind}
-    if not paths:
+    if not paths and not every:
         yield
         return
     import flax.linen as nn   # here, not at the top: the light entry points read site names without JAX
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and ".".join(context.module.path) in paths:
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if every and args and hasattr(args[0], "shape"):
+            context.module.sow("intermediates", "input", args[0])
+        elif ".".join(context.module.path) in paths:
             if not args or not hasattr(args[0], "shape"):
                 raise SiteError(f"{'.'.join(context.module.path)} is called without an array input, so it has no "
                                 "input or contribution site")
