@@ -210,7 +210,7 @@ def main() -> None:
         kwargs = {**kwargs, "sample_size": args.size // 8}
     config = UNetConfig(**kwargs)
     module = UNet2DConditionModel(config, dtype=dtype)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), random_params(module, *example_inputs(config)))
+    params = jax.tree.map(jnp.asarray, random_params(module, *example_inputs(config), dtype=dtype))
     schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_dict(scheduler), args.steps)
     evals = len(schedule.timesteps)
     noise, conditioning = make_inputs(config, args.batch)

@@ -90,12 +90,14 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085
 RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs)))
 
 
-def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
+def random_params(module: Any, *example: Any, seed: int = SEED, dtype: Any = np.float32) -> Any:
     """Parameters for `module` drawn with numpy, leaf by leaf, from (seed, parameter path).
 
     Tracing `init` abstractly and filling the shapes on the host avoids compiling the model's
     initialiser (minutes for a UNet on 2 CPU cores) and keeps the weights identical across JAX and
     Flax versions. Kernels and embeddings ~ N(0, 1/fan_in), norm scales 1, biases 0.
+    Each leaf is cast to `dtype` as it is drawn, so a full-size model in bfloat16 never holds a float32
+    copy of all its weights.
     """
     shapes = abstract_params(module, example)
 
@@ -104,11 +106,11 @@ def random_params(module: Any, *example: Any, seed: int = SEED) -> Any:
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         kind = name.rsplit(".", 1)[-1]
         if kind == "bias":
-            return np.zeros(leaf.shape, np.float32)
+            return np.zeros(leaf.shape, dtype)
         if kind == "scale":
-            return np.ones(leaf.shape, np.float32)
+            return np.ones(leaf.shape, dtype)
         fan_in = int(np.prod(leaf.shape[:-1])) if kind == "kernel" else leaf.shape[-1]
-        return (rng.standard_normal(leaf.shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+        return (rng.standard_normal(leaf.shape) / np.sqrt(max(fan_in, 1))).astype(np.float32).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
@@ -127,7 +129,7 @@ def random_parts(name: str, dtype: Any) -> dict[str, Any]:
     for component, config in configs.items():
         module_cls, example = _BUILDERS[component]
         module = module_cls(config, dtype=dtype)
-        params = place_params(random_params(module, *example(config)), dtype)
+        params = place_params(random_params(module, *example(config), dtype=dtype), dtype)
         parts[component] = Component(component, module, params, config)
     if "text_encoder_2" in configs:  # SDXL: the second tokenizer, its scheduler and pipeline switches
         parts.update(tokenizer_2=tokenizer, scheduler=SchedulerConfig.from_dict(SDXL_SCHEDULER),
