@@ -101,7 +101,7 @@ def report(results: Annotated[Path, typer.Argument(help="a results folder writte
 def steer(
     probe: Annotated[Path, typer.Option("--probe", help="a results folder written by `jaxprobe run`")],
     site: Annotated[str, typer.Option("--site", "-s", help="a feature set of its probe table, e.g. unet.mid_block@3")],
-    attribute: Annotated[list[str], typer.Option("--attribute", "-a", help="a norms attribute (repeatable)")],
+    attribute: Annotated[list[str], typer.Option("--attribute", "-a", metavar="NAME", help="a norms attribute (repeatable)")],
     scales: Annotated[str, typer.Option(help="scales in concept std along the probe, e.g. '0,2,4,8' (0: the "
                                         "baseline)")] = "0,2,4,8",
     steps: Annotated[Optional[str], typer.Option(help="steps it is added at, e.g. '3' or '0:10' (default: the "

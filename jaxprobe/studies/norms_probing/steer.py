@@ -14,7 +14,8 @@ attribute moves downstream, in a later site and in the generated images, not onl
    concept standard deviations along the probe: comparable across sites and models, whatever their norms.
 3. The prompts (default: the first `n_prompts` concepts with the run's first template) are generated with
    `Steer(site, direction, scale)` at each scale, over `steps` (default: the probe's own step only). One
-   compiled program: the scale is a traced input.
+   compiled program: the scale is a traced input. A text-layer probe (fitted on the EOS token) is added at
+   every token of the conditioning, as Steer does with a (c,) vector.
 4. Measures, per generation: (a) the attribute's probe read out from the CLIP image embeddings of the
    generated images, that probe fitted on the image embeddings of the unsteered generations of every concept
    (the study's own image features when it had an image encoder, else computed with `image_encoder`);
@@ -183,8 +184,14 @@ def probe_steer(results: str | Path, site: str, attributes: str | Sequence[str],
         raise InputError("give at least one scale, e.g. 0,2,4,8 (0 first: the unsteered baseline)")
     config, table = read_study(results)
     check_choices(table, site, attributes)
+    if site.startswith(IMAGE_SITE.split(".")[0] + "."):
+        raise SiteError(f"{site} embeds the finished images: nothing generated comes after it to steer; give a "
+                        "UNet feature set (site@step) or a text-encoder layer")
     readout = readout or default_readout(config, table, site)
     check_choices(table, readout, attributes)
+    if split_feature_set(readout)[1] is None:   # a text layer or the image embedding: not a site of the sampling
+        raise InputError(f"--readout {readout} is not a sampled site: give a feature set site@step of the run "
+                         "(the images are read out anyway, with an image encoder)")
     steered_site, step = split_feature_set(site)
     readout_site, readout_step = split_feature_set(readout)
     steps = list(steps) if steps is not None else (None if step is None else [step])
