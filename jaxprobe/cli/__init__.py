@@ -109,6 +109,21 @@ def main(
     dist.initialize(dist.Cluster(coordinator, num_processes, process_id, auto=distributed))
 
 
+def numbers(text: str, what: str, cast=float) -> list:
+    """'0,4,8' or '0 4 8' -> [0.0, 4.0, 8.0]: the one parser of a list-valued option (--scales, --steps)."""
+    try:
+        return [cast(v) for v in text.replace(",", " ").split()]
+    except ValueError as err:
+        raise typer.BadParameter(f"{what} must be numbers separated by commas or spaces, not {text!r}") from err
+
+
+def step_list(text: str | None) -> list[int] | range | None:
+    """--steps: '0,1,2', or 'a:b' for range(a, b); None (not given) keeps the command's default."""
+    if not text:
+        return None
+    return range(*numbers(text.replace(":", " "), "--steps", int)) if ":" in text else numbers(text, "--steps", int)
+
+
 # ------------------------------------------------------------------------------------- commands
 # One module per part of the package: features (info, extract, store), each study's commands. They import
 # what they run inside the commands, which keeps `jaxprobe --help` free of JAX. Registered here, in the order
@@ -118,7 +133,7 @@ def main(
 from jaxprobe.cli import decoding_diffusion, features, norms_probing, revelio  # noqa: E402
 
 for command in (features.info, features.extract, features.lens, norms_probing.probe, norms_probing.run,
-                norms_probing.report, revelio.classify):
+                norms_probing.report, norms_probing.steer, revelio.classify):
     app.command(cls=Command)(command)
 app.add_typer(features.store_app, name="store")
 app.add_typer(decoding_diffusion.directions_app, name="directions")

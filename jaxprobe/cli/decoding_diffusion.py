@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from jaxprobe.cli import Command, Group
+from jaxprobe.cli import Command, Group, numbers, step_list
 
 directions_app = typer.Typer(cls=Group, no_args_is_help=True, help="Directions in h-space from prompts, association (bias) "
                              "scores with bootstrap intervals, clusters, report (Zeng, Chen & Wong 2024).")
@@ -70,13 +70,6 @@ def directions_report(results: Annotated[Path, typer.Argument(help="the folder b
     typer.echo(f"wrote {path}")
 
 
-def _numbers(text: str, what: str, cast=float) -> list:
-    try:
-        return [cast(v) for v in text.replace(",", " ").split()]
-    except ValueError as err:
-        raise typer.BadParameter(f"{what} must be numbers separated by commas or spaces, not {text!r}") from err
-
-
 @directions_app.command("edit", cls=Command)
 def directions_edit(
     config: DirectionsConfigArg = None,
@@ -94,9 +87,5 @@ def directions_edit(
 
     if not direction:
         raise typer.BadParameter("pass --direction CONCEPT (a concept of the config's families that build saw)")
-    chosen = None
-    if steps:
-        chosen = range(*_numbers(steps.replace(":", " "), "--steps", int)) if ":" in steps else \
-            _numbers(steps, "--steps", int)
-    edit(_directions_config(config, model=model, out=out), direction=direction, scales=_numbers(scales, "--scales"),
-         steps=chosen, image_encoder=image_encoder, log=typer.echo)
+    edit(_directions_config(config, model=model, out=out), direction=direction, scales=numbers(scales, "--scales"),
+         steps=step_list(steps), image_encoder=image_encoder, log=typer.echo)

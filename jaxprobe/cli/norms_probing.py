@@ -1,4 +1,4 @@
-"""`jaxprobe run`, `probe` and `report`: probing against human norms (studies.norms_probing, probes/).
+"""`jaxprobe run`, `probe`, `report` and `steer`: probing against human norms (studies.norms_probing, probes/).
 
 cli/__init__.py registers these commands; each imports what it runs inside its body, so `--help` stays light.
 """
@@ -95,4 +95,35 @@ def report(results: Annotated[Path, typer.Argument(help="a results folder writte
     from jaxprobe.studies.norms_probing import report as report_module
 
     path = report_module.rerender(results)
+    typer.echo(f"wrote {path}")
+
+
+def steer(
+    probe: Annotated[Path, typer.Option("--probe", help="a results folder written by `jaxprobe run`")],
+    site: Annotated[str, typer.Option("--site", "-s", help="a feature set of its probe table, e.g. unet.mid_block@3")],
+    attribute: Annotated[list[str], typer.Option("--attribute", "-a", metavar="NAME", help="a norms attribute (repeatable)")],
+    scales: Annotated[str, typer.Option(help="scales in concept std along the probe, e.g. '0,2,4,8' (0: the "
+                                        "baseline)")] = "0,2,4,8",
+    steps: Annotated[Optional[str], typer.Option(help="steps it is added at, e.g. '3' or '0:10' (default: the "
+                                                 "site's own step)")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", "-p", help="prompts to steer, one per line "
+                                                    "(default: the run's first --n-prompts concepts)")] = None,
+    n_prompts: Annotated[int, typer.Option(help="concepts steered without --prompts")] = 8,
+    readout: Annotated[Optional[str], typer.Option(help="the later feature set the probe is read at (default: "
+                                                   "the site at the last step, else the next site)")] = None,
+    image_encoder: Annotated[Optional[str], typer.Option(help="CLIP vision checkpoint, when the run had none: "
+                                                         "read the attribute from the images too")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output folder (default: "
+                                                "PROBE/steer/SITE/ATTRIBUTES)")] = None,
+) -> None:
+    """Steer generation along attributes' probe directions: dose-response in a later site and the images.
+
+    Example: jaxprobe steer --probe runs/sd15 --site unet.mid_block@10 --attribute Happy --scales 0,2,4,8
+    """
+    from jaxprobe.cli import numbers, step_list
+    from jaxprobe.studies.norms_probing.steer import probe_steer
+
+    path = probe_steer(probe, site, attribute, scales=numbers(scales, "--scales"), steps=step_list(steps),
+                       prompts=prompts, n_prompts=n_prompts, readout=readout, image_encoder=image_encoder, out=out,
+                       log=typer.echo)
     typer.echo(f"wrote {path}")

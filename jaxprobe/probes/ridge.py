@@ -240,3 +240,17 @@ def _solve_spd(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     if lhs.shape[-1] == 1:  # leave-one-out: a division, not a batch of 1x1 factorizations
         return rhs / lhs
     return cho_solve((jnp.linalg.cholesky(lhs), True), rhs)
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: np.ndarray, *, standardize: bool = True
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge on every row of x (n, d) for targets y (n, t) at one alpha per target (t,), the way the sweep fits:
+    features centred and (standardize) scaled to unit variance on these rows, the intercept unpenalised.
+
+    Returns (coef (d, t) in x's own units — the standardized weights divided by the feature std —, intercept (t,),
+    the feature std (d,) that was divided by; ones without standardize): x @ coef + intercept predicts y."""
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+    rows, mask = jnp.arange(len(x)), jnp.ones(len(x), bool)
+    dec = decompose(x, rows, mask, standardize=standardize)
+    coef, intercept = coefficients(dec, training_targets(dec, y, rows, mask), jnp.asarray(alpha, jnp.float32))
+    return np.asarray(coef), np.asarray(intercept), np.asarray(dec.scale)

@@ -39,3 +39,22 @@ def image_grid(images: Any, row_labels: Sequence[str], col_labels: Sequence[str]
                 label = row_labels[r]
                 ax.set_ylabel(label if len(label) <= label_chars else label[:label_chars - 1] + "…", fontsize=7)
     return figure
+
+
+def dose_response_figure(panels: Mapping[str, Any], *, xlabel: str, value: str = "association",
+                         hue: str | None = None) -> Any:
+    """A Figure of dose-response curves (stats.dose_response tables): one panel per entry of `panels`
+    ({title: table}), one line per value of column `hue` (one line without), the bootstrap band around each."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.6 * len(panels) + 0.4, 3.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, table) in zip(axes, panels.items()):
+        for name, part in (table.groupby(hue, sort=False) if hue else [(None, table)]):
+            line, = ax.plot(part["scale"], part[value], marker="o", label=name)
+            ax.fill_between(part["scale"], part["ci_low"], part["ci_high"], alpha=0.2, color=line.get_color())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(title)
+        if hue:
+            ax.legend(fontsize=7)
+    return figure

@@ -87,3 +87,9 @@ def read_lines(path: str | os.PathLike, what: str = "file") -> list[str]:
     if not lines:
         raise InputError(f"{what} {path} is empty: give one entry per line")
     return lines
+
+
+def write_table(frame: Any, out: str | os.PathLike, name: str) -> list[Path]:
+    """A pandas DataFrame as out/<name>.parquet and out/<name>.csv side by side, each written atomically."""
+    return [write_atomic(Path(out) / (name + suffix), lambda p, w=write: w(p, index=False))
+            for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv))]

@@ -33,7 +33,7 @@ from jaxprobe.features.extract import extract_features, image_features
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 from jaxprobe.pipeline.images import ImageDataset
 from jaxprobe.probes.stats import percentile_interval
-from jaxprobe.runtime.files import read_lines, write_atomic
+from jaxprobe.runtime.files import read_lines, write_atomic, write_table
 from jaxprobe.studies.decoding_diffusion import maths
 from jaxprobe.studies.decoding_diffusion.maths import contrast, project
 from jaxprobe.studies.decoding_diffusion.report import (  # noqa: F401 - the study's public names
@@ -309,11 +309,6 @@ def build(config: DirectionsConfig, *, pipe: Any = None, progress: bool = False,
     write_atomic(out / "config.toml", lambda p: p.write_text(config.to_toml()))
     log(f"directions: {path}")
     return path
-
-
-def write_table(frame: pd.DataFrame, out: Path, name: str) -> None:
-    for suffix, write in ((".parquet", frame.to_parquet), (".csv", frame.to_csv)):
-        write_atomic(out / (name + suffix), lambda p, w=write: w(p, index=False))
 
 
 def read_directions(out: str | Path) -> dict[str, np.ndarray]:

@@ -20,21 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 import jaxprobe
 from jaxprobe.checkpoints.random import is_random_weights
 from jaxprobe.errors import InputError
-from jaxprobe.interventions import Steer
-from jaxprobe.probes.stats import percentile_interval
-from jaxprobe.reporting.figures import image_grid, save_figures
+from jaxprobe.features.steering import generations, steered_generations
+from jaxprobe.probes.stats import dose_response
+from jaxprobe.reporting.figures import dose_response_figure, image_grid, save_figures
 from jaxprobe.reporting.html import figure_html, page, png_bytes, settings_html, table_html
-from jaxprobe.runtime.files import atomic_write_text
+from jaxprobe.runtime.files import atomic_write_text, write_table
 from jaxprobe.studies.decoding_diffusion.directions import (
     DirectionsConfig,
     concept_prompts,
     read_directions,
-    write_table,
 )
 
 IMAGE_SITE = "image_encoder.visual_projection"
@@ -53,45 +51,15 @@ def _query_prompts(config: DirectionsConfig, family: str) -> list[str]:
     return chosen or list(config.neutral_prompts)
 
 
-def _embed(pipe: Any, prompts: Sequence[str], config: DirectionsConfig, interventions: Sequence[Any] = ()
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """(image embeddings (seeds * n, d), images of the first seed (n, H, W, 3)) of the prompts."""
-    embeds, first = [], None
-    for seed in config.seeds:
-        images, feats = pipe.generate(list(prompts), sites=[IMAGE_SITE], seed=seed, interventions=interventions,
-                                      num_inference_steps=config.num_inference_steps,
-                                      guidance_scale=config.guidance_scale, batch_size=config.batch_size)
-        embeds.append(feats[IMAGE_SITE])
-        first = images if first is None else first
-    return np.concatenate(embeds), first
+def _embed(pipe: Any, prompts: Sequence[str], config: DirectionsConfig) -> np.ndarray:
+    """Image embeddings (seeds * n, d) of the prompts' unedited generations."""
+    feats, _ = generations(pipe, prompts, sites=[IMAGE_SITE], seeds=config.seeds, **_sampling(config))
+    return feats[IMAGE_SITE]
 
 
-def dose_response(scores_sn: np.ndarray, scales: Sequence[float], n_bootstrap: int, level: float, seed: int
-                  ) -> pd.DataFrame:
-    """scores (scales, n generations) -> one row per scale: mean, bootstrap interval, change from the
-    first scale with a paired interval (each resample draws the same generations at every scale)."""
-    rng = np.random.default_rng(seed)
-    n = scores_sn.shape[1]
-    rows = rng.integers(0, n, size=(n_bootstrap, n))
-    boot = scores_sn[:, rows].mean(axis=2)                        # (scales, B)
-    lo, hi = percentile_interval(boot, level, axis=1)
-    delta = boot - boot[:1]
-    dlo, dhi = percentile_interval(delta, level, axis=1)
-    mean = scores_sn.mean(axis=1)
-    return pd.DataFrame({"scale": np.asarray(scales, float), "n": n, "association": mean, "ci_low": lo,
-                         "ci_high": hi, "change": mean - mean[0], "change_ci_low": dlo, "change_ci_high": dhi})
-
-
-def _figure(table: pd.DataFrame, direction: str, axis_name: str) -> Any:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 3.4), layout="constrained")
-    ax = figure.subplots()
-    ax.fill_between(table["scale"], table["ci_low"], table["ci_high"], alpha=0.25)
-    ax.plot(table["scale"], table["association"], marker="o")
-    ax.set_xlabel(f"scale of the {direction!r} direction added to h-space")
-    ax.set_ylabel(f"CLIP image association ({axis_name})")
-    return figure
+def _sampling(config: DirectionsConfig) -> dict[str, Any]:
+    return {"num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
+            "batch_size": config.batch_size}
 
 
 def edit(config: DirectionsConfig, *, direction: str, scales: Sequence[float] = (0.0, 4.0, 8.0, 16.0),
@@ -123,24 +91,23 @@ def edit(config: DirectionsConfig, *, direction: str, scales: Sequence[float] = 
     queries = list(prompts) if prompts is not None else _query_prompts(config, family)
 
     pole_prompts = concept_prompts(config)
-    embeds = {c: _embed(pipe, pole_prompts[c], config)[0] for c in config.families[family]}
+    embeds = {c: _embed(pipe, pole_prompts[c], config) for c in config.families[family]}
     others = [c for c in config.families[family] if c != direction]
     axis = _unit(_unit(embeds[direction]).mean(0) - np.mean([_unit(embeds[c]).mean(0) for c in others], axis=0))
     axis_name = f"{direction} vs {' + '.join(others)}"
-    scores, grid = [], []
-    for scale in scales:
-        log(f"edit: {direction} x {scale:g} on {site}, steps {'all' if steps is None else list(steps)}")
-        e, images = _embed(pipe, queries, config, [Steer(site, vector, scale=scale, steps=steps)])
-        scores.append(_unit(e) @ axis)
-        grid.append(images)
-    table = dose_response(np.stack(scores), scales, config.n_bootstrap, config.level, config.seed)
+    runs = steered_generations(pipe, queries, site, vector, scales=scales, steps=steps, sites=[IMAGE_SITE],
+                               seeds=config.seeds, log=log, **_sampling(config))
+    scores = np.stack([_unit(run.features[IMAGE_SITE]) @ axis for run in runs])
+    grid = [run.images for run in runs]
+    table = dose_response(scores, scales, config.n_bootstrap, config.level, config.seed)
     table.insert(0, "direction", direction)
     table.insert(1, "site", site)
 
     out = Path(config.out) / "edit" / direction
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out, "edit")
-    curve = _figure(table, direction, axis_name)
+    curve = dose_response_figure({f"CLIP image association ({axis_name})": table},
+                                 xlabel=f"scale of the {direction!r} direction added to h-space")
     shown = min(len(queries), 8)
     grid_figure = image_grid(np.stack(grid, axis=1)[:shown], queries[:shown], [f"scale {s:g}" for s in scales])
     save_figures(out, {"dose_response": curve, "grid": grid_figure})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,31 @@ def concept_features(features: Mapping[str, np.ndarray], concept_index: np.ndarr
     return averaged, np.arange(n_concepts)
 
 
+IMAGE_SITE = "image_encoder.visual_projection"   # the generated images' CLIP embeddings (with image_encoder)
+
+
+def study_norms(config: ExperimentConfig) -> Any:
+    """The norms a run probes: config.norms (with its groups file), cut to the first max_concepts."""
+    options = {"groups": config.norms_groups} if config.norms_groups else {}
+    norms = load_norms(config.norms, **options)
+    if config.max_concepts:
+        norms = norms.select(list(norms.concepts[: config.max_concepts]), reason=f"beyond max_concepts={config.max_concepts}")
+    return norms
+
+
+def study_features(config: ExperimentConfig, pipe: Any, norms: Any, *, text_sites: Sequence[str] = (),
+                   sampled_sites: Sequence[str] = (), progress: bool = True) -> tuple[Mapping[str, np.ndarray], np.ndarray]:
+    """The run's features of the given sites (through the feature store: a finished run's are read back, others
+    computed by the same extraction) as `concept_features` rows, and each row's concept index."""
+    prompt_set = build_prompts(norms.concepts, config.templates)
+    raw = extract_features(
+        pipe, prompt_set.prompts, text_sites=text_sites, sampled_sites=sampled_sites,
+        token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce, sampling=config.sampling,
+        run=config.run, progress=progress)
+    rows_concept = np.tile(prompt_set.concept_index, len(config.seeds))
+    return concept_features(raw, rows_concept, len(norms.concepts), config.repeats)
+
+
 @dataclass
 class RunLog:
     timings: dict[str, float] = field(default_factory=dict)
@@ -137,10 +162,7 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
 
     run = RunLog()
     log(f"settings: {describe_settings(config)}")
-    options = {"groups": config.norms_groups} if config.norms_groups else {}
-    norms = load_norms(config.norms, **options)
-    if config.max_concepts:
-        norms = norms.select(list(norms.concepts[: config.max_concepts]), reason=f"beyond max_concepts={config.max_concepts}")
+    norms = study_norms(config)
     log(f"norms: {norms}")
     pipe = run.timed("load", lambda: jaxprobe.load(config.model, image_encoder=config.image_encoder,
                                                     **config.model_settings.load_kwargs()))
@@ -149,13 +171,9 @@ def run_experiment(config: ExperimentConfig = ExperimentConfig(), *, progress: b
     log(f"model: {pipe.source}; {len(prompt_set.prompts)} prompts x {len(config.seeds)} seed(s); "
         f"JAX on {jax.local_device_count()} {jax.default_backend()} device(s)"
         + (f" in each of {jax.process_count()} processes" if jax.process_count() > 1 else ""))
-    sampled = [*config.unet_sites, *(["image_encoder.visual_projection"] if config.image_encoder else [])]
-    raw = run.timed("extract", lambda: extract_features(
-        pipe, prompt_set.prompts, text_sites=config.text_sites, sampled_sites=sampled,
-        token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce, sampling=config.sampling,
-        run=config.run, progress=progress))
-    rows_concept = np.tile(prompt_set.concept_index, len(config.seeds))
-    feats, row_concepts = concept_features(raw, rows_concept, len(norms.concepts), config.repeats)
+    sampled = [*config.unet_sites, *([IMAGE_SITE] if config.image_encoder else [])]
+    feats, row_concepts = run.timed("extract", lambda: study_features(
+        config, pipe, norms, text_sites=config.text_sites, sampled_sites=sampled, progress=progress))
     targets = norms.to_frame().iloc[row_concepts].reset_index(drop=True)
     fold_groups = row_concepts
     if config.fold_groups:
