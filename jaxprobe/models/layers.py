@@ -83,7 +83,8 @@ def _blocked_attention(qh, kh, vh, *, key_mask, is_causal, scale=None):
     """
     b, lq, h, d = qh.shape
     lk = kh.shape[1]
-    group, chunk = _tiling(b * h, lq, lk)
+    # Heads grouped within one example only, so tiles (and their rounding) do not depend on the batch size.
+    group, chunk = _tiling(h, lq, lk)
     n_groups, n_chunks = b * h // group, -(-lq // chunk)
     pad = n_chunks * chunk - lq
     q_tiles = jnp.pad(qh, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)      # (b, h, lq', d)
