@@ -151,8 +151,9 @@ def run_once(fn: Callable, *args: Any) -> Any:
     return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
 
 
-def save_pipeline(path: str | Path, style: str = "sd1") -> Any:
-    """A tiny StableDiffusionPipeline of a UNet style, written with save_pretrained; returns the pipeline."""
+def save_pipeline(path: str | Path, style: str = "sd1", scheduler: dict | None = None) -> Any:
+    """A tiny StableDiffusionPipeline of a UNet style, written with save_pretrained; returns the pipeline.
+    scheduler: a diffusers scheduler config with its `_class_name` (default: PNDM, the style's prediction type)."""
     import diffusers
     import transformers
 
@@ -164,7 +165,10 @@ def save_pipeline(path: str | Path, style: str = "sd1") -> Any:
         vocab_size=len(tokenizer), hidden_size=CROSS_ATTENTION_DIM, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=len(tokenizer) - 2,
         pad_token_id=len(tokenizer) - 1)
-    scheduler = diffusers.PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": PREDICTION_TYPE[style]})
+    if scheduler is None:
+        scheduler = diffusers.PNDMScheduler.from_config({**SD15_SCHEDULER, "prediction_type": PREDICTION_TYPE[style]})
+    else:
+        scheduler = getattr(diffusers, scheduler["_class_name"]).from_config(scheduler)
     pipe = diffusers.StableDiffusionPipeline(
         vae=make_vae(seed=1), text_encoder=transformers.CLIPTextModel(text_cfg).eval(), tokenizer=tokenizer,
         unet=make_unet(style, seed=2), scheduler=scheduler, safety_checker=None, feature_extractor=None,

@@ -127,35 +127,92 @@ def test_guided_euler_sampling_matches_the_diffusers_sdxl_pipeline(force_zeros, 
     np.testing.assert_allclose(feats["text_encoder.text_model.encoder.layers.1"], embeds.numpy()[..., :32], atol=1e-5)
 
 
+# Turbo's scheduler: SDXL-Turbo's scheduler_config is Euler ancestral with trailing spacing, epsilon prediction.
+TURBO_SCHEDULER = {**{k: v for k, v in sd_reference.SDXL_SCHEDULER.items() if k != "use_karras_sigmas"},
+                   "_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
+
+
+def _hand_ancestral_noise(monkeypatch, seed: int, steps: int, n: int = len(PROMPTS)) -> None:
+    """Make diffusers' Euler ancestral step draw jaxprobe's fresh noise: step i's of the (seed, prompt index)
+    keys, so both samplers add the same noise."""
+    import jax.numpy as jnp
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
+
+    from jaxprobe.pipeline.programs import prompt_keys, step_noise
+
+    keys = prompt_keys(jnp.int32(seed), jnp.arange(n, dtype=jnp.int32))
+    noises = iter([np.asarray(step_noise(keys, jnp.int32(i), (16, 16, 4))).transpose(0, 3, 1, 2)
+                   for i in range(steps)])
+    monkeypatch.setattr(ancestral, "randn_tensor", lambda *a, **k: torch.from_numpy(next(noises)))
+
+
 @pytest.mark.slow
 def test_turbo_style_ancestral_sampling_without_guidance_matches_diffusers(tmp_path, monkeypatch):
     """SDXL-Turbo's setting: Euler ancestral, trailing spacing, guidance 0 (one UNet pass per step); the
     fresh noise of each step is jaxprobe's (seed, prompt index) stream, handed to diffusers."""
-    import jax
-    import jax.numpy as jnp
-    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ancestral
-
     import jaxprobe
-    from jaxprobe.pipeline.programs import prompt_keys, step_noise
 
-    config = {**sd_reference.SDXL_SCHEDULER, "_class_name": "EulerAncestralDiscreteScheduler",
-              "timestep_spacing": "trailing"}
-    del config["use_karras_sigmas"]
-    reference = sd_reference.save_sdxl_pipeline(tmp_path / "turbo", scheduler=config)
+    reference = sd_reference.save_sdxl_pipeline(tmp_path / "turbo", scheduler=TURBO_SCHEDULER)
     pipe = jaxprobe.load(tmp_path / "turbo")
     assert pipe.scheduler.kind == "euler_ancestral"
     latents, seed, steps = _latents(), 3, 2
     feats = pipe.capture(PROMPTS, ["latents"], num_inference_steps=steps, guidance_scale=0.0, latents=latents,
                          seed=seed, timesteps=[-1], reduce="none")
-    keys = prompt_keys(jnp.int32(seed), jnp.arange(len(PROMPTS), dtype=jnp.int32))
-    noises = iter([np.asarray(step_noise(keys, jnp.int32(i), (16, 16, 4))).transpose(0, 3, 1, 2)
-                   for i in range(steps)])
-    monkeypatch.setattr(ancestral, "randn_tensor", lambda *a, **k: torch.from_numpy(next(noises)))
+    _hand_ancestral_noise(monkeypatch, seed, steps)
     with torch.no_grad():
         theirs = reference(PROMPTS, num_inference_steps=steps, guidance_scale=0.0, latents=torch.from_numpy(latents),
                            output_type="latent").images.numpy()
     _close(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1))
-    del jax
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sampler", "steps"), [("EulerAncestralDiscreteScheduler", 1),
+                                              ("EulerAncestralDiscreteScheduler", 2), ("EulerDiscreteScheduler", 1)])
+def test_sd_turbo_without_guidance_matches_diffusers(sampler, steps, tmp_path, monkeypatch):
+    """SD-Turbo: the SD 2.1 architecture (linear projections, per-block heads, upcast attention) distilled to
+    1-4 steps without guidance. Its scheduler is taken as SDXL-Turbo's (Euler ancestral, trailing spacing,
+    epsilon prediction); plain Euler is checked too, in case a checkpoint ships that instead. One ancestral
+    step ends at sigma 0 and adds no noise; two steps check the noise handed over as well."""
+    import jaxprobe
+
+    config = {**TURBO_SCHEDULER, "_class_name": sampler}
+    reference = sd_reference.save_pipeline(tmp_path / "sd-turbo", "sd2", scheduler=config)
+    pipe = jaxprobe.load(tmp_path / "sd-turbo")
+    assert pipe.family.name == "stable-diffusion" and pipe.scheduler.kind == {
+        "EulerAncestralDiscreteScheduler": "euler_ancestral", "EulerDiscreteScheduler": "euler"}[sampler]
+    latents, seed = _latents(), 7
+    ours = pipe.capture(PROMPTS, ["latents"], num_inference_steps=steps, guidance_scale=0.0, latents=latents,
+                        seed=seed, timesteps=[-1], reduce="none")["latents"][:, -1]
+    _hand_ancestral_noise(monkeypatch, seed, steps)
+    with sd_reference.single_threaded(), torch.no_grad():
+        theirs = reference(PROMPTS, num_inference_steps=steps, guidance_scale=0.0, latents=torch.from_numpy(latents),
+                           output_type="latent").images.numpy()
+    _close(ours, theirs.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.slow
+def test_guided_refiner_sampling_matches_diffusers_img2img_at_full_strength(tmp_path):
+    """The refiner layout (text_encoder_2 alone, aesthetic-score time ids, its negative prompt encoded): at
+    strength 1 diffusers' img2img denoises from the latents it is given over every step, which is
+    text-to-image sampling from those latents; they are handed over already scaled by init_noise_sigma,
+    as img2img takes them as they are."""
+    import copy
+
+    import jaxprobe
+
+    reference = sd_reference.save_sdxl_pipeline(tmp_path / "refiner", refiner=True, force_zeros=False)
+    pipe = jaxprobe.load(tmp_path / "refiner")
+    latents, steps = _latents(), 3
+    ours = pipe.capture(PROMPTS, ["latents"], num_inference_steps=steps, guidance_scale=5.0, latents=latents,
+                        timesteps=[-1], reduce="none", aesthetic_score=7.0)["latents"][:, -1]
+    scheduler = copy.deepcopy(reference.scheduler)
+    scheduler.set_timesteps(steps)          # init_noise_sigma is the first inference step's
+    start = torch.from_numpy(latents) * scheduler.init_noise_sigma
+    with sd_reference.single_threaded(), torch.no_grad():
+        theirs = reference(PROMPTS, image=torch.zeros(len(PROMPTS), 3, 32, 32), strength=1.0,
+                           num_inference_steps=steps, guidance_scale=5.0, latents=start, aesthetic_score=7.0,
+                           output_type="latent").images.numpy()
+    _close(ours, theirs.transpose(0, 2, 3, 1))
 
 
 @pytest.mark.slow

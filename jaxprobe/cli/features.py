@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from jaxprobe.cli import Command, Group, ModelOpt
+from jaxprobe.pipeline.sites import TEXT_TOWER_SITES   # light: site names without JAX
 
 
 def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the capture sites of this model")] = None,
@@ -78,7 +79,7 @@ def extract(
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="text file, one prompt per line")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder: one .npy per site + manifest.json")],
     model: ModelOpt = "tiny",
-    sites: Annotated[list[str], typer.Option("--sites", "-s", metavar="<glob>", help="glob patterns, repeatable")] = ["text_encoder.*"],  # noqa: B006
+    sites: Annotated[list[str], typer.Option("--sites", "-s", metavar="<glob>", help="glob patterns, repeatable (default: every text tower's layers)")] = [TEXT_TOWER_SITES],  # noqa: B006
     reduce: Annotated[str, typer.Option(help="eos|mean|last_content|none for text; mean|max|none for UNet")] = "mean",
     steps: Annotated[int, typer.Option(help="denoising steps (UNet sites)")] = 50,
     guidance_scale: Annotated[float, typer.Option()] = 7.5,

@@ -19,7 +19,7 @@ from jaxprobe.errors import InputError
 from jaxprobe.features.settings import RunSettings, SamplingSettings
 from jaxprobe.features.store import FeatureStore
 from jaxprobe.pipeline.images import ImageDataset, load_images
-from jaxprobe.pipeline.sampling import capture_description
+from jaxprobe.pipeline.sampling import TEXT_TOWERS, capture_description
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def cached_capture(pipe: Any, prompts: Sequence[str], sites: Sequence[str] | str
                          "or text_layer= directly (their arrays are not part of a cache key)")
     prompts = list(prompts)
     sites = pipe.select(sites)
-    text_only = all(s.startswith(("text_encoder.", "text_encoder_2.")) for s in sites)
+    text_only = all(s.startswith(TEXT_TOWERS) for s in sites)
     key_options = {"reduce": options.get("reduce", "mean")} if text_only else options
     description = {"kind": "text" if text_only else "sampling", "model": model_fingerprint(pipe), "sites": sites,
                    "prompts": prompts, "options": key_options}

@@ -27,6 +27,7 @@ from jaxprobe.pipeline.programs import Plan, image_program
 from jaxprobe.pipeline.sampling import IMAGE_REDUCTIONS, Reduce, resolve_reductions
 from jaxprobe.pipeline.sites import (
     SAMPLER_SITES,
+    TEXT_TOWER_SITES,
     block_sites_of,
     flatten_intermediates,
     select_sites,
@@ -168,7 +169,7 @@ class Pipeline:
             raise CheckpointError(f"{self.source} has no tokenizer folder; text capture needs one.")
         return self.tokenizer(prompts, allow_empty=allow_empty)
 
-    def capture(self, prompts: Sequence[str], sites: str | Iterable[str] = ("text_encoder.*",), *,
+    def capture(self, prompts: Sequence[str], sites: str | Iterable[str] = (TEXT_TOWER_SITES,), *,
                 timesteps: str | Sequence[int] = "all", num_inference_steps: int = 50,
                 guidance_scale: float = 7.5, seed: int = 0, reduce: Reduce = "mean",
                 latents: np.ndarray | None = None, batch_size: int = 8, branch: str = "cond",

@@ -30,6 +30,10 @@ from jaxprobe.errors import SiteError
 
 SAMPLER_SITES = ("latents", "pred_original_sample")  # the sampler's own sites, beside the models' modules
 DERIVED = ("input", "contribution")                   # X.input, X.contribution of any module site X
+# Every text tower's block-level sites: `text_encoder.*` and, in SDXL, `text_encoder_2.*` (a refiner has only
+# the second). One pattern (`*` crosses the "_2"), so one default fits every pipeline: a default naming the
+# towers apart would be an error wherever one of them is missing.
+TEXT_TOWER_SITES = "text_encoder*.*"
 
 
 def split_derived(site: str) -> tuple[str, str | None]:

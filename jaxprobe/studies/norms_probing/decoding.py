@@ -37,6 +37,11 @@ def stage_of(site: str) -> str:
     )
 
 
+def text_towers(sites: Iterable[str]) -> list[str]:
+    """The text encoders ("text_encoder", SDXL's "text_encoder_2") that text sites come from, in order of appearance."""
+    return list(dict.fromkeys(site.split(".", 1)[0] for site in sites if stage_of(site) == "text"))
+
+
 def site_order(sites: Iterable[str]) -> list[str]:
     """Distinct sites in pipeline order.
 

@@ -28,6 +28,7 @@ from jaxprobe.errors import InputError
 from jaxprobe.features.extract import build_prompts, extract_features
 from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings, StudyConfig
 from jaxprobe.norms import load_norms
+from jaxprobe.pipeline.sites import TEXT_TOWER_SITES
 from jaxprobe.probes.sweep import probe_sweep_across_processes
 from jaxprobe.runtime.files import write_atomic
 from jaxprobe.studies.norms_probing import disentanglement, groups, report, variance
@@ -50,7 +51,7 @@ class ExperimentConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     max_concepts: int | None = None            # keep the first N concepts (quick looks)
     templates: tuple[str, ...] = ("a photo of a {concept}",)
     repeats: str = "average"                   # "average" templates x seeds per concept, or "keep" them as rows
-    text_sites: tuple[str, ...] = ("text_encoder.*",)
+    text_sites: tuple[str, ...] = (TEXT_TOWER_SITES,)   # every text tower: SDXL's two are probed side by side
     unet_sites: tuple[str, ...] = DEFAULT_UNET_SITES
     image_encoder: str | None = None           # CLIP vision checkpoint: embed the generated images
     token_reduce: str = "eos"

@@ -29,7 +29,7 @@ from jaxprobe.errors import InputError
 from jaxprobe.reporting.figures import save_figures
 from jaxprobe.reporting.html import figure_html, page, settings_html, table_html
 from jaxprobe.runtime.files import write_atomic
-from jaxprobe.studies.norms_probing.decoding import best, short_site, site_order, stage_of
+from jaxprobe.studies.norms_probing.decoding import best, short_site, site_order, stage_of, text_towers
 from jaxprobe.studies.norms_probing.disentanglement import entanglement_index
 from jaxprobe.studies.norms_probing.summary import PAPER, SAMPLED_STAGES, ExperimentResults, along_steps, summarize
 from jaxprobe.studies.norms_probing.variance import section_html as variance_section
@@ -155,7 +155,8 @@ def _decoding_text(results: ExperimentResults, config: ReportConfig) -> Figure |
     ax.plot(x, profile["score"], "o-", color="tab:blue", label="mean over attributes")
     ax.axhline(0, color="k", linewidth=0.5)
     ax.set_xticks(x, [short_site(s) for s in profile.index], rotation=60, ha="right", fontsize=7)
-    ax.set(ylabel="decoding (Pearson r)", title="Decoding along the text encoder")
+    plural = "s" if len(text_towers(profile.index)) > 1 else ""   # SDXL: both towers, the second's labelled "te2"
+    ax.set(ylabel="decoding (Pearson r)", title=f"Decoding along the text encoder{plural}")
     ax.legend(fontsize=7, loc="best")
     return fig
 

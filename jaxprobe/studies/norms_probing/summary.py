@@ -209,6 +209,7 @@ def _peaks(results: ExperimentResults, site: str | None) -> list[str]:
     if text is not None:
         lines.append(f"Among the text-encoder layers, decoding peaks at {_where(text)} (mean r = {text['score']:.3f} "
                      f"{_over(text, results)}{_none_significant(text)}).")
+    lines += _tower_peaks(results)
     sampled = decoding.best(results.profile, SAMPLED_STAGES)
     if sampled is not None:
         line = f"After the text encoder, decoding peaks at {_where(sampled)} (mean r = {sampled['score']:.3f}"
@@ -221,6 +222,19 @@ def _peaks(results: ExperimentResults, site: str | None) -> list[str]:
         if trend:
             lines.append(f"Along the reverse diffusion, mean decoding at {decoding.short_site(site)} {trend[0]}.")
     return lines
+
+
+def _tower_peaks(results: ExperimentResults) -> list[str]:
+    """With two text towers (SDXL's CLIP ViT-L and OpenCLIP bigG), each one's peak: which tower carries the
+    attributes is a finding of its own, and the overall best layer names only one of them."""
+    text = results.profile[results.profile["stage"] == "text"]
+    towers = decoding.text_towers(text["site"])
+    if len(towers) < 2:
+        return []
+    peaks = [decoding.best(text[text["site"].str.startswith(f"{tower}.")], "text") for tower in towers]
+    return ["Per text encoder, decoding peaks at " + "; ".join(
+        f"{tower}: {_where(row)} (mean r = {row['score']:.3f})" for tower, row in zip(towers, peaks)
+        if row is not None) + "."]
 
 
 def _listed(rows: pd.DataFrame) -> str:
