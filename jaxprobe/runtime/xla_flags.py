@@ -9,6 +9,12 @@ experimental flag may be renamed in any release.
 `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions) runs convolutions and matmuls on
 XLA's Eigen kernels and one thread pool: a full-size SD-1.5 UNet evaluation on 2 cores takes 11.2 s
 instead of 12.9 s, the same float32 numerics to rounding (BENCHMARKS.md, "CPU speed").
+
+`--xla_cpu_enable_concurrency_optimized_scheduler=false` schedules for memory. XLA's CPU dots and
+convolutions run in float32, so a bfloat16 model gets a float32 copy of each weight; the concurrency
+scheduler makes every copy at the start of the program, all live at once: one SDXL UNet evaluation in
+bfloat16 needed 10.3 GB of temporaries beside its 5.1 GB of weights (and was killed in 24 GB); with this
+flag, 0.17 GB.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import os
 from importlib import metadata
 
 # flag -> (value, jaxlib "major.minor" versions on which it was measured)
-CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": ("", ("0.10",))}
+CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": ("", ("0.10",)),
+             "--xla_cpu_enable_concurrency_optimized_scheduler": ("false", ("0.10",))}
 
 
 def jaxlib_minor() -> str | None:
