@@ -510,20 +510,29 @@ def _unique_labels(labels: Sequence[str]) -> None:
                          f"(e.g. -m sd21={seen[0]} or --baseline dinov2 small=FOLDER)")
 
 
-def _baseline_encoder(kind: str, source: str, dtype: str) -> Any:
-    """The image-encoder pipeline of a baseline, refused unless it holds the kind of encoder it is said to."""
-    from jaxprobe.models.clip import CLIPVisionConfig
-    from jaxprobe.models.dinov2 import Dinov2Config
+ENCODER_KINDS = {"CLIPVisionModel": "clip", "CLIPVisionModelWithProjection": "clip", "CLIPModel": "clip",
+                 "Dinov2Model": "dinov2"}
 
-    pipe = jaxprobe.load(source, dtype=dtype)
-    kinds = {"clip": CLIPVisionConfig, "dinov2": Dinov2Config}
-    found = next((k for k, cls in kinds.items() if pipe.image_encoder is not None
-                  and isinstance(pipe.image_encoder.config, cls)), None)
+
+def check_baseline(kind: str, source: str) -> Path:
+    """The folder of a baseline, refused (one line naming the fix) unless it holds the encoder `kind` says: read
+    from its config.json before any model loads, so a mistyped folder costs no denoiser features."""
+    from jaxprobe.checkpoints.encoders import architecture
+
+    if kind not in BASELINES:
+        raise InputError(f"unknown baseline kind {kind!r}: use {' or '.join(BASELINES)} "
+                         "(--baseline clip FOLDER, --baseline dinov2 FOLDER)")
+    try:
+        folder = resolve_source(source)
+        arch = architecture(folder)
+    except JaxprobeError as err:
+        raise InputError(f"--baseline {kind} {source}: {err}") from None
+    found = ENCODER_KINDS.get(arch)
     if found != kind:
-        holds = f"it holds a {found} image encoder: --baseline {found} {source}" if found else "it has no image encoder"
-        raise InputError(f"--baseline {kind} {source}: not a {'CLIP vision tower' if kind == 'clip' else 'DINOv2 model'}"
-                         f" folder ({holds})")
-    return pipe
+        holds = f"a {found} image encoder: write --baseline {found} {source}" if found else f"{arch or 'no architecture'}"
+        raise InputError(f"--baseline {kind} {source}: its config.json names {holds}, not "
+                         f"{'a CLIP vision tower' if kind == 'clip' else 'a DINOv2 model'}")
+    return folder
 
 
 def baseline_features(pipe: Any, dataset: ImageDataset, config: ClassifyConfig, *, progress: bool = False
@@ -588,16 +597,8 @@ def compare(config: ClassifyConfig, models: Sequence[str] | Mapping[str, Any],
         bases.append((label, str(pair[0]), source))
     if not specs:
         raise InputError("give at least one model to compare (-m MODEL)")
-    for _, kind, _ in bases:
-        if kind not in BASELINES:
-            raise InputError(f"unknown baseline kind {kind!r}: use {' or '.join(BASELINES)} "
-                             "(--baseline clip FOLDER, --baseline dinov2 FOLDER)")
+    folders = [check_baseline(kind, source) for _, kind, source in bases]
     _unique_labels([label for label, _ in specs] + [label for label, _, _ in bases])
-    for _, kind, source in bases:   # a mistyped folder fails before hours of denoiser features
-        try:
-            resolve_source(source)
-        except JaxprobeError as err:
-            raise InputError(f"--baseline {kind} {source}: {err}") from None
     dataset = load_dataset(config, log)
     rows, described = [], {}
     for label, source in specs:
@@ -607,8 +608,8 @@ def compare(config: ClassifyConfig, models: Sequence[str] | Mapping[str, Any],
                  for row in denoiser_rows(pipe, dataset, config, progress=progress, log=log)]
         described[label] = {"kind": "denoiser", "source": pipe.source, "family": pipe.family.name if pipe.family else None,
                             "random_weights": is_random_weights(pipe), "loaded": pipe.provenance}
-    for label, kind, source in bases:
-        pipe = _baseline_encoder(kind, source, config.dtype)
+    for (label, kind, _), folder in zip(bases, folders):
+        pipe = jaxprobe.load(folder, dtype=config.dtype)
         log(f"baseline {label}: {kind} image features of {pipe.source}")
         pooled = baseline_features(pipe, dataset, config, progress=progress)
         rows += [{**row, "model": label, "kind": "baseline"} for row in _linear_rows(pooled, dataset, config, log)]
