@@ -16,6 +16,10 @@ and interrupted runs reuse what was extracted. Two classifiers per (site, t):
 
 Accuracy is measured on the held-out test images with a 95% Wilson score interval (the test images
 are the binomial trials; the classifier is held fixed).
+
+`compare(config, models, baselines)` is Revelio's cross-architecture comparison: the same heads, split and
+seeds on several denoisers (each at its family's sites) and on CLIP / DINOv2 features of every layer, in one
+tidy table (COMPARE_COLUMNS), figure and page.
 """
 
 from __future__ import annotations
