@@ -657,13 +657,14 @@ def write_comparison(table: pd.DataFrame, lines: pd.DataFrame, config: ClassifyC
         "the same split, validation part and training seed for every model and baseline.</p>",
         f"<ul>{listed}</ul>",
         f"<p>Every accuracy is the share of the same {n_test} held-out test images classified correctly (one image "
-        f"moves it by {1 / n_test:.2f}), with a 95% Wilson score interval over those images. Compare models and "
-        "sites by their intervals: the test images are shared, so two overlapping intervals are no evidence of a "
-        "difference, and non-overlapping ones are. Sites of different architectures are different modules; read "
-        "across models the best site of each, and the profile along its blocks.</p>",
+        f"moves it by {1 / n_test:.2f}), with a 95% Wilson score interval over those images. Intervals that do not "
+        "overlap point to a real difference; overlapping ones do not settle it (the images are shared, so a paired "
+        "test on the per-image predictions is the sharper comparison). Sites of different architectures are "
+        "different modules: read across models the best site of each, and the profile along its blocks.</p>",
         f"<p>Baselines (image encoders, linear probe on the class token and on the mean patch token of every layer; "
         f"no noise, so no t) are drawn as dashed lines with their interval as a band, each at its layer and pooling "
-        f"of highest validation accuracy: {line_text or 'none given'}. Every layer is in the table.</p>",
+        f"of highest validation accuracy (of highest test accuracy, which flatters it, only when there are no "
+        f"validation images): {line_text or 'none given'}. Every layer is in the table.</p>",
         figure_html(files["figure"].read_bytes(), "accuracy per model",
                     "Test accuracy per model and site (bars, one colour per noise timestep t) with 95% Wilson score "
                     f"intervals over the {n_test} test images; dashed lines and bands: baselines; dotted line: "
