@@ -27,7 +27,6 @@ from jaxprobe.studies.decoding_diffusion.directions import DirectionsConfig, hsp
 from jaxprobe.studies.revelio.classify import (  # noqa: E402
     COMPARE_COLUMNS,
     ClassifyConfig,
-    ConvHeadConfig,
     compare,
     default_sites,
     labelled,
@@ -55,12 +54,19 @@ def _invoke(*args) -> object:
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_cli_compares_two_models_and_two_baselines(folders, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def cli_run(folders):
+    """`jaxprobe classify` over the bundled tiny model, the SD 2.x-layout one and both baselines, at two t."""
+    out = folders / "cli-out"
     result = _invoke("classify", folders / "shapes", "-m", "tiny", "-m", f"second={folders / 'sd2'}",
                      "--baseline", "clip", folders / "clip", "--baseline", "dinov2", folders / "dinov2",
-                     "--t", "10", "--t", "25", "-c", "linear", "-o", out, "--cache", tmp_path / "cache")
+                     "--t", "10", "--t", "25", "-c", "linear", "-o", out, "--cache", folders / "cache")
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cli_compares_two_models_and_two_baselines(folders, cli_run):
+    out = cli_run
     table = pd.read_parquet(out / "comparison.parquet")
     assert list(table.columns) == COMPARE_COLUMNS
     assert list(dict.fromkeys(table["model"])) == ["tiny", "second", "clip", "dinov2"]
@@ -86,32 +92,36 @@ def test_cli_compares_two_models_and_two_baselines(folders, tmp_path):
     assert "Random weights." in page and "tiny" in page   # the bundled model is random
     lines = json.loads((out / "metadata.json").read_text())["baseline_lines"]
     assert [line["model"] for line in lines] == ["clip", "dinov2"]
-    assert all(line["chosen_by"] == "validation accuracy" for line in lines)
+    assert all(line["chosen_by"] == "validation accuracy" and line["t"] is None for line in lines)
 
 
-def test_api_compare_with_pipelines_and_the_conv_head(folders, tmp_path):
-    """The Python API takes {label: Pipeline}; the conv head runs on each model's maps, baselines get the linear
-    probe only; nothing is written without out."""
-    config = ClassifyConfig(data=str(folders / "shapes"), sites=("unet.mid_block",), timesteps=(25,), out=None,
-                            cache=str(tmp_path / "cache"), conv=ConvHeadConfig(width=4, epochs=1))
-    results = compare(config, {"a": jaxprobe.load("tiny"), "b": jaxprobe.load(folders / "sd2")},
-                      [("dinov2", str(folders / "dinov2"))], progress=False, log=lambda _: None)
+def test_api_compare_takes_pipelines_and_writes_nothing_without_out(folders, cli_run):
+    """The Python API takes {label: Pipeline}; with the CLI test's settings every feature comes from the shared
+    cache and the accuracies are the CLI's (same split, same seeds); nothing is written without out."""
+    config = ClassifyConfig(data=str(folders / "shapes"), timesteps=(25,), classifiers=("linear",), out=None,
+                            cache=str(folders / "cache"))
+    results = compare(config, {"again": jaxprobe.load("tiny")}, [("dinov2", str(folders / "dinov2"))],
+                      progress=False, log=lambda _: None)
     table = results.table
-    assert sorted(zip(table["model"], table["classifier"])) == sorted(
-        [("a", "conv"), ("a", "linear"), ("b", "conv"), ("b", "linear")] + [("dinov2", "linear")] * 8)
-    assert set(table.loc[table["classifier"] == "conv", "pooling"]) == {"none"}
-    assert table.loc[table["classifier"] == "conv", "val_accuracy"].isna().all()
-    assert list(results.lines["model"]) == ["dinov2"] and results.files == {}
+    assert list(dict.fromkeys(table["model"])) == ["again", "dinov2"] and results.files == {}
+    assert list(results.lines["model"]) == ["dinov2"] and results.lines["t"].isna().all()
+    cli = pd.read_parquet(cli_run / "comparison.parquet")
+    for label, model in (("again", "tiny"), ("dinov2", "dinov2")):
+        ours = table[table["model"] == label].drop(columns="model").reset_index(drop=True)
+        theirs = cli[(cli["model"] == model) & (cli["t"].isna() | (cli["t"] == 25))]
+        pd.testing.assert_frame_equal(ours, theirs.drop(columns="model").reset_index(drop=True))
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--baseline", "resnet", "{clip}"], "unknown baseline kind 'resnet': use clip or dinov2"),
     (["--baseline", "dinov2", "{root}/nowhere"], "--baseline dinov2 {root}/nowhere: no checkpoint folder"),
     (["--baseline", "clip", "{dinov2}"], "names a dinov2 image encoder: write --baseline dinov2"),
+    (["--baseline", "dinov2", "{root}/shapes"], "no config.json there; point at the encoder's own folder"),
     (["--baseline", "dinov2"], "--baseline takes two values, KIND FOLDER"),
     (["-m", "tiny"], "two models or baselines are labelled 'tiny'"),
     (["--baseline", "dinov2", "tiny={dinov2}"], "labelled 'tiny'"),
-], ids=["unknown-kind", "missing-folder", "wrong-kind", "no-folder", "duplicate-model", "duplicate-label"])
+], ids=["unknown-kind", "missing-folder", "wrong-kind", "not-an-encoder", "no-folder", "duplicate-model",
+        "duplicate-label"])
 def test_bad_comparisons_are_one_line_errors(folders, tmp_path, args, message):
     fill = {"clip": folders / "clip", "dinov2": folders / "dinov2", "root": folders}
     args = [a.format(**fill) for a in args]
@@ -182,4 +192,5 @@ def test_sae_train_takes_transformer_sites(tmp_path):
                      "--warmup", "1")
     assert result.exit_code == 0, result.output
     metrics = pd.read_csv(tmp_path / "sae" / "metrics.csv")
-    assert set(metrics["feature_set"]) == {f"transformer.transformer_blocks.{i}@{t}" for i in range(2) for t in range(2)}
+    sets = {f"transformer.transformer_blocks.{i}@{t}" for i in range(2) for t in range(2)}
+    assert set(metrics["feature_set"]) == sets

@@ -211,7 +211,8 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
     prompts = [p for c in concepts for p in prompts_of[c]]
     prompt_concept = np.array([i for i, c in enumerate(concepts) for _ in prompts_of[c]])
     raw = extract_features(
-        pipe, prompts, text_sites=(config.text_site,) if config.text_site else (), sampled_sites=hspace_sites(config, pipe),
+        pipe, prompts, text_sites=(config.text_site,) if config.text_site else (),
+        sampled_sites=hspace_sites(config, pipe),
         token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce,
         sampling=config.sampling, run=config.run, progress=progress)
     n_prompts, n_seeds = len(prompts), len(config.seeds)

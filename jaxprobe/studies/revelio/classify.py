@@ -528,12 +528,15 @@ def check_baseline(kind: str, source: str) -> Path:
                          "(--baseline clip FOLDER, --baseline dinov2 FOLDER)")
     try:
         folder = resolve_source(source)
-        arch = architecture(folder)
     except JaxprobeError as err:
         raise InputError(f"--baseline {kind} {source}: {err}") from None
+    if not (folder / "config.json").is_file():
+        raise InputError(f"--baseline {kind} {source}: no config.json there; point at the encoder's own folder "
+                         "(a transformers CLIPVisionModel or Dinov2Model folder, or a pipeline's image_encoder/)")
+    arch = architecture(folder)
     found = ENCODER_KINDS.get(arch)
     if found != kind:
-        holds = f"a {found} image encoder: write --baseline {found} {source}" if found else f"{arch or 'no architecture'}"
+        holds = f"a {found} image encoder: write --baseline {found} {source}" if found else arch or "no architecture"
         raise InputError(f"--baseline {kind} {source}: its config.json names {holds}, not "
                          f"{'a CLIP vision tower' if kind == 'clip' else 'a DINOv2 model'}")
     return folder
@@ -610,8 +613,8 @@ def compare(config: ClassifyConfig, models: Sequence[str] | Mapping[str, Any],
         log(f"model {label}: {pipe.source} ({pipe.family.name if pipe.family else 'no denoiser'})")
         rows += [{**row, "model": label, "kind": "denoiser"}
                  for row in denoiser_rows(pipe, dataset, config, progress=progress, log=log)]
-        described[label] = {"kind": "denoiser", "source": pipe.source, "family": pipe.family.name if pipe.family else None,
-                            "random_weights": is_random_weights(pipe), "loaded": pipe.provenance}
+        described[label] = {"kind": "denoiser", "source": pipe.source, "random_weights": is_random_weights(pipe),
+                            "family": pipe.family.name if pipe.family else None, "loaded": pipe.provenance}
     for (label, kind, _), folder in zip(bases, folders):
         pipe = jaxprobe.load(folder, dtype=config.dtype)
         log(f"baseline {label}: {kind} image features of {pipe.source}")
@@ -637,7 +640,9 @@ def write_comparison(table: pd.DataFrame, lines: pd.DataFrame, config: ClassifyC
     denoisers = table[table["kind"] == "denoiser"]
     fig = accuracy_figure(denoisers, classes=len(dataset.classes), baselines=lines)
     files["figure"] = write_atomic(out / COMPARISON_FIGURE, lambda p: fig.savefig(p, format="png", dpi=110))
-    metadata = {"models": dict(models), "baseline_lines": lines.to_dict("records"), "config": _config_record(config)}
+    settings = {k: v for k, v in _config_record(config).items() if k != "model"}   # the models are listed apart
+    chosen = lines.astype(object).where(lines.notna(), None).to_dict("records")     # JSON null, not "<NA>"
+    metadata = {"models": dict(models), "baseline_lines": chosen, "config": settings}
     files["metadata"] = write_atomic(out / "metadata.json",
                                      lambda p: p.write_text(json.dumps(metadata, indent=2, default=str)))
     random = [label for label, m in models.items() if m["random_weights"]]
@@ -671,7 +676,7 @@ def write_comparison(table: pd.DataFrame, lines: pd.DataFrame, config: ClassifyC
                     f"chance, 1/{len(dataset.classes)}."),
         table_html(table, "Test accuracy per model, site, pooling, timestep and classifier (95% Wilson score "
                           "intervals over n_test images; val_accuracy: the linear probe's early-stopping images)"),
-        "<h2>Run settings</h2>", settings_html({**_config_record(config), "models": dict(models)}),
+        "<h2>Run settings</h2>", settings_html({**settings, "models": dict(models)}),
         "<p class='small'>Method: Kim, Thomas &amp; Ghadiyaram, Revelio (ICCV 2025): VAE-encode, noise to t, one "
         "denoiser step; a linear probe on mean-pooled features and a small conv head on the feature maps; CLIP and "
         "DINOv2 image features as baselines.</p>"],
