@@ -119,7 +119,7 @@ def test_features_come_from_the_cache_and_noise_follows_the_image_index(run, mon
     def no_capture(*args, **kwargs):
         raise AssertionError("features should have been read from the cache")
 
-    with pytest.raises(InputError, match="UNet sites only"):
+    with pytest.raises(InputError, match=r"denoiser's \(unet.\*\) sites only"):
         image_features(pipe, dataset, ["unet.mid_block", "text_encoder.*"], 25, cache=config.cache)
     monkeypatch.setattr(sampling, "capture_images", no_capture)
     again = image_features(pipe, dataset, SITES, 25, cache=config.cache, reduce="none")

@@ -134,7 +134,7 @@ from jaxprobe.cli import decoding_diffusion, features, norms_probing, revelio  #
 
 for command in (features.info, features.extract, features.lens, norms_probing.probe, norms_probing.run,
                 norms_probing.report, norms_probing.steer, revelio.classify):
-    app.command(cls=Command)(command)
+    app.command(cls=revelio.ClassifyCommand if command is revelio.classify else Command)(command)
 app.add_typer(features.store_app, name="store")
 app.add_typer(decoding_diffusion.directions_app, name="directions")
 app.add_typer(revelio.sae_app, name="sae")

@@ -14,39 +14,72 @@ import typer
 from jaxprobe.cli import Command, Group, ModelOpt
 
 
+class ClassifyCommand(Command):
+    """`--baseline KIND FOLDER` takes two words, which Typer cannot declare for a repeatable option: they are
+    joined into one value, KIND=FOLDER, before click parses the line."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        joined, rest = [], list(args)
+        while rest:
+            word = rest.pop(0)
+            joined.append(word)
+            if word == "--baseline" and len(rest) >= 2 and not rest[0].startswith("-") and not rest[1].startswith("-"):
+                joined.append(f"{rest.pop(0)}={rest.pop(0)}")
+        return super().parse_args(ctx, joined)
+
+
+def _baseline(value: str) -> tuple[str, str]:
+    kind, sep, folder = value.partition("=")
+    if not sep or not folder:
+        raise typer.BadParameter(f"--baseline takes two values, KIND FOLDER (clip or dinov2, then the encoder's "
+                                 f"folder or model id), not {value!r}")
+    return kind, folder
+
+
 def classify(
     data: Annotated[Path, typer.Argument(help="image folder: one subfolder per class, or train/ and test/ laid out so")],
-    model: ModelOpt = "tiny",
-    sites: Annotated[list[str], typer.Option("--sites", "-s", metavar="<glob>", help="UNet site patterns, repeatable")] = ["unet.mid_block", "unet.up_blocks.*"],  # noqa: B006
+    model: Annotated[list[str], typer.Option("--model", "-m", metavar="<[label=]model>", help=(
+        "'tiny', a diffusers folder or a cached model id; repeat it to compare models (LABEL=MODEL names one in the "
+        "table; default label: the folder's name)"))] = ["tiny"],  # noqa: B006
+    baseline: Annotated[Optional[list[str]], typer.Option("--baseline", metavar="KIND FOLDER", help=(
+        "image-encoder baseline of a comparison: clip or dinov2, then its folder or model id ([LABEL=]FOLDER), "
+        "repeatable"))] = None,
+    sites: Annotated[Optional[list[str]], typer.Option("--sites", "-s", metavar="<glob>", help=(
+        "denoiser site patterns, repeatable (default: the family's bottleneck and the blocks after it; "
+        "SD: unet.mid_block, unet.up_blocks.*)"))] = None,
     t: Annotated[list[int], typer.Option("--t", metavar="<int>", help="training timestep the images are noised to, repeatable")] = [25],  # noqa: B006
     classifier: Annotated[list[str], typer.Option("--classifier", "-c", metavar="<name>", help="linear and/or conv, repeatable")] = ["linear", "conv"],  # noqa: B006
     out: Annotated[Path, typer.Option("--out", "-o", help="results folder")] = Path("jaxprobe-runs/classify"),
     cache: Annotated[Path, typer.Option(help="feature cache folder")] = Path("jaxprobe-runs/cache"),
     test_fraction: Annotated[float, typer.Option(help="held-out share of each class (no train/ test/ folders)")] = 0.25,
-    prompt: Annotated[str, typer.Option(help="text the UNet is conditioned on")] = "",
+    prompt: Annotated[str, typer.Option(help="text the denoiser is conditioned on")] = "",
     seed: Annotated[int, typer.Option(help="split, noise and training seed")] = 0,
     conv_width: Annotated[Optional[int], typer.Option(help="channels of the conv head (default 1024)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="conv head training epochs (default 30)")] = None,
     conv_lr: Annotated[Optional[float], typer.Option(help="conv head peak learning rate (AdamW, cosine decay) "
                                                           "(default 1e-3)")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="conv head dropout (default 0.5)")] = None,
-    batch_size: Annotated[int, typer.Option(help="images per UNet batch")] = 16,
+    batch_size: Annotated[int, typer.Option(help="images per denoiser batch")] = 16,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="recompute cached features")] = False,
 ) -> None:
-    """Linear probes and a small conv head on UNet features of real images, accuracy with 95% CIs per site and t.
+    """Linear probes and a small conv head on denoiser features of real images, accuracy with 95% CIs per site and t;
+    several -m (or a --baseline) compare models and image encoders in one table, figure and page.
 
     Example: jaxprobe classify pets/ -m runwayml/stable-diffusion-v1-5 -s unet.mid_block -s 'unet.up_blocks.*' --t 25
     """
-    from jaxprobe.studies.revelio.classify import ClassifyConfig, ConvHeadConfig, run_classification
+    from jaxprobe.studies.revelio.classify import ClassifyConfig, ConvHeadConfig, compare, run_classification
 
     conv = {"width": conv_width, "epochs": epochs, "learning_rate": conv_lr, "dropout": dropout}
     config = ClassifyConfig(
-        data=str(data), model=model, sites=tuple(sites), timesteps=tuple(t), classifiers=tuple(classifier),
+        data=str(data), model=model[0], sites=tuple(sites or ()), timesteps=tuple(t), classifiers=tuple(classifier),
         prompt=prompt, seed=seed, test_fraction=test_fraction, dtype=dtype, batch_size=batch_size,
         conv=ConvHeadConfig(**{k: v for k, v in conv.items() if v is not None}),
         out=str(out), cache=str(cache), force=force)
-    results = run_classification(config, log=typer.echo)
+    if len(model) == 1 and not baseline:
+        results = run_classification(config, log=typer.echo)
+    else:
+        results = compare(config, model, [_baseline(b) for b in baseline or ()], log=typer.echo)
     typer.echo(f"wrote {results.files['report']}")
 
 

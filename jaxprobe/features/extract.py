@@ -120,10 +120,11 @@ def image_features(pipe: Any, dataset: ImageDataset, sites: Sequence[str], t: in
     """{site: (n_images, dim)} (reduce="mean") or maps (n_images, h, w, c) (reduce="none") at step t,
     cached in the feature store (content-hashed on the model, the files, t and every setting)."""
     chosen = pipe.select(sites)
-    other = [s for s in chosen if not s.startswith("unet.")]
+    denoiser = pipe.family.component if pipe.family is not None else "unet"   # DiT, PixArt: "transformer"
+    other = [s for s in chosen if not s.startswith(f"{denoiser}.")]
     if other:
-        raise InputError(f"real images are classified from UNet sites only; drop {', '.join(other)} "
-                         "(e.g. sites=['unet.mid_block', 'unet.up_blocks.*'])")
+        raise InputError(f"real images are classified from the denoiser's ({denoiser}.*) sites only; drop "
+                         f"{', '.join(other)} (e.g. sites=['{denoiser}.*'])")
     paths = [str(p) for p in dataset.paths]
     model = model_fingerprint(pipe)
     description = {"kind": "images", "model": model, "sites": chosen, "data": dataset.describe(), "t": t,

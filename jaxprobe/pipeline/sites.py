@@ -150,7 +150,8 @@ def short_site(site: str) -> str:
     for prefix, label in (("text_encoder.text_model.encoder.", ""), ("text_encoder.text_model.", ""),
                           ("text_encoder.", ""), ("text_encoder_2.text_model.encoder.", "te2 "),
                           ("text_encoder_2.text_model.", "te2 "), ("text_encoder_2.", "te2 "),
-                          ("image_encoder.vision_model.", ""), ("image_encoder.", ""), ("unet.", "")):
+                          ("image_encoder.vision_model.", ""), ("image_encoder.", ""), ("unet.", ""),
+                          ("transformer.", "")):
         if site.startswith(prefix):
             return label + site.removeprefix(prefix)
     return site

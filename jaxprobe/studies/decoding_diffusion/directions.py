@@ -63,7 +63,8 @@ class DirectionsConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     baseline: "neutral" (the neutral prompts), "others" (all other concepts) or "family" (the other
     concepts of the same family). whiten: use the inverse shrunk pooled within-concept covariance as the
     metric. spatial_reduce: "mean" (default) or "max" pools h over space; "none" keeps the maps (their
-    directions are saved as (C, T, h, w, c)). text_site: one text-encoder site, the CLIP comparison.
+    directions are saved as (C, T, h, w, c)). sites: denoiser site patterns; empty (the default): the family's
+    bottleneck, h-space (`hspace_sites`). text_site: one text-encoder site, the CLIP comparison.
     focus_step: the step the ranked bars, clusters and 2-D projections show (-1: the last).
     The fields of ModelSettings, SamplingSettings (seeds default to four here) and RunSettings are its
     fields too; a TOML file sets them in [directions] or in [model], [sampling], [run]. prompt_files
@@ -82,7 +83,7 @@ class DirectionsConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     baseline: str = "neutral"
     whiten: bool = False
     shrinkage: float = 0.1
-    sites: tuple[str, ...] = ("unet.mid_block",)
+    sites: tuple[str, ...] = ()    # empty: the denoiser family's bottleneck (`hspace_sites`)
     text_site: str | None = "text_encoder.text_model.final_layer_norm"
     token_reduce: str = "eos"
     spatial_reduce: str = "mean"
@@ -186,6 +187,16 @@ def concept_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
     return prompts
 
 
+def hspace_sites(config: DirectionsConfig, pipe: Any) -> list[str]:
+    """The sites the directions live at: config.sites, or the denoiser family's declared bottleneck
+    (`models.families`: SD 1.x/2.x and SDXL unet.mid_block; a transformer family names its middle block)."""
+    if config.sites:
+        return pipe.select(config.sites)
+    if pipe.family is None:
+        raise InputError(f"{pipe.source} has no denoiser: directions need h-space, a diffusion pipeline's bottleneck")
+    return pipe.select([f"{pipe.family.component}.{pipe.family.bottleneck_site}"])
+
+
 def load_pipeline(config: DirectionsConfig) -> Any:
     return jaxprobe.load(config.model, **config.model_settings.load_kwargs())
 
@@ -200,7 +211,8 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
     prompts = [p for c in concepts for p in prompts_of[c]]
     prompt_concept = np.array([i for i, c in enumerate(concepts) for _ in prompts_of[c]])
     raw = extract_features(
-        pipe, prompts, text_sites=(config.text_site,) if config.text_site else (), sampled_sites=config.sites,
+        pipe, prompts, text_sites=(config.text_site,) if config.text_site else (),
+        sampled_sites=hspace_sites(config, pipe),
         token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce,
         sampling=config.sampling, run=config.run, progress=progress)
     n_prompts, n_seeds = len(prompts), len(config.seeds)
@@ -208,7 +220,7 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
     rows = pd.DataFrame({"row": np.arange(len(labels)), "concept": [concepts[i] for i in labels],
                          "family": [family_of[concepts[i]] for i in labels], "prompt": prompts * n_seeds,
                          "seed": np.repeat(np.asarray(config.seeds), n_prompts)})
-    sites = pipe.select(config.sites)
+    sites = hspace_sites(config, pipe)
     text = raw[pipe.select([config.text_site])[0]] if config.text_site else None
     features = raw.replace(arrays={s: _flat(raw[s]) for s in sites})
     return Generations(concepts, family_of, rows, labels, features, None if text is None else text.reshape(len(text), -1),
@@ -353,7 +365,7 @@ def image_directions(pipe: Any, config: DirectionsConfig, *, progress: bool = Fa
     paths = tuple(Path(p) for p in table["image"])
     dataset = ImageDataset(root=Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent,
                            classes=concepts, paths=paths, labels=labels, is_test=np.zeros(len(paths), bool))
-    sites = pipe.select(config.sites)
+    sites = hspace_sites(config, pipe)
     images = image_features(pipe, dataset, sites, config.image_t, cache=config.cache, reduce=config.spatial_reduce,
                             seed=config.seed, batch_size=config.batch_size, force=config.force, progress=progress)
     captions = {c: list(table.loc[table["concept"] == c, "caption"]) for c in concepts}

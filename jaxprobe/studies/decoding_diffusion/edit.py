@@ -32,6 +32,7 @@ from jaxprobe.runtime.files import atomic_write_text, write_table
 from jaxprobe.studies.decoding_diffusion.directions import (
     DirectionsConfig,
     concept_prompts,
+    hspace_sites,
     read_directions,
 )
 
@@ -80,11 +81,11 @@ def edit(config: DirectionsConfig, *, direction: str, scales: Sequence[float] = 
     if not scales:
         raise InputError("give at least one scale, e.g. 0 4 8 16 (0 first: the unedited baseline)")
     dirs = read_directions(config.out)
-    site = config.sites[0]
-    concepts = [str(c) for c in dirs["concepts"]]
-    vector = dirs[f"site/{site}"][concepts.index(direction), config.focus_step]      # (c,) or (h, w, c)
     if pipe is None:
         pipe = jaxprobe.load(config.model, dtype=config.dtype, scheduler=config.scheduler, image_encoder=image_encoder)
+    site = hspace_sites(config, pipe)[0]
+    concepts = [str(c) for c in dirs["concepts"]]
+    vector = dirs[f"site/{site}"][concepts.index(direction), config.focus_step]      # (c,) or (h, w, c)
     if pipe.image_encoder is None:
         raise InputError("directions edit measures the attribute with the CLIP image tower: pass --image-encoder "
                          "PATH (a CLIP vision checkpoint)")
