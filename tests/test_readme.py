@@ -47,6 +47,9 @@ REPLACEMENTS = [
     ("standard_normal(768)", "standard_normal(64)"),
     ("encoder.layers.10", "encoder.layers.3"),
     ("image_encoder.encoder.layer.11", "image_encoder.encoder.layer.1"),   # the tiny DINOv2 has two layers
+    # the comparison's second model: the tiny model again under its own label (tests/test_classify_compare.py
+    # compares two families); a tiny SDXL's classify programs would add minutes to this test
+    ('"sdxl": "path/to/sdxl-dir"', '"sdxl": "tiny"'),
 ]
 
 
