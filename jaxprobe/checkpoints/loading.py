@@ -197,16 +197,16 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
 
     index = read_config(folder / "model_index.json", "pipeline")
     listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
-    if not listed & {"text_encoder", "text_encoder_2", "unet"}:
-        raise CheckpointError(f"{folder}/model_index.json lists no text_encoder or unet component "
+    if not listed & {"text_encoder", "text_encoder_2", "unet", "transformer"}:
+        raise CheckpointError(f"{folder}/model_index.json lists no text_encoder, unet or transformer component "
                               f"({sorted(listed) or 'no components at all'}): it is incomplete or not a text-to-image "
                               "pipeline's; re-download the checkpoint.")
-    absent = sorted(k for k in listed & {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae",
-                                         "scheduler"} if not (folder / k).is_dir())
+    absent = sorted(k for k in listed & {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+                                         "transformer", "vae", "scheduler"} if not (folder / k).is_dir())
     if absent:
         raise CheckpointError(f"{folder}/model_index.json lists {', '.join(absent)} but the folder(s) are missing: "
                               "the download is partial. Re-download those components.")
-    weighted = [name for name in ("text_encoder", "text_encoder_2", "unet", "vae") if name in listed]
+    weighted = [name for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae") if name in listed]
     states = {name: dict(weights[name]) if weights and name in weights else
               read_state_dict(find_weight_files(folder / name, variant=variant)) for name in weighted}
     if loras:
@@ -231,10 +231,15 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
                 folder / "tokenizer_2", parts["text_encoder_2"].config.max_position_embeddings)
     # SDXL pipelines' conditioning switches, with StableDiffusionXL(Img2Img)Pipeline's defaults
     options = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
+    if "id2label" in index:   # DiT: the class names `capture` resolves, as DiTPipeline.get_label_ids
+        options["id2label"] = _id2label(index["id2label"], folder)
     if options:
         parts["pipeline_options"] = options
     if "unet" in listed:
         parts["unet"] = load_denoiser(folder / "unet", component="unet", dtype=dtype, state=states["unet"])
+    if "transformer" in listed:  # DiT, PixArt: the denoiser, named as the checkpoint names it
+        parts["unet"] = load_denoiser(folder / "transformer", component="transformer", dtype=dtype,
+                                      state=states["transformer"])
     if "vae" in listed:
         parts["vae"] = load_vae(folder / "vae", dtype=dtype, state=states["vae"])
     if "scheduler" in listed:
@@ -242,6 +247,15 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
     if "image_encoder" in listed and (folder / "image_encoder").is_dir():
         parts.update(_image_parts(folder / "image_encoder", dtype=dtype, variant=variant))
     return parts
+
+
+def _id2label(raw: Any, folder: Path) -> dict[int, str]:
+    """model_index.json's `id2label` ({"0": "tench, Tinca tinca", ...}) with integer keys."""
+    try:
+        return {int(k): str(v) for k, v in dict(raw).items()}
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}/model_index.json: id2label must map class ids to names, like "
+                              "{\"0\": \"tench, Tinca tinca\"}") from err
 
 
 def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant: str | None,

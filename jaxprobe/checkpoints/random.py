@@ -1,11 +1,13 @@
-"""Models built in memory with random weights: `tiny`, `sd15-random` and `sdxl-random`.
+"""Models built in memory with random weights: `tiny`, `sd15-random`, `sdxl-random` and `dit-random`.
 
 `tiny` is Stable Diffusion 1.x's architecture at toy widths: deterministic (fixed seeds), built in
 seconds, no files beyond the small BPE vocabulary in assets/. It exists so that `jaxprobe run` and
 the tests work offline; a randomly initialised model carries no semantics, so its probes should
 decode at chance. `sd15-random` is SD 1.5 at full size (CLIP ViT-L/14 text, 860M-parameter UNet,
 512 px VAE) with random weights, for speed and memory measurements (they do not depend on the
-weights' values); it shares the tiny tokenizer (token ids fit any vocabulary).
+weights' values); it shares the tiny tokenizer (token ids fit any vocabulary). `dit-random` is DiT-XL/2 at
+256 px (the 675M-parameter class-conditional transformer and SD's VAE): no text encoder, no class names, so its
+"prompts" are integer ImageNet labels.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from jaxprobe.checkpoints.component import Component
 from jaxprobe.checkpoints.tokenizer import PromptTokenizer
 from jaxprobe.checkpoints.weights import abstract_params
-from jaxprobe.models import clip
+from jaxprobe.models import clip, dit
 from jaxprobe.models import unet as unet_model
 from jaxprobe.models import vae as vae_model
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
@@ -87,7 +89,22 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
                   "timestep_spacing": "leading", "prediction_type": "epsilon", "use_karras_sigmas": False}
 
-RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs)))
+# facebook/DiT-XL-2-256's scheduler_config.json (DDIM, linear betas).
+DIT_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                 "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
+                 "prediction_type": "epsilon"}
+
+
+def dit_configs(vocab_size: int) -> dict[str, Any]:
+    """DiT-XL/2 256: 28 blocks of width 1152 (16 heads of 72), patch 2 on 32x32 latents, learned sigma, 1000
+    classes; SD's 256 px VAE (sd-vae-ft-ema)."""
+    del vocab_size
+    vae = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=256,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    return {"transformer": dit.DiTConfig(out_channels=8), "vae": vae}
+
+
+RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs, dit_configs)))
 
 
 def random_params(module: Any, *example: Any, seed: int = SEED, dtype: Any = np.float32) -> Any:
@@ -116,7 +133,10 @@ def random_params(module: Any, *example: Any, seed: int = SEED, dtype: Any = np.
 
 
 _BUILDERS = {"text_encoder": (CLIPTextModel, clip.example_inputs), "text_encoder_2": (CLIPTextModel, clip.example_inputs),
-             "unet": (UNet2DConditionModel, unet_model.example_inputs), "vae": (AutoencoderKL, vae_model.example_inputs)}
+             "unet": (UNet2DConditionModel, unet_model.example_inputs), "vae": (AutoencoderKL, vae_model.example_inputs),
+             "transformer": (dit.DiTTransformer2DModel, dit.example_inputs)}
+# The pipeline field each component fills: a transformer is the denoiser, named as its checkpoint names it.
+_FIELDS = {"transformer": "unet"}
 
 
 def random_parts(name: str, dtype: Any) -> dict[str, Any]:
@@ -125,13 +145,15 @@ def random_parts(name: str, dtype: Any) -> dict[str, Any]:
     configs = RANDOM_MODELS[name](tokenizer.vocab_size)
     if isinstance(configs, tuple):
         configs = dict(zip(("text_encoder", "unet", "vae"), configs))
-    parts: dict[str, Any] = {"tokenizer": tokenizer}
+    parts: dict[str, Any] = {"tokenizer": tokenizer} if "text_encoder" in configs else {}
     for component, config in configs.items():
         module_cls, example = _BUILDERS[component]
         module = module_cls(config, dtype=dtype)
         params = place_params(random_params(module, *example(config), dtype=dtype), dtype)
-        parts[component] = Component(component, module, params, config)
-    if "text_encoder_2" in configs:  # SDXL: the second tokenizer, its scheduler and pipeline switches
+        parts[_FIELDS.get(component, component)] = Component(component, module, params, config)
+    if "transformer" in configs:
+        parts["scheduler"] = SchedulerConfig.from_dict(DIT_SCHEDULER)
+    elif "text_encoder_2" in configs:  # SDXL: the second tokenizer, its scheduler and pipeline switches
         parts.update(tokenizer_2=tokenizer, scheduler=SchedulerConfig.from_dict(SDXL_SCHEDULER),
                      pipeline_options={"force_zeros_for_empty_prompt": True})
     else:

@@ -73,6 +73,7 @@ class Plan:
     zero_uncond: bool = False                # SDXL's force_zeros_for_empty_prompt: the unconditional inputs are 0
     interventions: tuple[Spec, ...] = ()     # in list order (pipeline.interventions); values are in the inputs
     text_layer: str | None = None            # Diffusion Lens: this text-encoder site feeds the context site
+    token_grid: tuple[int, int] | None = None  # patch-token denoisers (DiT): (h, w) of their (b, h*w, d) tokens
 
 
 def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "text_encoder", plan: Plan = Plan(),
@@ -125,6 +126,14 @@ def reduce_denoiser_site(site: str, x: jax.Array, how: str) -> jax.Array:
     return reduce_spatial(x, how)
 
 
+def tokens_as_map(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Patch tokens (b, h*w, d) -> (b, h, w, d), so they reduce like a UNet's spatial maps; others unchanged."""
+    h, w = grid
+    if x.ndim == 3 and x.shape[1] == h * w:
+        return x.reshape(x.shape[0], h, w, x.shape[2])
+    return x
+
+
 def capture_denoiser_sites(plan: Plan, acts: Mapping[str, jax.Array], batch: int) -> dict[str, jax.Array]:
     """Keep the requested CFG half of each denoiser activation (the batch is [uncond; cond]) and reduce it."""
     half = slice(batch, None) if plan.branch == "cond" else slice(0, batch)
@@ -133,6 +142,8 @@ def capture_denoiser_sites(plan: Plan, acts: Mapping[str, jax.Array], batch: int
     for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
         if site in acts:
             x = acts[site][half] if plan.guided else acts[site]
+            if plan.token_grid is not None and not site.endswith(PROBS):
+                x = tokens_as_map(x, plan.token_grid)
             out[site] = reduce_denoiser_site(site, x, how).astype(jnp.float32)
     return out
 
