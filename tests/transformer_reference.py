@@ -65,3 +65,52 @@ def save_dit_pipeline(path: str | Path, *, legacy: bool = False, scheduler: dict
                    only_cross_attention=False, use_linear_projection=False)
         config_file.write_text(json.dumps(cfg, indent=2))
     return pipe
+
+
+# PixArt-Sigma-XL-2-1024-MS's scheduler_config.json (PixArt-alpha's is the same solver)
+PIXART_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+                    "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000,
+                    "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+                    "prediction_type": "epsilon", "steps_offset": 0, "thresholding": False,
+                    "timestep_spacing": "linspace", "use_karras_sigmas": False, "variance_type": None}
+T5_WIDTH = 32
+# width 24 = 3 heads of 8: PixArt-alpha's micro-conditions split the width in thirds
+PIXART_KWARGS: dict[str, Any] = dict(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
+                                     num_layers=2, cross_attention_dim=24, caption_channels=T5_WIDTH, sample_size=8,
+                                     patch_size=2)
+PIPELINES = {"sigma": "PixArtSigmaPipeline", "alpha": "PixArtAlphaPipeline"}
+
+
+def make_pixart(seed: int = 0, **overrides: Any) -> Any:
+    import diffusers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _randomised(diffusers.PixArtTransformer2DModel(**{**PIXART_KWARGS, **overrides}), seed)
+
+
+def save_pixart_pipeline(path: str | Path, kind: str = "sigma", *, legacy: bool = False) -> Any:
+    """A tiny PixArtSigmaPipeline ("sigma") or PixArtAlphaPipeline ("alpha", with the resolution and aspect-ratio
+    micro-conditions of the 1024 px model) with a tiny T5 encoder and tokenizer, written with save_pretrained;
+    legacy=True names the transformer `Transformer2DModel`, as PixArt-alpha's folders do. Returns the pipeline."""
+    import diffusers
+    import transformers
+
+    import encoder_reference
+
+    path = Path(path)
+    encoder_reference.save_t5_encoder(path / "t5", d_model=T5_WIDTH)
+    text_encoder = transformers.T5EncoderModel.from_pretrained(path / "t5").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path / "t5")
+    transformer = make_pixart(seed=2, use_additional_conditions=kind == "alpha")
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(PIXART_SCHEDULER)
+    pipe = getattr(diffusers, PIPELINES[kind])(tokenizer=tokenizer, text_encoder=text_encoder,
+                                                vae=sd_reference.make_vae(seed=1), transformer=transformer,
+                                                scheduler=scheduler)
+    pipe.save_pretrained(path)
+    if legacy:
+        config_file = path / "transformer" / "config.json"
+        cfg = json.loads(config_file.read_text())
+        cfg.update(_class_name="Transformer2DModel", norm_type="ada_norm_single")
+        config_file.write_text(json.dumps(cfg, indent=2))
+    return pipe

@@ -47,6 +47,8 @@ from jaxprobe.models.clip import example_inputs as clip_example_inputs
 from jaxprobe.models.schedulers import scheduler_config
 from jaxprobe.runtime.devices import place_params
 
+# The max_sequence_length T5-conditioned pipelines pad prompts to, by model_index.json's `_class_name`.
+T5_SEQUENCE_LENGTHS = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Keys a checkpoint may hold that no forward pass reads.
 _BUFFERS = ("*position_ids", "logit_scale")
@@ -217,10 +219,18 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
                 states[name] = _with_prefix(states[name], TEXT_TOWER.prefix, TEXT_TOWER.tops)
         states = merge_loras(states, loras, unet_config=_unet_config(folder) if "unet" in states else None)
     parts: dict[str, Any] = {}
-    if "text_encoder" in listed:
+    t5_text = "text_encoder" in listed and \
+        encoders.architecture(folder / "text_encoder") in encoders.T5_ARCHITECTURES
+    if t5_text:   # PixArt: a T5 encoder, prompts padded to the pipeline's max_sequence_length
+        parts["text_encoder"] = encoders.load_t5_encoder(folder / "text_encoder", dtype=dtype,
+                                                         state=states["text_encoder"])
+    elif "text_encoder" in listed:
         parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder", dtype=dtype,
                                                 state=states["text_encoder"])
-    if "tokenizer" in listed:
+    if "tokenizer" in listed and t5_text:
+        parts["tokenizer"] = encoders.load_t5_tokenizer(
+            folder / "tokenizer", T5_SEQUENCE_LENGTHS.get(index.get("_class_name"), 120), lowercase=True)
+    elif "tokenizer" in listed:
         length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
         parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
     if "text_encoder_2" in listed:  # SDXL: OpenCLIP bigG with projection, its own tokenizer

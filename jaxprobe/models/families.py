@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxprobe.errors import CheckpointError
-from jaxprobe.models import dit, unet
+from jaxprobe.models import dit, pixart, unet
+from jaxprobe.models.encoders import ATTENTION_MASK
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,38 @@ DIT = DenoiserFamily(
     text_encoders=(), context_site="", conditioning=_dit_conditioning, apply=_dit_apply, reads=_is_dit_config,
     latent_multiple=lambda config: config.patch_size, class_conditioned=True, patch_tokens=True)
 
-FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT)}
+
+
+def _pixart_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
+                         ) -> dict[str, jax.Array]:
+    """PixArt: the T5 encoder's final hidden states and their padding mask; PixArt-alpha 1024's resolution and
+    aspect-ratio micro-conditions when the run has them."""
+    text = acts["text_encoder"]
+    cond = {"encoder_hidden_states": text["encoder.final_layer_norm"], "encoder_attention_mask": text[ATTENTION_MASK]}
+    return {**cond, **{k: extras[k] for k in ("resolution", "aspect_ratio") if k in extras}}
+
+
+def _pixart_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
+                  conditioning: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    out, state = module.apply({"params": params}, latents, t, conditioning["encoder_hidden_states"],
+                              conditioning["encoder_attention_mask"], conditioning.get("resolution"),
+                              conditioning.get("aspect_ratio"), mutable=["intermediates"])
+    return out[..., :latents.shape[-1]], state["intermediates"]   # learned sigma, as the PixArt pipelines
+
+
+def _is_pixart_config(raw: Mapping[str, Any]) -> bool:
+    return raw.get("_class_name") != "Transformer2DModel" or raw.get("norm_type") == "ada_norm_single"
+
+
+PIXART = DenoiserFamily(
+    name="pixart", component="transformer", class_names=pixart.CLASS_NAMES, config_cls=pixart.PixArtConfig,
+    read_config=pixart.PixArtConfig.from_dict, module=lambda config, dtype: pixart.PixArtTransformer2DModel(config, dtype),
+    example_inputs=pixart.example_inputs, block_sites=pixart.BLOCK_SITES, bottleneck_site="transformer_blocks.14",
+    text_encoders=("text_encoder",), context_site="encoder.final_layer_norm", conditioning=_pixart_conditioning,
+    apply=_pixart_apply, reads=_is_pixart_config, latent_multiple=lambda config: config.patch_size,
+    patch_tokens=True)
+
+FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART)}
 
 
 def family_of_config(config: Any) -> DenoiserFamily:

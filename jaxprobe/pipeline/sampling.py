@@ -177,6 +177,18 @@ def sdxl_extras(pipe: "Pipeline", plan: Plan, o: Mapping[str, Any]) -> tuple[dic
     return ids(cond), ids(uncond)
 
 
+def pixart_extras(pipe: "Pipeline", plan: Plan) -> dict:
+    """PixArt-alpha 1024's micro-conditions as its pipeline builds them (without resolution binning): the image's
+    (height, width) in pixels and height / width, {"resolution": (1, 2), "aspect_ratio": (1, 1)}; cond and uncond
+    alike. Empty for other models."""
+    if pipe.unet is None or not getattr(pipe.unet.config, "use_additional_conditions", False):
+        return {}
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 8
+    height, width = plan.latent_shape[0] * factor, plan.latent_shape[1] * factor
+    return {"resolution": np.asarray([[height, width]], np.float32),
+            "aspect_ratio": np.asarray([[height / width]], np.float32)}
+
+
 def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool = False,
                  **options: Any) -> tuple[Plan, schedulers.Schedule | None]:
     """The static plan (and the schedule) of `pipe.capture(prompts, sites, **options)`, validated
@@ -282,13 +294,16 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     if iv_rows:
         inputs["interventions"] = iv_rows        # per-prompt vectors and patch sources travel with their prompts
     # What every batch shares goes to the devices once, so a batch uploads only its own rows.
-    shared = {"uncond_ids": tokenized(pipe, [o["negative_prompt"]], allow_empty=True)[0]} if plan.guided else {}
+    shared = {}
+    if plan.guided:
+        shared["uncond_ids"], shared["uncond_eos"] = tokenized(pipe, [o["negative_prompt"]], allow_empty=True)
     if plan.sample:
         shared["extras"], shared["uncond_extras"] = sdxl_extras(pipe, plan, o)
+        if pixart_extras(pipe, plan):
+            shared["extras"] = shared["uncond_extras"] = pixart_extras(pipe, plan)
         if pipe.family.class_conditioned:   # per-prompt labels travel with their prompts; the negative is shared
-            inputs["extras"] = {"class_labels": class_labels(pipe, prompts)}
+            inputs["prompt_extras"] = {"class_labels": class_labels(pipe, prompts)}
             shared["uncond_extras"] = {"class_labels": class_labels(pipe, [o["negative_prompt"]])}
-            del shared["extras"]
     if iv_shared:
         shared["intervention_values"] = iv_shared
     shared = replicate(shared)
@@ -409,7 +424,9 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     plan_extras, _ = sdxl_extras(pipe, dataclasses.replace(plan, latent_shape=latent), CAPTURE_DEFAULTS)
     if pipe.family.class_conditioned:   # `prompt` is the class ("": the null class, unconditional features)
         plan_extras = {"class_labels": class_labels(pipe, [prompt])}
-    shared = {"prompt_ids": tokenized(pipe, [prompt], allow_empty=True)[0], "extras": plan_extras}
+    plan_extras = {**plan_extras, **pixart_extras(pipe, dataclasses.replace(plan, latent_shape=latent))}
+    prompt_ids, prompt_eos = tokenized(pipe, [prompt], allow_empty=True)
+    shared = {"prompt_ids": prompt_ids, "prompt_eos": prompt_eos, "extras": plan_extras}
     if interventions:
         text = [iv.site for iv in interventions if not iv.site.startswith(f"{pipe.unet.name}.")]
         if text:
