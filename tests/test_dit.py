@@ -173,3 +173,18 @@ def test_loading_errors_are_named(tmp_path, dit_folder):
         (bad / weights.name).write_bytes(weights.read_bytes())
     with pytest.raises(CheckpointError, match="missing keys"):
         load_denoiser(bad, component="transformer")
+
+
+def test_dit_random_is_dit_xl_2_at_full_size():
+    import jax
+
+    from jaxprobe.checkpoints.random import RANDOM_MODELS
+    from jaxprobe.checkpoints.weights import abstract_params
+    from jaxprobe.models.dit import DiTTransformer2DModel, example_inputs
+
+    config = RANDOM_MODELS["dit-random"](100)["transformer"]
+    shapes = abstract_params(DiTTransformer2DModel(config), example_inputs(config))
+    # DiT-XL/2's 675M, plus the timestep and class embeddings every block of diffusers' checkpoint repeats
+    assert round(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes)) / 1e6) == 750
+    assert config.width == 1152 and config.num_layers == 28 and config.output_channels == 8
+    assert config.bottleneck_site == "transformer_blocks.14"

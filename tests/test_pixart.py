@@ -121,3 +121,49 @@ def test_pixart_loading_errors_are_named(tmp_path, pixart_case):
     (bad / "config.json").write_text(json.dumps({**config, "cross_attention_dim": None}))
     with pytest.raises(CheckpointError, match="not a PixArt transformer"):
         load_denoiser(bad, component="transformer")
+
+
+def _parameters(component: str, config) -> float:
+    import jax
+
+    from jaxprobe.checkpoints import random as random_models
+    from jaxprobe.checkpoints.weights import abstract_params
+
+    module_cls, example = random_models._BY_CONFIG.get(type(config)) or random_models._BUILDERS[component]
+    shapes = abstract_params(module_cls(config), example(config))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes)) / 1e6
+
+
+def test_pixart_random_is_pixart_sigma_at_full_size():
+    from jaxprobe.checkpoints.random import RANDOM_MODELS
+
+    configs = RANDOM_MODELS["pixart-random"](100)
+    assert round(_parameters("transformer", configs["transformer"])) == 611       # PixArt-Sigma XL/2
+    assert round(_parameters("text_encoder", configs["text_encoder"])) == 4762    # T5 v1.1 XXL's encoder
+
+
+@pytest.mark.filterwarnings("ignore:reduce='none' keeps full maps")
+def test_pixart_random_plumbing_on_a_small_copy(monkeypatch):
+    """The random build's parts (T5 with a 300-token tokenizer, DPM-Solver++, the transformer) at toy widths."""
+    import dataclasses
+
+    import jaxprobe
+    from jaxprobe.checkpoints import random as random_models
+    from jaxprobe.models.t5 import T5Config
+
+    full = random_models.pixart_configs
+
+    def small(vocab_size):
+        configs = full(vocab_size)
+        return {"text_encoder": T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+                "transformer": dataclasses.replace(configs["transformer"], **transformer_reference.PIXART_KWARGS),
+                "vae": random_models.tiny_configs(vocab_size)[2]}
+
+    monkeypatch.setitem(random_models.RANDOM_MODELS, "pixart-random", small)
+    pipe = jaxprobe.load("pixart-random")
+    assert pipe.family.name == "pixart" and pipe.tokenizer.max_length == 300
+    assert pipe.scheduler.kind == "dpmpp_2m"
+    feats = pipe.capture(["a cat"], ["transformer.transformer_blocks.1", "text_encoder.encoder.block.1"],
+                         num_inference_steps=2)
+    assert feats["transformer.transformer_blocks.1"].shape == (1, 2, 24)
+    assert np.isfinite(feats["text_encoder.encoder.block.1"]).all()

@@ -67,12 +67,6 @@ def save_dit_pipeline(path: str | Path, *, legacy: bool = False, scheduler: dict
     return pipe
 
 
-# PixArt-Sigma-XL-2-1024-MS's scheduler_config.json (PixArt-alpha's is the same solver)
-PIXART_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
-                    "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000,
-                    "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
-                    "prediction_type": "epsilon", "steps_offset": 0, "thresholding": False,
-                    "timestep_spacing": "linspace", "use_karras_sigmas": False, "variance_type": None}
 T5_WIDTH = 32
 # width 24 = 3 heads of 8: PixArt-alpha's micro-conditions split the width in thirds
 PIXART_KWARGS: dict[str, Any] = dict(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
@@ -103,6 +97,8 @@ def save_pixart_pipeline(path: str | Path, kind: str = "sigma", *, legacy: bool 
     text_encoder = transformers.T5EncoderModel.from_pretrained(path / "t5").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path / "t5")
     transformer = make_pixart(seed=2, use_additional_conditions=kind == "alpha")
+    from jaxprobe.checkpoints.random import PIXART_SCHEDULER
+
     scheduler = diffusers.DPMSolverMultistepScheduler.from_config(PIXART_SCHEDULER)
     pipe = getattr(diffusers, PIPELINES[kind])(tokenizer=tokenizer, text_encoder=text_encoder,
                                                 vae=sd_reference.make_vae(seed=1), transformer=transformer,

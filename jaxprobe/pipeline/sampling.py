@@ -242,6 +242,9 @@ def _with_interventions(pipe: "Pipeline", plan: Plan, schedule: schedulers.Sched
         if pipe.text_encoder is None:
             raise InputError(f"text_layer (the Diffusion Lens) feeds a text-encoder layer; {pipe.source} has no text "
                              "encoder")
+        if pipe.family.name == "pixart":
+            raise InputError("text_layer (the Diffusion Lens) feeds CLIP layers into CLIP's final layer norm; it is not "
+                             "implemented for PixArt's T5 encoder")
         n_layers = pipe.text_encoder.config.num_hidden_layers
         if not plan.sample:
             raise InputError("text_layer changes what conditions the denoiser: generate, or capture a denoiser site")
