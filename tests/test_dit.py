@@ -188,3 +188,11 @@ def test_dit_random_is_dit_xl_2_at_full_size():
     assert round(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes)) / 1e6) == 750
     assert config.width == 1152 and config.num_layers == 28 and config.output_channels == 8
     assert config.bottleneck_site == "transformer_blocks.14"
+
+
+def test_real_image_features_are_unconditional_or_of_a_class(dit_pipe):
+    images = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    null = dit_pipe.capture_images(images, ["transformer.transformer_blocks.1"], t=25)
+    shark = dit_pipe.capture_images(images, ["transformer.transformer_blocks.1"], t=25, prompt="white shark")
+    assert null["transformer.transformer_blocks.1"].shape == (2, 16)
+    assert not np.allclose(null["transformer.transformer_blocks.1"], shark["transformer.transformer_blocks.1"])

@@ -167,3 +167,10 @@ def test_pixart_random_plumbing_on_a_small_copy(monkeypatch):
                          num_inference_steps=2)
     assert feats["transformer.transformer_blocks.1"].shape == (1, 2, 24)
     assert np.isfinite(feats["text_encoder.encoder.block.1"]).all()
+
+
+def test_real_image_features_of_pixart(pixart_case):
+    images = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    feats = pixart_case["pipe"].capture_images(images, ["transformer.transformer_blocks.1"], t=25, prompt="a dog")
+    assert feats["transformer.transformer_blocks.1"].shape == (2, 24)
+    assert np.isfinite(feats["transformer.transformer_blocks.1"]).all()
