@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import sd_reference  # noqa: E402
 import transformer_reference  # noqa: E402
+from transformer_reference import relative_error  # noqa: E402
 from jaxprobe.checkpoints.diffusers import load_denoiser  # noqa: E402
 from jaxprobe.errors import CheckpointError, InputError, SiteError  # noqa: E402
 from jaxprobe.pipeline.labels import class_label_ids  # noqa: E402
@@ -21,11 +22,6 @@ from jaxprobe.pipeline.sites import flatten_intermediates  # noqa: E402
 
 RTOL = 1e-4
 CLASSES = ["golden retriever", "white shark"]
-
-
-def _relative(ours, theirs) -> float:
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +57,12 @@ def forward(dit_folder):
 
 def test_every_dit_block_matches_diffusers(forward):
     assert forward["out"].shape == (3, 8, 8, 8)   # learned sigma: noise and variance halves
-    assert _relative(forward["out"], forward["ref"]) < RTOL
+    assert relative_error(forward["out"], forward["ref"]) < RTOL
     expected = {"pos_embed", "norm_out", *(f"transformer_blocks.{i}{part}" for i in range(3)
                                            for part in ("", ".attn1", ".ff"))}
     assert expected <= set(forward["ref_sites"])
     for site, ref in forward["ref_sites"].items():
-        assert _relative(forward["sites"][site], ref) < RTOL, site
+        assert relative_error(forward["sites"][site], ref) < RTOL, site
 
 
 def test_legacy_transformer2d_folders_and_fp16_variants_load_as_dit(tmp_path, dit_folder):
@@ -152,7 +148,7 @@ def test_guided_ddim_sampling_matches_dit_pipeline(dit_folder, dit_pipe, monkeyp
     theirs = decoded[0].numpy() * reference.vae.config.scaling_factor
     ours = dit_pipe.capture(CLASSES, ["latents"], num_inference_steps=4, guidance_scale=4.0, latents=latents,
                             timesteps=[-1], reduce="none")["latents"][:, -1]
-    assert _relative(ours, theirs.transpose(0, 2, 3, 1)) < 1e-3
+    assert relative_error(ours, theirs.transpose(0, 2, 3, 1)) < 1e-3
 
 
 def test_loading_errors_are_named(tmp_path, dit_folder):

@@ -15,17 +15,13 @@ diffusers = pytest.importorskip("diffusers")
 
 import sd_reference  # noqa: E402
 import transformer_reference  # noqa: E402
+from transformer_reference import relative_error  # noqa: E402
 from jaxprobe.checkpoints.diffusers import load_denoiser  # noqa: E402
 from jaxprobe.errors import CheckpointError  # noqa: E402
 from jaxprobe.pipeline.sites import flatten_intermediates  # noqa: E402
 
 RTOL = 1e-4
 PROMPTS = ["A photo of a Zebra", "a drawing of a banana and a knife beside a dog"]
-
-
-def _relative(ours, theirs) -> float:
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
 @pytest.fixture(scope="session", params=["sigma", "alpha"])
@@ -59,14 +55,14 @@ def test_every_pixart_block_matches_diffusers(pixart_case):
     ref, ref_sites = sd_reference.run_with_hooks(model, [s for s in sites if s in names], lambda: model(
         sd_reference.nchw(sample), encoder_hidden_states=torch.from_numpy(context), timestep=torch.as_tensor(timesteps),
         encoder_attention_mask=torch.as_tensor(mask), added_cond_kwargs=added).sample)
-    assert _relative(out, sd_reference.nhwc(ref)) < RTOL
+    assert relative_error(out, sd_reference.nhwc(ref)) < RTOL
     expected = {"pos_embed", "caption_projection", "norm_out", "adaln_single.emb.timestep_embedder",
                 *(f"transformer_blocks.{i}{part}" for i in range(2) for part in ("", ".attn1", ".attn2", ".ff"))}
     if alpha:
         expected |= {"adaln_single.emb.resolution_embedder", "adaln_single.emb.aspect_ratio_embedder"}
     assert expected <= set(ref_sites)
     for site, value in ref_sites.items():
-        assert _relative(sites[site], value) < RTOL, site
+        assert relative_error(sites[site], value) < RTOL, site
     probs = np.asarray(sites["transformer_blocks.0.attn2.probs"])     # (b, h*w, tokens): no weight on padding
     assert probs.shape == (2, 36, 6) and not probs[0, :, 3:].any() and np.allclose(probs.sum(-1), 1, atol=1e-5)
 
@@ -98,7 +94,7 @@ def test_guided_sampling_matches_the_diffusers_pixart_pipeline(pixart_case):
                          num_inference_steps=4, guidance_scale=4.5, latents=latents, timesteps=[-1],
                          reduce={"text_encoder.encoder.final_layer_norm": "none", "text_encoder.*": "mean",
                                  "*": "none"})
-    assert _relative(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1)) < 1e-3
+    assert relative_error(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1)) < 1e-3
     np.testing.assert_allclose(feats["text_encoder.encoder.final_layer_norm"], embeds.numpy(), atol=1e-5)
     assert feats["text_encoder.encoder.block.0"].shape == (2, transformer_reference.T5_WIDTH)
     assert feats["transformer.transformer_blocks.1"].shape == (2, 1, 4, 4, 24)     # tokens as (h, w) maps

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import sd_reference
@@ -22,6 +23,12 @@ ID2LABEL = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 2: "great
 
 DIT_KWARGS: dict[str, Any] = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                   num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+
+
+def relative_error(ours: Any, theirs: Any) -> float:
+    """max |ours - theirs| over max |theirs|: the parity tests' measure."""
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
 def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -26,7 +26,14 @@ import jax.numpy as jnp
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.blocks import FEED_FORWARD_ACTIVATIONS, Attention, FeedForward
 from jaxprobe.models.layers import SownLayerNorm
-from jaxprobe.models.patches import AdaLayerNormZero, PatchEmbed, modulate, plain_layer_norm, unpatchify
+from jaxprobe.models.patches import (
+    AdaLayerNormZero,
+    PatchEmbed,
+    PatchTransformerShape,
+    modulate,
+    plain_layer_norm,
+    unpatchify,
+)
 
 BLOCK_SITES = (r"pos_embed", r"transformer_blocks\.\d+", r"norm_out")
 CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -37,7 +44,7 @@ _ONLY_SUPPORTED = {"norm_type": "ada_norm_zero", "cross_attention_dim": None, "n
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(PatchTransformerShape):
     """The fields of diffusers' DiT transformer config.json, with diffusers' defaults (DiT-XL/2 256)."""
 
     num_attention_heads: int = 16
@@ -75,21 +82,9 @@ class DiTConfig:
         return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
 
     @property
-    def width(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.in_channels if self.out_channels is None else self.out_channels
-
-    @property
     def null_class(self) -> int:
         """The label of the unconditional ("null") class that classifier-free guidance uses."""
         return self.num_embeds_ada_norm
-
-    @property
-    def bottleneck_site(self) -> str:
-        return f"transformer_blocks.{self.num_layers // 2}"
 
 
 class DiTBlock(nn.Module):

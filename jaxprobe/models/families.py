@@ -114,7 +114,6 @@ SDXL = dataclasses.replace(
 STABLE_DIFFUSION = dataclasses.replace(STABLE_DIFFUSION, matches=lambda config: not _is_sdxl(config))
 
 
-
 def _dit_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
                       ) -> dict[str, jax.Array]:
     """DiT: the class label of each row (the null class for the unconditional half), no text."""
@@ -128,18 +127,23 @@ def _dit_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
     return out[..., :latents.shape[-1]], state["intermediates"]
 
 
-def _is_dit_config(raw: Mapping[str, Any]) -> bool:
-    return raw.get("_class_name") != "Transformer2DModel" or raw.get("norm_type") == "ada_norm_zero"
+def _patch_family(name: str, model: Any, module_cls: type, config_cls: type, legacy_norm: str,
+                  **fields: Any) -> DenoiserFamily:
+    """A patch-token transformer family (DiT, PixArt): its `transformer/` folder names its own class or the
+    legacy Transformer2DModel, told apart by `norm_type`; latents divide into patches; the bottleneck is the
+    middle of 28 blocks (`config.bottleneck_site` for other depths)."""
+    def reads(raw: Mapping[str, Any]) -> bool:
+        return raw.get("_class_name") != "Transformer2DModel" or raw.get("norm_type") == legacy_norm
+
+    return DenoiserFamily(
+        name=name, component="transformer", class_names=model.CLASS_NAMES, config_cls=config_cls,
+        read_config=config_cls.from_dict, module=lambda config, dtype: module_cls(config, dtype),
+        example_inputs=model.example_inputs, block_sites=model.BLOCK_SITES, bottleneck_site="transformer_blocks.14",
+        reads=reads, latent_multiple=lambda config: config.patch_size, patch_tokens=True, **fields)
 
 
-# The bottleneck is the middle block of DiT-XL/2's 28 (`DiTConfig.bottleneck_site` for other depths).
-DIT = DenoiserFamily(
-    name="dit", component="transformer", class_names=dit.CLASS_NAMES, config_cls=dit.DiTConfig,
-    read_config=dit.DiTConfig.from_dict, module=lambda config, dtype: dit.DiTTransformer2DModel(config, dtype),
-    example_inputs=dit.example_inputs, block_sites=dit.BLOCK_SITES, bottleneck_site="transformer_blocks.14",
-    text_encoders=(), context_site="", conditioning=_dit_conditioning, apply=_dit_apply, reads=_is_dit_config,
-    latent_multiple=lambda config: config.patch_size, class_conditioned=True, patch_tokens=True)
-
+DIT = _patch_family("dit", dit, dit.DiTTransformer2DModel, dit.DiTConfig, "ada_norm_zero", text_encoders=(),
+                    context_site="", conditioning=_dit_conditioning, apply=_dit_apply, class_conditioned=True)
 
 
 def _pixart_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
@@ -159,17 +163,9 @@ def _pixart_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
     return out[..., :latents.shape[-1]], state["intermediates"]   # learned sigma, as the PixArt pipelines
 
 
-def _is_pixart_config(raw: Mapping[str, Any]) -> bool:
-    return raw.get("_class_name") != "Transformer2DModel" or raw.get("norm_type") == "ada_norm_single"
-
-
-PIXART = DenoiserFamily(
-    name="pixart", component="transformer", class_names=pixart.CLASS_NAMES, config_cls=pixart.PixArtConfig,
-    read_config=pixart.PixArtConfig.from_dict, module=lambda config, dtype: pixart.PixArtTransformer2DModel(config, dtype),
-    example_inputs=pixart.example_inputs, block_sites=pixart.BLOCK_SITES, bottleneck_site="transformer_blocks.14",
-    text_encoders=("text_encoder",), context_site="encoder.final_layer_norm", conditioning=_pixart_conditioning,
-    apply=_pixart_apply, reads=_is_pixart_config, latent_multiple=lambda config: config.patch_size,
-    patch_tokens=True)
+PIXART = _patch_family("pixart", pixart, pixart.PixArtTransformer2DModel, pixart.PixArtConfig, "ada_norm_single",
+                       text_encoders=("text_encoder",), context_site="encoder.final_layer_norm",
+                       conditioning=_pixart_conditioning, apply=_pixart_apply)
 
 FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART)}
 

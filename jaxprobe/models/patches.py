@@ -24,6 +24,25 @@ Dtype = Any
 TIME_PROJ_DIM = 256
 
 
+class PatchTransformerShape:
+    """What every patch-token transformer's frozen Config derives from its diffusers fields (num_attention_heads,
+    attention_head_dim, in_channels, out_channels, num_layers); a mixin of DiTConfig and PixArtConfig."""
+
+    @property
+    def width(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        """2 x in_channels with learned sigma (noise, then variance); out_channels None means in_channels."""
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def bottleneck_site(self) -> str:
+        """The middle block, these families' h-space for the directions study (14 of 28)."""
+        return f"transformer_blocks.{self.num_layers // 2}"
+
+
 def sincos_positions(dim: int, height: int, width: int, *, base_size: int, interpolation_scale: float = 1.0
                      ) -> np.ndarray:
     """(height*width, dim) fixed 2-D positions as diffusers' `get_2d_sincos_pos_embed`.

@@ -27,7 +27,14 @@ import jax.numpy as jnp
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.blocks import FEED_FORWARD_ACTIVATIONS, Attention, FeedForward
 from jaxprobe.models.layers import SownLayerNorm
-from jaxprobe.models.patches import AdaLayerNormSingle, CaptionProjection, PatchEmbed, modulate, unpatchify
+from jaxprobe.models.patches import (
+    AdaLayerNormSingle,
+    CaptionProjection,
+    PatchEmbed,
+    PatchTransformerShape,
+    modulate,
+    unpatchify,
+)
 
 BLOCK_SITES = (r"pos_embed", r"caption_projection", r"transformer_blocks\.\d+", r"norm_out")
 CLASS_NAMES = ("PixArtTransformer2DModel", "Transformer2DModel")
@@ -42,7 +49,7 @@ _LEGACY_DEFAULTS = {"norm_eps": 1e-5, "out_channels": None}
 
 
 @dataclass(frozen=True)
-class PixArtConfig:
+class PixArtConfig(PatchTransformerShape):
     """The fields of diffusers' PixArt transformer config.json, with PixArtTransformer2DModel's defaults."""
 
     num_attention_heads: int = 16
@@ -93,21 +100,9 @@ class PixArtConfig:
         return cls(**values)
 
     @property
-    def width(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def output_channels(self) -> int:
-        return self.in_channels if self.out_channels is None else self.out_channels
-
-    @property
     def text_width(self) -> int:
         """The width of the text states it reads (T5 XXL: 4096)."""
         return self.caption_channels or self.cross_attention_dim
-
-    @property
-    def bottleneck_site(self) -> str:
-        return f"transformer_blocks.{self.num_layers // 2}"
 
 
 class PixArtBlock(nn.Module):
@@ -126,10 +121,12 @@ class PixArtBlock(nn.Module):
         mods = table[None].astype(jnp.float32) + modulation.reshape(-1, 6, dim).astype(jnp.float32)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             m.astype(self.dtype) for m in jnp.split(mods, 6, axis=1))          # each (b, 1, d)
-        norm = lambda name: nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, use_scale=cfg.norm_elementwise_affine,  # noqa: E731
-                                         use_bias=cfg.norm_elementwise_affine, name=name)
-        attn = lambda name: Attention(cfg.num_attention_heads, cfg.attention_head_dim, qkv_bias=cfg.attention_bias,  # noqa: E731
-                                      upcast=cfg.upcast_attention, dtype=self.dtype, name=name)
+        affine = cfg.norm_elementwise_affine
+        norm = lambda name: nn.LayerNorm(cfg.norm_eps, dtype=self.dtype, use_scale=affine,  # noqa: E731
+                                         use_bias=affine, name=name)
+        attn = lambda name: Attention(cfg.num_attention_heads, cfg.attention_head_dim,  # noqa: E731
+                                      qkv_bias=cfg.attention_bias, upcast=cfg.upcast_attention, dtype=self.dtype,
+                                      name=name)
         x = x + gate_msa * attn("attn1")(modulate(norm("norm1")(x), shift_msa, scale_msa))
         # PixArt applies no norm before its cross-attention (diffusers' norm2 serves the feed-forward)
         x = x + attn("attn2")(x, context, context_mask)
