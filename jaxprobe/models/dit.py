@@ -75,7 +75,8 @@ class DiTConfig(PatchTransformerShape):
         if bad:
             raise CheckpointError("DiT config sets option(s) a class-conditional DiT does not have: "
                                   + ", ".join(f"{k}={v!r} (DiT: {_ONLY_SUPPORTED[k]!r})" for k, v in bad.items()))
-        if cfg.get("patch_size") is None or cfg.get("num_embeds_ada_norm") is None:
+        legacy = cfg.get("_class_name") == "Transformer2DModel"   # where a null patch_size means pixels, not patches
+        if (legacy and cfg.get("patch_size") is None) or ("num_embeds_ada_norm" in cfg and cfg["num_embeds_ada_norm"] is None):
             raise CheckpointError("DiT config needs patch_size and num_embeds_ada_norm (the class count); this "
                                   "Transformer2DModel is not a DiT")
         names = {f.name for f in dataclasses.fields(cls)}

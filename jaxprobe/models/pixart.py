@@ -92,7 +92,7 @@ class PixArtConfig(PatchTransformerShape):
         if bad:
             raise CheckpointError("PixArt config sets option(s) jaxprobe does not implement: "
                                   + ", ".join(f"{k}={v!r} (supported: {_ONLY_SUPPORTED[k]!r})" for k, v in bad.items()))
-        if cfg.get("patch_size") is None:
+        if cfg.get("_class_name") == "Transformer2DModel" and cfg.get("patch_size") is None:
             raise CheckpointError("PixArt config needs patch_size; this Transformer2DModel is not a PixArt")
         values = dict(_LEGACY_DEFAULTS) if cfg.get("_class_name") == "Transformer2DModel" else {}
         names = {f.name for f in dataclasses.fields(cls)}
