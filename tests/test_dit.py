@@ -133,22 +133,54 @@ def test_text_sites_of_a_class_conditional_pipeline_are_refused(dit_pipe):
         dit_pipe.capture(["golden retreiver"], ["transformer.norm_out"], num_inference_steps=2)
 
 
-@pytest.mark.filterwarnings("ignore:reduce='none' keeps full maps")
-def test_guided_ddim_sampling_matches_dit_pipeline(dit_folder, dit_pipe, monkeypatch):
-    _, reference = dit_folder
-    latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+def _reference_latents(reference, monkeypatch, latents: np.ndarray, hook=None) -> np.ndarray:
+    """DiTPipeline's final latents (NHWC) from the given initial latents: it draws its own noise and decodes, so
+    the draw is replaced and the decoder's input recorded. hook: a forward hook on transformer_blocks.1."""
     monkeypatch.setattr("diffusers.pipelines.dit.pipeline_dit.randn_tensor",
                         lambda shape, **kw: torch.from_numpy(latents.copy()))
     decoded = []
     decode = reference.vae.decode
     monkeypatch.setattr(reference.vae, "decode", lambda z, *a, **k: decoded.append(z.clone()) or decode(z, *a, **k))
-    with sd_reference.single_threaded(), torch.no_grad():
-        reference(class_labels=reference.get_label_ids(CLASSES), guidance_scale=4.0, num_inference_steps=4,
-                  output_type="np")
-    theirs = decoded[0].numpy() * reference.vae.config.scaling_factor
+    handle = reference.transformer.transformer_blocks[1].register_forward_hook(hook) if hook else None
+    try:
+        with sd_reference.single_threaded(), torch.no_grad():
+            reference(class_labels=reference.get_label_ids(CLASSES), guidance_scale=4.0, num_inference_steps=4,
+                      output_type="np")
+    finally:
+        if handle is not None:
+            handle.remove()
+    return (decoded[0].numpy() * reference.vae.config.scaling_factor).transpose(0, 2, 3, 1)
+
+
+@pytest.mark.filterwarnings("ignore:reduce='none' keeps full maps")
+def test_guided_ddim_sampling_matches_dit_pipeline(dit_folder, dit_pipe, monkeypatch):
+    latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    theirs = _reference_latents(dit_folder[1], monkeypatch, latents)
     ours = dit_pipe.capture(CLASSES, ["latents"], num_inference_steps=4, guidance_scale=4.0, latents=latents,
                             timesteps=[-1], reduce="none")["latents"][:, -1]
-    assert relative_error(ours, theirs.transpose(0, 2, 3, 1)) < 1e-3
+    assert relative_error(ours, theirs) < 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:reduce='none' keeps full maps")
+def test_steering_a_dit_block_matches_a_diffusers_forward_hook(dit_folder, dit_pipe, monkeypatch):
+    """Interventions on patch tokens: Steer on transformer_blocks.1 over two steps, both CFG halves."""
+    from jaxprobe.interventions import Steer
+
+    latents = np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    vector, steps, scale = np.random.default_rng(1).standard_normal(16).astype(np.float32), range(1, 3), 2.0
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(None)
+        return output + torch.from_numpy(scale * vector) if len(calls) - 1 in steps else output
+
+    theirs = _reference_latents(dit_folder[1], monkeypatch, latents, hook)
+    steer = Steer("transformer.transformer_blocks.1", vector, scale=scale, steps=steps)
+    ours = dit_pipe.capture(CLASSES, ["latents"], num_inference_steps=4, guidance_scale=4.0, latents=latents,
+                            timesteps=[-1], reduce="none", interventions=[steer])["latents"][:, -1]
+    plain = dit_pipe.capture(CLASSES, ["latents"], num_inference_steps=4, guidance_scale=4.0, latents=latents,
+                             timesteps=[-1], reduce="none")["latents"][:, -1]
+    assert relative_error(ours, theirs) < 1e-3 and relative_error(plain, theirs) > 1e-2
 
 
 def test_loading_errors_are_named(tmp_path, dit_folder):
