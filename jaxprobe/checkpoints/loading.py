@@ -4,7 +4,9 @@ Accepted sources:
 - `"tiny"`: the bundled randomly initialised SD-1.x-shaped model (offline, for demos and tests);
 - `"sd15-random"`: SD 1.5 at full size with random weights (speed and memory measurements);
 - a diffusers pipeline folder (`model_index.json` with text_encoder/, tokenizer/, unet/, vae/,
-  scheduler/, optionally image_encoder/ and feature_extractor/; `variant="fp16"` weight files);
+  scheduler/, optionally image_encoder/ and feature_extractor/; `variant="fp16"` weight files); DiT folders
+  (transformer/, vae/, scheduler/, the class names in `id2label`) and PixArt folders (a T5 text_encoder/ and
+  its tokenizer/, transformer/) too;
 - a transformers CLIP folder (`config.json` + safetensors/.bin, sharded or not): CLIPTextModel,
   CLIPTextModelWithProjection, CLIPVisionModel(WithProjection) or a full CLIPModel; or a Dinov2Model folder,
   an image encoder like CLIP's vision tower (T5 encoder folders load as components: `checkpoints.encoders`);
