@@ -1,14 +1,16 @@
-"""Benchmark: full-size UNet sampling, jaxprobe (jitted lax.scan, capture on/off, steering) vs diffusers.
+"""Benchmark: full-size denoiser sampling, jaxprobe (jitted lax.scan, capture on/off, steering) vs diffusers.
 
-The UNet has SD 1.5's (860M parameters, 64x64 latents) or SDXL base's (2.6B, 128x128) architecture with
-random weights; classifier-free guidance (UNet batch = 2 x batch), the model's own sampler (PNDM, Euler).
+The denoiser has SD 1.5's UNet (860M parameters, 64x64 latents), SDXL base's (2.6B, 128x128), DiT-XL/2 256's
+class-conditional transformer (750M, 32x32) or PixArt-Sigma 1024's (611M, 128x128, conditioned on given T5-XXL
+states) architecture with random weights; classifier-free guidance (denoiser batch = 2 x batch), the model's own
+sampler (PNDM, Euler, DDIM, DPM-Solver++).
 Every row runs `--steps` denoising steps on the same inputs; rows are timed interleaved (`--repeats`
 rounds of every row in turn, after one warm-up each) and reported as median ms per UNet evaluation
 with the spread (min, max), so a shared machine's drift hits every row alike.
 
-Rows: jaxprobe with capture off, with every down/mid/up block output captured (spatial mean) at every
+Rows: jaxprobe with capture off, with every block output captured (spatial or token mean) at every
 step (for SDXL: the contributions of the four transformer blocks SDXL-Turbo's SAEs are trained on), and
-with a Patch then a Steer on `mid_block` at every step; diffusers' UNet eager, torch.compile, eager with
+with a Patch then a Steer on the bottleneck (`mid_block`, a transformer's middle block) at every step; diffusers' UNet eager, torch.compile, eager with
 forward hooks capturing the same means (`diffusers_capture`), and eager with a hook doing the steering
 row's two edits (`diffusers_hooks`).
 
@@ -21,6 +23,10 @@ diffusers on GPU; `--dtype` overrides jaxprobe's.
     python scripts/bench_sampling.py --model sdxl-random --batch 4 --steps 30 --json bench_sdxl.json    # GPU
     python scripts/bench_sampling.py --model sdxl-random --size 512 --dtype bfloat16 --steps 1 --batch 1 \
         --rows capture_off --no-peer                                                        # SDXL on a CPU
+    python scripts/bench_sampling.py --model dit-random --batch 32 --steps 50 --json bench_dit.json     # GPU
+    python scripts/bench_sampling.py --model pixart-random --batch 4 --steps 20 --json bench_pixart.json # GPU
+    python scripts/bench_sampling.py --model dit-random --steps 1 --batch 1 \
+        --rows capture_off capture_blocks diffusers_eager                                   # DiT on a CPU
     python scripts/bench_sampling.py --model toy --steps 3 --batch 1                         # a smoke run
 """
 
@@ -39,11 +45,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprobe.checkpoints.random import SD15_SCHEDULER, SDXL_SCHEDULER, random_params
+from jaxprobe.checkpoints.random import (
+    DIT_SCHEDULER,
+    PIXART_SCHEDULER,
+    SD15_SCHEDULER,
+    SDXL_SCHEDULER,
+    random_params,
+)
 from jaxprobe.models import schedulers
+from jaxprobe.models.dit import DiTConfig
 from jaxprobe.models.families import family_of_config
 from jaxprobe.models.layers import attention_implementation
-from jaxprobe.models.unet import BLOCK_SITES, UNet2DConditionModel, UNetConfig, example_inputs
+from jaxprobe.models.pixart import PixArtConfig
+from jaxprobe.models.unet import UNetConfig
 from jaxprobe.pipeline.interventions import Patch, Steer, module_outputs, plan_interventions
 from jaxprobe.pipeline.programs import Models, Plan, denoise
 from jaxprobe.pipeline.sites import block_sites_of, flatten_intermediates
@@ -52,7 +66,7 @@ ROWS = ("capture_off", "capture_blocks", "steering", "diffusers_eager", "diffuse
         "diffusers_hooks")
 PEERS = ROWS[3:]
 
-# (diffusers UNet2DConditionModel kwargs, scheduler_config.json) of each model; jaxprobe's UNetConfig takes the same.
+# (diffusers model kwargs, scheduler_config.json) of each model; jaxprobe's configs take the same (KINDS).
 MODELS = {
     "sd15-random": (dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8), SD15_SCHEDULER),
     "sdxl-random": (dict(sample_size=128, block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
@@ -64,8 +78,14 @@ MODELS = {
     "toy": (dict(sample_size=16, cross_attention_dim=64, block_out_channels=(32, 64), layers_per_block=1,
                  norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), SD15_SCHEDULER),
+    "dit-random": (dict(sample_size=32, out_channels=8, num_embeds_ada_norm=1000), DIT_SCHEDULER),
+    "pixart-random": (dict(sample_size=128, out_channels=8, caption_channels=4096, cross_attention_dim=1152,
+                           interpolation_scale=2, use_additional_conditions=False), PIXART_SCHEDULER),
 }
+# Which jaxprobe config and diffusers class each model's kwargs build (the rest are UNets).
+KINDS = {"dit-random": (DiTConfig, "DiTTransformer2DModel"), "pixart-random": (PixArtConfig, "PixArtTransformer2DModel")}
 TEXT_TOKENS, POOLED_WIDTH = 77, 1280
+T5_TOKENS, T5_REAL_TOKENS = 300, 24   # PixArt-Sigma's padded prompt length, and a short prompt's real tokens
 # The capture row's sites (spatial mean at every step): every block output, or for SDXL the four hook points
 # whose contributions SDXL-Turbo's SAEs are trained on (issue 13).
 CAPTURES = {"sdxl-random": ("down_blocks.2.attentions.1.contribution", "mid_block.attentions.0.contribution",
@@ -79,11 +99,24 @@ def sample_program(models, params, schedule, plan, noise, conditioning, scale, i
     return denoise(models, params, schedule, plan, noise, conditioning, scale, inputs)
 
 
-def make_inputs(config: UNetConfig, batch: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Initial noise (batch, h, w, 4) and the CFG pair's conditioning (2 x batch rows), channels last."""
+def make_config(model: str, kwargs: dict):
+    config_cls, _ = KINDS.get(model, (UNetConfig, "UNet2DConditionModel"))
+    return config_cls(**kwargs) if config_cls is UNetConfig else config_cls.from_dict(kwargs)
+
+
+def make_inputs(config, batch: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Initial noise (batch, h, w, 4) and the CFG pair's conditioning (2 x batch rows, [uncond; cond]),
+    channels last: text states (UNets), null class and classes (DiT), padded T5 states and their mask (PixArt)."""
     rng = np.random.default_rng(seed)
     side = config.sample_size
     noise = rng.standard_normal((batch, side, side, config.in_channels)).astype(np.float32)
+    if isinstance(config, DiTConfig):
+        labels = np.concatenate([np.full(batch, config.null_class), rng.integers(0, config.null_class, batch)])
+        return noise, {"class_labels": labels.astype(np.int32)}
+    if isinstance(config, PixArtConfig):
+        mask = (np.arange(T5_TOKENS)[None] < T5_REAL_TOKENS).repeat(2 * batch, 0).astype(np.int32)
+        states = rng.standard_normal((2 * batch, T5_TOKENS, config.text_width)).astype(np.float32)
+        return noise, {"encoder_hidden_states": states, "encoder_attention_mask": mask}
     conditioning = {"encoder_hidden_states": rng.standard_normal((2 * batch, TEXT_TOKENS, config.cross_attention_dim))}
     if config.addition_embed_type == "text_time":
         conditioning["text_embeds"] = rng.standard_normal((2 * batch, POOLED_WIDTH))
@@ -103,42 +136,59 @@ def jax_runner(module, params, schedule, plan, noise, conditioning, inputs=None)
     if memory is not None:
         figures["temp_bytes"] = int(memory.temp_size_in_bytes)
     return lambda: jax.block_until_ready(compiled(params, schedule, noise, conditioning, scale, inputs)), figures
+def bottleneck(config) -> str:
+    return getattr(config, "bottleneck_site", "mid_block")
+
+
 def steering(module, params, config, batch: int, evals: int) -> tuple[Plan, dict, np.ndarray, np.ndarray]:
-    """The steering row: Patch then Steer on mid_block at every step. Returns the plan, its inputs, and the
-    vector (c,) and patch source (batch, evals, h, w, c) for the diffusers hook."""
-    outputs = jax.eval_shape(lambda: module.apply({"params": params}, *example_inputs(config),
+    """The steering row: Patch then Steer on the bottleneck at every step. Returns the plan, its inputs, and the
+    vector (c,) and patch source (batch, evals, h, w, c) or (batch, evals, tokens, c) for the diffusers hook."""
+    family = family_of_config(config)
+    outputs = jax.eval_shape(lambda: module.apply({"params": params}, *family.example_inputs(config),
                                                   mutable=["intermediates"])[1]["intermediates"])
     shapes = {path: tuple(v.shape[1:]) for path, v in module_outputs(outputs).items()}
-    mid = shapes["mid_block"]
+    site, prefix = bottleneck(config), f"{family.component}."
+    mid = shapes[site]
     rng = np.random.default_rng(1)
     vector = rng.standard_normal(mid[-1]).astype(np.float32)
     source = rng.standard_normal((batch, evals, *mid)).astype(np.float32)
     specs, rows, shared = plan_interventions(
-        [Patch("unet.mid_block", source), Steer("unet.mid_block", vector, scale=2.0)],
-        {"prefix:denoiser": "unet.", "denoiser": shapes}, n_prompts=batch, n_steps=evals, guided=True)
+        [Patch(prefix + site, source), Steer(prefix + site, vector, scale=2.0)],
+        {"prefix:denoiser": prefix, "denoiser": shapes}, n_prompts=batch, n_steps=evals, guided=True)
     plan = Plan(sample=True, guided=True, interventions=specs)
     return plan, {"interventions": rows, "intervention_values": shared}, vector, source
 
 
-def torch_runner(kwargs: dict, noise: np.ndarray, conditioning: dict[str, np.ndarray], evals: int, *,
-                 compile_: bool = False, capture: tuple[str, ...] = (), hook: tuple[np.ndarray, np.ndarray] | None = None
-                 ) -> tuple[Callable[[], None], dict]:
-    """diffusers' UNet doing the same `evals` guided evaluations (the CFG combination, no sampler update:
-    diffusers' schedulers are a few elementwise ops per step). capture: block names whose spatial mean a
-    forward hook keeps at every step, as jaxprobe's capture row; hook: the steering row's (vector, patch)."""
+def torch_runner(model: str, kwargs: dict, noise: np.ndarray, conditioning: dict[str, np.ndarray], evals: int, *,
+                 compile_: bool = False, capture: tuple[str, ...] = (), hook: tuple[np.ndarray, np.ndarray] | None = None,
+                 hook_site: str = "mid_block") -> tuple[Callable[[], None], dict]:
+    """diffusers' denoiser doing the same `evals` guided evaluations (the CFG combination, no sampler update:
+    diffusers' schedulers are a few elementwise ops per step). capture: block names whose spatial (or token)
+    mean a forward hook keeps at every step, as jaxprobe's capture row; hook: the steering row's (vector, patch)
+    on `hook_site`."""
+    import diffusers
     import torch
-    from diffusers import UNet2DConditionModel as TorchUNet
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    unet = TorchUNet(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}).to(device, dtype).eval()
+    torch_cls = getattr(diffusers, KINDS.get(model, (None, "UNet2DConditionModel"))[1])
+    unet = torch_cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}).to(device, dtype).eval()
     if compile_:
         unet = torch.compile(unet, mode="max-autotune" if device == "cuda" else "default", fullgraph=True)
     as_torch = lambda a: torch.from_numpy(a).to(device, dtype)
     x = as_torch(np.concatenate([noise, noise])).permute(0, 3, 1, 2).contiguous()
-    context = as_torch(conditioning["encoder_hidden_states"])
-    added = ({"text_embeds": as_torch(conditioning["text_embeds"]), "time_ids": as_torch(conditioning["time_ids"])}
-             if "time_ids" in conditioning else None)
+    if "class_labels" in conditioning:       # DiT
+        labels = torch.from_numpy(conditioning["class_labels"]).long().to(device)
+        call = lambda t: unet(x, timestep=t, class_labels=labels)  # noqa: E731
+    elif "encoder_attention_mask" in conditioning:   # PixArt
+        context, mask = as_torch(conditioning["encoder_hidden_states"]), as_torch(conditioning["encoder_attention_mask"])
+        call = lambda t: unet(x, encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t,  # noqa: E731
+                              added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    else:
+        context = as_torch(conditioning["encoder_hidden_states"])
+        added = ({"text_embeds": as_torch(conditioning["text_embeds"]), "time_ids": as_torch(conditioning["time_ids"])}
+                 if "time_ids" in conditioning else None)
+        call = lambda t: unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added)  # noqa: E731
     step, kept = [0], []
     for name in capture:
         module_name, _, kind = name.rpartition(".") if name.endswith(".contribution") else (name, "", "")
@@ -147,21 +197,24 @@ def torch_runner(kwargs: dict, noise: np.ndarray, conditioning: dict[str, np.nda
             out = output[0] if isinstance(output, tuple) else output
             if kind:   # jaxprobe's X.contribution: output minus input
                 out = out - (args[0] if args else kwargs["hidden_states"])
-            kept.append(out.mean(dim=(2, 3)))
+            kept.append(out.mean(dim=(2, 3)) if out.ndim == 4 else out.mean(dim=1))   # maps or tokens
         unet.get_submodule(module_name).register_forward_hook(keep, with_kwargs=True)
     if hook is not None:   # a hand-written hook doing what the steering row does: patch, then add the vector
-        vector = torch.from_numpy(2.0 * hook[0]).to(device, dtype)[None, :, None, None]
-        source = torch.from_numpy(hook[1]).to(device, dtype).permute(0, 1, 4, 2, 3)   # (b, T, c, h, w)
+        source = torch.from_numpy(hook[1]).to(device, dtype)
+        vector = torch.from_numpy(2.0 * hook[0]).to(device, dtype)
+        if source.ndim == 5:   # maps (b, T, h, w, c) -> (b, T, c, h, w); tokens (b, T, n, c) stay
+            source, vector = source.permute(0, 1, 4, 2, 3), vector[:, None, None]
 
         def edit(module, args, output):   # both CFG halves, as branch="both"
-            return source[:, step[0] % source.shape[1]].repeat(2, 1, 1, 1) + vector
-        unet.mid_block.register_forward_hook(edit)
+            now = source[:, step[0] % source.shape[1]]
+            return now.repeat(2, *(1,) * (now.ndim - 1)) + vector
+        unet.get_submodule(hook_site).register_forward_hook(edit)
 
     @torch.no_grad()
     def loop():
         kept.clear()
         for t in range(evals):
-            eps = unet(x, 999 - t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+            eps = call(torch.full((x.shape[0],), 999 - t, device=device)).sample
             step[0] += 1
             uncond, cond = eps.chunk(2)
             _ = uncond + 7.5 * (cond - uncond)
@@ -189,7 +242,7 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), default="sd15-random")
     parser.add_argument("--device", choices=("cpu", "gpu"), default=None, help="default: JAX's default backend")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="jaxprobe's compute dtype")
-    parser.add_argument("--batch", type=int, default=8, help="prompts; the UNet sees twice as many (CFG)")
+    parser.add_argument("--batch", type=int, default=8, help="prompts; the denoiser sees twice as many (CFG)")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the model's); latents are 1/8")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which measurements to run")
@@ -208,22 +261,25 @@ def main() -> None:
     kwargs, scheduler = MODELS[args.model]
     if args.size:
         kwargs = {**kwargs, "sample_size": args.size // 8}
-    config = UNetConfig(**kwargs)
-    module = UNet2DConditionModel(config, dtype=dtype)
-    params = jax.tree.map(jnp.asarray, random_params(module, *example_inputs(config), dtype=dtype))
+    config = make_config(args.model, kwargs)
+    family = family_of_config(config)
+    module = family.module(config, dtype)
+    params = jax.tree.map(jnp.asarray, random_params(module, *family.example_inputs(config), dtype=dtype))
     schedule = schedulers.make_schedule(schedulers.SchedulerConfig.from_dict(scheduler), args.steps)
     evals = len(schedule.timesteps)
     noise, conditioning = make_inputs(config, args.batch)
 
-    names = jax.eval_shape(lambda: module.apply({"params": params}, *example_inputs(config),
+    names = jax.eval_shape(lambda: module.apply({"params": params}, *family.example_inputs(config),
                                                 mutable=["intermediates"])[1]["intermediates"])
+    prefix = f"{family.component}."
     blocks = CAPTURES.get(args.model) or tuple(
-        s.removeprefix("unet.") for s in block_sites_of([f"unet.{n}" for n in flatten_intermediates(names)], "unet",
-                                                        BLOCK_SITES))
+        s.removeprefix(prefix) for s in block_sites_of([prefix + n for n in flatten_intermediates(names)],
+                                                       family.component, family.block_sites))
+    grid = (config.sample_size // config.patch_size,) * 2 if family.patch_tokens else None
     steer_plan, steer_inputs, vector, source = steering(module, params, config, args.batch, evals)
     plans = {"capture_off": (Plan(sample=True, guided=True), None),
              "capture_blocks": (Plan(denoiser_sites=blocks, denoiser_reductions=("mean",) * len(blocks), sample=True,
-                                     guided=True), None),
+                                     guided=True, token_grid=grid), None),
              "steering": (steer_plan, steer_inputs)}
     figures: dict = {"model": args.model, "device": device.device_kind, "platform": device.platform,
                      "dtype": str(dtype), "attention": attention_implementation(device.platform),
@@ -243,10 +299,11 @@ def main() -> None:
 
         figures["torch"], figures["diffusers"] = torch.__version__, diffusers.__version__
         peers = {"diffusers_eager": {}, "diffusers_compiled": {"compile_": True},
-                 "diffusers_capture": {"capture": blocks}, "diffusers_hooks": {"hook": (vector, source)}}
+                 "diffusers_capture": {"capture": blocks},
+                 "diffusers_hooks": {"hook": (vector, source), "hook_site": bottleneck(config)}}
         for name in (r for r in rows if r in PEERS):
             try:
-                runners[name], extra = torch_runner(kwargs, noise, conditioning, evals, **peers[name])
+                runners[name], extra = torch_runner(args.model, kwargs, noise, conditioning, evals, **peers[name])
                 figures.update(extra)
             except Exception as err:  # noqa: BLE001 - record why a peer could not run, keep the rest
                 figures[f"{name}_error"] = repr(err)[:300]

@@ -19,6 +19,7 @@ from PIL import Image
 
 import encoder_reference
 import sd_reference
+import transformer_reference
 from jaxprobe.cli import app
 from test_single_file import write_lora, write_single_file
 
@@ -50,6 +51,8 @@ REPLACEMENTS = [
     # the comparison's second model: the tiny model again under its own label (tests/test_classify_compare.py
     # compares two families); a tiny SDXL's classify programs would add minutes to this test
     ('"sdxl": "path/to/sdxl-dir"', '"sdxl": "tiny"'),
+    ("transformer.transformer_blocks.14", "transformer.transformer_blocks.1"),   # the tiny DiT and PixArt
+    ("num_inference_steps=20", "num_inference_steps=2"),
 ]
 
 
@@ -89,6 +92,11 @@ def test_python_snippets_run_as_pasted(tmp_path, monkeypatch):
     write_single_file(sdxl, tmp_path / "sd_xl_base_1.0.safetensors", "sdxl")
     write_lora(sdxl, tmp_path / "sdxl-style.safetensors", "kohya", family="sdxl", ldm=True)
     source = source.replace('"path/to/sdxl-dir"', repr(str(tmp_path / "sdxl")))
+    transformer_reference.save_dit_pipeline(tmp_path / "dit")   # the DiT and PixArt section's folders
+    transformer_reference.save_pixart_pipeline(tmp_path / "pixart", "sigma")
+    for placeholder, folder in (('"path/to/dit-dir"', "dit"), ('"path/to/pixart-sigma-dir"', "pixart")):
+        assert placeholder in source, f"the README no longer says {placeholder!r}"
+        source = source.replace(placeholder, repr(str(tmp_path / folder)))
     encoder_reference.save_t5_encoder(tmp_path / "t5")   # the T5 and DINOv2 section's folders and images
     encoder_reference.save_dinov2(tmp_path / "dinov2")
     for name in ("cat.png", "dog.png"):

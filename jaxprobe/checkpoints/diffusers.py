@@ -50,7 +50,7 @@ def load_denoiser(folder: str | Path, *, component: str = "unet", dtype: Any = j
     read by the family that its config's `_class_name` names. state: weights to use instead of the
     folder's (a single file's, a LoRA-merged copy), in diffusers' names."""
     raw = read_config(Path(folder) / "config.json", component)
-    family = family_for_checkpoint(raw.get("_class_name"), component)
+    family = family_for_checkpoint(raw.get("_class_name"), component, raw)
     config = family.read_config(raw)
     state = state if state is not None else read_state_dict(find_weight_files(Path(folder), variant=variant))
     params = denoiser_state_dict_to_params(state, config, dtype)

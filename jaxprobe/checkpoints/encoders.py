@@ -71,10 +71,11 @@ def load_t5_encoder(folder: str | Path, *, dtype: Any = jnp.float32, variant: st
     return Component(name, module, place_params(params, dtype), config)
 
 
-def load_t5_tokenizer(folder: str | Path, max_sequence_length: int = 120) -> PromptTokenizer:
+def load_t5_tokenizer(folder: str | Path, max_sequence_length: int = 120, lowercase: bool = False) -> PromptTokenizer:
     """The T5 tokenizer of a folder (tokenizer.json or spiece.model), padding and truncating every prompt to
-    `max_sequence_length` tokens as PixArt pipelines do (PixArt-alpha: 120, PixArt-Sigma: 300)."""
-    return PromptTokenizer.t5_from_dir(folder, max_sequence_length)
+    `max_sequence_length` tokens as PixArt pipelines do (PixArt-alpha: 120, PixArt-Sigma: 300); lowercase: as
+    their prompt preprocessing does (without `clean_caption`)."""
+    return PromptTokenizer.t5_from_dir(folder, max_sequence_length, lowercase)
 
 
 def load_dinov2(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None,

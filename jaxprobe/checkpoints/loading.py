@@ -4,7 +4,9 @@ Accepted sources:
 - `"tiny"`: the bundled randomly initialised SD-1.x-shaped model (offline, for demos and tests);
 - `"sd15-random"`: SD 1.5 at full size with random weights (speed and memory measurements);
 - a diffusers pipeline folder (`model_index.json` with text_encoder/, tokenizer/, unet/, vae/,
-  scheduler/, optionally image_encoder/ and feature_extractor/; `variant="fp16"` weight files);
+  scheduler/, optionally image_encoder/ and feature_extractor/; `variant="fp16"` weight files); DiT folders
+  (transformer/, vae/, scheduler/, the class names in `id2label`) and PixArt folders (a T5 text_encoder/ and
+  its tokenizer/, transformer/) too;
 - a transformers CLIP folder (`config.json` + safetensors/.bin, sharded or not): CLIPTextModel,
   CLIPTextModelWithProjection, CLIPVisionModel(WithProjection) or a full CLIPModel; or a Dinov2Model folder,
   an image encoder like CLIP's vision tower (T5 encoder folders load as components: `checkpoints.encoders`);
@@ -47,6 +49,8 @@ from jaxprobe.models.clip import example_inputs as clip_example_inputs
 from jaxprobe.models.schedulers import scheduler_config
 from jaxprobe.runtime.devices import place_params
 
+# The max_sequence_length T5-conditioned pipelines pad prompts to, by model_index.json's `_class_name`.
+T5_SEQUENCE_LENGTHS = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Keys a checkpoint may hold that no forward pass reads.
 _BUFFERS = ("*position_ids", "logit_scale")
@@ -197,16 +201,16 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
 
     index = read_config(folder / "model_index.json", "pipeline")
     listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
-    if not listed & {"text_encoder", "text_encoder_2", "unet"}:
-        raise CheckpointError(f"{folder}/model_index.json lists no text_encoder or unet component "
+    if not listed & {"text_encoder", "text_encoder_2", "unet", "transformer"}:
+        raise CheckpointError(f"{folder}/model_index.json lists no text_encoder, unet or transformer component "
                               f"({sorted(listed) or 'no components at all'}): it is incomplete or not a text-to-image "
                               "pipeline's; re-download the checkpoint.")
-    absent = sorted(k for k in listed & {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae",
-                                         "scheduler"} if not (folder / k).is_dir())
+    absent = sorted(k for k in listed & {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+                                         "transformer", "vae", "scheduler"} if not (folder / k).is_dir())
     if absent:
         raise CheckpointError(f"{folder}/model_index.json lists {', '.join(absent)} but the folder(s) are missing: "
                               "the download is partial. Re-download those components.")
-    weighted = [name for name in ("text_encoder", "text_encoder_2", "unet", "vae") if name in listed]
+    weighted = [name for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae") if name in listed]
     states = {name: dict(weights[name]) if weights and name in weights else
               read_state_dict(find_weight_files(folder / name, variant=variant)) for name in weighted}
     if loras:
@@ -217,10 +221,18 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
                 states[name] = _with_prefix(states[name], TEXT_TOWER.prefix, TEXT_TOWER.tops)
         states = merge_loras(states, loras, unet_config=_unet_config(folder) if "unet" in states else None)
     parts: dict[str, Any] = {}
-    if "text_encoder" in listed:
+    t5_text = "text_encoder" in listed and \
+        encoders.architecture(folder / "text_encoder") in encoders.T5_ARCHITECTURES
+    if t5_text:   # PixArt: a T5 encoder, prompts padded to the pipeline's max_sequence_length
+        parts["text_encoder"] = encoders.load_t5_encoder(folder / "text_encoder", dtype=dtype,
+                                                         state=states["text_encoder"])
+    elif "text_encoder" in listed:
         parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder", dtype=dtype,
                                                 state=states["text_encoder"])
-    if "tokenizer" in listed:
+    if "tokenizer" in listed and t5_text:
+        parts["tokenizer"] = encoders.load_t5_tokenizer(
+            folder / "tokenizer", T5_SEQUENCE_LENGTHS.get(index.get("_class_name"), 120), lowercase=True)
+    elif "tokenizer" in listed:
         length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
         parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
     if "text_encoder_2" in listed:  # SDXL: OpenCLIP bigG with projection, its own tokenizer
@@ -231,10 +243,15 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
                 folder / "tokenizer_2", parts["text_encoder_2"].config.max_position_embeddings)
     # SDXL pipelines' conditioning switches, with StableDiffusionXL(Img2Img)Pipeline's defaults
     options = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
+    if "id2label" in index:   # DiT: the class names `capture` resolves, as DiTPipeline.get_label_ids
+        options["id2label"] = _id2label(index["id2label"], folder)
     if options:
         parts["pipeline_options"] = options
     if "unet" in listed:
         parts["unet"] = load_denoiser(folder / "unet", component="unet", dtype=dtype, state=states["unet"])
+    if "transformer" in listed:  # DiT, PixArt: the denoiser, named as the checkpoint names it
+        parts["unet"] = load_denoiser(folder / "transformer", component="transformer", dtype=dtype,
+                                      state=states["transformer"])
     if "vae" in listed:
         parts["vae"] = load_vae(folder / "vae", dtype=dtype, state=states["vae"])
     if "scheduler" in listed:
@@ -242,6 +259,15 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
     if "image_encoder" in listed and (folder / "image_encoder").is_dir():
         parts.update(_image_parts(folder / "image_encoder", dtype=dtype, variant=variant))
     return parts
+
+
+def _id2label(raw: Any, folder: Path) -> dict[int, str]:
+    """model_index.json's `id2label` ({"0": "tench, Tinca tinca", ...}) with integer keys."""
+    try:
+        return {int(k): str(v) for k, v in dict(raw).items()}
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder}/model_index.json: id2label must map class ids to names, like "
+                              "{\"0\": \"tench, Tinca tinca\"}") from err
 
 
 def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant: str | None,

@@ -1,11 +1,15 @@
-"""Models built in memory with random weights: `tiny`, `sd15-random` and `sdxl-random`.
+"""Models built in memory with random weights: `tiny`, `sd15-random`, `sdxl-random`, `dit-random`, `pixart-random`.
 
 `tiny` is Stable Diffusion 1.x's architecture at toy widths: deterministic (fixed seeds), built in
 seconds, no files beyond the small BPE vocabulary in assets/. It exists so that `jaxprobe run` and
 the tests work offline; a randomly initialised model carries no semantics, so its probes should
 decode at chance. `sd15-random` is SD 1.5 at full size (CLIP ViT-L/14 text, 860M-parameter UNet,
 512 px VAE) with random weights, for speed and memory measurements (they do not depend on the
-weights' values); it shares the tiny tokenizer (token ids fit any vocabulary).
+weights' values); it shares the tiny tokenizer (token ids fit any vocabulary). `dit-random` is DiT-XL/2 at
+256 px (the 675M-parameter class-conditional transformer and SD's VAE): no text encoder, no class names, so its
+"prompts" are integer ImageNet labels. `pixart-random` is PixArt-Sigma 1024 (the 611M-parameter transformer on
+128x128 latents, the 4.8B-parameter T5-XXL encoder: 9.5 GB in bfloat16, SDXL's VAE), its prompts tokenized by the
+tiny vocabulary padded to Sigma's 300 tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 from jaxprobe.checkpoints.component import Component
 from jaxprobe.checkpoints.tokenizer import PromptTokenizer
 from jaxprobe.checkpoints.weights import abstract_params
-from jaxprobe.models import clip
+from jaxprobe.models import clip, dit, pixart, t5
 from jaxprobe.models import unet as unet_model
 from jaxprobe.models import vae as vae_model
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
@@ -87,7 +91,43 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085
                   "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
                   "timestep_spacing": "leading", "prediction_type": "epsilon", "use_karras_sigmas": False}
 
-RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs)))
+# facebook/DiT-XL-2-256's scheduler_config.json (DDIM, linear betas).
+DIT_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                 "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
+                 "prediction_type": "epsilon"}
+
+
+def dit_configs(vocab_size: int) -> dict[str, Any]:
+    """DiT-XL/2 256: 28 blocks of width 1152 (16 heads of 72), patch 2 on 32x32 latents, learned sigma, 1000
+    classes; SD's 256 px VAE (sd-vae-ft-ema)."""
+    del vocab_size
+    vae = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=256,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    return {"transformer": dit.DiTConfig(out_channels=8), "vae": vae}
+
+
+# PixArt-Sigma-XL-2-1024-MS's scheduler_config.json (DPM-Solver++ 2M, linear betas).
+PIXART_SCHEDULER = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+                    "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "num_train_timesteps": 1000,
+                    "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False,
+                    "prediction_type": "epsilon", "steps_offset": 0, "thresholding": False,
+                    "timestep_spacing": "linspace", "use_karras_sigmas": False, "variance_type": None}
+PIXART_SEQUENCE_LENGTH = 300
+
+
+def pixart_configs(vocab_size: int) -> dict[str, Any]:
+    """PixArt-Sigma-XL-2-1024-MS: T5 v1.1 XXL's encoder (4096 wide, 24 layers), the transformer (28 blocks of 1152,
+    positions stretched x2, no micro-conditions), SDXL's VAE."""
+    del vocab_size
+    vae = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                    scaling_factor=0.13025)
+    transformer = pixart.PixArtConfig(sample_size=128, caption_channels=4096, interpolation_scale=2,
+                                      use_additional_conditions=False)
+    return {"text_encoder": t5.T5Config(), "transformer": transformer, "vae": vae}
+
+
+RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs, dit_configs, pixart_configs)))
 
 
 def random_params(module: Any, *example: Any, seed: int = SEED, dtype: Any = np.float32) -> Any:
@@ -116,7 +156,13 @@ def random_params(module: Any, *example: Any, seed: int = SEED, dtype: Any = np.
 
 
 _BUILDERS = {"text_encoder": (CLIPTextModel, clip.example_inputs), "text_encoder_2": (CLIPTextModel, clip.example_inputs),
-             "unet": (UNet2DConditionModel, unet_model.example_inputs), "vae": (AutoencoderKL, vae_model.example_inputs)}
+             "unet": (UNet2DConditionModel, unet_model.example_inputs), "vae": (AutoencoderKL, vae_model.example_inputs),
+             "transformer": (dit.DiTTransformer2DModel, dit.example_inputs)}
+# Components whose model depends on the config's kind, not only on the component.
+_BY_CONFIG = {t5.T5Config: (t5.T5EncoderModel, t5.example_inputs),
+              pixart.PixArtConfig: (pixart.PixArtTransformer2DModel, pixart.example_inputs)}
+# The pipeline field each component fills: a transformer is the denoiser, named as its checkpoint names it.
+_FIELDS = {"transformer": "unet"}
 
 
 def random_parts(name: str, dtype: Any) -> dict[str, Any]:
@@ -125,13 +171,19 @@ def random_parts(name: str, dtype: Any) -> dict[str, Any]:
     configs = RANDOM_MODELS[name](tokenizer.vocab_size)
     if isinstance(configs, tuple):
         configs = dict(zip(("text_encoder", "unet", "vae"), configs))
-    parts: dict[str, Any] = {"tokenizer": tokenizer}
+    if isinstance(configs.get("text_encoder"), t5.T5Config):   # PixArt pads and lower-cases its prompts
+        tokenizer = PromptTokenizer(tokenizer.hf_tokenizer, PIXART_SEQUENCE_LENGTH, lowercase=True)
+    parts: dict[str, Any] = {"tokenizer": tokenizer} if "text_encoder" in configs else {}
     for component, config in configs.items():
-        module_cls, example = _BUILDERS[component]
+        module_cls, example = _BY_CONFIG.get(type(config)) or _BUILDERS[component]
         module = module_cls(config, dtype=dtype)
         params = place_params(random_params(module, *example(config), dtype=dtype), dtype)
-        parts[component] = Component(component, module, params, config)
-    if "text_encoder_2" in configs:  # SDXL: the second tokenizer, its scheduler and pipeline switches
+        parts[_FIELDS.get(component, component)] = Component(component, module, params, config)
+    if isinstance(configs.get("transformer"), pixart.PixArtConfig):
+        parts["scheduler"] = SchedulerConfig.from_dict(PIXART_SCHEDULER)
+    elif "transformer" in configs:
+        parts["scheduler"] = SchedulerConfig.from_dict(DIT_SCHEDULER)
+    elif "text_encoder_2" in configs:  # SDXL: the second tokenizer, its scheduler and pipeline switches
         parts.update(tokenizer_2=tokenizer, scheduler=SchedulerConfig.from_dict(SDXL_SCHEDULER),
                      pipeline_options={"force_zeros_for_empty_prompt": True})
     else:

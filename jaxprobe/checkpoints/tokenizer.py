@@ -20,6 +20,7 @@ class PromptTokenizer:
 
     hf_tokenizer: object
     max_length: int = 77
+    lowercase: bool = False     # PixArt pipelines lower-case and strip prompts before tokenizing them
 
     @classmethod
     def from_dir(cls, path: str | Path, max_length: int | None = None) -> "PromptTokenizer":
@@ -35,7 +36,7 @@ class PromptTokenizer:
         return cls(hf, length)
 
     @classmethod
-    def t5_from_dir(cls, path: str | Path, max_sequence_length: int) -> PromptTokenizer:
+    def t5_from_dir(cls, path: str | Path, max_sequence_length: int, lowercase: bool = False) -> PromptTokenizer:
         from transformers import T5Tokenizer
 
         path = Path(path)
@@ -44,7 +45,7 @@ class PromptTokenizer:
                                   "copy the checkpoint's tokenizer/ folder completely.")
         if max_sequence_length < 1:
             raise CheckpointError(f"max_sequence_length must be positive, not {max_sequence_length}")
-        return cls(T5Tokenizer.from_pretrained(str(path)), int(max_sequence_length))
+        return cls(T5Tokenizer.from_pretrained(str(path)), int(max_sequence_length), lowercase)
 
     def attention_mask(self, ids: np.ndarray) -> np.ndarray:
         """(n, tokens) -> (n, tokens) int32, 1 at each prompt's tokens up to and including EOS (T5's mask)."""
@@ -70,7 +71,7 @@ class PromptTokenizer:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [str(p).lower().strip() for p in prompts] if self.lowercase else list(prompts)
         empty = [] if allow_empty else [i for i, p in enumerate(prompts) if not str(p).strip()]
         if not prompts or empty:
             raise InputError(f"empty prompt(s) at position(s) {empty or '[no prompts given]'}; "

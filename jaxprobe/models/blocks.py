@@ -30,6 +30,7 @@ import numpy as np
 from jaxprobe.models.layers import ACTIVATIONS, attention_probs, multi_head_attention
 
 Dtype = Any
+FEED_FORWARD_ACTIVATIONS = ("geglu", "gelu-approximate", "gelu")   # diffusers' activation_fn names
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:  # (b, n, c)
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, context_mask: jax.Array | None = None
+                 ) -> jax.Array:  # (b, n, c); context_mask (b, tokens), True where a token may be attended
         inner = self.num_heads * self.head_dim
         h = x if self.norm_groups is None else group_norm(self.norm_groups, self.norm_eps, self.dtype, "group_norm")(x)
         source = h if context is None else context
@@ -200,27 +202,41 @@ class Attention(nn.Module):
         q = dense("to_q", self.qkv_bias)(h)       # (b, n, inner)
         k = dense("to_k", self.qkv_bias)(source)  # (b, tokens, inner)
         v = dense("to_v", self.qkv_bias)(source)
-        out = multi_head_attention(q, k, v, num_heads=self.num_heads, upcast=self.upcast)
+        out = multi_head_attention(q, k, v, num_heads=self.num_heads, upcast=self.upcast, key_mask=context_mask)
         out = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out.0")(out)
         if self.residual:
             out = out + x
         self.sow("intermediates", "output", out)
         if context is not None and self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "probs", attention_probs(q, k, num_heads=self.num_heads))
+            self.sow("intermediates", "probs", attention_probs(q, k, num_heads=self.num_heads, key_mask=context_mask))
         return out
 
 
 class FeedForward(nn.Module):
-    """diffusers' FeedForward with GEGLU: net.0.proj (to 2 x inner), x * gelu(gate), net.2."""
+    """diffusers' FeedForward: net.0.proj, the activation, net.2.
+
+    activation_fn as diffusers names it: "geglu" (the UNets: net.0.proj to 2 x inner, x * gelu(gate)),
+    "gelu-approximate" (DiT, PixArt: tanh GELU) or "gelu"."""
 
     mult: int = 4
+    activation_fn: str = "geglu"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        h, gate = jnp.split(nn.Dense(2 * self.mult * dim, dtype=self.dtype, name="net.0.proj")(x), 2, axis=-1)
-        return nn.Dense(dim, dtype=self.dtype, name="net.2")(h * jax.nn.gelu(gate, approximate=False))
+        if self.activation_fn not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(f"FeedForward activation_fn {self.activation_fn!r} is not one of "
+                             f"{', '.join(FEED_FORWARD_ACTIVATIONS)}")
+        if self.activation_fn == "geglu":
+            h, gate = jnp.split(nn.Dense(2 * self.mult * dim, dtype=self.dtype, name="net.0.proj")(x), 2, axis=-1)
+            h = h * jax.nn.gelu(gate, approximate=False)
+        else:
+            h = nn.Dense(self.mult * dim, dtype=self.dtype, name="net.0.proj")(x)
+            h = jax.nn.gelu(h, approximate=self.activation_fn == "gelu-approximate")
+        out = nn.Dense(dim, dtype=self.dtype, name="net.2")(h)
+        self.sow("intermediates", "output", out)
+        return out
 
 
 class BasicTransformerBlock(nn.Module):

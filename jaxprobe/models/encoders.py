@@ -32,3 +32,23 @@ def example_inputs(config: Any, batch: int = 1) -> tuple[jax.Array, ...]:
 def block_sites(config: Any) -> tuple[str, ...]:
     """Regexes of the tower's block-level sites (what `text_encoder.*` or `image_encoder.*` reaches)."""
     return _model_file(config).BLOCK_SITES
+
+
+# The key under which a text pass hands a masked tower's attention mask to the conditioning, beside its sites.
+ATTENTION_MASK = "attention_mask"
+
+
+def takes_attention_mask(config: Any) -> bool:
+    """Whether the tower masks padding (T5: prompts padded to max_sequence_length) rather than attending it
+    causally up to EOS and ignoring the rest (CLIP)."""
+    return isinstance(config, t5.T5Config)
+
+
+def text_inputs(config: Any, ids: jax.Array, eos: jax.Array | None) -> tuple[jax.Array, ...]:
+    """The positional inputs of one text-tower pass: the ids, and for masked towers the mask of the real tokens
+    (up to each prompt's EOS, `eos` (b,))."""
+    if not takes_attention_mask(config):
+        return (ids,)
+    if eos is None:
+        raise ValueError(f"a {type(config).__name__} tower masks its padding: its pass needs the EOS positions")
+    return ids, t5.attention_mask_from_eos(eos, ids.shape[1])

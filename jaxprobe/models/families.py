@@ -11,9 +11,12 @@ value in `FAMILIES`. The rest of the package asks the family, never the model cl
     sites       `block_sites` (regexes that wildcards reach) and `bottleneck_site` (h-space)
     conditioning `text_encoders` it reads, `context_site` (the first tower's site whose activation is
                 the context; the Diffusion Lens feeds it), and `conditioning(activations, extras)`:
-                {tower: {site: activation}} and per-run extras (SDXL's time ids) -> the keyword
-                inputs of one evaluation beyond latents and timestep
-    evaluation  `apply(module, params, latents, t, conditioning)` -> (prediction, sown intermediates)
+                {tower: {site: activation}} and per-run extras (SDXL's time ids, DiT's class labels)
+                -> the keyword inputs of one evaluation beyond latents and timestep. `class_conditioned`
+                families (DiT) read no text: prompts are class names or labels (`pipeline.labels`)
+    evaluation  `apply(module, params, latents, t, conditioning)` -> (prediction, sown intermediates);
+                the prediction has the latents' channels (a learned-sigma variance half is dropped)
+    latents     `latent_multiple(config)`: what latent sides must divide by (UNet downsamplings, patches)
 
 Adding a family is a model file in models/, a `DenoiserFamily` entry here and, if its prompts need
 another encoder, that encoder's model file: the pipeline, programs, loaders and studies stay as they are.
@@ -30,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxprobe.errors import CheckpointError
-from jaxprobe.models import unet
+from jaxprobe.models import dit, pixart, unet
+from jaxprobe.models.encoders import ATTENTION_MASK
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class DenoiserFamily:
     apply: Callable[..., tuple[jax.Array, Any]]
     rename_keys: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda state: state
     matches: Callable[[Any], bool] = lambda config: True   # among families sharing a config class
+    reads: Callable[[Mapping[str, Any]], bool] = lambda raw: True   # among families sharing a `_class_name`
+    latent_multiple: Callable[[Any], int] = lambda config: 2 ** (len(config.block_out_channels) - 1)
+    class_conditioned: bool = False                 # conditioned on a class label, not on text
+    patch_tokens: bool = False                      # activations are (b, h*w, d) patch tokens (DiT, PixArt)
 
 
 def _sd_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
@@ -105,7 +113,61 @@ SDXL = dataclasses.replace(
     context_site="", conditioning=_sdxl_conditioning, apply=_sdxl_apply, matches=_is_sdxl)
 STABLE_DIFFUSION = dataclasses.replace(STABLE_DIFFUSION, matches=lambda config: not _is_sdxl(config))
 
-FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION)}
+
+def _dit_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
+                      ) -> dict[str, jax.Array]:
+    """DiT: the class label of each row (the null class for the unconditional half), no text."""
+    return {"class_labels": extras["class_labels"]}
+
+
+def _dit_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
+               conditioning: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    out, state = module.apply({"params": params}, latents, t, conditioning["class_labels"], mutable=["intermediates"])
+    # learned sigma: the sampler reads the noise half, as DiTPipeline splits it off
+    return out[..., :latents.shape[-1]], state["intermediates"]
+
+
+def _patch_family(name: str, model: Any, module_cls: type, config_cls: type, legacy_norm: str,
+                  **fields: Any) -> DenoiserFamily:
+    """A patch-token transformer family (DiT, PixArt): its `transformer/` folder names its own class or the
+    legacy Transformer2DModel, told apart by `norm_type`; latents divide into patches; the bottleneck is the
+    middle of 28 blocks (`config.bottleneck_site` for other depths)."""
+    def reads(raw: Mapping[str, Any]) -> bool:
+        return raw.get("_class_name") != "Transformer2DModel" or raw.get("norm_type") == legacy_norm
+
+    return DenoiserFamily(
+        name=name, component="transformer", class_names=model.CLASS_NAMES, config_cls=config_cls,
+        read_config=config_cls.from_dict, module=lambda config, dtype: module_cls(config, dtype),
+        example_inputs=model.example_inputs, block_sites=model.BLOCK_SITES, bottleneck_site="transformer_blocks.14",
+        reads=reads, latent_multiple=lambda config: config.patch_size, patch_tokens=True, **fields)
+
+
+DIT = _patch_family("dit", dit, dit.DiTTransformer2DModel, dit.DiTConfig, "ada_norm_zero", text_encoders=(),
+                    context_site="", conditioning=_dit_conditioning, apply=_dit_apply, class_conditioned=True)
+
+
+def _pixart_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
+                         ) -> dict[str, jax.Array]:
+    """PixArt: the T5 encoder's final hidden states and their padding mask; PixArt-alpha 1024's resolution and
+    aspect-ratio micro-conditions when the run has them."""
+    text = acts["text_encoder"]
+    cond = {"encoder_hidden_states": text["encoder.final_layer_norm"], "encoder_attention_mask": text[ATTENTION_MASK]}
+    return {**cond, **{k: extras[k] for k in ("resolution", "aspect_ratio") if k in extras}}
+
+
+def _pixart_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
+                  conditioning: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    out, state = module.apply({"params": params}, latents, t, conditioning["encoder_hidden_states"],
+                              conditioning["encoder_attention_mask"], conditioning.get("resolution"),
+                              conditioning.get("aspect_ratio"), mutable=["intermediates"])
+    return out[..., :latents.shape[-1]], state["intermediates"]   # learned sigma, as the PixArt pipelines
+
+
+PIXART = _patch_family("pixart", pixart, pixart.PixArtTransformer2DModel, pixart.PixArtConfig, "ada_norm_single",
+                       text_encoders=("text_encoder",), context_site="encoder.final_layer_norm",
+                       conditioning=_pixart_conditioning, apply=_pixart_apply)
+
+FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART)}
 
 
 def family_of_config(config: Any) -> DenoiserFamily:
@@ -116,10 +178,12 @@ def family_of_config(config: Any) -> DenoiserFamily:
     raise CheckpointError(f"no denoiser family reads a {type(config).__name__}; known: {', '.join(FAMILIES)}")
 
 
-def family_for_checkpoint(class_name: str | None, component: str) -> DenoiserFamily:
-    """The family that reads a diffusers `component/` folder whose config names `class_name`."""
-    for family in FAMILIES.values():  # families sharing a class (SD, SDXL) are told apart by their config later
-        if family.component == component and (class_name is None or class_name in family.class_names):
+def family_for_checkpoint(class_name: str | None, component: str,
+                          raw: Mapping[str, Any] | None = None) -> DenoiserFamily:
+    """The family that reads a diffusers `component/` folder whose config (`raw`) names `class_name`."""
+    for family in FAMILIES.values():  # families sharing a config class (SD, SDXL) are told apart by it later
+        if family.component == component and (class_name is None or class_name in family.class_names) \
+                and family.reads(raw if raw is not None else {"_class_name": class_name}):
             return family
     readable = ", ".join(f"{f.component}/ {'|'.join(f.class_names)} ({f.name})" for f in FAMILIES.values())
     raise CheckpointError(f"{component}/ holds a {class_name}, which no jaxprobe denoiser family reads "

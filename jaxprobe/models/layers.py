@@ -146,8 +146,9 @@ def multi_head_attention(
     return out.reshape(b, n, h * d).astype(dtype)
 
 
-def attention_probs(q: jax.Array, k: jax.Array, *, num_heads: int) -> jax.Array:
-    """Softmax attention probabilities averaged over heads: (b, lq, lk), in float32.
+def attention_probs(q: jax.Array, k: jax.Array, *, num_heads: int, key_mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention probabilities averaged over heads: (b, lq, lk), in float32; masked keys (key_mask
+    (b, lk) False: T5 padding) get none.
 
     Computed apart from the fused kernel (which never materialises them); under jit XLA drops this
     path entirely unless a capture asks for it.
@@ -155,6 +156,8 @@ def attention_probs(q: jax.Array, k: jax.Array, *, num_heads: int) -> jax.Array:
     qh = split_heads(q, num_heads).astype(jnp.float32)
     kh = split_heads(k, num_heads).astype(jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) / jnp.sqrt(qh.shape[-1])
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1).mean(axis=1)
 
 

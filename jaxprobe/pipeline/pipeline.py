@@ -80,7 +80,9 @@ class Pipeline:
                 self.unet.config.check_added_conditioning(self.text_encoder_2.config.projection_dim or 0, n_ids)
             return
         if self.text_encoder is not None and self.unet is not None:
-            width, cross = self.text_encoder.config.hidden_size, self.unet.config.cross_attention_dim
+            # PixArt projects T5's states (text_width) to its own cross-attention width
+            width = self.text_encoder.config.hidden_size
+            cross = getattr(self.unet.config, "text_width", None) or self.unet.config.cross_attention_dim
             if width != cross:
                 raise CheckpointError(
                     f"the text encoder's width ({width}) differs from the UNet's cross_attention_dim ({cross}): "

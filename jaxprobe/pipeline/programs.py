@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprobe.models import clip, schedulers
+from jaxprobe.models import clip, encoders, schedulers
 from jaxprobe.models.families import DenoiserFamily
 from jaxprobe.pipeline.interventions import Spec, intervening, with_values
 from jaxprobe.pipeline.reductions import reduce_spatial, reduce_tokens
@@ -73,28 +73,38 @@ class Plan:
     zero_uncond: bool = False                # SDXL's force_zeros_for_empty_prompt: the unconditional inputs are 0
     interventions: tuple[Spec, ...] = ()     # in list order (pipeline.interventions); values are in the inputs
     text_layer: str | None = None            # Diffusion Lens: this text-encoder site feeds the context site
+    token_grid: tuple[int, int] | None = None  # patch-token denoisers (DiT): (h, w) of their (b, h*w, d) tokens
 
 
 def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "text_encoder", plan: Plan = Plan(),
-               inputs: Mapping[str, Any] | None = None, branch: str = "cond") -> dict[str, jax.Array]:
+               inputs: Mapping[str, Any] | None = None, branch: str = "cond", eos: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
     """{site: activation} of one pass of a text tower, with the plan's text interventions of `branch`
     ("cond": the prompts, "uncond": the negative prompt) and the Diffusion Lens applied (both act on the
-    first tower, `text_encoder`)."""
+    first tower, `text_encoder`). eos (b,): where each prompt's real tokens end; a tower that masks its
+    padding (T5) is given that mask, and hands it on under `encoders.ATTENTION_MASK` for the conditioning."""
     first = component == "text_encoder"
     specs = [(s, v) for s, v in with_values(plan.interventions, "text", inputs or {})
              if s.branch in (branch, "both")] if first else []
     lens = {models.family.context_site: plan.text_layer} if plan.text_layer is not None and first else None
     prefix = f"{component}."
+    module = getattr(models, component)
+    args = encoders.text_inputs(module.config, ids, eos)
     with intervening(specs, feed=lens), sowing_inputs(plan.text_sites, prefix):
-        _, state = getattr(models, component).apply({"params": params[component]}, ids, mutable=["intermediates"])
-    return with_contributions(flatten_intermediates(state["intermediates"]),
+        _, state = module.apply({"params": params[component]}, *args, mutable=["intermediates"])
+    acts = with_contributions(flatten_intermediates(state["intermediates"]),
                               [s for s in plan.text_sites if s.startswith(prefix)], prefix)
+    if len(args) > 1:
+        acts[encoders.ATTENTION_MASK] = args[1]
+    return acts
 
 
 def _text_passes(models: Models, params: Any, ids: Mapping[str, jax.Array], plan: Plan = Plan(),
-                 inputs: Mapping[str, Any] | None = None, branch: str = "cond") -> dict[str, dict[str, jax.Array]]:
-    """{text tower: {site: activation}} for every tower's token ids."""
-    return {name: _text_pass(models, params, ids[name], name, plan, inputs, branch) for name in models.text_encoders}
+                 inputs: Mapping[str, Any] | None = None, branch: str = "cond",
+                 eos: Mapping[str, jax.Array] | None = None) -> dict[str, dict[str, jax.Array]]:
+    """{text tower: {site: activation}} for every tower's token ids (and EOS positions, for masked towers)."""
+    return {name: _text_pass(models, params, ids[name], name, plan, inputs, branch, (eos or {}).get(name))
+            for name in models.text_encoders}
 
 
 def conditioning_of(models: Models, params: Any, plan: Plan, inputs: Mapping[str, Any],
@@ -102,7 +112,9 @@ def conditioning_of(models: Models, params: Any, plan: Plan, inputs: Mapping[str
     """The denoiser's conditioning inputs for the batch, [uncond; cond] along it when guided: the family
     reads them from the text towers' activations and the per-run extras ("time_ids" for SDXL)."""
     batch = inputs["prompt_index"].shape[0]
-    extras = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in inputs.get("extras", {}).items()}
+    # shared extras (1, ...) and per-prompt ones ("prompt_extras", DiT's class labels) (b, ...)
+    given = {**inputs.get("extras", {}), **inputs.get("prompt_extras", {})}
+    extras = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in given.items()}
     cond = models.family.conditioning(acts, extras)
     if not plan.guided:
         return cond
@@ -114,8 +126,10 @@ def conditioning_of(models: Models, params: Any, plan: Plan, inputs: Mapping[str
         per_prompt = any(s.component == "text" and s.branch != "cond" and s.per_prompt for s in plan.interventions)
         uncond_ids = {name: jnp.broadcast_to(ids, inputs["ids"][name].shape) if per_prompt else ids
                       for name, ids in inputs["uncond_ids"].items()}
-        uncond = models.family.conditioning(_text_passes(models, params, uncond_ids, plan, inputs, "uncond"),
-                                            uncond_extras)
+        uncond_eos = {name: jnp.broadcast_to(e, (uncond_ids[name].shape[0],))
+                      for name, e in inputs.get("uncond_eos", {}).items()}
+        uncond = models.family.conditioning(
+            _text_passes(models, params, uncond_ids, plan, inputs, "uncond", uncond_eos), uncond_extras)
     return {k: jnp.concatenate([jnp.broadcast_to(uncond[k], v.shape), v]) for k, v in cond.items()}
 
 
@@ -123,6 +137,14 @@ def reduce_denoiser_site(site: str, x: jax.Array, how: str) -> jax.Array:
     if site.endswith(PROBS):  # (b, h*w, tokens) -> mean over positions, or maps (b, tokens, h*w)
         return x.mean(axis=1) if how == "mean" else jnp.swapaxes(x, 1, 2)
     return reduce_spatial(x, how)
+
+
+def tokens_as_map(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Patch tokens (b, h*w, d) -> (b, h, w, d), so they reduce like a UNet's spatial maps; others unchanged."""
+    h, w = grid
+    if x.ndim == 3 and x.shape[1] == h * w:
+        return x.reshape(x.shape[0], h, w, x.shape[2])
+    return x
 
 
 def capture_denoiser_sites(plan: Plan, acts: Mapping[str, jax.Array], batch: int) -> dict[str, jax.Array]:
@@ -133,6 +155,8 @@ def capture_denoiser_sites(plan: Plan, acts: Mapping[str, jax.Array], batch: int
     for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
         if site in acts:
             x = acts[site][half] if plan.guided else acts[site]
+            if plan.token_grid is not None and not site.endswith(PROBS):
+                x = tokens_as_map(x, plan.token_grid)
             out[site] = reduce_denoiser_site(site, x, how).astype(jnp.float32)
     return out
 
@@ -226,7 +250,7 @@ def capture_program(models: Models, params: dict[str, Any], schedule: schedulers
     (b, kept steps, ...), "image:SITE": (b, ...), "latents": (b, h, w, c), "images": (b, H, W, 3)}, as the
     plan asks."""
     out: dict[str, jax.Array] = {}
-    acts = _text_passes(models, params, inputs["ids"], plan, inputs)
+    acts = _text_passes(models, params, inputs["ids"], plan, inputs, eos=inputs["eos"])
     for site, how in zip(plan.text_sites, plan.text_reductions):
         component, local = site.split(".", 1)
         out[f"text:{site}"] = reduce_tokens(acts[component][local], inputs["eos"][component], how).astype(jnp.float32)
@@ -271,7 +295,8 @@ def real_image_program(models: Models, params: dict[str, Any], sched_config: sch
     batch = x0.shape[0]
     noise = initial_noise(seed, inputs["prompt_index"], x0.shape[1:])
     noisy = schedulers.add_noise(sched_config, x0, noise, jnp.full((batch,), t))
-    prompt = models.family.conditioning(_text_passes(models, params, inputs["prompt_ids"]), inputs.get("extras", {}))
+    prompt = models.family.conditioning(_text_passes(models, params, inputs["prompt_ids"], eos=inputs.get("prompt_eos")),
+                                        inputs.get("extras", {}))
     conditioning = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in prompt.items()}
     specs = with_values(plan.interventions, "denoiser", inputs)
     with intervening(specs, step=jnp.int32(0)), sowing_inputs(plan.denoiser_sites):

@@ -21,6 +21,7 @@ from jaxprobe.errors import InputError, InterventionError, SiteError
 from jaxprobe.models import schedulers
 from jaxprobe.pipeline.images import load_images
 from jaxprobe.pipeline.interventions import Intervention, describe, plan_interventions, step_indices
+from jaxprobe.pipeline.labels import class_label_ids
 from jaxprobe.pipeline.programs import PROBS, Models, Plan, capture_program, real_image_program
 from jaxprobe.pipeline.reductions import SPATIAL_REDUCTIONS, TOKEN_REDUCTIONS
 from jaxprobe.pipeline.sites import SAMPLER_SITES
@@ -72,11 +73,25 @@ def latent_shape(pipe: "Pipeline", height: int | None, width: int | None) -> tup
     side = pipe.unet.config.sample_size
     h = side if height is None else height // factor
     w = side if width is None else width // factor
-    multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    multiple = pipe.family.latent_multiple(pipe.unet.config)
     if h % multiple or w % multiple:
         raise InputError(f"latent size {h}x{w} must be divisible by {multiple}; pick height/width multiples of "
                          f"{multiple * factor} pixels")
     return h, w, pipe.unet.config.in_channels
+
+
+def token_grid(pipe: "Pipeline", latent: tuple[int, int, int]) -> tuple[int, int] | None:
+    """(h, w) of a patch-token denoiser's tokens for latents (h, w, c); None for the UNets."""
+    if not pipe.family.patch_tokens:
+        return None
+    patch = pipe.family.latent_multiple(pipe.unet.config)
+    return latent[0] // patch, latent[1] // patch
+
+
+def class_labels(pipe: "Pipeline", prompts: Sequence[Any]) -> np.ndarray:
+    """A class-conditional denoiser's (n,) labels for class names or integer labels ("" the null class)."""
+    config = pipe.unet.config
+    return class_label_ids(prompts, (pipe.pipeline_options or {}).get("id2label"), config.null_class)
 
 
 def make_schedule(pipe: "Pipeline", num_inference_steps: int) -> schedulers.Schedule:
@@ -147,7 +162,7 @@ def sdxl_extras(pipe: "Pipeline", plan: Plan, o: Mapping[str, Any]) -> tuple[dic
     """SDXL's micro-conditioning as diffusers builds it, (cond, uncond) {"time_ids": (1, n)}: original size,
     crop top-left and target size (both default the image's size), or for a refiner (requires_aesthetics_score)
     original size, crop and the (negative) aesthetic score. Empty for other families."""
-    if pipe.unet is None or pipe.unet.config.addition_embed_type != "text_time":
+    if pipe.unet is None or getattr(pipe.unet.config, "addition_embed_type", None) != "text_time":
         return {}, {}
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 8
     size = (plan.latent_shape[0] * factor, plan.latent_shape[1] * factor)
@@ -162,6 +177,18 @@ def sdxl_extras(pipe: "Pipeline", plan: Plan, o: Mapping[str, Any]) -> tuple[dic
     return ids(cond), ids(uncond)
 
 
+def pixart_extras(pipe: "Pipeline", plan: Plan) -> dict:
+    """PixArt-alpha 1024's micro-conditions as its pipeline builds them (without resolution binning): the image's
+    (height, width) in pixels and height / width, {"resolution": (1, 2), "aspect_ratio": (1, 1)}; cond and uncond
+    alike. Empty for other models."""
+    if pipe.unet is None or not getattr(pipe.unet.config, "use_additional_conditions", False):
+        return {}
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 8
+    height, width = plan.latent_shape[0] * factor, plan.latent_shape[1] * factor
+    return {"resolution": np.asarray([[height, width]], np.float32),
+            "aspect_ratio": np.asarray([[height / width]], np.float32)}
+
+
 def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool = False,
                  **options: Any) -> tuple[Plan, schedulers.Schedule | None]:
     """The static plan (and the schedule) of `pipe.capture(prompts, sites, **options)`, validated
@@ -171,8 +198,12 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
     text_sites = [s for s in sites if s.startswith(TEXT_TOWERS)]
     image_sites = [s for s in sites if s.startswith("image_encoder.")]
     loop_sites = [s for s in sites if s not in text_sites and s not in image_sites]
-    if not pipe.text_encoders:
+    class_conditioned = pipe.family is not None and pipe.family.class_conditioned
+    if not pipe.text_encoders and not class_conditioned:
         raise SiteError(f"{pipe.source} has no text encoder")
+    if class_conditioned and text_sites:
+        raise SiteError(f"{pipe.source} is class-conditional ({pipe.family.name}): it has no text encoder, so no "
+                        f"{text_sites[0]}; capture its {pipe.unet.name}.* sites")
     text = dict(text_sites=tuple(text_sites),
                 text_reductions=resolve_reductions(text_sites, o["reduce"], lambda s: TOKEN_REDUCTIONS))
     if not (loop_sites or image_sites or return_images):
@@ -195,7 +226,7 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
                 image_reductions=("cls",) * len(image_sites), sample=True, guided=guided, branch=branch,
                 steps=_step_indices(o["timesteps"], len(schedule.timesteps)),
                 latent_shape=latent_shape(pipe, o["height"], o["width"]), given_noise=o["latents"] is not None,
-                return_images=return_images,
+                return_images=return_images, token_grid=token_grid(pipe, latent_shape(pipe, o["height"], o["width"])),
                 # diffusers' SDXL pipelines default force_zeros_for_empty_prompt to True
                 zero_uncond=guided and pipe.family.name == "stable-diffusion-xl" and not o["negative_prompt"]
                 and (pipe.pipeline_options or {}).get("force_zeros_for_empty_prompt", True))
@@ -208,6 +239,12 @@ def _with_interventions(pipe: "Pipeline", plan: Plan, schedule: schedulers.Sched
     """The plan with its interventions' static specs and the Diffusion Lens layer, and the interventions'
     (per-prompt, shared) values, all validated before anything runs."""
     if text_layer is not None:
+        if pipe.text_encoder is None:
+            raise InputError(f"text_layer (the Diffusion Lens) feeds a text-encoder layer; {pipe.source} has no text "
+                             "encoder")
+        if pipe.family.name == "pixart":
+            raise InputError("text_layer (the Diffusion Lens) feeds CLIP layers into CLIP's final layer norm; it is not "
+                             "implemented for PixArt's T5 encoder")
         n_layers = pipe.text_encoder.config.num_hidden_layers
         if not plan.sample:
             raise InputError("text_layer changes what conditions the denoiser: generate, or capture a denoiser site")
@@ -222,7 +259,8 @@ def _with_interventions(pipe: "Pipeline", plan: Plan, schedule: schedulers.Sched
         return plan, {}, {}
     if isinstance(interventions, (str, bytes)) or not isinstance(interventions, Sequence):
         raise InterventionError("interventions must be a list of Steer/Patch/Ablate/Scale/ClampSAE")
-    shapes: dict[str, Any] = {"prefix:text": "text_encoder.", "text": pipe.output_shapes("text_encoder")}
+    shapes: dict[str, Any] = {"prefix:text": "text_encoder.",
+                              "text": pipe.output_shapes("text_encoder") if pipe.text_encoder is not None else {}}
     if pipe.unet is not None:
         shapes.update({"prefix:denoiser": f"{pipe.unet.name}.",
                        "denoiser": pipe.output_shapes(pipe.unet.name, plan.latent_shape if plan.sample else None)})
@@ -259,9 +297,16 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     if iv_rows:
         inputs["interventions"] = iv_rows        # per-prompt vectors and patch sources travel with their prompts
     # What every batch shares goes to the devices once, so a batch uploads only its own rows.
-    shared = {"uncond_ids": tokenized(pipe, [o["negative_prompt"]], allow_empty=True)[0]} if plan.guided else {}
+    shared = {}
+    if plan.guided:
+        shared["uncond_ids"], shared["uncond_eos"] = tokenized(pipe, [o["negative_prompt"]], allow_empty=True)
     if plan.sample:
         shared["extras"], shared["uncond_extras"] = sdxl_extras(pipe, plan, o)
+        if pixart_extras(pipe, plan):
+            shared["extras"] = shared["uncond_extras"] = pixart_extras(pipe, plan)
+        if pipe.family.class_conditioned:   # per-prompt labels travel with their prompts; the negative is shared
+            inputs["prompt_extras"] = {"class_labels": class_labels(pipe, prompts)}
+            shared["uncond_extras"] = {"class_labels": class_labels(pipe, [o["negative_prompt"]])}
     if iv_shared:
         shared["intervention_values"] = iv_shared
     shared = replicate(shared)
@@ -367,18 +412,24 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     _require(pipe, "unet", "vae", "scheduler")
     if not 0 <= t < pipe.scheduler.num_train_timesteps:
         raise InputError(f"t must be a training timestep in 0..{pipe.scheduler.num_train_timesteps - 1}, got {t}")
-    chosen = [s for s in pipe.select(sites) if s.startswith("unet.")]
+    prefix = f"{pipe.unet.name}."
+    chosen = [s for s in pipe.select(sites) if s.startswith(prefix)]
     if not chosen:
-        raise SiteError("capture_images captures UNet sites (e.g. 'unet.mid_block', 'unet.up_blocks.*')")
+        raise SiteError(f"capture_images captures denoiser sites (e.g. '{prefix}{pipe.family.bottleneck_site}')")
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = size or pipe.unet.config.sample_size * factor
     arr = load_images(images, size)
-    plan = Plan(denoiser_sites=tuple(s.removeprefix("unet.") for s in chosen),
-                denoiser_reductions=resolve_reductions(chosen, reduce, _denoiser_reductions), branch="cond")
-    inputs = {"images": arr, "prompt_index": np.arange(offset, offset + len(arr), dtype=np.int32)}
     latent = (size // factor, size // factor, pipe.unet.config.in_channels)
+    plan = Plan(denoiser_sites=tuple(s.removeprefix(prefix) for s in chosen),
+                denoiser_reductions=resolve_reductions(chosen, reduce, _denoiser_reductions), branch="cond",
+                token_grid=token_grid(pipe, latent))
+    inputs = {"images": arr, "prompt_index": np.arange(offset, offset + len(arr), dtype=np.int32)}
     plan_extras, _ = sdxl_extras(pipe, dataclasses.replace(plan, latent_shape=latent), CAPTURE_DEFAULTS)
-    shared = {"prompt_ids": tokenized(pipe, [prompt], allow_empty=True)[0], "extras": plan_extras}
+    if pipe.family.class_conditioned:   # `prompt` is the class ("": the null class, unconditional features)
+        plan_extras = {"class_labels": class_labels(pipe, [prompt])}
+    plan_extras = {**plan_extras, **pixart_extras(pipe, dataclasses.replace(plan, latent_shape=latent))}
+    prompt_ids, prompt_eos = tokenized(pipe, [prompt], allow_empty=True)
+    shared = {"prompt_ids": prompt_ids, "prompt_eos": prompt_eos, "extras": plan_extras}
     if interventions:
         text = [iv.site for iv in interventions if not iv.site.startswith(f"{pipe.unet.name}.")]
         if text:

@@ -1,0 +1,214 @@
+"""Pieces every patch-token ("DiT-style") denoiser shares, in Flax: the patch embedding with fixed 2-D
+sin-cos positions, unpatchifying, adaptive layer norms (adaLN-Zero, adaLN-single) and their timestep,
+class and size embeddings, and the caption projection.
+
+DiT, PixArt and the later SD3/FLUX families build on these; attention, feed-forward and the sinusoidal
+timestep embedding come from `blocks` and `layers`, which the UNets share. Module names mirror diffusers'
+(`pos_embed.proj`, `norm1.emb.timestep_embedder.linear_1`, `adaln_single.linear`), so a parameter path is
+its checkpoint key. Tokens are (batch, h*w, dim) in row-major patch order, as diffusers flattens them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprobe.models.blocks import TimestepEmbedding, timestep_embedding
+
+Dtype = Any
+# Every adaptive-norm family embeds its timestep with 256 sinusoids, cosines first.
+TIME_PROJ_DIM = 256
+
+
+class PatchTransformerShape:
+    """What every patch-token transformer's frozen Config derives from its diffusers fields (num_attention_heads,
+    attention_head_dim, in_channels, out_channels, num_layers); a mixin of DiTConfig and PixArtConfig."""
+
+    @property
+    def width(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        """2 x in_channels with learned sigma (noise, then variance); out_channels None means in_channels."""
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def bottleneck_site(self) -> str:
+        """The middle block, these families' h-space for the directions study (14 of 28)."""
+        return f"transformer_blocks.{self.num_layers // 2}"
+
+
+def sincos_positions(dim: int, height: int, width: int, *, base_size: int, interpolation_scale: float = 1.0
+                     ) -> np.ndarray:
+    """(height*width, dim) fixed 2-D positions as diffusers' `get_2d_sincos_pos_embed`.
+
+    Host numpy on static sizes (constants of the compiled program). The grid is built in float32 and the
+    sinusoids in float64, in diffusers' order of operations, so the table matches its buffer to rounding.
+    The first half of the channels encodes the column, the second the row; a grid other than base_size
+    patches wide is stretched onto it (PixArt's multi-resolution positions)."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, not {dim}")
+    rows = np.arange(height, dtype=np.float32) / np.float32(height / base_size) / np.float32(interpolation_scale)
+    cols = np.arange(width, dtype=np.float32) / np.float32(width / base_size) / np.float32(interpolation_scale)
+    col_grid, row_grid = np.meshgrid(cols, rows)            # (height, width) each
+
+    def one_axis(pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+        angles = np.outer(pos.reshape(-1).astype(np.float64), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([one_axis(col_grid), one_axis(row_grid)], axis=1).astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+    """diffusers' PatchEmbed: a patch_size-strided conv (`proj`), flattened to tokens, plus sin-cos positions.
+
+    Sows its output (b, h*w, dim): the `pos_embed` site. base_size: the grid width the positions were
+    trained at (sample_size // patch_size); other latent sizes get stretched positions, as diffusers."""
+
+    dim: int
+    patch_size: int
+    base_size: int
+    interpolation_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, latents: jax.Array) -> jax.Array:   # (b, H, W, c)
+        p = self.patch_size
+        b, height, width, _ = latents.shape
+        if height % p or width % p:
+            raise ValueError(f"latents of {height}x{width} do not split into {p}x{p} patches")
+        x = nn.Conv(self.dim, (p, p), strides=p, padding="VALID", dtype=self.dtype, name="proj")(latents)
+        x = x.reshape(b, (height // p) * (width // p), self.dim)
+        positions = sincos_positions(self.dim, height // p, width // p, base_size=self.base_size,
+                                     interpolation_scale=self.interpolation_scale)
+        out = (x.astype(jnp.float32) + positions[None]).astype(x.dtype)
+        self.sow("intermediates", "output", out)
+        return out
+
+
+def unpatchify(x: jax.Array, height: int, width: int, patch_size: int) -> jax.Array:
+    """(b, h*w, p*p*c) tokens -> (b, h*p, w*p, c) latents (NHWC), inverting PatchEmbed's layout."""
+    b, _, d = x.shape
+    p = patch_size
+    c = d // (p * p)
+    return x.reshape(b, height, width, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, height * p, width * p, c)
+
+
+def plain_layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+    """A LayerNorm without scale or bias (elementwise_affine=False), as every adaptive norm wraps."""
+    return nn.LayerNorm(epsilon=eps, use_scale=False, use_bias=False, dtype=dtype, name=name)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """x * (1 + scale) + shift, the adaptive norms' modulation; shift/scale (b, d) or (b, 1, d)."""
+    if shift.ndim == 2:
+        shift, scale = shift[:, None], scale[:, None]
+    return x * (1 + scale) + shift
+
+
+def sinusoids(values: jax.Array) -> jax.Array:
+    """(b,) timesteps (or sizes) -> (b, 256) sinusoids, cosines first, float32, with PixArt's (and SD3's)
+    downscale_freq_shift of 0."""
+    return timestep_embedding(values, TIME_PROJ_DIM, flip_sin_to_cos=True, freq_shift=0)
+
+
+class TimestepLabelEmbedding(nn.Module):
+    """diffusers' CombinedTimestepLabelEmbeddings (DiT): timestep_embedder(sinusoids(t)) + class_embedder(label).
+
+    The class table has num_classes + 1 rows: the last is the null class that classifier-free guidance uses."""
+
+    dim: int
+    num_classes: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, timesteps: jax.Array, class_labels: jax.Array) -> jax.Array:   # (b,), (b,) -> (b, dim)
+        # DiT trained with diffusers' downscale_freq_shift=1 here, unlike PixArt's 0
+        t = timestep_embedding(timesteps, TIME_PROJ_DIM, flip_sin_to_cos=True, freq_shift=1)
+        t_emb = TimestepEmbedding(self.dim, "silu", self.dtype, name="timestep_embedder")(t.astype(self.dtype))
+        table = nn.Embed(self.num_classes + 1, self.dim, dtype=self.dtype, name="class_embedder.embedding_table")
+        return t_emb + table(class_labels)
+
+
+class AdaLayerNormZero(nn.Module):
+    """adaLN-Zero (DiT): from the conditioning embedding, six modulations; returns the first one applied
+    to norm(x) and the other five (gate_msa, shift_mlp, scale_mlp, gate_mlp), each (b, dim).
+
+    With num_classes the norm owns its embedding (`emb`, DiT: every block has one) and takes (t, labels);
+    without, it takes an embedding computed elsewhere (`emb=`)."""
+
+    num_classes: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, timesteps: jax.Array | None = None, class_labels: jax.Array | None = None,
+                 emb: jax.Array | None = None) -> tuple[jax.Array, ...]:
+        dim = x.shape[-1]
+        if self.num_classes is not None:
+            emb = TimestepLabelEmbedding(dim, self.num_classes, self.dtype, name="emb")(timesteps, class_labels)
+        mods = nn.Dense(6 * dim, dtype=self.dtype, name="linear")(jax.nn.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
+        h = modulate(plain_layer_norm(1e-6, self.dtype)(x), shift_msa, scale_msa)
+        return h, gate_msa, shift_mlp, scale_mlp, gate_mlp, emb
+
+
+class TimestepSizeEmbedding(nn.Module):
+    """diffusers' PixArtAlphaCombinedTimestepSizeEmbeddings: the timestep embedding, plus (PixArt-alpha's
+    micro-conditions) embeddings of the resolution (h, w) and aspect ratio side by side, dim // 3 each."""
+
+    dim: int
+    use_additional_conditions: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, timesteps: jax.Array, resolution: jax.Array | None = None,
+                 aspect_ratio: jax.Array | None = None) -> jax.Array:
+        emb = TimestepEmbedding(self.dim, "silu", self.dtype, name="timestep_embedder")(
+            sinusoids(timesteps).astype(self.dtype))
+        if not self.use_additional_conditions:
+            return emb
+        if resolution is None or aspect_ratio is None:
+            raise ValueError("this PixArt transformer uses resolution and aspect-ratio micro-conditions: pass both")
+        b, size = timesteps.shape[0], self.dim // 3
+        res = TimestepEmbedding(size, "silu", self.dtype, name="resolution_embedder")(
+            sinusoids(resolution.reshape(-1)).astype(self.dtype)).reshape(b, -1)
+        ratio = TimestepEmbedding(size, "silu", self.dtype, name="aspect_ratio_embedder")(
+            sinusoids(aspect_ratio.reshape(-1)).astype(self.dtype)).reshape(b, -1)
+        return emb + jnp.concatenate([res, ratio], axis=-1)
+
+
+class AdaLayerNormSingle(nn.Module):
+    """adaLN-single (PixArt): one timestep embedding for the whole network (`emb`) and its six modulations
+    (`linear`), (b, 6*dim); each block adds its own learned `scale_shift_table`. Returns (modulations,
+    the embedding), the second for the output layer."""
+
+    dim: int
+    use_additional_conditions: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, timesteps: jax.Array, resolution: jax.Array | None = None,
+                 aspect_ratio: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        emb = TimestepSizeEmbedding(self.dim, self.use_additional_conditions, self.dtype, name="emb")(
+            timesteps, resolution, aspect_ratio)
+        return nn.Dense(6 * self.dim, dtype=self.dtype, name="linear")(jax.nn.silu(emb)), emb
+
+
+class CaptionProjection(nn.Module):
+    """diffusers' PixArtAlphaTextProjection: linear_1, tanh GELU, linear_2 (text width -> model width)."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, caption: jax.Array) -> jax.Array:
+        h = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(caption)
+        out = nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(jax.nn.gelu(h, approximate=True))
+        self.sow("intermediates", "output", out)
+        return out

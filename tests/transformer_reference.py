@@ -1,0 +1,119 @@
+"""Tiny diffusers patch-token denoisers (DiT) and their pipelines, for parity tests (offline, built in a second).
+
+The transformer has toy widths but DiT's layout: patch 2, learned sigma (8 output channels) and 1000 classes,
+since DiTPipeline hard-codes 1000 as the null class. Every 1-D parameter is perturbed away from its constant
+initialisation (`sd_reference._perturbed`) and the zero-initialised adaLN modulations are drawn at random, so
+a swapped shift/scale or an ignored gate cannot pass a parity test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import sd_reference
+
+# A few ImageNet classes with their synonyms, as facebook/DiT-XL-2-256's model_index.json spells them.
+ID2LABEL = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 2: "great white shark, white shark",
+            207: "golden retriever", 281: "tabby, tabby cat"}
+
+DIT_KWARGS: dict[str, Any] = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+
+
+def relative_error(ours: Any, theirs: Any) -> float:
+    """max |ours - theirs| over max |theirs|: the parity tests' measure."""
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
+
+
+def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and not p.abs().sum():   # adaLN-Zero's zero-initialised modulation and output layers
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+    return sd_reference._perturbed(model, seed)
+
+
+def make_dit(seed: int = 0, **overrides: Any) -> Any:
+    import diffusers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _randomised(diffusers.DiTTransformer2DModel(**{**DIT_KWARGS, **overrides}), seed)
+
+
+def save_dit_pipeline(path: str | Path, *, legacy: bool = False, scheduler: dict | None = None) -> Any:
+    """A tiny DiTPipeline written with save_pretrained, `id2label` added to model_index.json as the hub folders
+    have it (DiTPipeline.save_pretrained leaves it out); legacy=True names the transformer `Transformer2DModel`,
+    as facebook/DiT-XL-2-256 still does. Returns the pipeline."""
+    import diffusers
+
+    from jaxprobe.checkpoints.random import DIT_SCHEDULER
+
+    config = scheduler or DIT_SCHEDULER
+    pipe = diffusers.DiTPipeline(transformer=make_dit(seed=2), vae=sd_reference.make_vae(seed=1),
+                                 scheduler=getattr(diffusers, config["_class_name"]).from_config(config),
+                                 id2label=ID2LABEL)
+    pipe.save_pretrained(path)
+    index_file = Path(path) / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["id2label"] = {str(k): v for k, v in ID2LABEL.items()}
+    index_file.write_text(json.dumps(index, indent=2))
+    if legacy:
+        config_file = Path(path) / "transformer" / "config.json"
+        cfg = json.loads(config_file.read_text())
+        cfg.update(_class_name="Transformer2DModel", cross_attention_dim=None, num_vector_embeds=None,
+                   only_cross_attention=False, use_linear_projection=False)
+        config_file.write_text(json.dumps(cfg, indent=2))
+    return pipe
+
+
+T5_WIDTH = 32
+# width 24 = 3 heads of 8: PixArt-alpha's micro-conditions split the width in thirds
+PIXART_KWARGS: dict[str, Any] = dict(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
+                                     num_layers=2, cross_attention_dim=24, caption_channels=T5_WIDTH, sample_size=8,
+                                     patch_size=2)
+PIPELINES = {"sigma": "PixArtSigmaPipeline", "alpha": "PixArtAlphaPipeline"}
+
+
+def make_pixart(seed: int = 0, **overrides: Any) -> Any:
+    import diffusers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _randomised(diffusers.PixArtTransformer2DModel(**{**PIXART_KWARGS, **overrides}), seed)
+
+
+def save_pixart_pipeline(path: str | Path, kind: str = "sigma", *, legacy: bool = False) -> Any:
+    """A tiny PixArtSigmaPipeline ("sigma") or PixArtAlphaPipeline ("alpha", with the resolution and aspect-ratio
+    micro-conditions of the 1024 px model) with a tiny T5 encoder and tokenizer, written with save_pretrained;
+    legacy=True names the transformer `Transformer2DModel`, as PixArt-alpha's folders do. Returns the pipeline."""
+    import diffusers
+    import transformers
+
+    import encoder_reference
+
+    path = Path(path)
+    encoder_reference.save_t5_encoder(path / "t5", d_model=T5_WIDTH)
+    text_encoder = transformers.T5EncoderModel.from_pretrained(path / "t5").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path / "t5")
+    transformer = make_pixart(seed=2, use_additional_conditions=kind == "alpha")
+    from jaxprobe.checkpoints.random import PIXART_SCHEDULER
+
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(PIXART_SCHEDULER)
+    pipe = getattr(diffusers, PIPELINES[kind])(tokenizer=tokenizer, text_encoder=text_encoder,
+                                                vae=sd_reference.make_vae(seed=1), transformer=transformer,
+                                                scheduler=scheduler)
+    pipe.save_pretrained(path)
+    if legacy:
+        config_file = path / "transformer" / "config.json"
+        cfg = json.loads(config_file.read_text())
+        cfg.update(_class_name="Transformer2DModel", norm_type="ada_norm_single")
+        config_file.write_text(json.dumps(cfg, indent=2))
+    return pipe
