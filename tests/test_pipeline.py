@@ -89,6 +89,11 @@ def test_capture_shapes_reductions_and_branches(sd):
     np.testing.assert_allclose(chosen, feats["unet.mid_block"][:, [0, -1]], atol=1e-6)
     uncond = pipe.capture(PROMPTS[:2], ["unet.mid_block"], branch="uncond", **kw)["unet.mid_block"]
     assert not np.allclose(uncond, feats["unet.mid_block"])
+    inner = "unet.mid_block.attentions.0.transformer_blocks.0"   # tokens (b, h*w, c), not a map: reduced the same
+    tokens = pipe.capture(PROMPTS[:2], [inner], reduce="none", **kw)[inner]
+    mean = pipe.capture(PROMPTS[:2], [inner], reduce="mean", **kw)[inner]
+    assert tokens.ndim == 4 and mean.shape == (2, n_evals, width)
+    np.testing.assert_allclose(mean, tokens.mean(axis=2), atol=1e-5)
     maps = pipe.capture(PROMPTS[:2], ["unet.*.attn2.probs"], reduce="none", **kw)
     for site, value in maps.items():
         assert value.shape[:3] == (2, n_evals, 77)

@@ -136,6 +136,9 @@ def conditioning_of(models: Models, params: Any, plan: Plan, inputs: Mapping[str
 def reduce_denoiser_site(site: str, x: jax.Array, how: str) -> jax.Array:
     if site.endswith(PROBS):  # (b, h*w, tokens) -> mean over positions, or maps (b, tokens, h*w)
         return x.mean(axis=1) if how == "mean" else jnp.swapaxes(x, 1, 2)
+    if x.ndim == 3 and how != "none":  # a UNet transformer block's tokens (b, h*w, c): its map's positions
+        x = x.astype(jnp.float32)
+        return x.mean(axis=1) if how == "mean" else x.max(axis=1)
     return reduce_spatial(x, how)
 
 
