@@ -166,8 +166,9 @@ class _Stub:
 def test_site_defaults_follow_the_family():
     tiny = jaxprobe.load("tiny")
     assert hspace_sites(DirectionsConfig.example(), tiny) == ["unet.mid_block"]
-    for family in FAMILIES.values():   # the existing families: SD 1.x/2.x and SDXL share the UNet's names
-        assert f"{family.component}.{family.bottleneck_site}" == "unet.mid_block"
+    for family in FAMILIES.values():   # SD 1.x/2.x and SDXL share the UNet's names; DiT and PixArt their middle block
+        expected = "unet.mid_block" if family.component == "unet" else "transformer.transformer_blocks.14"
+        assert f"{family.component}.{family.bottleneck_site}" == expected
     # a transformer family (DiT, PixArt) names its own component and bottleneck
     transformer = dataclasses.replace(FAMILIES["stable-diffusion"], component="transformer",
                                       bottleneck_site="transformer_blocks.2")

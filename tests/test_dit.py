@@ -109,9 +109,8 @@ def test_without_id2label_only_integer_labels_work():
 @pytest.mark.filterwarnings("ignore:reduce='none' keeps full maps")
 def test_dit_pipeline_sites_and_reductions(dit_pipe):
     assert dit_pipe.family.name == "dit" and dit_pipe.text_encoder is None
-    sites = dit_pipe.sites()
-    assert set(sites) == {"transformer.pos_embed", "transformer.norm_out", "latents", "pred_original_sample",
-                          *(f"transformer.transformer_blocks.{i}" for i in range(3))}
+    assert dit_pipe.sites() == ["transformer.pos_embed", *(f"transformer.transformer_blocks.{i}" for i in range(3)),
+                                "transformer.norm_out", "latents", "pred_original_sample"]   # call order
     assert "transformer.transformer_blocks.0.attn1" in dit_pipe.sites(all=True)
     feats = dit_pipe.capture(CLASSES, ["transformer.*", "transformer.transformer_blocks.1.contribution",
                                        "transformer.transformer_blocks.1.input"],

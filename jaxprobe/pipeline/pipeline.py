@@ -229,9 +229,15 @@ class Pipeline:
 
 
 def traced_sites(component: Component, example: tuple[jax.Array, ...]) -> list[str]:
-    """Every site a component sows, in call order, from one abstract trace (nothing is computed)."""
+    """Every site a component sows, in call order, from one abstract trace (nothing is computed).
+
+    The order is read inside the trace: the pytree eval_shape returns has its dict keys sorted, which puts
+    `layers.10` before `layers.2` and a DiT's `norm_out` before its blocks."""
+    order: list[str] = []
+
     def trace():
         _, state = component.module.apply({"params": component.params}, *example, mutable=["intermediates"])
-        return state["intermediates"]
+        order.extend(flatten_intermediates(state["intermediates"]))
 
-    return list(flatten_intermediates(jax.eval_shape(trace)))
+    jax.eval_shape(trace)
+    return order
