@@ -13,6 +13,7 @@ import pytest
 import jaxprobe
 from jaxprobe.errors import InputError, SiteError
 from jaxprobe.captures import Captures, FeatureSet, feature_sets
+from jaxprobe.models.families import FAMILIES
 
 N, T = 24, 3
 TEXT, MID, LATENTS = "text_encoder.text_model.final_layer_norm", "unet.mid_block", "latents"
@@ -211,7 +212,7 @@ class _FakePipe:
     text_encoder = tokenizer = object()
     text_encoders = {"text_encoder": text_encoder}
     vae = image_encoder = pipeline_options = None
-    family = SimpleNamespace(name="stable-diffusion")
+    family = FAMILIES["stable-diffusion"]
     unet = SimpleNamespace(name="unet", config=SimpleNamespace(sample_size=8, block_out_channels=(4, 8), in_channels=4,
                                                                addition_embed_type=None))
 
