@@ -117,3 +117,19 @@ def save_pixart_pipeline(path: str | Path, kind: str = "sigma", *, legacy: bool 
         cfg.update(_class_name="Transformer2DModel", norm_type="ada_norm_single")
         config_file.write_text(json.dumps(cfg, indent=2))
     return pipe
+
+
+# SD3's layout at toy widths: 3 joint blocks (the last context_pre_only), patch 2, a 12x12 position table
+# that latents of other sizes are cropped from; "sd3.5" adds qk RMS-norm and dual attention in blocks 0-1.
+SD3_KWARGS: dict[str, Any] = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=16,
+                                  pooled_projection_dim=64, out_channels=4, pos_embed_max_size=12)
+SD3_STYLES: dict[str, dict[str, Any]] = {"sd3": {}, "sd3.5": dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))}
+
+
+def make_sd3(style: str = "sd3", seed: int = 0) -> Any:
+    import diffusers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _randomised(diffusers.SD3Transformer2DModel(**SD3_KWARGS, **SD3_STYLES[style]), seed).eval()
