@@ -90,3 +90,73 @@ def test_sd3_loading_errors_are_named(tmp_path, sd3_case):
     (tmp_path / "config.json").write_text(json.dumps({**config, "caption_projection_dim": 24}))
     with pytest.raises(CheckpointError, match="caption_projection_dim 24 must equal"):
         load_denoiser(tmp_path, component="transformer")
+
+
+PROMPTS = ["A photo of a Zebra", "a drawing of a banana and a knife beside a dog"]
+
+
+@pytest.fixture(scope="session", params=["t5", "no-t5"])
+def sd3_pipeline(request, tmp_path_factory):
+    """A tiny StableDiffusion3Pipeline folder (SD3.5-style transformer), with T5 or without (zeros instead)."""
+    import jaxprobe
+
+    folder = tmp_path_factory.mktemp(f"sd3-pipeline-{request.param}")
+    reference = transformer_reference.save_sd3_pipeline(folder, "sd3.5", t5=request.param == "t5")
+    return dict(folder=folder, reference=reference, pipe=jaxprobe.load(folder), t5=request.param == "t5")
+
+
+@pytest.mark.filterwarnings("ignore:reduce='none' keeps full maps")
+def test_guided_sampling_matches_the_diffusers_sd3_pipeline(sd3_pipeline):
+    reference, pipe = sd3_pipeline["reference"], sd3_pipeline["pipe"]
+    assert pipe.family.name == "stable-diffusion-3" and pipe.scheduler.kind == "flow_euler"
+    assert (pipe.text_encoder_3 is not None) == sd3_pipeline["t5"]
+    latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    with sd_reference.single_threaded(), torch.no_grad():
+        theirs = reference(PROMPTS, negative_prompt="", num_inference_steps=4, guidance_scale=4.5, height=16,
+                           width=16, latents=torch.from_numpy(latents), output_type="latent").images.numpy()
+        embeds, _, pooled, _ = reference.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False)
+    sites = ["latents", "pred_original_sample", "transformer.transformer_blocks.1",
+             "transformer.transformer_blocks.1.context", "transformer.transformer_blocks.1.context.contribution",
+             "transformer.context_embedder"]
+    feats = pipe.capture(PROMPTS, sites, num_inference_steps=4, guidance_scale=4.5, latents=latents, height=16,
+                         width=16, reduce="none")
+    assert relative_error(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1)) < 1e-3
+    tokens = 77 + 256
+    assert feats["transformer.transformer_blocks.1"].shape == (2, 4, 4, 4, 16)   # image tokens as (h, w) maps
+    assert feats["transformer.transformer_blocks.1.context"].shape == (2, 4, tokens, 16)
+    context = np.asarray(feats["transformer.transformer_blocks.1.context"])
+    contribution = np.asarray(feats["transformer.transformer_blocks.1.context.contribution"])
+    assert np.abs(contribution).max() > 0 and not np.allclose(contribution, context)
+    # the flow-matching step axis: diffusers' timesteps, and x0 = x - sigma * v ends the last step at the sample
+    reference.scheduler.set_timesteps(4)
+    np.testing.assert_array_equal(feats.timesteps, reference.scheduler.timesteps.numpy())
+    np.testing.assert_allclose(feats["pred_original_sample"][:, -1], feats["latents"][:, -1], rtol=1e-5, atol=1e-5)
+    # the conditioning the transformer read: diffusers' prompt embeddings through its context_embedder
+    with torch.no_grad():
+        projected = reference.transformer.context_embedder(embeds).numpy()
+    assert relative_error(feats["transformer.context_embedder"][:, 0], projected) < RTOL
+    assert pooled.shape == (2, 64)
+
+
+def test_sd3_sites_name_both_streams(sd3_pipeline):
+    pipe = sd3_pipeline["pipe"]
+    blocks = pipe.select("transformer.transformer_blocks.*")
+    assert sorted(blocks) == ["transformer.transformer_blocks.0", "transformer.transformer_blocks.0.context",
+                              "transformer.transformer_blocks.1", "transformer.transformer_blocks.1.context",
+                              "transformer.transformer_blocks.2"]
+    inner = set(pipe.select("transformer.transformer_blocks.0.**"))
+    assert {"transformer.transformer_blocks.0.attn", "transformer.transformer_blocks.0.attn.context",
+            "transformer.transformer_blocks.0.attn2", "transformer.transformer_blocks.0.ff_context"} <= inner
+    towers = ("text_encoder.", "text_encoder_2.") + (("text_encoder_3.",) if sd3_pipeline["t5"] else ())
+    assert {s.split(".")[0] + "." for s in pipe.select("text_encoder*.*")} == set(towers)
+
+
+def test_images_decode_with_the_sd3_vae_shift(sd3_pipeline):
+    reference, pipe = sd3_pipeline["reference"], sd3_pipeline["pipe"]
+    assert pipe.vae.config.shift_factor == pytest.approx(0.0609)
+    latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with sd_reference.single_threaded(), torch.no_grad():
+        theirs = reference(PROMPTS[:1], num_inference_steps=2, guidance_scale=4.5, height=16, width=16,
+                           latents=torch.from_numpy(latents), output_type="np").images
+    ours = pipe.generate(PROMPTS[:1], num_inference_steps=2, guidance_scale=4.5, latents=latents, height=16, width=16)
+    assert relative_error(ours, theirs) < 1e-3

@@ -176,7 +176,10 @@ def _sd3_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mappi
     pooled: both CLIP projections side by side, as StableDiffusion3Pipeline.encode_prompt builds them."""
     clip = jnp.concatenate([acts[tower][penultimate_site(acts[tower])] for tower in ("text_encoder", "text_encoder_2")],
                            axis=-1)
-    t5 = acts["text_encoder_3"]["encoder.final_layer_norm"] if "text_encoder_3" in acts else extras["t5_context"]
+    if "text_encoder_3" in acts:
+        t5 = acts["text_encoder_3"]["encoder.final_layer_norm"]
+    else:   # the same zeros for every row, however many rows the text passes have (one negative prompt)
+        t5 = jnp.broadcast_to(extras["t5_context"][:1], (clip.shape[0], *extras["t5_context"].shape[1:]))
     clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
     pooled = jnp.concatenate([acts[tower]["text_projection"] for tower in ("text_encoder", "text_encoder_2")], axis=-1)
     return {"encoder_hidden_states": jnp.concatenate([clip, t5.astype(clip.dtype)], axis=1), "pooled_projections": pooled}

@@ -45,6 +45,9 @@ BLOCK_SITES = (r"pos_embed", r"context_embedder", r"transformer_blocks\.\d+", r"
                r"norm_out")
 CLASS_NAMES = ("SD3Transformer2DModel",)
 QK_NORMS = (None, "rms_norm")
+# StableDiffusion3Pipeline's default max_sequence_length for its T5 tower (text_encoder_3), unmasked and cased,
+# unlike PixArt's; also the token count of the zeros that stand in for T5 when a folder has none.
+T5_SEQUENCE_LENGTH = 256
 
 
 @dataclass(frozen=True)
