@@ -160,3 +160,50 @@ def test_images_decode_with_the_sd3_vae_shift(sd3_pipeline):
                            latents=torch.from_numpy(latents), output_type="np").images
     ours = pipe.generate(PROMPTS[:1], num_inference_steps=2, guidance_scale=4.5, latents=latents, height=16, width=16)
     assert relative_error(ours, theirs) < 1e-3
+
+
+@pytest.mark.parametrize("stream", ["", ".context", ".context.input"])
+def test_steering_either_stream_matches_a_diffusers_forward_hook(sd3_pipeline, stream):
+    """Steer on transformer_blocks.1 (image tokens), transformer_blocks.1.context (the text tokens it returns) or
+    transformer_blocks.1.context.input (those it is given) over two steps, both CFG halves, as a forward
+    (pre-)hook on the diffusers block."""
+    from jaxprobe.interventions import Steer
+
+    if not sd3_pipeline["t5"]:
+        pytest.skip("one pipeline suffices: the T5-less one conditions the same blocks")
+    reference, pipe = sd3_pipeline["reference"], sd3_pipeline["pipe"]
+    latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    vector, steps, scale = np.random.default_rng(1).standard_normal(16).astype(np.float32), range(1, 3), 2.0
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(None)
+        if len(calls) - 1 not in steps:
+            return output
+        text, image = output
+        shift = torch.from_numpy(scale * vector)
+        return (text + shift, image) if stream else (text, image + shift)
+
+    def pre_hook(module, args, kwargs):
+        calls.append(None)
+        if len(calls) - 1 in steps:
+            kwargs = {**kwargs, "encoder_hidden_states": kwargs["encoder_hidden_states"] + torch.from_numpy(
+                scale * vector)}
+        return args, kwargs
+
+    block = reference.transformer.transformer_blocks[1]
+    handle = (block.register_forward_pre_hook(pre_hook, with_kwargs=True) if stream.endswith(".input")
+              else block.register_forward_hook(hook))
+    try:
+        with sd_reference.single_threaded(), torch.no_grad():
+            theirs = reference(PROMPTS, num_inference_steps=4, guidance_scale=4.5, height=16, width=16,
+                               latents=torch.from_numpy(latents), output_type="latent").images.numpy()
+    finally:
+        handle.remove()
+    steer = Steer(f"transformer.transformer_blocks.1{stream}", vector, scale=scale, steps=steps)
+    options = dict(num_inference_steps=4, guidance_scale=4.5, latents=latents, height=16, width=16, timesteps=[-1],
+                   reduce="none")
+    ours = pipe.capture(PROMPTS, ["latents"], interventions=[steer], **options)["latents"][:, -1]
+    plain = pipe.capture(PROMPTS, ["latents"], **options)["latents"][:, -1]
+    theirs = theirs.transpose(0, 2, 3, 1)
+    assert relative_error(ours, theirs) < 1e-3 and relative_error(plain, theirs) > 1e-2

@@ -202,8 +202,9 @@ def rename_keys(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k != "pos_embed.pos_embed"}
 
 
-def example_inputs(config: SD3Config, batch: int = 1, tokens: int = 8) -> tuple[jax.Array, ...]:
-    """Zeros shaped like one evaluation's inputs: latents, a timestep, text tokens and pooled projections."""
+def example_inputs(config: SD3Config, batch: int = 1, tokens: int = 77 + T5_SEQUENCE_LENGTH) -> tuple[jax.Array, ...]:
+    """Zeros shaped like one evaluation's inputs: latents, a timestep, the pipeline's 333 text tokens (77 CLIP,
+    256 T5: what the text-stream sites' shapes are checked against) and pooled projections."""
     side = config.sample_size
     return (jnp.zeros((batch, side, side, config.in_channels)), jnp.zeros(()),
             jnp.zeros((batch, tokens, config.joint_attention_dim)), jnp.zeros((batch, config.pooled_projection_dim)))

@@ -101,7 +101,7 @@ def make_schedule(pipe: "Pipeline", num_inference_steps: int, latent: tuple[int,
     if num_inference_steps < 1:
         raise InputError("num_inference_steps must be at least 1")
     image_seq_len = None
-    if pipe.unet is not None:
+    if pipe.unet is not None and getattr(pipe.scheduler, "use_dynamic_shifting", False):
         side = pipe.unet.config.sample_size
         h, w = (side, side) if latent is None else latent[:2]
         patch = pipe.family.latent_multiple(pipe.unet.config) if pipe.family.patch_tokens else 1
