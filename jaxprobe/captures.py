@@ -38,7 +38,7 @@ __all__ = ["Captures", "FeatureSet", "feature_sets", "UNSTEPPED_PREFIXES"]
 
 # Sites captured once per prompt, never per denoising step (the text encoder before sampling, the
 # image encoder on the decoded images).
-UNSTEPPED_PREFIXES = ("text_encoder.", "text_encoder_2.", "image_encoder.")
+UNSTEPPED_PREFIXES = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "image_encoder.")
 
 
 @dataclass(frozen=True, eq=False)

@@ -49,6 +49,16 @@ DPMPP_KARRAS = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": 
                 "thresholding": False, "timestep_spacing": "leading", "trained_betas": None,
                 "use_karras_sigmas": True, "variance_type": None}
 
+# The noise-prediction samplers, which share SD's beta schedules; flow matching has tests of its own below.
+NOISE_KINDS = tuple(kind for kind in schedulers.KINDS if kind not in schedulers.FLOW_KINDS)
+# scheduler_config.json of stabilityai/stable-diffusion-3-medium-diffusers and of
+# black-forest-labs/FLUX.1-dev (resolution-dependent shift), as published.
+SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.29.0.dev0",
+       "num_train_timesteps": 1000, "shift": 3.0}
+FLUX = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.30.0.dev0",
+        "base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+        "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
+
 STEPS = 12
 LATENTS = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)  # (batch, c, h, w)
 # Euler ancestral's fresh noise of every step, given to both sides (diffusers draws it inside `step`)
@@ -60,15 +70,15 @@ def pseudo_unet(xp, model_input, t):
     return 0.8 * xp.tanh(model_input) + 0.3 * xp.cos(1.7 * model_input + t / 150.0)
 
 
-def diffusers_trajectory(kind: str, cfg: dict, num_steps: int):
+def diffusers_trajectory(kind: str, cfg: dict, num_steps: int, mu: float | None = None):
     """Diffusers' sampling loop: (timesteps, prev_sample per step, x0 per step), as NumPy arrays."""
     sched = DIFFUSERS[kind].from_config(cfg)
-    sched.set_timesteps(num_steps)
-    x = torch.from_numpy(LATENTS) * sched.init_noise_sigma
+    sched.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+    x = torch.from_numpy(LATENTS) * getattr(sched, "init_noise_sigma", 1.0)  # flow matching: unscaled noise
     samples, x0s = [], []
     module = sys.modules[type(sched).__module__]
     for i, t in enumerate(sched.timesteps):
-        model_input = sched.scale_model_input(x, t)
+        model_input = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         model_output = torch.from_numpy(pseudo_unet(np, model_input.numpy(), np.float32(t)))
         noise = (mock.patch.object(module, "randn_tensor", lambda *a, i=i, **k: torch.from_numpy(STEP_NOISE[i]))
                  if kind == "euler_ancestral" else contextlib.nullcontext())
@@ -78,6 +88,8 @@ def diffusers_trajectory(kind: str, cfg: dict, num_steps: int):
             a = sched.alphas_cumprod[int(t)]
             x0 = ((x - (1 - a) ** 0.5 * model_output) / a**0.5 if sched.config.prediction_type == "epsilon"
                   else a**0.5 * x - (1 - a) ** 0.5 * model_output)
+        elif kind == "flow_euler":  # diffusers returns no x0 either: the end of the velocity's straight path
+            x0 = x - sched.sigmas[i] * model_output
         elif kind == "dpmpp_2m":
             x0 = sched.model_outputs[-1]  # the converted model output is DPM-Solver++'s x0
         else:
@@ -135,7 +147,7 @@ def _cfg(kind: str, **options) -> dict:
 
 TRAJECTORY_CASES = {
     f"{kind}-{prediction}-{spacing}": (kind, dict(prediction_type=prediction, timestep_spacing=spacing), STEPS)
-    for kind in schedulers.KINDS for prediction in ("epsilon", "v_prediction")
+    for kind in NOISE_KINDS for prediction in ("epsilon", "v_prediction")
     for spacing in schedulers.TIMESTEP_SPACINGS
 }
 TRAJECTORY_CASES.update({
@@ -176,7 +188,7 @@ def test_trajectory_matches_diffusers(case):
     assert_steps_close(ours_x0s, x0s, "pred_original_sample")
 
 
-@pytest.mark.parametrize("kind", schedulers.KINDS)
+@pytest.mark.parametrize("kind", NOISE_KINDS)
 @pytest.mark.parametrize("spacing", schedulers.TIMESTEP_SPACINGS)
 def test_schedule_tables_match_diffusers(kind, spacing):
     """Timesteps, noise levels and the initial noise scale for many step counts, host side only.
@@ -206,7 +218,7 @@ def test_published_configs_read_as_diffusers_reads_them():
         clip_sample=True)
 
 
-@pytest.mark.parametrize("kind", schedulers.KINDS)
+@pytest.mark.parametrize("kind", NOISE_KINDS)
 @pytest.mark.parametrize("base", [SD15, SD2, DPMPP_KARRAS], ids=["sd15", "sd2", "dpmpp_karras"])
 def test_switching_sampler_by_name_matches_diffusers_from_config(kind, base):
     """`scheduler_config(name, base=checkpoint config)` is diffusers' `Class.from_config(pipe.scheduler.config)`."""
@@ -220,6 +232,71 @@ def test_switching_sampler_by_name_matches_diffusers_from_config(kind, base):
     np.testing.assert_allclose(schedule.timesteps, sched.timesteps.numpy(), rtol=1e-5, atol=1e-3)
     assert config.prediction_type == sched.config.prediction_type
     assert schedulers.init_noise_sigma(schedule) == pytest.approx(float(sched.init_noise_sigma), rel=1e-5)
+
+
+FLOW_CASES = {
+    "sd3-shift-3": (SD3, 28, {}),
+    "sd3-4-steps": (SD3, 4, {}),
+    "no-shift-1-step": ({**SD3, "shift": 1.0}, 1, {}),
+    "flux-dynamic-1024": (FLUX, 12, dict(image_seq_len=4096)),  # 1024x1024: 128x128 latents, 2x2 patches
+    "flux-dynamic-512": (FLUX, 4, dict(image_seq_len=1024)),
+    "dynamic-linear-shift-terminal": ({**FLUX, "time_shift_type": "linear", "shift_terminal": 0.02}, 12,
+                                      dict(image_seq_len=2000)),
+    "shift-terminal-500-train-steps": ({**SD3, "shift_terminal": 0.1, "num_train_timesteps": 500}, 7, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOW_CASES))
+def test_flow_matching_matches_diffusers(case):
+    """Sigmas and timesteps exactly diffusers' (same float32 roundings); every step's sample and x0 close."""
+    cfg, num_steps, options = FLOW_CASES[case]
+    config = SchedulerConfig.from_dict(cfg)
+    mu = schedulers.flow_shift_mu(config, options["image_seq_len"]) if config.use_dynamic_shifting else None
+    timesteps, samples, x0s = diffusers_trajectory("flow_euler", cfg, num_steps, mu=mu)
+    schedule = schedulers.make_schedule(config, num_steps, **options)
+    np.testing.assert_array_equal(schedule.timesteps, timesteps, strict=True)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    sched.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+    np.testing.assert_array_equal(schedule.update.sigma, sched.sigmas[:-1].numpy(), strict=True)
+    np.testing.assert_array_equal(schedule.update.sigma_next, sched.sigmas[1:].numpy(), strict=True)
+    assert schedulers.init_noise_sigma(schedule) == 1.0  # the SD3 and FLUX pipelines start from plain noise
+    ours_samples, ours_x0s = eager_trajectory(schedule, jnp.asarray(LATENTS))
+    assert_steps_close(ours_samples, samples, "prev_sample")
+    assert_steps_close(ours_x0s, x0s, "pred_original_sample")
+    scanned = scanned_trajectory(schedule, jnp.asarray(LATENTS))
+    np.testing.assert_allclose(scanned[0], ours_samples, rtol=1e-6, atol=1e-6)
+
+
+def test_flow_shift_mu_is_the_pipelines_calculate_shift():
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+    config = SchedulerConfig.from_dict({**FLUX, "max_shift": 1.3, "max_image_seq_len": 3000})
+    for tokens in (64, 256, 1024, 4096, 9000):
+        assert schedulers.flow_shift_mu(config, tokens) == pytest.approx(
+            calculate_shift(tokens, 256, 3000, 0.5, 1.3), rel=1e-12)
+
+
+def test_flow_matching_configs_name_the_fix():
+    with pytest.raises(InputError, match="pass image_seq_len="):
+        schedulers.make_schedule(SchedulerConfig.from_dict(FLUX), 4)
+    with pytest.raises(InputError, match="stochastic_sampling=True is not implemented"):
+        SchedulerConfig.from_dict({**SD3, "stochastic_sampling": True})
+    with pytest.raises(InputError, match="time_shift_type='cubic'"):
+        SchedulerConfig.from_dict({**FLUX, "time_shift_type": "cubic"})
+    with pytest.raises(InputError, match="cannot switch a 'flow_euler' checkpoint to 'ddim'.*same group"):
+        schedulers.scheduler_config("ddim", base=SD3)
+    with pytest.raises(InputError, match="cannot switch a 'pndm' checkpoint to 'flow_euler'"):
+        schedulers.scheduler_config("FlowMatchEulerDiscreteScheduler", base=SchedulerConfig("pndm"))
+    assert schedulers.scheduler_config("flow_euler", base=SD3).shift == 3.0
+
+
+def test_flow_add_noise_matches_diffusers_scale_noise():
+    noise = np.random.default_rng(1).standard_normal(LATENTS.shape).astype(np.float32)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(SD3)
+    sched.set_timesteps(10)
+    t = sched.timesteps[[2, 7]]
+    expected = sched.scale_noise(torch.from_numpy(LATENTS), t, torch.from_numpy(noise))
+    noisy = schedulers.add_noise(SchedulerConfig.from_dict(SD3), LATENTS, noise, t.numpy())
+    np.testing.assert_allclose(noisy, expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_names_and_bases():

@@ -117,3 +117,51 @@ def save_pixart_pipeline(path: str | Path, kind: str = "sigma", *, legacy: bool 
         cfg.update(_class_name="Transformer2DModel", norm_type="ada_norm_single")
         config_file.write_text(json.dumps(cfg, indent=2))
     return pipe
+
+
+# SD3's layout at toy widths: 3 joint blocks (the last context_pre_only), patch 2, a 12x12 position table
+# that latents of other sizes are cropped from; "sd3.5" adds qk RMS-norm and dual attention in blocks 0-1.
+SD3_KWARGS: dict[str, Any] = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=T5_WIDTH, caption_projection_dim=16,
+                                  pooled_projection_dim=64, out_channels=4, pos_embed_max_size=12)
+SD3_STYLES: dict[str, dict[str, Any]] = {"sd3": {}, "sd3.5": dict(qk_norm="rms_norm", dual_attention_layers=(0, 1))}
+
+
+def make_sd3(style: str = "sd3", seed: int = 0) -> Any:
+    import diffusers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _randomised(diffusers.SD3Transformer2DModel(**SD3_KWARGS, **SD3_STYLES[style]), seed).eval()
+
+
+def save_sd3_pipeline(path: str | Path, style: str = "sd3", *, t5: bool = True) -> Any:
+    """A tiny StableDiffusion3Pipeline written with save_pretrained: CLIP-L- and bigG-style towers 16 wide with
+    32-wide projections (pooled: 64), a tiny T5 as wide as joint_attention_dim (t5=False: none, as the
+    T5-less SD3 folders), SD3's flow-matching scheduler (shift 3). Returns the pipeline."""
+    import diffusers
+    import transformers
+
+    import encoder_reference
+    from jaxprobe.checkpoints.random import TOKENIZER_DIR
+
+    path = Path(path)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    common = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=77, eos_token_id=2, bos_token_id=len(tokenizer) - 2,
+                  pad_token_id=len(tokenizer) - 1, projection_dim=32)
+    torch.manual_seed(0)
+    clips = [sd_reference._perturbed(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**common)),
+                                     seed).eval() for seed in (4, 3)]
+    parts: dict[str, Any] = dict(text_encoder_3=None, tokenizer_3=None)
+    if t5:
+        encoder_reference.save_t5_encoder(path / "t5", d_model=T5_WIDTH)
+        parts = dict(text_encoder_3=transformers.T5EncoderModel.from_pretrained(path / "t5").eval(),
+                     tokenizer_3=transformers.AutoTokenizer.from_pretrained(path / "t5"))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=make_sd3(style, seed=2), scheduler=scheduler,
+        vae=sd_reference.make_vae(seed=1, scaling_factor=1.5305, shift_factor=0.0609),   # SD3's VAE constants
+        text_encoder=clips[0], tokenizer=tokenizer, text_encoder_2=clips[1], tokenizer_2=tokenizer, **parts)
+    pipe.save_pretrained(path)
+    return pipe

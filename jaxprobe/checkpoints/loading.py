@@ -44,6 +44,7 @@ from jaxprobe.checkpoints.weights import (
     read_state_dict,
 )
 from jaxprobe.errors import CheckpointError
+from jaxprobe.models import sd3
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
 from jaxprobe.models.clip import example_inputs as clip_example_inputs
 from jaxprobe.models.schedulers import scheduler_config
@@ -205,12 +206,14 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
         raise CheckpointError(f"{folder}/model_index.json lists no text_encoder, unet or transformer component "
                               f"({sorted(listed) or 'no components at all'}): it is incomplete or not a text-to-image "
                               "pipeline's; re-download the checkpoint.")
-    absent = sorted(k for k in listed & {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
-                                         "transformer", "vae", "scheduler"} if not (folder / k).is_dir())
+    absent = sorted(k for k in listed & {"text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                                         "tokenizer_2", "tokenizer_3", "unet", "transformer", "vae", "scheduler"}
+                    if not (folder / k).is_dir())
     if absent:
         raise CheckpointError(f"{folder}/model_index.json lists {', '.join(absent)} but the folder(s) are missing: "
                               "the download is partial. Re-download those components.")
-    weighted = [name for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae") if name in listed]
+    weighted = [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
+                if name in listed]
     states = {name: dict(weights[name]) if weights and name in weights else
               read_state_dict(find_weight_files(folder / name, variant=variant)) for name in weighted}
     if loras:
@@ -241,6 +244,11 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
         if "tokenizer_2" in listed:
             parts["tokenizer_2"] = PromptTokenizer.from_dir(
                 folder / "tokenizer_2", parts["text_encoder_2"].config.max_position_embeddings)
+    if "text_encoder_3" in listed:  # SD3: T5, its states after the CLIP tokens
+        parts["text_encoder_3"] = encoders.load_t5_encoder(folder / "text_encoder_3", dtype=dtype,
+                                                           state=states["text_encoder_3"], name="text_encoder_3")
+        if "tokenizer_3" in listed:
+            parts["tokenizer_3"] = encoders.load_t5_tokenizer(folder / "tokenizer_3", sd3.T5_SEQUENCE_LENGTH)
     # SDXL pipelines' conditioning switches, with StableDiffusionXL(Img2Img)Pipeline's defaults
     options = {k: index[k] for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in index}
     if "id2label" in index:   # DiT: the class names `capture` resolves, as DiTPipeline.get_label_ids

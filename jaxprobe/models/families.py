@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprobe.errors import CheckpointError
-from jaxprobe.models import dit, pixart, unet
+from jaxprobe.models import dit, pixart, sd3, unet
 from jaxprobe.models.encoders import ATTENTION_MASK
 
 
@@ -167,7 +167,40 @@ PIXART = _patch_family("pixart", pixart, pixart.PixArtTransformer2DModel, pixart
                        text_encoders=("text_encoder",), context_site="encoder.final_layer_norm",
                        conditioning=_pixart_conditioning, apply=_pixart_apply)
 
-FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART)}
+
+
+def _sd3_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
+                      ) -> dict[str, jax.Array]:
+    """SD3: CLIP-L's and bigG's penultimate states side by side, zero-padded to T5's width, then T5's final states
+    after them along the tokens (zeros of extras["t5_context"]'s shape when the folder has no text_encoder_3);
+    pooled: both CLIP projections side by side, as StableDiffusion3Pipeline.encode_prompt builds them."""
+    clip = jnp.concatenate([acts[tower][penultimate_site(acts[tower])] for tower in ("text_encoder", "text_encoder_2")],
+                           axis=-1)
+    if "text_encoder_3" in acts:
+        t5 = acts["text_encoder_3"]["encoder.final_layer_norm"]
+    else:   # the same zeros for every row, however many rows the text passes have (one negative prompt)
+        t5 = jnp.broadcast_to(extras["t5_context"][:1], (clip.shape[0], *extras["t5_context"].shape[1:]))
+    clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+    pooled = jnp.concatenate([acts[tower]["text_projection"] for tower in ("text_encoder", "text_encoder_2")], axis=-1)
+    return {"encoder_hidden_states": jnp.concatenate([clip, t5.astype(clip.dtype)], axis=1), "pooled_projections": pooled}
+
+
+def _sd3_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
+               conditioning: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    out, state = module.apply({"params": params}, latents, t, conditioning["encoder_hidden_states"],
+                              conditioning["pooled_projections"], mutable=["intermediates"])
+    return out, state["intermediates"]
+
+
+SD3 = DenoiserFamily(
+    name="stable-diffusion-3", component="transformer", class_names=sd3.CLASS_NAMES, config_cls=sd3.SD3Config,
+    read_config=sd3.SD3Config.from_dict, module=lambda config, dtype: sd3.SD3Transformer2DModel(config, dtype),
+    example_inputs=sd3.example_inputs, block_sites=sd3.BLOCK_SITES, bottleneck_site="transformer_blocks.12",
+    text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), context_site="",
+    conditioning=_sd3_conditioning, apply=_sd3_apply, rename_keys=sd3.rename_keys,
+    latent_multiple=lambda config: config.patch_size, patch_tokens=True)
+
+FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART, SD3)}
 
 
 def family_of_config(config: Any) -> DenoiserFamily:

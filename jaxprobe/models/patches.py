@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprobe.models.blocks import TimestepEmbedding, timestep_embedding
+from jaxprobe.models.layers import ACTIVATIONS
 
 Dtype = Any
 # Every adaptive-norm family embeds its timestep with 256 sinusoids, cosines first.
@@ -65,17 +66,31 @@ def sincos_positions(dim: int, height: int, width: int, *, base_size: int, inter
     return np.concatenate([one_axis(col_grid), one_axis(row_grid)], axis=1).astype(np.float32)
 
 
+def cropped_positions(dim: int, height: int, width: int, max_size: int, *, base_size: int,
+                      interpolation_scale: float = 1.0) -> np.ndarray:
+    """(height*width, dim): the centred height x width crop of the max_size x max_size position table."""
+    if height > max_size or width > max_size:
+        raise ValueError(f"a {height}x{width} patch grid exceeds the {max_size}x{max_size} position table "
+                         f"(pos_embed_max_size); use latents of at most {max_size} patches a side")
+    table = sincos_positions(dim, max_size, max_size, base_size=base_size, interpolation_scale=interpolation_scale)
+    top, left = (max_size - height) // 2, (max_size - width) // 2
+    return table.reshape(max_size, max_size, dim)[top:top + height, left:left + width].reshape(-1, dim)
+
+
 class PatchEmbed(nn.Module):
     """diffusers' PatchEmbed: a patch_size-strided conv (`proj`), flattened to tokens, plus sin-cos positions.
 
     Sows its output (b, h*w, dim): the `pos_embed` site. base_size: the grid width the positions were
-    trained at (sample_size // patch_size); other latent sizes get stretched positions, as diffusers."""
+    trained at (sample_size // patch_size); other latent sizes get stretched positions, as diffusers.
+    max_size (SD3's `pos_embed_max_size`): positions come from one max_size x max_size table instead, of which
+    each latent size takes the centred crop, so every resolution sees the positions it was trained on."""
 
     dim: int
     patch_size: int
     base_size: int
     interpolation_scale: float = 1.0
     dtype: Dtype = jnp.float32
+    max_size: int | None = None
 
     @nn.compact
     def __call__(self, latents: jax.Array) -> jax.Array:   # (b, H, W, c)
@@ -85,8 +100,12 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"latents of {height}x{width} do not split into {p}x{p} patches")
         x = nn.Conv(self.dim, (p, p), strides=p, padding="VALID", dtype=self.dtype, name="proj")(latents)
         x = x.reshape(b, (height // p) * (width // p), self.dim)
-        positions = sincos_positions(self.dim, height // p, width // p, base_size=self.base_size,
-                                     interpolation_scale=self.interpolation_scale)
+        if self.max_size is None:
+            positions = sincos_positions(self.dim, height // p, width // p, base_size=self.base_size,
+                                         interpolation_scale=self.interpolation_scale)
+        else:
+            positions = cropped_positions(self.dim, height // p, width // p, self.max_size, base_size=self.base_size,
+                                          interpolation_scale=self.interpolation_scale)
         out = (x.astype(jnp.float32) + positions[None]).astype(x.dtype)
         self.sow("intermediates", "output", out)
         return out
@@ -141,10 +160,13 @@ class AdaLayerNormZero(nn.Module):
     to norm(x) and the other five (gate_msa, shift_mlp, scale_mlp, gate_mlp), each (b, dim).
 
     With num_classes the norm owns its embedding (`emb`, DiT: every block has one) and takes (t, labels);
-    without, it takes an embedding computed elsewhere (`emb=`)."""
+    without, it takes an embedding computed elsewhere (`emb=`). dual (SD3.5's SD35AdaLayerNormZeroX): three
+    more modulations for a second attention over the same input; then the returns add (norm(x) under them,
+    gate_msa2) after the embedding."""
 
     num_classes: int | None = None
     dtype: Dtype = jnp.float32
+    dual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, timesteps: jax.Array | None = None, class_labels: jax.Array | None = None,
@@ -152,10 +174,31 @@ class AdaLayerNormZero(nn.Module):
         dim = x.shape[-1]
         if self.num_classes is not None:
             emb = TimestepLabelEmbedding(dim, self.num_classes, self.dtype, name="emb")(timesteps, class_labels)
-        mods = nn.Dense(6 * dim, dtype=self.dtype, name="linear")(jax.nn.silu(emb))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mods, 6, axis=-1)
-        h = modulate(plain_layer_norm(1e-6, self.dtype)(x), shift_msa, scale_msa)
-        return h, gate_msa, shift_mlp, scale_mlp, gate_mlp, emb
+        n = 9 if self.dual else 6
+        mods = jnp.split(nn.Dense(n * dim, dtype=self.dtype, name="linear")(jax.nn.silu(emb)), n, axis=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        normed = plain_layer_norm(1e-6, self.dtype)(x)
+        out = (modulate(normed, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp, emb)
+        if not self.dual:
+            return out
+        shift_msa2, scale_msa2, gate_msa2 = mods[6:]
+        return (*out, modulate(normed, shift_msa2, scale_msa2), gate_msa2)
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """diffusers' AdaLayerNormContinuous (SD3's, FLUX's output norm and last context norm): a plain layer norm
+    modulated by (scale, shift) = linear(silu(conditioning)), scale first, unlike adaLN-Zero. Sows its output."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, conditioning: jax.Array) -> jax.Array:   # (b, n, d), (b, c)
+        mods = nn.Dense(2 * x.shape[-1], dtype=self.dtype, name="linear")(jax.nn.silu(conditioning).astype(self.dtype))
+        scale, shift = jnp.split(mods, 2, axis=-1)
+        out = modulate(plain_layer_norm(self.eps, self.dtype)(x), shift, scale)
+        self.sow("intermediates", "output", out)
+        return out
 
 
 class TimestepSizeEmbedding(nn.Module):
@@ -201,14 +244,30 @@ class AdaLayerNormSingle(nn.Module):
 
 
 class CaptionProjection(nn.Module):
-    """diffusers' PixArtAlphaTextProjection: linear_1, tanh GELU, linear_2 (text width -> model width)."""
+    """diffusers' PixArtAlphaTextProjection: linear_1, tanh GELU (SiLU for SD3's pooled text), linear_2 (text
+    width -> model width)."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+    act_fn: str = "gelu_pytorch_tanh"   # an ACTIVATIONS name
+
+    @nn.compact
+    def __call__(self, caption: jax.Array) -> jax.Array:
+        h = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(caption)
+        out = nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(ACTIVATIONS[self.act_fn](h))
+        self.sow("intermediates", "output", out)
+        return out
+
+
+class TimestepTextEmbedding(nn.Module):
+    """diffusers' CombinedTimestepTextProjEmbeddings (SD3): timestep_embedder(sinusoids(t)) plus text_embedder(the
+    pooled text projections), the one conditioning vector of every adaptive norm."""
 
     dim: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, caption: jax.Array) -> jax.Array:
-        h = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(caption)
-        out = nn.Dense(self.dim, dtype=self.dtype, name="linear_2")(jax.nn.gelu(h, approximate=True))
-        self.sow("intermediates", "output", out)
-        return out
+    def __call__(self, timesteps: jax.Array, pooled: jax.Array) -> jax.Array:   # (b,), (b, pooled) -> (b, dim)
+        emb = TimestepEmbedding(self.dim, "silu", self.dtype, name="timestep_embedder")(
+            sinusoids(timesteps).astype(self.dtype))
+        return emb + CaptionProjection(self.dim, self.dtype, "silu", name="text_embedder")(pooled.astype(self.dtype))

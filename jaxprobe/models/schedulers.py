@@ -1,5 +1,5 @@
 """Diffusion samplers in pure JAX with diffusers' numerics: PNDM (PLMS), DDIM, Euler, Euler ancestral,
-DPM-Solver++ 2M.
+DPM-Solver++ 2M, and flow-matching Euler (SD3, FLUX).
 
 A sampler is split in two halves:
 
@@ -22,6 +22,12 @@ The loop, as diffusers' pipelines run it (a `lax.scan` over `i` in practice)::
         model_input = scale_model_input(schedule, latents, i)
         model_output = unet(model_input, schedule.timesteps[i])   # index with jnp when i is traced
         state, latents, x0 = step(schedule, state, model_output, i, latents, noise=...)  # ancestral only
+
+Flow matching ("flow_euler", diffusers' FlowMatchEulerDiscreteScheduler) is the odd one out: the denoiser
+predicts a velocity v = noise - x0 along the straight path x = (1 - sigma) * x0 + sigma * noise, timesteps
+are sigma * num_train_timesteps (fractions), and x0 = x - sigma * v. Its noise levels may depend on the
+image size (`use_dynamic_shifting`): then `make_schedule` needs `image_seq_len`, the denoiser's number of
+image tokens, from which it computes the shift mu as diffusers' SD3 and FLUX pipelines do.
 
 Euler ancestral (the Turbo models' sampler) is the one stochastic sampler: every step adds fresh noise, which
 the caller draws and passes (`needs_noise`), so that runs stay a function of their seeds.
@@ -46,13 +52,17 @@ import numpy as np
 
 from jaxprobe.errors import CheckpointError, InputError
 
-KINDS = ("pndm", "ddim", "euler", "euler_ancestral", "dpmpp_2m")
+KINDS = ("pndm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "flow_euler")
+# Samplers of velocity-predicting (rectified-flow) denoisers; the others take noise-prediction ones, and a
+# checkpoint cannot be switched from one group to the other.
+FLOW_KINDS = ("flow_euler",)
 DIFFUSERS_CLASSES = {
     "pndm": "PNDMScheduler",
     "ddim": "DDIMScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 # Names users may pass, matched case-insensitively: jaxprobe's short names and diffusers' class names.
 SCHEDULERS: dict[str, str] = {**{kind: kind for kind in KINDS}, **{c: k for k, c in DIFFUSERS_CLASSES.items()}}
@@ -62,6 +72,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+TIME_SHIFT_TYPES = ("exponential", "linear")
 
 # What each diffusers class reads from scheduler_config.json, with that class's default for a missing key.
 _DIFFUSERS_COMMON = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -76,6 +87,9 @@ _DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
     "euler_ancestral": {**_DIFFUSERS_COMMON, "timestep_spacing": "linspace"},
     "dpmpp_2m": {**_DIFFUSERS_COMMON, "timestep_spacing": "linspace", "use_karras_sigmas": False,
                  "final_sigmas_type": "zero", "lower_order_final": True, "euler_at_final": False},
+    "flow_euler": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, shift_terminal=None,
+                       time_shift_type="exponential"),
 }
 # Options those classes also read that jaxprobe does not implement, with the one value it does implement.
 _UNIMPLEMENTED: dict[str, dict[str, Any]] = {
@@ -88,6 +102,8 @@ _UNIMPLEMENTED: dict[str, dict[str, Any]] = {
                  "thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                  "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None,
                  "lambda_min_clipped": -math.inf, "rescale_betas_zero_snr": False, "use_dynamic_shifting": False},
+    "flow_euler": {"invert_sigmas": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                   "use_beta_sigmas": False, "stochastic_sampling": False},
 }
 
 
@@ -129,6 +145,15 @@ class SchedulerConfig:
     final_sigmas_type: str = "zero"  # Euler, DPM-Solver++: noise level after the last step, FINAL_SIGMAS_TYPES
     lower_order_final: bool = True  # DPM-Solver++: first-order last step when there are fewer than 15 steps
     euler_at_final: bool = False  # DPM-Solver++: first-order last step always
+    # Flow matching only (the beta and spacing fields above do not apply to it):
+    shift: float = 1.0  # sigma -> shift * sigma / (1 + (shift - 1) * sigma); SD3's scheduler sets 3.0
+    use_dynamic_shifting: bool = False  # shift by mu computed from the image size instead (FLUX, SD3.5 variants)
+    base_shift: float = 0.5  # mu at base_image_seq_len image tokens, linear in the token count ...
+    max_shift: float = 1.15  # ... up to mu at max_image_seq_len
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"  # TIME_SHIFT_TYPES: exp(mu) or mu takes the place of `shift`
+    shift_terminal: float | None = None  # stretch the shifted sigmas so that the last one is this
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -140,6 +165,7 @@ class SchedulerConfig:
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        _check_choice("time_shift_type", self.time_shift_type, TIME_SHIFT_TYPES)
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
             raise InputError(f"trained_betas has {len(self.trained_betas)} values for num_train_timesteps="
                              f"{self.num_train_timesteps}; give one beta per training timestep")
@@ -173,7 +199,7 @@ class SchedulerConfig:
                                  f"in jaxprobe (only {implemented!r}); drop it from the config or choose another "
                                  f"scheduler")
         values = {name: cfg.get(name, default) for name, default in _DIFFUSERS_DEFAULTS[kind].items()}
-        if values["trained_betas"] is not None:
+        if values.get("trained_betas") is not None:
             values["trained_betas"] = tuple(float(beta) for beta in values["trained_betas"])
         return cls(kind=kind, **values)
 
@@ -205,6 +231,12 @@ def scheduler_config(name_or_config: str | SchedulerConfig | Mapping[str, Any],
     kind = _kind_of(name_or_config)
     if base is None:
         return SchedulerConfig(kind)
+    base_kind = base.kind if isinstance(base, SchedulerConfig) else _kind_of(base.get("_class_name", kind))
+    if (kind in FLOW_KINDS) != (base_kind in FLOW_KINDS):
+        flow, other = (kind, base_kind) if kind in FLOW_KINDS else (base_kind, kind)
+        raise InputError(f"cannot switch a {base_kind!r} checkpoint to {kind!r}: {flow!r} samples velocity-"
+                         f"predicting (flow-matching) denoisers and {other!r} noise-predicting ones; choose a "
+                         f"sampler of the same group ({', '.join(FLOW_KINDS)} for flow matching)")
     if isinstance(base, SchedulerConfig):
         return dataclasses.replace(base, kind=kind)
     return SchedulerConfig.from_dict(base, kind=kind)
@@ -250,7 +282,14 @@ class DPMUpdate(NamedTuple):
     d1_weight: np.ndarray  # (E,) 0.5 / r0 on second-order steps, 0 on first-order ones; D1 = x0 - x0_prev
 
 
-Update = DDIMUpdate | PNDMUpdate | EulerUpdate | DPMUpdate
+class FlowUpdate(NamedTuple):
+    """x_prev = x + (sigma_next - sigma) * v on x = (1 - sigma) * x0 + sigma * noise, v = noise - x0."""
+
+    sigma: np.ndarray  # (E,) the noise level of evaluation i's sample
+    sigma_next: np.ndarray  # (E,) the level after its step, 0 after the last
+
+
+Update = DDIMUpdate | PNDMUpdate | EulerUpdate | DPMUpdate | FlowUpdate
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -268,7 +307,7 @@ class Schedule:
 
     config: SchedulerConfig
     init_noise_sigma: float  # the scale of the initial noise; read it through init_noise_sigma(schedule)
-    # (E,) diffusers' `scheduler.timesteps` exactly: int64, float32 for Euler (linspace gives fractions)
+    # (E,) diffusers' `scheduler.timesteps` exactly: int64, float32 for Euler and flow matching (fractions)
     timesteps: np.ndarray
     alpha: np.ndarray  # (E,) float32 signal scale of the model input at evaluation i
     sigma: np.ndarray  # (E,) float32 noise scale of the model input at evaluation i
@@ -421,17 +460,58 @@ def _dpm_schedule(config: SchedulerConfig, num_steps: int, alphas_cumprod: np.nd
     return _schedule(config, timesteps, alpha_s, sigma_s, DPMUpdate(sigma_t / sigma_s, x0_coeff, d1_weight))
 
 
+def flow_shift_mu(config: SchedulerConfig, image_seq_len: int) -> float:
+    """The resolution-dependent shift of `use_dynamic_shifting`, as SD3's and FLUX's pipelines compute it:
+    linear in the number of image tokens through (base_image_seq_len, base_shift), (max_image_seq_len,
+    max_shift)."""
+    slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+    return image_seq_len * slope + config.base_shift - slope * config.base_image_seq_len
+
+
+def _shifted(config: SchedulerConfig, sigmas: np.ndarray, mu: float | None) -> np.ndarray:
+    if mu is None:  # a larger shift spends more of the steps at high noise, where large images need them
+        return config.shift * sigmas / (1 + (config.shift - 1) * sigmas)
+    scale = math.exp(mu) if config.time_shift_type == "exponential" else mu
+    return scale / (scale + (1 / sigmas - 1))
+
+
+def _flow_schedule(config: SchedulerConfig, num_steps: int, mu: float | None) -> Schedule:
+    n = config.num_train_timesteps
+    # diffusers' end points are its float32 training sigmas, the last one shifted unless shifting is dynamic
+    train_min = np.float32(1.0) / np.float32(n)
+    if not config.use_dynamic_shifting:
+        train_min = np.float32(config.shift) * train_min / (1 + np.float32(config.shift - 1) * train_min)
+    sigmas = np.linspace(n * 1.0, n * float(train_min), num_steps) / n
+    sigmas = _shifted(config, sigmas, mu)
+    if config.shift_terminal:
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - config.shift_terminal))
+    sigmas = sigmas.astype(np.float32)
+    timesteps = sigmas * np.float32(n)  # in float32, as diffusers multiplies its float32 sigmas
+    sigma_next = np.append(sigmas[1:], np.float32(0))
+    return _schedule(config, timesteps, 1 - sigmas, sigmas, FlowUpdate(sigmas, sigma_next))
+
+
 _SCHEDULE_BUILDERS: dict[str, Callable[[SchedulerConfig, int, np.ndarray], Schedule]] = {
     "pndm": _pndm_schedule, "ddim": _ddim_schedule, "euler": _euler_schedule, "euler_ancestral": _euler_schedule,
     "dpmpp_2m": _dpm_schedule,
 }
 
 
-def make_schedule(config: SchedulerConfig, num_inference_steps: int) -> Schedule:
-    """Timesteps and solver coefficients for `num_inference_steps`, as diffusers' `set_timesteps` makes them."""
+def make_schedule(config: SchedulerConfig, num_inference_steps: int, image_seq_len: int | None = None) -> Schedule:
+    """Timesteps and solver coefficients for `num_inference_steps`, as diffusers' `set_timesteps` makes them.
+
+    image_seq_len: the denoiser's number of image tokens, which flow matching with `use_dynamic_shifting`
+    needs (the pipelines' (latent height / patch) * (latent width / patch)); the other samplers ignore it."""
     if not 1 <= num_inference_steps <= config.num_train_timesteps:
         raise InputError(f"num_inference_steps={num_inference_steps} must lie in [1, num_train_timesteps="
                          f"{config.num_train_timesteps}]")
+    if config.kind in FLOW_KINDS:
+        if config.use_dynamic_shifting and image_seq_len is None:
+            raise InputError("this flow-matching schedule shifts by image size (use_dynamic_shifting=True): pass "
+                             "image_seq_len=, the denoiser's number of image tokens")
+        mu = flow_shift_mu(config, image_seq_len) if config.use_dynamic_shifting else None
+        return _flow_schedule(config, int(num_inference_steps), mu)
     return _SCHEDULE_BUILDERS[config.kind](config, int(num_inference_steps), _alphas_cumprod(config))
 
 
@@ -524,6 +604,12 @@ def _euler_step(schedule, state, model_output, i, sample, noise=None):
     return state, prev if noise is None else prev + noise.astype(prev.dtype) * update.sigma_up, x0
 
 
+def _flow_step(schedule, state, model_output, i, sample):
+    update = _at(schedule.update, i)
+    x0 = sample - update.sigma * model_output
+    return state, sample + (update.sigma_next - update.sigma) * model_output, x0
+
+
 def _dpm_step(schedule, state, model_output, i, sample):
     update = _at(schedule.update, i)
     x0, _ = _denoise(model_output, sample, _at(schedule.alpha, i), _at(schedule.sigma, i),
@@ -533,7 +619,7 @@ def _dpm_step(schedule, state, model_output, i, sample):
 
 
 _STEPS = {"pndm": _pndm_step, "ddim": _ddim_step, "euler": _euler_step, "euler_ancestral": _euler_step,
-          "dpmpp_2m": _dpm_step}
+          "dpmpp_2m": _dpm_step, "flow_euler": _flow_step}
 
 
 def needs_noise(schedule: Schedule) -> bool:
@@ -548,7 +634,8 @@ def step(schedule: Schedule, state: State, model_output: jax.Array, i: jax.Array
     `sample` is what evaluation i started from (before `scale_model_input`); `model_output` what the
     denoiser returned for it. Evaluations run in order from i=0: the solvers' warm-up is tied to i.
     pred_original_sample is the x0 the sampler used (DDIM's clipped one); for PNDM, which has none in
-    diffusers, it is the DDIM-style x0 of this evaluation's own model output. Both outputs have
+    diffusers, it is the DDIM-style x0 of this evaluation's own model output; for flow matching, which has
+    none either, it is x - sigma * v, the end of the straight path the velocity points along. Both outputs have
     `sample`'s dtype; the update runs in at least float32. noise: the ancestral sampler's fresh standard
     normal noise for this step (`needs_noise`), ignored by the others.
     """
@@ -567,12 +654,16 @@ def add_noise(config: SchedulerConfig, original: jax.Array, noise: jax.Array, ti
 
     original, noise: (batch, ...); timesteps: (batch,) or a scalar, integers, may be traced. This is the
     denoiser's input at t for every sampler (diffusers' DDPM/DDIM/PNDM `add_noise`); Euler's own sample at
-    that noise level is this times sqrt(1 + sigma**2).
+    that noise level is this times sqrt(1 + sigma**2). For flow matching, t is a (fractional) timestep
+    sigma * num_train_timesteps and the sample (1 - sigma) * x0 + sigma * noise (diffusers' `scale_noise`).
     """
+    broadcast = (-1,) + (1,) * (original.ndim - 1)
+    if config.kind in FLOW_KINDS:
+        sigma = (jnp.asarray(timesteps, jnp.float32) / config.num_train_timesteps).reshape(broadcast)
+        return ((1 - sigma) * original + sigma * noise).astype(original.dtype)
     alphas_cumprod = _alphas_cumprod(config)
     t = jnp.asarray(timesteps)
     signal = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)[t]
     noise_scale = jnp.asarray(np.sqrt(1 - alphas_cumprod), jnp.float32)[t]
-    broadcast = (-1,) + (1,) * (original.ndim - 1)
     noisy = signal.reshape(broadcast) * original + noise_scale.reshape(broadcast) * noise
     return noisy.astype(original.dtype)

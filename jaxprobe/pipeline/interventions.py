@@ -392,6 +392,11 @@ def _rows_for(spec: Spec, v: Mapping[str, jax.Array], y: jax.Array, half: int | 
     return new
 
 
+# The sow name of the second output of modules that return two token streams, (image, text): SD3's joint blocks
+# and their attentions. An intervention on `path.context` acts on that output as `path` acts on the first.
+SECOND_STREAM = "context"
+
+
 @contextlib.contextmanager
 def intervening(specs: Sequence[tuple[Spec, Mapping[str, jax.Array]]], *, half: int | None = None,
                 step: jax.Array | None = None, feed: Mapping[str, str] | None = None) -> Iterator[None]:
@@ -417,6 +422,8 @@ def intervening(specs: Sequence[tuple[Spec, Mapping[str, jax.Array]]], *, half: 
             args = (fed[feed[site]], *args[1:])
         for spec, values in by_site.get(f"{site}.input", ()):   # interventions on what the module is given
             args = (_rows_for(spec, values, args[0], half, step), *args[1:])
+        for spec, values in by_site.get(f"{site}.{SECOND_STREAM}.input", ()):   # the second stream, given second
+            args = (args[0], _rows_for(spec, values, args[1], half, step), *args[2:])
         out = next_fun(*args, **kwargs)
         todo = by_site.get(site, ())
         if todo:
@@ -429,6 +436,16 @@ def intervening(specs: Sequence[tuple[Spec, Mapping[str, jax.Array]]], *, half: 
                 sown = module.get_variable("intermediates", "output")
                 module.put_variable("intermediates", "output", (*sown[:-1], y))
             out = (y, *out[1:]) if isinstance(out, tuple) else y
+        second = by_site.get(f"{site}.{SECOND_STREAM}", ())
+        if second and isinstance(out, tuple) and out[1] is not None:   # MMDiT blocks return (image, text)
+            y = out[1]
+            for spec, values in second:
+                y = _rows_for(spec, values, y, half, step)
+            module = context.module
+            if module.has_variable("intermediates", SECOND_STREAM):
+                sown = module.get_variable("intermediates", SECOND_STREAM)
+                module.put_variable("intermediates", SECOND_STREAM, (*sown[:-1], y))
+            out = (out[0], y, *out[2:])
         if site in feed.values():
             fed[site] = out
         return out
@@ -447,11 +464,14 @@ def with_values(specs: Sequence[Spec], component: str, inputs: Mapping[str, Any]
 
 
 def module_outputs(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The `output` leaves of an (abstract) intermediates tree: {module path: last sown value}."""
+    """The `output` leaves of an (abstract) intermediates tree: {module path: last sown value}, and the
+    second streams modules return beside it (`path.context`: an MMDiT block's text tokens)."""
     found: dict[str, Any] = {}
     for name, value in tree.items():
         if isinstance(value, Mapping):
             found.update(module_outputs(value, f"{prefix}{name}."))
         elif name == "output":
             found[prefix[:-1]] = value[-1]
+        elif name == SECOND_STREAM:
+            found[f"{prefix}{name}"] = value[-1]
     return found

@@ -53,22 +53,27 @@ class Pipeline:
     provenance: dict[str, Any] | None = None   # what was loaded (checkpoints.provenance.describe_source)
     text_encoder_2: Component | None = None    # SDXL's second text encoder (OpenCLIP bigG, with projection)
     tokenizer_2: Any = None
+    text_encoder_3: Component | None = None    # SD3's T5 encoder (optional there: zeros stand in for it)
+    tokenizer_3: Any = None
     pipeline_options: dict[str, Any] | None = None   # model_index.json switches, e.g. force_zeros_for_empty_prompt
 
     # ------------------------------------------------------------------ structure
 
     @property
     def components(self) -> dict[str, Component]:
-        return {c.name: c for c in (self.text_encoder, self.text_encoder_2, self.unet, self.vae, self.image_encoder)
-                if c is not None}
+        return {c.name: c for c in (self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.unet, self.vae,
+                                    self.image_encoder) if c is not None}
 
     @property
     def text_encoders(self) -> dict[str, Component]:
         """The text encoders the denoiser is conditioned on, in checkpoint order."""
-        return {c.name: c for c in (self.text_encoder, self.text_encoder_2) if c is not None}
+        return {c.name: c for c in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if c is not None}
 
     def check_compatible(self) -> None:
         """Refuse pairings that would fail deep inside a jitted program."""
+        if self.family is not None and self.family.name == "stable-diffusion-3":
+            self._check_sd3()
+            return
         if self.text_encoder_2 is not None and self.unet is not None:  # SDXL: widths add up, pooled fills add_embedding
             widths = {name: c.config.hidden_size for name, c in self.text_encoders.items()}
             cross = self.unet.config.cross_attention_dim
@@ -92,6 +97,23 @@ class Pipeline:
                 raise CheckpointError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the text encoder "
                                       f"only {self.text_encoder.config.vocab_size} embeddings; mismatched folders?")
 
+    def _check_sd3(self) -> None:
+        """SD3: both CLIP towers with projections (pooled widths add up), T5 (or the zeros for it) as wide as the
+        transformer's joint_attention_dim, the CLIP states no wider."""
+        config = self.unet.config
+        if self.text_encoder is None or self.text_encoder_2 is None:
+            raise CheckpointError("an SD3 pipeline needs text_encoder and text_encoder_2 (CLIP-L and OpenCLIP bigG); "
+                                  "this folder lacks one")
+        pooled = sum(c.config.projection_dim or 0 for c in (self.text_encoder, self.text_encoder_2))
+        if pooled != config.pooled_projection_dim:
+            raise CheckpointError(f"the CLIP projections add up to {pooled}, but the transformer's "
+                                  f"pooled_projection_dim is {config.pooled_projection_dim}: mismatched components?")
+        clip = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+        t5 = self.text_encoder_3.config.hidden_size if self.text_encoder_3 is not None else config.joint_attention_dim
+        if t5 != config.joint_attention_dim or clip > t5:
+            raise CheckpointError(f"the T5 width {t5} and CLIP widths {clip} do not fit the transformer's "
+                                  f"joint_attention_dim {config.joint_attention_dim}: mismatched components?")
+
     def replace(self, **changes: Any) -> "Pipeline":
         return dataclasses.replace(self, **changes)
 
@@ -110,7 +132,7 @@ class Pipeline:
             return c, encoders.example_inputs, encoders.block_sites(c.config) if c is not None else ()
 
         for component, example, patterns in (
-                tower(self.text_encoder), tower(self.text_encoder_2),
+                tower(self.text_encoder), tower(self.text_encoder_2), tower(self.text_encoder_3),
                 (self.unet, self.family.example_inputs if self.family else None,
                  self.family.block_sites if self.family else ()),
                 tower(self.image_encoder)):

@@ -39,6 +39,7 @@ class Models:
 
     text_encoder: Any = None
     text_encoder_2: Any = None                # SDXL's second text tower
+    text_encoder_3: Any = None                # SD3's T5
     denoiser: Any = None
     family: DenoiserFamily | None = None
     vae: Any = None
@@ -48,7 +49,8 @@ class Models:
     @property
     def text_encoders(self) -> tuple[str, ...]:
         """The text towers present, by component name, in checkpoint order."""
-        return tuple(name for name in ("text_encoder", "text_encoder_2") if getattr(self, name) is not None)
+        return tuple(name for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                     if getattr(self, name) is not None)
 
 
 @dataclass(frozen=True)
@@ -221,8 +223,9 @@ def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Pl
 
 
 def decode(vae: Any, params: Any, latents: jax.Array) -> jax.Array:
-    """Scaled latents (b, h, w, c) -> images (b, H, W, 3) in [0, 1]."""
-    images = vae.apply({"params": params}, latents / vae.config.scaling_factor, method="decode")
+    """Scaled latents (b, h, w, c) -> images (b, H, W, 3) in [0, 1]; SD3's VAE also shifts them (shift_factor)."""
+    shift = vae.config.shift_factor or 0.0
+    images = vae.apply({"params": params}, latents / vae.config.scaling_factor + shift, method="decode")
     return jnp.clip((images.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
@@ -294,7 +297,7 @@ def real_image_program(models: Models, params: dict[str, Any], sched_config: sch
     vae = models.vae
     images = inputs["images"] * 2.0 - 1.0
     mean, _ = vae.apply({"params": params["vae"]}, images.astype(vae.dtype), method="encode")
-    x0 = mean.astype(jnp.float32) * vae.config.scaling_factor
+    x0 = (mean.astype(jnp.float32) - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
     batch = x0.shape[0]
     noise = initial_noise(seed, inputs["prompt_index"], x0.shape[1:])
     noisy = schedulers.add_noise(sched_config, x0, noise, jnp.full((batch,), t))

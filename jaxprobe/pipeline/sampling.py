@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxprobe.captures import Captures
 from jaxprobe.errors import InputError, InterventionError, SiteError
-from jaxprobe.models import schedulers
+from jaxprobe.models import schedulers, sd3
 from jaxprobe.pipeline.images import load_images
 from jaxprobe.pipeline.interventions import Intervention, describe, plan_interventions, step_indices
 from jaxprobe.pipeline.labels import class_label_ids
@@ -94,10 +94,19 @@ def class_labels(pipe: "Pipeline", prompts: Sequence[Any]) -> np.ndarray:
     return class_label_ids(prompts, (pipe.pipeline_options or {}).get("id2label"), config.null_class)
 
 
-def make_schedule(pipe: "Pipeline", num_inference_steps: int) -> schedulers.Schedule:
+def make_schedule(pipe: "Pipeline", num_inference_steps: int, latent: tuple[int, int, int] | None = None
+                  ) -> schedulers.Schedule:
+    """The schedule of a run on latents (h, w, c) (default: the denoiser's sample size), whose size a
+    resolution-dependent flow-matching shift reads as patch tokens, as the SD3 and FLUX pipelines count them."""
     if num_inference_steps < 1:
         raise InputError("num_inference_steps must be at least 1")
-    return schedulers.make_schedule(pipe.scheduler, num_inference_steps)
+    image_seq_len = None
+    if pipe.unet is not None and getattr(pipe.scheduler, "use_dynamic_shifting", False):
+        side = pipe.unet.config.sample_size
+        h, w = (side, side) if latent is None else latent[:2]
+        patch = pipe.family.latent_multiple(pipe.unet.config) if pipe.family.patch_tokens else 1
+        image_seq_len = (h // patch) * (w // patch)
+    return schedulers.make_schedule(pipe.scheduler, num_inference_steps, image_seq_len=image_seq_len)
 
 
 def sampling_timesteps(pipe: "Pipeline", num_inference_steps: int) -> np.ndarray:
@@ -126,6 +135,7 @@ def models_of(pipe: "Pipeline") -> Models:
     return Models(
         text_encoder=pipe.text_encoder.module if pipe.text_encoder else None,
         text_encoder_2=pipe.text_encoder_2.module if pipe.text_encoder_2 else None,
+        text_encoder_3=pipe.text_encoder_3.module if pipe.text_encoder_3 else None,
         denoiser=pipe.unet.module if pipe.unet else None, family=pipe.family,
         vae=pipe.vae.module if pipe.vae else None,
         image_encoder=pipe.image_encoder.module if pipe.image_encoder else None,
@@ -134,7 +144,8 @@ def models_of(pipe: "Pipeline") -> Models:
 
 def params_of(pipe: "Pipeline") -> dict[str, Any]:
     """Every component's (already placed) parameters under the program's names."""
-    names = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2, "denoiser": pipe.unet,
+    names = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2,
+             "text_encoder_3": pipe.text_encoder_3, "denoiser": pipe.unet,
              "vae": pipe.vae, "image_encoder": pipe.image_encoder}
     return {name: c.params for name, c in names.items() if c is not None}
 
@@ -143,18 +154,21 @@ CAPTURE_DEFAULTS = dict(timesteps="all", num_inference_steps=50, guidance_scale=
                         latents=None, branch="cond", negative_prompt="", height=None, width=None, prompt_offset=0,
                         original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                         aesthetic_score=6.0, negative_aesthetic_score=2.5)
-TEXT_TOWERS = ("text_encoder.", "text_encoder_2.")
+TEXT_TOWERS = ("text_encoder.", "text_encoder_2.", "text_encoder_3.")
+_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 
 
 def tokenized(pipe: "Pipeline", prompts: Sequence[str], allow_empty: bool = False) -> tuple[dict, dict]:
     """({text tower: ids (n, tokens)}, {text tower: EOS positions (n,)}), each tower with its own tokenizer."""
     ids, eos = {}, {}
     for name in pipe.text_encoders:
-        tokenizer = pipe.tokenizer_2 if name == "text_encoder_2" else pipe.tokenizer
+        tokenizer = getattr(pipe, _TOKENIZERS[name])
         if tokenizer is None:
             raise SiteError(f"{pipe.source} has no tokenizer for {name}; its folder is incomplete")
         ids[name] = tokenizer(prompts, allow_empty=allow_empty)
         eos[name] = tokenizer.eos_positions(ids[name])
+        if name == "text_encoder_3":   # SD3 runs T5 without a padding mask: every token counts as real
+            eos[name] = np.full_like(eos[name], ids[name].shape[1] - 1)
     return ids, eos
 
 
@@ -189,6 +203,14 @@ def pixart_extras(pipe: "Pipeline", plan: Plan) -> dict:
             "aspect_ratio": np.asarray([[height / width]], np.float32)}
 
 
+def sd3_extras(pipe: "Pipeline") -> dict:
+    """SD3 without its T5 tower: the zeros StableDiffusion3Pipeline conditions on instead, {"t5_context":
+    (1, 256, joint_attention_dim)}, cond and uncond alike. Empty for other models."""
+    if pipe.family is None or pipe.family.name != "stable-diffusion-3" or pipe.text_encoder_3 is not None:
+        return {}
+    return {"t5_context": np.zeros((1, sd3.T5_SEQUENCE_LENGTH, pipe.unet.config.joint_attention_dim), np.float32)}
+
+
 def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool = False,
                  **options: Any) -> tuple[Plan, schedulers.Schedule | None]:
     """The static plan (and the schedule) of `pipe.capture(prompts, sites, **options)`, validated
@@ -219,7 +241,7 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
         raise InputError(f"branch must be 'cond' or 'uncond', not {branch!r}")
     if branch == "uncond" and not guided:
         raise InputError("branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
-    schedule = make_schedule(pipe, o["num_inference_steps"])
+    schedule = make_schedule(pipe, o["num_inference_steps"], latent_shape(pipe, o["height"], o["width"]))
     reductions = resolve_reductions(loop_sites, o["reduce"], _denoiser_reductions)
     plan = Plan(**text, denoiser_sites=tuple(s.removeprefix(f"{pipe.unet.name}.") for s in loop_sites),
                 denoiser_reductions=reductions, image_sites=tuple(s.removeprefix("image_encoder.") for s in image_sites),
@@ -304,6 +326,8 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
         shared["extras"], shared["uncond_extras"] = sdxl_extras(pipe, plan, o)
         if pixart_extras(pipe, plan):
             shared["extras"] = shared["uncond_extras"] = pixart_extras(pipe, plan)
+        if sd3_extras(pipe):
+            shared["extras"] = shared["uncond_extras"] = sd3_extras(pipe)
         if pipe.family.class_conditioned:   # per-prompt labels travel with their prompts; the negative is shared
             inputs["prompt_extras"] = {"class_labels": class_labels(pipe, prompts)}
             shared["uncond_extras"] = {"class_labels": class_labels(pipe, [o["negative_prompt"]])}

@@ -150,6 +150,7 @@ def short_site(site: str) -> str:
     for prefix, label in (("text_encoder.text_model.encoder.", ""), ("text_encoder.text_model.", ""),
                           ("text_encoder.", ""), ("text_encoder_2.text_model.encoder.", "te2 "),
                           ("text_encoder_2.text_model.", "te2 "), ("text_encoder_2.", "te2 "),
+                          ("text_encoder_3.encoder.", "te3 "), ("text_encoder_3.", "te3 "),
                           ("image_encoder.vision_model.", ""), ("image_encoder.", ""), ("unet.", ""),
                           ("transformer.", "")):
         if site.startswith(prefix):

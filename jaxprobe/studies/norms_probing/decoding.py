@@ -18,7 +18,8 @@ from jaxprobe.errors import InputError
 from jaxprobe.pipeline.sites import SAMPLER_SITES, short_site  # noqa: F401 - re-exported for report, summary
 
 STAGES = ("text", "unet", "latent", "image")  # pipeline order
-_STAGE_PREFIXES = (("text_encoder.", "text"), ("text_encoder_2.", "text"), ("unet.", "unet"), ("image_encoder.", "image"))
+_STAGE_PREFIXES = (("text_encoder.", "text"), ("text_encoder_2.", "text"), ("text_encoder_3.", "text"), ("unet.", "unet"),
+                   ("image_encoder.", "image"))
 
 FEATURE_SET_COLUMNS = ["feature_set", "stage", "site", "timestep"]
 _REQUIRED = ("feature_set", "site", "timestep", "target", "score")
