@@ -166,7 +166,7 @@ def test_everyday_mistakes_get_one_line_that_names_the_fix(tmp_path):
     (tmp_path / "empty-pipeline").mkdir()
     (tmp_path / "empty-pipeline" / "model_index.json").write_text("{}")
     result = runner.invoke(app, ["info", "--sites", str(tmp_path / "empty-pipeline")])
-    assert result.exit_code == 2 and "lists no text_encoder or unet" in result.output
+    assert result.exit_code == 2 and "lists no text_encoder, unet or transformer" in result.output
 
 
 def test_ratings_files_of_the_wrong_shape_are_named(tmp_path):
