@@ -223,3 +223,22 @@ def test_real_image_features_are_unconditional_or_of_a_class(dit_pipe):
     shark = dit_pipe.capture_images(images, ["transformer.transformer_blocks.1"], t=25, prompt="white shark")
     assert null["transformer.transformer_blocks.1"].shape == (2, 16)
     assert not np.allclose(null["transformer.transformer_blocks.1"], shark["transformer.transformer_blocks.1"])
+
+
+def test_classifiers_compare_a_unet_and_a_dit(dit_pipe, tmp_path):
+    """Revelio's cross-architecture comparison: the same heads on the bundled tiny UNet and the tiny DiT, each at
+    its family's default sites (the DiT: its middle block onward, in call order)."""
+    import jaxprobe
+    from jaxprobe.studies.revelio.classify import ClassifyConfig, compare, default_sites
+    from test_classify import draw_shapes
+
+    draw_shapes(tmp_path / "shapes", per_class=6)
+    config = ClassifyConfig(data=str(tmp_path / "shapes"), timesteps=(25,), classifiers=("linear",),
+                            out=str(tmp_path / "out"), cache=str(tmp_path / "cache"))
+    table = compare(config, {"unet": jaxprobe.load("tiny"), "dit": dit_pipe}, progress=False,
+                    log=lambda _: None).table
+    assert list(dict.fromkeys(table["model"])) == ["unet", "dit"]
+    assert list(table[table["model"] == "dit"]["site"]) == default_sites(dit_pipe)
+    assert default_sites(dit_pipe)[0] == f"transformer.{dit_pipe.family.bottleneck_site}" or \
+        default_sites(dit_pipe) == [s for s in dit_pipe.sites() if s.startswith("transformer.")]
+    assert table["accuracy"].between(0, 1).all() and (tmp_path / "out" / "report.html").is_file()

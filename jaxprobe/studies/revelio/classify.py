@@ -226,7 +226,8 @@ def wilson_interval(correct: int | np.ndarray, n: int | np.ndarray, level: float
     p = np.asarray(correct, float) / n
     centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    # exact maths puts p inside; at p = 0 or 1 rounding can leave it a hair outside, which error bars refuse
+    return np.clip(np.minimum(centre - half, p), 0.0, 1.0), np.clip(np.maximum(centre + half, p), 0.0, 1.0)
 
 
 def accuracy_row(site: str, t: int, classifier: str, predicted: np.ndarray, labels: np.ndarray,
