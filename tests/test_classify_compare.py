@@ -166,8 +166,11 @@ class _Stub:
 def test_site_defaults_follow_the_family():
     tiny = jaxprobe.load("tiny")
     assert hspace_sites(DirectionsConfig.example(), tiny) == ["unet.mid_block"]
-    for family in FAMILIES.values():   # SD 1.x/2.x and SDXL share the UNet's names; DiT and PixArt their middle block
-        expected = "unet.mid_block" if family.component == "unet" else "transformer.transformer_blocks.14"
+    # SD 1.x/2.x and SDXL share the UNet's names; DiT and PixArt (28 blocks) and SD3 (24) their middle block
+    middle = {"dit": 14, "pixart": 14, "stable-diffusion-3": 12}
+    for name, family in FAMILIES.items():
+        expected = "unet.mid_block" if family.component == "unet" else \
+            f"transformer.transformer_blocks.{middle[name]}"
         assert f"{family.component}.{family.bottleneck_site}" == expected
     # a transformer family (DiT, PixArt) names its own component and bottleneck
     transformer = dataclasses.replace(FAMILIES["stable-diffusion"], component="transformer",
