@@ -1,4 +1,5 @@
-"""Models built in memory with random weights: `tiny`, `sd15-random`, `sdxl-random`, `dit-random`, `pixart-random`.
+"""Models built in memory with random weights: `tiny`, `sd15-random`, `sdxl-random`, `dit-random`, `pixart-random`,
+`sd3-random`.
 
 `tiny` is Stable Diffusion 1.x's architecture at toy widths: deterministic (fixed seeds), built in
 seconds, no files beyond the small BPE vocabulary in assets/. It exists so that `jaxprobe run` and
@@ -9,7 +10,14 @@ weights' values); it shares the tiny tokenizer (token ids fit any vocabulary). `
 256 px (the 675M-parameter class-conditional transformer and SD's VAE): no text encoder, no class names, so its
 "prompts" are integer ImageNet labels. `pixart-random` is PixArt-Sigma 1024 (the 611M-parameter transformer on
 128x128 latents, the 4.8B-parameter T5-XXL encoder: 9.5 GB in bfloat16, SDXL's VAE), its prompts tokenized by the
-tiny vocabulary padded to Sigma's 300 tokens.
+tiny vocabulary padded to Sigma's 300 tokens. `sd3-random` is Stable Diffusion 3.5 Medium (the 2.5B-parameter MMDiT
+with qk RMS-norm and dual attention in its first 13 blocks, CLIP-L and OpenCLIP bigG with projections, T5-XXL, the
+16-channel VAE, flow matching with shift 3).
+
+Every random model is built lazily: loading traces each component's `init` for its parameter shapes (seconds,
+no weights) and draws the values on first use (`Component.params`), so `jaxprobe info --sites/--plan` on a
+20 GB model costs what its shapes cost. The T5 encoders' weights are kept in bfloat16 whatever the compute
+dtype: T5 v1.1 is shipped and run that way (it overflows in float16), and in float32 it alone would be 19 GB.
 """
 
 from __future__ import annotations
@@ -19,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxprobe.checkpoints.component import Component
+from jaxprobe.checkpoints.component import Component, LazyParams
 from jaxprobe.checkpoints.tokenizer import PromptTokenizer
 from jaxprobe.checkpoints.weights import abstract_params
-from jaxprobe.models import clip, dit, pixart, t5
+from jaxprobe.models import clip, dit, pixart, sd3, t5
 from jaxprobe.models import unet as unet_model
 from jaxprobe.models import vae as vae_model
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
@@ -127,19 +136,44 @@ def pixart_configs(vocab_size: int) -> dict[str, Any]:
     return {"text_encoder": t5.T5Config(), "transformer": transformer, "vae": vae}
 
 
-RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs, dit_configs, pixart_configs)))
+# stabilityai/stable-diffusion-3.5-medium's scheduler_config.json (flow matching, static shift 3).
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
-def random_params(module: Any, *example: Any, seed: int = SEED, dtype: Any = np.float32) -> Any:
+def sd3_configs(vocab_size: int) -> dict[str, Any]:
+    """Stable Diffusion 3.5 Medium: CLIP-L (projection 768) and OpenCLIP bigG (projection 1280), whose pooled
+    projections add up to the transformer's 2048; T5 v1.1 XXL's encoder; the MMDiT (24 blocks of 24 heads of 64,
+    per-head RMS-norm of queries and keys, an image-only second attention in blocks 0-12, positions cropped from a
+    384-wide table); the 16-channel VAE without quant convs, latents shifted and scaled."""
+    del vocab_size
+    text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768)
+    text_2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                            hidden_act="gelu", projection_dim=1280)
+    transformer = sd3.SD3Config(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                                dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    vae = VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024, latent_channels=16,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    return {"text_encoder": text, "text_encoder_2": text_2, "text_encoder_3": t5.T5Config(),
+            "transformer": transformer, "vae": vae}
+
+
+RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs, dit_configs, pixart_configs,
+                                              sd3_configs)))
+
+
+def random_params(module: Any, *example: Any, seed: int = SEED, dtype: Any = np.float32, shapes: Any = None) -> Any:
     """Parameters for `module` drawn with numpy, leaf by leaf, from (seed, parameter path).
 
     Tracing `init` abstractly and filling the shapes on the host avoids compiling the model's
     initialiser (minutes for a UNet on 2 CPU cores) and keeps the weights identical across JAX and
     Flax versions. Kernels and embeddings ~ N(0, 1/fan_in), norm scales 1, biases 0.
     Each leaf is cast to `dtype` as it is drawn, so a full-size model in bfloat16 never holds a float32
-    copy of all its weights.
+    copy of all its weights. shapes: `abstract_params(module, example)` when the caller has it already.
     """
-    shapes = abstract_params(module, example)
+    shapes = abstract_params(module, example) if shapes is None else shapes
 
     def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
         name = ".".join(str(getattr(k, "key", k)) for k in path)
@@ -160,32 +194,49 @@ _BUILDERS = {"text_encoder": (CLIPTextModel, clip.example_inputs), "text_encoder
              "transformer": (dit.DiTTransformer2DModel, dit.example_inputs)}
 # Components whose model depends on the config's kind, not only on the component.
 _BY_CONFIG = {t5.T5Config: (t5.T5EncoderModel, t5.example_inputs),
-              pixart.PixArtConfig: (pixart.PixArtTransformer2DModel, pixart.example_inputs)}
+              pixart.PixArtConfig: (pixart.PixArtTransformer2DModel, pixart.example_inputs),
+              sd3.SD3Config: (sd3.SD3Transformer2DModel, sd3.example_inputs)}
 # The pipeline field each component fills: a transformer is the denoiser, named as its checkpoint names it.
 _FIELDS = {"transformer": "unet"}
+_SCHEDULERS = {pixart.PixArtConfig: PIXART_SCHEDULER, dit.DiTConfig: DIT_SCHEDULER, sd3.SD3Config: SD3_SCHEDULER}
+
+
+def param_dtype(config: Any, dtype: Any) -> Any:
+    """The dtype a random component's weights are kept in: bfloat16 for T5 (see the module docstring), else `dtype`."""
+    return jnp.bfloat16 if isinstance(config, t5.T5Config) else dtype
+
+
+def lazy_component(name: str, module: Any, config: Any, example: tuple[Any, ...], dtype: Any) -> Component:
+    """A Component whose weights are `random_params`, drawn (and placed on the devices) when first read; its
+    shapes come from one abstract trace of `init`, now."""
+    traced = abstract_params(module, example)
+    shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), traced)
+    return Component(name, module, LazyParams(
+        shapes, lambda: place_params(random_params(module, dtype=dtype, shapes=traced), dtype)), config)
 
 
 def random_parts(name: str, dtype: Any) -> dict[str, Any]:
-    """The components of the random model `name` (a key of RANDOM_MODELS)."""
+    """The components of the random model `name` (a key of RANDOM_MODELS), their weights not yet drawn."""
     tokenizer = PromptTokenizer.from_dir(TOKENIZER_DIR)
     configs = RANDOM_MODELS[name](tokenizer.vocab_size)
     if isinstance(configs, tuple):
         configs = dict(zip(("text_encoder", "unet", "vae"), configs))
-    if isinstance(configs.get("text_encoder"), t5.T5Config):   # PixArt pads and lower-cases its prompts
-        tokenizer = PromptTokenizer(tokenizer.hf_tokenizer, PIXART_SEQUENCE_LENGTH, lowercase=True)
     parts: dict[str, Any] = {"tokenizer": tokenizer} if "text_encoder" in configs else {}
+    if isinstance(configs.get("text_encoder"), t5.T5Config):   # PixArt pads and lower-cases its prompts
+        parts["tokenizer"] = PromptTokenizer(tokenizer.hf_tokenizer, PIXART_SEQUENCE_LENGTH, lowercase=True)
     for component, config in configs.items():
         module_cls, example = _BY_CONFIG.get(type(config)) or _BUILDERS[component]
         module = module_cls(config, dtype=dtype)
-        params = place_params(random_params(module, *example(config), dtype=dtype), dtype)
-        parts[_FIELDS.get(component, component)] = Component(component, module, params, config)
-    if isinstance(configs.get("transformer"), pixart.PixArtConfig):
-        parts["scheduler"] = SchedulerConfig.from_dict(PIXART_SCHEDULER)
-    elif "transformer" in configs:
-        parts["scheduler"] = SchedulerConfig.from_dict(DIT_SCHEDULER)
+        parts[_FIELDS.get(component, component)] = lazy_component(component, module, config, example(config),
+                                                                  param_dtype(config, dtype))
+    denoiser = configs.get("transformer", configs.get("unet"))
+    if type(denoiser) in _SCHEDULERS:
+        parts["scheduler"] = SchedulerConfig.from_dict(_SCHEDULERS[type(denoiser)])
     elif "text_encoder_2" in configs:  # SDXL: the second tokenizer, its scheduler and pipeline switches
         parts.update(tokenizer_2=tokenizer, scheduler=SchedulerConfig.from_dict(SDXL_SCHEDULER),
                      pipeline_options={"force_zeros_for_empty_prompt": True})
     else:
         parts["scheduler"] = SchedulerConfig.from_dict(SD15_SCHEDULER)
+    if "text_encoder_3" in configs:   # SD3: CLIP's tokenizer for both towers, T5's 256 cased tokens
+        parts.update(tokenizer_2=tokenizer, tokenizer_3=PromptTokenizer(tokenizer.hf_tokenizer, sd3.T5_SEQUENCE_LENGTH))
     return parts

@@ -165,12 +165,12 @@ class Pipeline:
             else:
                 example = encoders.example_inputs(c.config)
 
-            def trace(*xs):
+            def trace(params, *xs):
                 with sowing_inputs((), every=True):
-                    _, state = c.module.apply({"params": c.params}, *xs, mutable=["intermediates"])
+                    _, state = c.module.apply({"params": params}, *xs, mutable=["intermediates"])
                 return state["intermediates"]
 
-            sown = jax.eval_shape(trace, *example)
+            sown = jax.eval_shape(trace, c.abstract_params, *example)
             outputs = module_outputs(sown)
             given = {site: v for site, v in flatten_intermediates(sown).items()
                      if split_derived(site)[1] == "input" and split_derived(site)[0] in outputs}
@@ -257,9 +257,9 @@ def traced_sites(component: Component, example: tuple[jax.Array, ...]) -> list[s
     `layers.10` before `layers.2` and a DiT's `norm_out` before its blocks."""
     order: list[str] = []
 
-    def trace():
-        _, state = component.module.apply({"params": component.params}, *example, mutable=["intermediates"])
+    def trace(params):
+        _, state = component.module.apply({"params": params}, *example, mutable=["intermediates"])
         order.extend(flatten_intermediates(state["intermediates"]))
 
-    jax.eval_shape(trace)
+    jax.eval_shape(trace, component.abstract_params)   # shapes only: lazy weights stay undrawn
     return order
