@@ -3,6 +3,7 @@
     pipe = jaxprobe.load("tiny")                      # or a diffusers folder / HF-cache model id
     feats = pipe.capture(prompts, sites=["text_encoder.*", "unet.mid_block"], reduce="mean")
     images = pipe.generate(prompts, interventions=[jaxprobe.Steer("unet.mid_block", direction, scale=4.0)])
+    memory = jaxprobe.plan("sd3-random", height=1024, width=1024, batch=2, steps=28)   # bytes, no weights drawn
     table = jaxprobe.probe_sweep(feats, norms.to_frame())
 
 Importing jaxprobe loads no JAX: each public name is imported from its layer on first use.
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load": "jaxprobe.pipeline.load",
+    "plan": "jaxprobe.pipeline.memory",
+    "MemoryPlan": "jaxprobe.pipeline.memory",
     "Pipeline": "jaxprobe.pipeline.pipeline",
     "Captures": "jaxprobe.captures",
     "Component": "jaxprobe.checkpoints.component",
@@ -27,7 +30,7 @@ _LAZY = {
     **{name: "jaxprobe.interventions" for name in ("Steer", "Patch", "Ablate", "Scale", "ClampSAE", "SAEWeights")},
 }
 
-__all__ = ["load", "Pipeline", "Captures", "Component", "RidgeCV", "BandedRidgeCV", "probe_sweep",
+__all__ = ["load", "plan", "MemoryPlan", "Pipeline", "Captures", "Component", "RidgeCV", "BandedRidgeCV", "probe_sweep",
            "variance_partition", "Steer", "Patch", "Ablate", "Scale", "ClampSAE", "SAEWeights", "JaxprobeError",
            "CheckpointError", "InputError", "InterventionError", "SiteError", "__version__"]
 

@@ -18,8 +18,42 @@ from jaxprobe.pipeline.sites import TEXT_TOWER_SITES   # light: site names witho
 
 def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the capture sites of this model")] = None,
          all_sites: Annotated[bool, typer.Option("--all", help="with --sites: every site, not only block level")] = False,
+         plan_model: Annotated[Optional[str], typer.Option("--plan", metavar="MODEL", help="the memory a capture "
+                                                           "of MODEL needs, from shapes alone (no weights drawn)")] = None,
+         batch: Annotated[int, typer.Option(help="with --plan: prompts per program")] = 1,
+         resolution: Annotated[Optional[str], typer.Option(help="with --plan: image size in pixels, 1024 or "
+                                                           "HEIGHTxWIDTH (default: the model's)")] = None,
+         steps: Annotated[int, typer.Option(help="with --plan: denoising steps")] = 50,
+         cfg: Annotated[bool, typer.Option("--cfg/--no-cfg", help="with --plan: classifier-free guidance")] = True,
+         dtype: Annotated[str, typer.Option(help="with --plan: float32 or bfloat16")] = "float32",
+         site: Annotated[Optional[list[str]], typer.Option("--site", metavar="<glob>", help="with --plan: captured "
+                                                           "site patterns, repeatable (default: the bottleneck)")] = None,
+         reduce: Annotated[str, typer.Option(help="with --plan: the captured sites' reduction")] = "mean",
+         device_memory: Annotated[Optional[str], typer.Option(help="with --plan: memory of one device, e.g. 80GB "
+                                                              "(default: the local device's, else 80 GB)")] = None,
+         xla: Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="with --plan: compile one denoiser "
+                                                     "evaluation for XLA's figure, or estimate it (default: "
+                                                     "compile small denoisers only)")] = None,
+         as_json: Annotated[bool, typer.Option("--json", help="with --plan: print the plan as JSON")] = False,
          ) -> None:
-    """JAX backend and devices, versions, models in the local Hugging Face cache (and a model's sites)."""
+    """JAX backend and devices, versions, models in the local Hugging Face cache (and a model's sites, or with
+    --plan the memory a capture of it needs).
+
+    Example: jaxprobe info --plan sd3-random --resolution 1024 --batch 2 --steps 28 --dtype bfloat16
+    """
+    if plan_model:
+        import jaxprobe
+        from jaxprobe.cli.tables import print_plan
+
+        height, width = _resolution(resolution)
+        memory = jaxprobe.plan(plan_model, site, batch=batch, height=height, width=width, steps=steps, cfg=cfg,
+                               dtype=dtype, reduce=reduce, device_memory=device_memory,
+                               xla="auto" if xla is None else xla)
+        if as_json:
+            typer.echo(json.dumps(memory.to_dict(), indent=2))
+        else:
+            print_plan(memory)
+        return
     import importlib.metadata as md
 
     import jax
@@ -44,6 +78,20 @@ def info(model: Annotated[Optional[str], typer.Option("--sites", help="list the 
         typer.echo(f"{len(sites)} sites of {model}:")
         for site in sites:
             typer.echo(f"  {site}")
+
+
+def _resolution(text: str | None) -> tuple[int | None, int | None]:
+    """--resolution: '1024' (square) or '768x1344' (height x width)."""
+    if not text:
+        return None, None
+    parts = text.lower().replace("*", "x").split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2):
+        raise typer.BadParameter(f"--resolution must be pixels, 1024 or HEIGHTxWIDTH such as 768x1344, not {text!r}")
+    return sides[0], sides[-1]
 
 
 def lens(

@@ -15,7 +15,7 @@ second call of the same shape compiles nothing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +152,25 @@ def tokens_as_map(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
     return x
 
 
+def denoiser_conditioning(models: Models, params: Any, plan: Plan, inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The denoiser's conditioning as capture_program builds it from the program's inputs (for shape tracing)."""
+    return conditioning_of(models, params, plan, inputs,
+                           _text_passes(models, params, inputs["ids"], plan, inputs, eos=inputs["eos"]))
+
+
+def evaluation(models: Models, params: Any, plan: Plan, latents: jax.Array, t: jax.Array,
+               conditioning: Mapping[str, jax.Array], specs: Sequence[tuple[Spec, Any]] = (),
+               step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """One denoiser evaluation of the sampling loop on the whole ([uncond; cond] when guided) batch: the prediction
+    (float32) and the plan's captured denoiser sites, with the interventions `specs` at `step`. Memory plans
+    compile it alone: it is what one step of `denoise` holds at once."""
+    batch = latents.shape[0] // 2 if plan.guided else latents.shape[0]
+    with intervening(specs, half=batch if plan.guided else None, step=step), sowing_inputs(plan.denoiser_sites):
+        eps, inter = models.family.apply(models.denoiser, params["denoiser"], latents.astype(models.denoiser.dtype),
+                                         t, conditioning)
+    return eps.astype(jnp.float32), capture_denoiser_sites(plan, flatten_intermediates(inter), batch)
+
+
 def capture_denoiser_sites(plan: Plan, acts: Mapping[str, jax.Array], batch: int) -> dict[str, jax.Array]:
     """Keep the requested CFG half of each denoiser activation (the batch is [uncond; cond]) and reduce it."""
     half = slice(batch, None) if plan.branch == "cond" else slice(0, batch)
@@ -191,7 +210,7 @@ def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Pl
     conditioning: the family's inputs, already [uncond; cond] along the batch when guided. inputs: the
     program's inputs, for the values of the plan's denoiser interventions. noise_keys: (b,) per-prompt
     keys of an ancestral sampler's fresh noise (`prompt_keys`)."""
-    family, batch = models.family, noise.shape[0]
+    batch = noise.shape[0]
     specs = with_values(plan.interventions, "denoiser", inputs or {})
     latents = noise * schedulers.init_noise_sigma(schedule)
     stochastic = schedulers.needs_noise(schedule)
@@ -201,16 +220,12 @@ def denoise(models: Models, params: Any, schedule: schedulers.Schedule, plan: Pl
         model_in = schedulers.scale_model_input(schedule, latents, i)
         model_in = jnp.concatenate([model_in, model_in]) if plan.guided else model_in
         t = jnp.asarray(schedule.timesteps)[i]
-        with intervening(specs, half=batch if plan.guided else None, step=i), sowing_inputs(plan.denoiser_sites):
-            eps, inter = family.apply(models.denoiser, params["denoiser"], model_in.astype(models.denoiser.dtype), t,
-                                      conditioning)
-        eps = eps.astype(jnp.float32)
+        eps, captured = evaluation(models, params, plan, model_in, t, conditioning, specs, i)
         if plan.guided:
             eps_uncond, eps_cond = eps[:batch], eps[batch:]
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         fresh = step_noise(noise_keys, i, latents.shape[1:]) if stochastic else None
         state, latents, x0 = schedulers.step(schedule, state, eps, i, latents, noise=fresh)
-        captured = capture_denoiser_sites(plan, flatten_intermediates(inter), batch)
         sampler = {"latents": latents, "pred_original_sample": x0}
         for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
             if site in sampler:
@@ -305,8 +320,5 @@ def real_image_program(models: Models, params: dict[str, Any], sched_config: sch
                                         inputs.get("extras", {}))
     conditioning = {k: jnp.broadcast_to(v, (batch, *v.shape[1:])) for k, v in prompt.items()}
     specs = with_values(plan.interventions, "denoiser", inputs)
-    with intervening(specs, step=jnp.int32(0)), sowing_inputs(plan.denoiser_sites):
-        _, inter = models.family.apply(models.denoiser, params["denoiser"], noisy.astype(models.denoiser.dtype), t,
-                                       conditioning)
-    captured = capture_denoiser_sites(plan, flatten_intermediates(inter), batch)
+    _, captured = evaluation(models, params, plan, noisy, t, conditioning, specs, jnp.int32(0))
     return {f"denoiser:{site}": value for site, value in captured.items()}

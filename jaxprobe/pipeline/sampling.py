@@ -71,9 +71,14 @@ def latent_shape(pipe: "Pipeline", height: int | None, width: int | None) -> tup
     """(h, w, c) of the latents for an image of height x width pixels (default: the UNet's sample size)."""
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 8
     side = pipe.unet.config.sample_size
+    multiple = pipe.family.latent_multiple(pipe.unet.config)
+    for name, pixels in (("height", height), ("width", width)):
+        if pixels is not None and (pixels < 1 or pixels % factor):   # it would be floored to a size nobody asked for
+            step = multiple * factor
+            raise InputError(f"{name} {pixels} px is not a multiple of the VAE's {factor}x downsampling; pick a "
+                             f"multiple of {step} px (e.g. {max(1, round(pixels / step)) * step})")
     h = side if height is None else height // factor
     w = side if width is None else width // factor
-    multiple = pipe.family.latent_multiple(pipe.unet.config)
     if h % multiple or w % multiple:
         raise InputError(f"latent size {h}x{w} must be divisible by {multiple}; pick height/width multiples of "
                          f"{multiple * factor} pixels")
@@ -305,13 +310,42 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
     if unknown:
         raise InputError(f"unknown capture option(s) {sorted(unknown)}; known: {', '.join(CAPTURE_DEFAULTS)}")
     o = {**CAPTURE_DEFAULTS, **options}
-    prompts, offset = list(prompts), o["prompt_offset"]
+    prompts = list(prompts)
     plan, schedule = plan_capture(pipe, sites, return_images=return_images, **o)
     plan, iv_rows, iv_shared = _with_interventions(pipe, plan, schedule, interventions, text_layer, len(prompts))
     for site, how in zip(plan.denoiser_sites, plan.denoiser_reductions):
         if how == "none" and not site.endswith(PROBS):
             warnings.warn(f"reduce='none' keeps full maps of {site} at every step: memory grows with "
                           "prompts x steps x h x w x channels", stacklevel=4)
+    inputs, shared = program_inputs(pipe, prompts, plan, o, iv_rows, iv_shared)
+    shared = replicate(shared)
+    on_device = replicate(schedule) if schedule is not None else None
+    models, params = models_of(pipe), params_of(pipe)
+    seed, scale = jnp.int32(o["seed"]), jnp.float32(o["guidance_scale"])
+
+    def run(batch):
+        return capture_program(models, params, on_device, plan, {**batch, **shared}, seed, scale)
+
+    out = run_batched(run, inputs, batch_size, progress=progress,
+                      label="sampling" if plan.sample else "text encoder")
+    named = {s: out[f"text:{s}"] for s in plan.text_sites}
+    named.update({s if s in SAMPLER_SITES else f"{pipe.unet.name}.{s}": out[f"denoiser:{s}"]
+                  for s in plan.denoiser_sites})
+    named.update({f"image_encoder.{s}": out[f"image:{s}"] for s in plan.image_sites})
+    description = describe_capture(pipe, sites, plan, schedule, o)
+    if interventions or text_layer is not None:
+        description["options"] = {**description["options"], "interventions": [describe(iv) for iv in interventions],
+                                  "text_layer": text_layer}
+    captures = Captures.from_arrays({s: named[s] for s in sites}, prompts=tuple(prompts), **description)
+    return (captures, out["images"]) if return_images else captures
+
+
+def program_inputs(pipe: "Pipeline", prompts: Sequence[Any], plan: Plan, o: Mapping[str, Any],
+                   iv_rows: Mapping[str, Any] | None = None, iv_shared: Mapping[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per-prompt inputs, inputs every batch shares) of `capture_program` on the host, for `prompts` under `plan`
+    and the complete options `o`; iv_rows, iv_shared: the interventions' per-prompt and shared values."""
+    offset = o["prompt_offset"]
     ids, eos = tokenized(pipe, prompts, allow_empty=not plan.text_sites)
     inputs = {"ids": ids, "eos": eos, "prompt_index": np.arange(offset, offset + len(prompts), dtype=np.int32)}
     if plan.given_noise:
@@ -333,26 +367,7 @@ def run_capture(pipe: "Pipeline", prompts: Sequence[str], sites: Sequence[str], 
             shared["uncond_extras"] = {"class_labels": class_labels(pipe, [o["negative_prompt"]])}
     if iv_shared:
         shared["intervention_values"] = iv_shared
-    shared = replicate(shared)
-    on_device = replicate(schedule) if schedule is not None else None
-    models, params = models_of(pipe), params_of(pipe)
-    seed, scale = jnp.int32(o["seed"]), jnp.float32(o["guidance_scale"])
-
-    def run(batch):
-        return capture_program(models, params, on_device, plan, {**batch, **shared}, seed, scale)
-
-    out = run_batched(run, inputs, batch_size, progress=progress,
-                      label="sampling" if plan.sample else "text encoder")
-    named = {s: out[f"text:{s}"] for s in plan.text_sites}
-    named.update({s if s in SAMPLER_SITES else f"{pipe.unet.name}.{s}": out[f"denoiser:{s}"]
-                  for s in plan.denoiser_sites})
-    named.update({f"image_encoder.{s}": out[f"image:{s}"] for s in plan.image_sites})
-    description = describe_capture(pipe, sites, plan, schedule, o)
-    if interventions or text_layer is not None:
-        description["options"] = {**description["options"], "interventions": [describe(iv) for iv in interventions],
-                                  "text_layer": text_layer}
-    captures = Captures.from_arrays({s: named[s] for s in sites}, prompts=tuple(prompts), **description)
-    return (captures, out["images"]) if return_images else captures
+    return inputs, shared
 
 
 _DESCRIBED = ("num_inference_steps", "guidance_scale", "branch", "negative_prompt", "height", "width", "timesteps")
