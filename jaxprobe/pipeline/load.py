@@ -16,7 +16,8 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
          image_encoder: str | Path | None = None, scheduler: str | None = None, config: str | Path | None = None,
          prediction_type: str | None = None, lora: Sequence[tuple[str | Path, float] | str] = ()) -> Pipeline:
     """Load a pipeline (or just CLIP towers) from `source`: "tiny", "sd15-random" (or "sdxl-random", "dit-random",
-    "pixart-random": full-size random weights), a diffusers (SD, SDXL, DiT, PixArt) or
+    "pixart-random", "sd3-random": full-size random weights, drawn on first use), a diffusers (SD, SDXL, DiT,
+    PixArt, SD3) or
     transformers folder, an `org/name` model id already in the local Hugging Face cache, or an original
     single-file checkpoint (`.safetensors`/`.ckpt`, SD 1.x/2.x) with `config=` the diffusers folder or id
     whose configs, tokenizer and scheduler to use (`prediction_type=` overrides the scheduler's).

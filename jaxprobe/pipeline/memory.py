@@ -7,8 +7,8 @@ Three parts, each as exact as it can be without running anything:
   program on abstract parameters and inputs (exact: steps, batch, reductions and dtype as a run has them);
 - temporaries of one denoiser evaluation (the CFG-doubled batch at the requested resolution): XLA's own
   `memory_analysis` of that evaluation compiled alone, or, where compiling would take minutes on this host,
-  an analytic estimate from the traced shapes of every activation the evaluation sows (`ANALYTIC_FACTOR` times
-  the largest one plus the evaluation's inputs and outputs). `MemoryPlan.temporaries_source` says which.
+  an analytic estimate from the traced shapes of every activation the loop's evaluation passes between modules
+  (`ANALYTIC_FACTOR` times the largest one plus the evaluation's inputs and outputs). `MemoryPlan.temporaries_source` says which.
 
 Nothing here is specific to a family: the family's own `example_inputs`, `apply` and conditioning (through the
 capture program's functions) give every shape, so a new family in `models.families.FAMILIES` plans as is.
@@ -16,10 +16,11 @@ capture program's functions) give every shape, so a new family in `models.famili
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,8 @@ import numpy as np
 
 from jaxprobe.errors import InputError
 from jaxprobe.pipeline import sampling
-from jaxprobe.pipeline.programs import capture_program, denoiser_conditioning, evaluation
-from jaxprobe.pipeline.sites import SAMPLER_SITES, flatten_intermediates, sowing_inputs
+from jaxprobe.pipeline.programs import evaluation, sampling_stage, text_stage
+from jaxprobe.pipeline.sites import SAMPLER_SITES
 
 if TYPE_CHECKING:
     from jaxprobe.pipeline.pipeline import Pipeline
@@ -208,22 +209,27 @@ def plan(pipe_or_source: "Pipeline | str", sites: str | Sequence[str] | None = N
     as_abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)  # noqa: E731
     program_inputs = as_abstract({**inputs, **shared})
     seed, scale = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
-    out = jax.eval_shape(lambda p, s, i: capture_program(models, p, s, program_plan, i, seed, scale),
-                         params, schedule, program_inputs)
-    captured = _captured(out, program_plan, pipe.unet.name, chosen)
+    # capture_program's two halves traced apart (each tower and the denoiser once): the conditioning the text
+    # passes hand the loop is also what one evaluation is compiled or estimated on.
+    text_out, conditioning = jax.eval_shape(lambda p, i: text_stage(models, p, program_plan, i), params,
+                                            program_inputs)
+    largest = [0]
+    with _largest_activation(largest):
+        loop_out = jax.eval_shape(lambda p, s, i, c, k, g: sampling_stage(models, p, s, program_plan, i, k, g, c),
+                                  params, schedule, program_inputs, conditioning, seed, scale)
+    captured = _captured({**text_out, **loop_out}, program_plan, pipe.unet.name, chosen)
 
     # One evaluation as the loop makes it: [uncond; cond] latents, the conditioning the text passes give.
     rows = batch * (2 if program_plan.guided else 1)
     latents = jax.ShapeDtypeStruct((rows, *program_plan.latent_shape), models.denoiser.dtype)
     t = jax.ShapeDtypeStruct((), jnp.float32)
-    conditioning = jax.eval_shape(lambda p, i: denoiser_conditioning(models, p, program_plan, i), params,
-                                  program_inputs)
     n_denoiser = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params["denoiser"]))
     compile_it = xla is True or (xla == "auto" and n_denoiser <= XLA_AUTO_MAX_PARAMS)
     if compile_it:
         temporaries = xla_temporaries(models, params, program_plan, latents, t, conditioning)
-    else:
-        temporaries = analytic_temporaries(models, params, program_plan, latents, t, conditioning)
+    else:   # the evaluation's edges: its latents, conditioning and prediction
+        edges = 2 * _nbytes(latents) + sum(_nbytes(a) for a in jax.tree.leaves(conditioning))
+        temporaries = int(ANALYTIC_FACTOR * largest[0] + edges)
     memory, memory_source = _device_memory(device_memory)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if pipe.vae is not None else 8
     return MemoryPlan(
@@ -251,35 +257,31 @@ def _captured(out: dict[str, Any], program_plan: Any, prefix: str, chosen: Seque
                  for s in chosen if s in named)
 
 
-def _evaluation_fn(models: Any, program_plan: Any):
-    def run(params, latents, t, conditioning):
-        return evaluation(models, params, program_plan, latents, t, conditioning)
-    return run
-
-
 def xla_temporaries(models: Any, params: Any, program_plan: Any, latents: Any, t: Any, conditioning: Any) -> int:
     """XLA's temporaries (plus outputs) of one denoiser evaluation compiled alone on abstract inputs."""
-    run = _evaluation_fn(models, program_plan)
+    def run(p, x, tt, cond):
+        return evaluation(models, p, program_plan, x, tt, cond)
+
     compiled = jax.jit(run).lower({"denoiser": params["denoiser"]}, latents, t, conditioning).compile()
     stats = compiled.memory_analysis()
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
 
 
-def analytic_temporaries(models: Any, params: Any, program_plan: Any, latents: Any, t: Any, conditioning: Any) -> int:
-    """ANALYTIC_FACTOR x the largest activation one evaluation sows (every module's output and input, traced at
-    the evaluation's shapes), plus its latents, conditioning and outputs."""
-    run = _evaluation_fn(models, program_plan)
+@contextlib.contextmanager
+def _largest_activation(record: list[int]) -> Iterator[None]:
+    """While tracing inside, record[0] becomes the bytes of the largest array any Flax module is given or returns
+    (the analytic estimate's unit: every activation of the loop's one traced evaluation)."""
+    import flax.linen as nn
 
-    def every_site(p, x, tt, cond):
-        with sowing_inputs((), every=True):
-            _, state = models.family.apply(models.denoiser, p["denoiser"], x.astype(models.denoiser.dtype), tt, cond)
-        return flatten_intermediates(state)
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            sizes = [_nbytes(a) for a in jax.tree.leaves((args, out)) if hasattr(a, "shape") and hasattr(a, "dtype")]
+            record[0] = max([record[0], *sizes])
+        return out
 
-    sown = jax.eval_shape(every_site, {"denoiser": params["denoiser"]}, latents, t, conditioning)
-    largest = max((_nbytes(a) for a in jax.tree.leaves(sown)), default=0)
-    outputs = jax.eval_shape(run, {"denoiser": params["denoiser"]}, latents, t, conditioning)
-    edges = sum(_nbytes(a) for a in jax.tree.leaves((latents, conditioning, outputs)))
-    return int(ANALYTIC_FACTOR * largest + edges)
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def _device_memory(given: str | int | None) -> tuple[int, str]:

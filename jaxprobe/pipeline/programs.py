@@ -152,12 +152,6 @@ def tokens_as_map(x: jax.Array, grid: tuple[int, int]) -> jax.Array:
     return x
 
 
-def denoiser_conditioning(models: Models, params: Any, plan: Plan, inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """The denoiser's conditioning as capture_program builds it from the program's inputs (for shape tracing)."""
-    return conditioning_of(models, params, plan, inputs,
-                           _text_passes(models, params, inputs["ids"], plan, inputs, eos=inputs["eos"]))
-
-
 def evaluation(models: Models, params: Any, plan: Plan, latents: jax.Array, t: jax.Array,
                conditioning: Mapping[str, jax.Array], specs: Sequence[tuple[Spec, Any]] = (),
                step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -270,14 +264,29 @@ def capture_program(models: Models, params: dict[str, Any], schedule: schedulers
     (SDXL's time ids), "noise" (b, h, w, c) when given. Returns {"text:SITE": (b, ...), "denoiser:SITE":
     (b, kept steps, ...), "image:SITE": (b, ...), "latents": (b, h, w, c), "images": (b, H, W, 3)}, as the
     plan asks."""
+    out, conditioning = text_stage(models, params, plan, inputs)
+    if not plan.sample:
+        return out
+    return {**out, **sampling_stage(models, params, schedule, plan, inputs, seed, guidance_scale, conditioning)}
+
+
+def text_stage(models: Models, params: dict[str, Any], plan: Plan, inputs: dict[str, jax.Array]
+               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
+    """capture_program's first half: ({"text:SITE": reduced}, the denoiser's conditioning, None when the plan does
+    not sample). Apart so that memory plans trace the text towers once for both."""
     out: dict[str, jax.Array] = {}
     acts = _text_passes(models, params, inputs["ids"], plan, inputs, eos=inputs["eos"])
     for site, how in zip(plan.text_sites, plan.text_reductions):
         component, local = site.split(".", 1)
         out[f"text:{site}"] = reduce_tokens(acts[component][local], inputs["eos"][component], how).astype(jnp.float32)
-    if not plan.sample:
-        return out
-    conditioning = conditioning_of(models, params, plan, inputs, acts)
+    return out, (conditioning_of(models, params, plan, inputs, acts) if plan.sample else None)
+
+
+def sampling_stage(models: Models, params: dict[str, Any], schedule: schedulers.Schedule, plan: Plan,
+                   inputs: dict[str, jax.Array], seed: jax.Array, guidance_scale: jax.Array,
+                   conditioning: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """capture_program's second half: the sampling loop from the conditioning, and what the plan keeps of it."""
+    out: dict[str, jax.Array] = {}
     shape = plan.latent_shape
     noise = inputs["noise"] if plan.given_noise else initial_noise(seed, inputs["prompt_index"], shape)
     latents, captured = denoise(models, params, schedule, plan, noise, conditioning, guidance_scale, inputs,
