@@ -37,11 +37,12 @@ if TYPE_CHECKING:
     from jaxprobe.pipeline.pipeline import Pipeline
 
 DEFAULT_DEVICE_MEMORY = 80 * 10**9
-# Peak live temporaries of one evaluation per its largest sown activation, when XLA's figure is not computed:
-# a block holds its input, the residual, a normed copy and q, k, v (or the feed-forward's 4x-wide hidden state,
-# in float32 for the gelu) at once. Against XLA's memory_analysis on this CPU: tiny 4.3 MB estimated vs 5.7 MB,
-# sd15-random (batch 1 with CFG, 512 px) 0.34 GB vs 0.19 GB; within a factor of two, the figure is a rough one.
-ANALYTIC_FACTOR = 8
+# Peak live temporaries of one evaluation per its largest activation (the largest array a module is given or
+# returns, often a feed-forward's wide hidden state), when XLA's figure is not computed: a block holds about that,
+# its input and the residual at once; XLA fuses some of it away. Against XLA's memory_analysis on this CPU: tiny
+# (batch 2 with CFG) 4.3 MB estimated vs 5.7 MB, sd15-random (batch 1 with CFG, 512 px) 0.34 GB vs 0.19 GB: within
+# a factor of two, a rough figure.
+ANALYTIC_FACTOR = 4
 # Denoisers up to this many parameters are compiled for XLA's figure when `xla="auto"`: the tiny test models
 # compile in seconds; an SD 1.5 UNet takes 160 s on 2 CPU cores (SDXL, MMDiTs: longer), so those are estimated.
 XLA_AUTO_MAX_PARAMS = 200_000_000
@@ -205,9 +206,8 @@ def plan(pipe_or_source: "Pipeline | str", sites: str | Sequence[str] | None = N
     prompts = [0] * batch if family.class_conditioned else ["a"] * batch   # shapes do not depend on the text
     inputs, shared = sampling.program_inputs(pipe, prompts, program_plan, o)
     models = sampling.models_of(pipe)
-    params = {name: c.abstract_params for name, c in _program_components(pipe).items()}
-    as_abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), tree)  # noqa: E731
-    program_inputs = as_abstract({**inputs, **shared})
+    params = {name: c.abstract_params for name, c in sampling.program_components(pipe).items()}
+    program_inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), {**inputs, **shared})
     seed, scale = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
     # capture_program's two halves traced apart (each tower and the denoiser once): the conditioning the text
     # passes hand the loop is also what one evaluation is compiled or estimated on.
@@ -236,16 +236,8 @@ def plan(pipe_or_source: "Pipeline | str", sites: str | Sequence[str] | None = N
         model=str(pipe.source), family=family.name, batch=batch, height=program_plan.latent_shape[0] * factor,
         width=program_plan.latent_shape[1] * factor, steps=steps, evaluations=len(schedule.timesteps),
         guided=program_plan.guided, dtype=np.dtype(pipe.dtype).name, reduce=reduce,
-        params=param_bytes(_program_components(pipe).values()), sites=captured, temporaries=temporaries,
+        params=param_bytes(sampling.program_components(pipe).values()), sites=captured, temporaries=temporaries,
         temporaries_source="xla" if compile_it else "analytic", device_memory=memory, device_memory_source=memory_source)
-
-
-def _program_components(pipe: "Pipeline") -> dict[str, Any]:
-    """The components a capture program holds, under the program's names (`sampling.params_of`'s)."""
-    names = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2,
-             "text_encoder_3": pipe.text_encoder_3, "denoiser": pipe.unet, "vae": pipe.vae,
-             "image_encoder": pipe.image_encoder}
-    return {name: c for name, c in names.items() if c is not None}
 
 
 def _captured(out: dict[str, Any], program_plan: Any, prefix: str, chosen: Sequence[str]) -> tuple[SiteBytes, ...]:

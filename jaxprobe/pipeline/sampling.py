@@ -147,12 +147,17 @@ def models_of(pipe: "Pipeline") -> Models:
         image_preprocess=pipe.image_preprocess)
 
 
-def params_of(pipe: "Pipeline") -> dict[str, Any]:
-    """Every component's (already placed) parameters under the program's names."""
+def program_components(pipe: "Pipeline") -> dict[str, Any]:
+    """The components a program holds, under the program's names."""
     names = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2,
              "text_encoder_3": pipe.text_encoder_3, "denoiser": pipe.unet,
              "vae": pipe.vae, "image_encoder": pipe.image_encoder}
-    return {name: c.params for name, c in names.items() if c is not None}
+    return {name: c for name, c in names.items() if c is not None}
+
+
+def params_of(pipe: "Pipeline") -> dict[str, Any]:
+    """Every component's (already placed) parameters under the program's names (lazy ones drawn now)."""
+    return {name: c.params for name, c in program_components(pipe).items()}
 
 
 CAPTURE_DEFAULTS = dict(timesteps="all", num_inference_steps=50, guidance_scale=7.5, seed=0, reduce="mean",
