@@ -25,6 +25,9 @@ class LazyParams:
     def materialized(self) -> bool:
         return "tree" in self._drawn
 
+    def __repr__(self) -> str:   # a pipeline's repr names its components, not thousands of leaf shapes
+        return f"LazyParams({'drawn' if self.materialized else 'not drawn yet'})"
+
     def get(self) -> Any:
         if "tree" not in self._drawn:
             self._drawn["tree"] = self.make()
