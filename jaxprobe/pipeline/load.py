@@ -18,7 +18,7 @@ from jaxprobe.runtime.devices import ParamSharding
 def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: str | None = None,
          image_encoder: str | Path | None = None, scheduler: str | None = None, config: str | Path | None = None,
          prediction_type: str | None = None, lora: Sequence[tuple[str | Path, float] | str] = (),
-         shard: str | None = None, mesh: Mesh | None = None) -> Pipeline:
+         shard: str | ParamSharding | None = None, mesh: Mesh | None = None) -> Pipeline:
     """Load a pipeline (or just CLIP towers) from `source`: "tiny", "sd15-random" (or "sdxl-random", "dit-random",
     "pixart-random": full-size random weights), a diffusers (SD, SDXL, DiT, PixArt) or
     transformers folder, an `org/name` model id already in the local Hugging Face cache, or an original
@@ -33,8 +33,9 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
 
     shard: how parameters lie over the devices when one cannot hold them all: None (every device holds a
     replica), "fsdp" (each large leaf split along its largest evenly divisible dimension) or "tensor"
-    (attention and MLP kernels split on their feature axes); see `runtime.devices.ParamSharding`. mesh: the
-    devices to split over (default: this process's, as prompts are). Checkpoint folders stream onto the
+    (attention and MLP kernels split on their feature axes), or a `runtime.devices.ParamSharding` saying more
+    (which leaves are too small to split). mesh: the devices to split over (default: this process's, as
+    prompts are). Checkpoint folders stream onto the
     devices one tensor at a time, so the host never holds a whole component.
     """
     dtype = compute_dtype(dtype)
@@ -42,7 +43,7 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
              for item in lora]
     label, parts = load_parts(source, dtype=dtype, variant=variant, image_encoder=image_encoder, scheduler=scheduler,
                               config=config, prediction_type=prediction_type, loras=loras,
-                              sharding=ParamSharding(shard, mesh))
+                              sharding=shard if isinstance(shard, ParamSharding) else ParamSharding(shard, mesh))
     pipe = Pipeline(source=label, dtype=dtype, **parts)
     pipe.check_compatible()
     return pipe
