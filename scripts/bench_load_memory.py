@@ -1,11 +1,11 @@
 """Peak host memory while loading a diffusers UNet folder in bfloat16 (issue 17: streaming loads).
 
-`--write DIR` saves a UNet of random weights (SD-1.x layout, channels scaled by --width) with diffusers'
-`save_pretrained` as fp32 safetensors; without it, DIR is loaded with `load_denoiser(dtype=bfloat16)` and the
+With `--write`, FOLDER gets a UNet of random weights (SD-1.x layout, channels scaled by --width) saved with
+diffusers' `save_pretrained` as fp32 safetensors; without it, FOLDER is loaded with `load_denoiser(dtype=bfloat16)` and the
 peaks of VmRSS (all resident pages, the mapped file's included) and RssAnon (memory the process itself
 holds: host copies of tensors) are sampled every 5 ms. Run each load in its own process:
 
-    python scripts/bench_load_memory.py --write /tmp/unet-bench --width 0.6
+    python scripts/bench_load_memory.py /tmp/unet-bench --write --width 0.6
     PYTHONPATH=<tree> python scripts/bench_load_memory.py /tmp/unet-bench --json out.json
 """
 
