@@ -165,3 +165,54 @@ def save_sd3_pipeline(path: str | Path, style: str = "sd3", *, t5: bool = True) 
         text_encoder=clips[0], tokenizer=tokenizer, text_encoder_2=clips[1], tokenizer_2=tokenizer, **parts)
     pipe.save_pretrained(path)
     return pipe
+
+
+# FLUX's layout at toy widths: 2 double-stream and 2 single-stream blocks, 2 heads of 8 split (2, 2, 4) over the
+# three rotary axes, 2x2-packed 4-channel latents (16-wide tokens); "dev" embeds the guidance scale.
+FLUX_KWARGS: dict[str, Any] = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                                   pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+FLUX_STYLES: dict[str, dict[str, Any]] = {"schnell": dict(guidance_embeds=False), "dev": dict(guidance_embeds=True)}
+# FLUX.1-dev's scheduler (resolution-dependent shift); schnell's shifts by 1, i.e. not at all
+FLUX_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "schnell": dict(shift=1.0, use_dynamic_shifting=False),
+    "dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096)}
+
+
+def make_flux(style: str = "schnell", seed: int = 0) -> Any:
+    import diffusers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _randomised(diffusers.FluxTransformer2DModel(**FLUX_KWARGS, **FLUX_STYLES[style]), seed).eval()
+
+
+def save_flux_pipeline(path: str | Path, style: str = "schnell") -> Any:
+    """A tiny FluxPipeline written with save_pretrained: a CLIPTextModel 16 wide (its pooled output is
+    pooled_projections), a tiny T5 as wide as joint_attention_dim, a 4-channel VAE with FLUX's scaling and shift
+    constants, the style's flow-matching scheduler. Returns the pipeline."""
+    import diffusers
+    import transformers
+
+    import encoder_reference
+    from jaxprobe.checkpoints.random import TOKENIZER_DIR
+
+    path = Path(path)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                         eos_token_id=2, bos_token_id=len(tokenizer) - 2,
+                                         pad_token_id=len(tokenizer) - 1)
+    torch.manual_seed(0)
+    clip = sd_reference._perturbed(transformers.CLIPTextModel(config), 4).eval()
+    encoder_reference.save_t5_encoder(path / "t5", d_model=T5_WIDTH)
+    pipe = diffusers.FluxPipeline(
+        transformer=make_flux(style, seed=2),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[style]),
+        vae=sd_reference.make_vae(seed=1, scaling_factor=0.3611, shift_factor=0.1159),   # FLUX's VAE constants
+        text_encoder=clip, tokenizer=tokenizer,
+        text_encoder_2=transformers.T5EncoderModel.from_pretrained(path / "t5").eval(),
+        tokenizer_2=transformers.AutoTokenizer.from_pretrained(path / "t5"))
+    pipe.save_pretrained(path)
+    return pipe
