@@ -166,11 +166,12 @@ class _Stub:
 def test_site_defaults_follow_the_family():
     tiny = jaxprobe.load("tiny")
     assert hspace_sites(DirectionsConfig.example(), tiny) == ["unet.mid_block"]
-    # SD 1.x/2.x and SDXL share the UNet's names; DiT and PixArt (28 blocks) and SD3 (24) their middle block
-    middle = {"dit": 14, "pixart": 14, "stable-diffusion-3": 12}
+    # SD 1.x/2.x and SDXL share the UNet's names; DiT and PixArt (28 blocks) and SD3 (24) their middle block;
+    # FLUX the middle of its 19 double- and 38 single-stream blocks, block 28: single block 9
+    middle = {"dit": "transformer_blocks.14", "pixart": "transformer_blocks.14",
+              "stable-diffusion-3": "transformer_blocks.12", "flux": "single_transformer_blocks.9"}
     for name, family in FAMILIES.items():
-        expected = "unet.mid_block" if family.component == "unet" else \
-            f"transformer.transformer_blocks.{middle[name]}"
+        expected = "unet.mid_block" if family.component == "unet" else f"transformer.{middle[name]}"
         assert f"{family.component}.{family.bottleneck_site}" == expected
     # a transformer family (DiT, PixArt) names its own component and bottleneck
     transformer = dataclasses.replace(FAMILIES["stable-diffusion"], component="transformer",

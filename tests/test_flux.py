@@ -112,12 +112,18 @@ def test_sampling_matches_the_diffusers_flux_pipeline(flux_pipeline):
     theirs = reference._unpack_latents(theirs, 16, 16, reference.vae_scale_factor).numpy()
     sites = ["latents", "pred_original_sample", "transformer.transformer_blocks.1.context",
              "transformer.single_transformer_blocks.0", "transformer.single_transformer_blocks.1.context",
-             "transformer.context_embedder"]
+             "transformer.single_transformer_blocks.1.contribution",
+             "transformer.single_transformer_blocks.1.context.contribution", "transformer.context_embedder"]
     feats = pipe.capture(PROMPTS, sites, num_inference_steps=4, guidance_scale=3.5, latents=latents, height=16,
                          width=16, reduce={"transformer.context_embedder": "none", "latents": "none",
                                            "pred_original_sample": "none", "*": "mean"})
     assert relative_error(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1)) < 1e-3
     assert feats["transformer.single_transformer_blocks.1.context"].shape == (2, 4, 16)
+    for stream in ("", ".context"):   # what the block writes into each stream: neither nothing nor its output
+        contribution = np.asarray(feats[f"transformer.single_transformer_blocks.1{stream}.contribution"])
+        assert np.abs(contribution).max() > 0
+    assert not np.allclose(feats["transformer.single_transformer_blocks.1.context.contribution"],
+                           feats["transformer.single_transformer_blocks.1.context"])
     # the flow-matching step axis: FluxPipeline's timesteps, and x0 = x - sigma * v ends at the sample
     sigmas = np.linspace(1.0, 1 / 4, 4)
     mu = schedulers.flow_shift_mu(pipe.scheduler, 16)   # 4x4 packed tokens
@@ -174,15 +180,7 @@ def test_steering_a_single_block_matches_a_diffusers_forward_hook(flux_pipeline,
     reference, pipe = flux_pipeline["reference"], flux_pipeline["pipe"]
     latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
     vector, steps, scale = np.random.default_rng(1).standard_normal(16).astype(np.float32), range(1, 3), 2.0
-    calls = []
-
-    def hook(module, args, output):
-        calls.append(None)
-        if len(calls) - 1 not in steps:
-            return output
-        text, image = output
-        shift = torch.from_numpy(scale * vector)
-        return (text + shift, image) if stream else (text, image + shift)
+    hook = transformer_reference.steering_hook(vector, scale, steps, text=bool(stream))
 
     def run_theirs():
         with sd_reference.single_threaded(), torch.no_grad():

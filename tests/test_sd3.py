@@ -175,14 +175,7 @@ def test_steering_either_stream_matches_a_diffusers_forward_hook(sd3_pipeline, s
     latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
     vector, steps, scale = np.random.default_rng(1).standard_normal(16).astype(np.float32), range(1, 3), 2.0
     calls = []
-
-    def hook(module, args, output):
-        calls.append(None)
-        if len(calls) - 1 not in steps:
-            return output
-        text, image = output
-        shift = torch.from_numpy(scale * vector)
-        return (text + shift, image) if stream else (text, image + shift)
+    hook = transformer_reference.steering_hook(vector, scale, steps, text=bool(stream))
 
     def pre_hook(module, args, kwargs):
         calls.append(None)

@@ -31,6 +31,23 @@ def relative_error(ours: Any, theirs: Any) -> float:
     return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
+def steering_hook(vector: np.ndarray, scale: float, steps: range, text: bool) -> Any:
+    """A forward hook on a diffusers MMDiT block (SD3's joint, FLUX's double or single block, which return (text,
+    image)) adding scale * vector to one stream (`text`, else image) on the calls of `steps`, one call a step:
+    what jaxprobe's Steer on the block's site (`.context` for the text) does."""
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(None)
+        if len(calls) - 1 not in steps:
+            return output
+        context, image = output
+        shift = torch.from_numpy(scale * vector)
+        return (context + shift, image) if text else (context, image + shift)
+
+    return hook
+
+
 def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
