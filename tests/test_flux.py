@@ -57,8 +57,12 @@ def _hooked_streams(model, names):
 
 
 def test_every_flux_block_matches_diffusers_in_both_streams(flux_pipeline):
+    """Dev-style only: schnell-style has the same blocks, and only lacks the guidance embedder, which its
+    sampling test covers."""
+    if flux_pipeline["style"] != "dev":
+        pytest.skip("one transformer suffices: schnell-style has the same blocks, less the guidance embedder")
     model, component = flux_pipeline["reference"].transformer, flux_pipeline["pipe"].unet
-    dev = flux_pipeline["style"] == "dev"
+    dev = True
     rng = np.random.default_rng(0)
     sample = rng.standard_normal((2, 6, 10, 4), dtype=np.float32)   # a 3x5 packed grid: rows and columns differ
     context = rng.standard_normal((2, 7, transformer_reference.T5_WIDTH), dtype=np.float32)
