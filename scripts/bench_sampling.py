@@ -137,7 +137,7 @@ def jax_runner(module, params, schedule, plan, noise, conditioning, inputs=None)
         figures["temp_bytes"] = int(memory.temp_size_in_bytes)
     return lambda: jax.block_until_ready(compiled(params, schedule, noise, conditioning, scale, inputs)), figures
 def bottleneck(config) -> str:
-    return getattr(config, "bottleneck_site", "mid_block")
+    return family_of_config(config).bottleneck(config)
 
 
 def steering(module, params, config, batch: int, evals: int) -> tuple[Plan, dict, np.ndarray, np.ndarray]:

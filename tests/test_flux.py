@@ -168,8 +168,8 @@ def test_flux_sites_name_both_streams_of_every_block(flux_pipeline):
     inner = set(pipe.select("transformer.single_transformer_blocks.0.**"))
     assert "transformer.single_transformer_blocks.0.attn" in inner
     assert {s.split(".")[0] for s in pipe.select("text_encoder*.*")} == {"text_encoder", "text_encoder_2"}
-    assert pipe.unet.config.bottleneck_site == "single_transformer_blocks.0"   # the middle of 2 + 2 blocks
-    assert pipe.family.bottleneck_site == "single_transformer_blocks.9"         # ... and of FLUX.1's 19 + 38
+    assert pipe.bottleneck_site == "transformer.single_transformer_blocks.0"   # the middle of 2 + 2 blocks
+    assert pipe.summary_text_site == "text_encoder.text_model.final_layer_norm"   # CLIP's, the first tower
 
 
 @pytest.mark.parametrize("stream", ["", pytest.param(".context", marks=pytest.mark.slow)])

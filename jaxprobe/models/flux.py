@@ -114,12 +114,14 @@ class FluxConfig(PatchTransformerShape):
         """The VAE's latent channels: a packed token holds a 2x2 patch of them."""
         return self.in_channels // (PACK * PACK)
 
-    @property
-    def bottleneck_site(self) -> str:
-        """The middle block of the whole stack, double then single (19 + 38: single_transformer_blocks.9)."""
-        middle = (self.num_layers + self.num_single_layers) // 2
-        return (f"transformer_blocks.{middle}" if middle < self.num_layers
-                else f"single_transformer_blocks.{middle - self.num_layers}")
+
+
+def bottleneck(config: FluxConfig) -> str:
+    """The h-space site: the middle block of the whole stack, double then single (block 28 of FLUX.1's 19 + 38:
+    single_transformer_blocks.9)."""
+    middle = (config.num_layers + config.num_single_layers) // 2
+    return (f"transformer_blocks.{middle}" if middle < config.num_layers
+            else f"single_transformer_blocks.{middle - config.num_layers}")
 
 
 def image_ids(height: int, width: int) -> np.ndarray:

@@ -38,11 +38,6 @@ class PatchTransformerShape:
         """2 x in_channels with learned sigma (noise, then variance); out_channels None means in_channels."""
         return self.in_channels if self.out_channels is None else self.out_channels
 
-    @property
-    def bottleneck_site(self) -> str:
-        """The middle block, these families' h-space for the directions study (14 of 28)."""
-        return f"transformer_blocks.{self.num_layers // 2}"
-
 
 def sincos_positions(dim: int, height: int, width: int, *, base_size: int, interpolation_scale: float = 1.0
                      ) -> np.ndarray:

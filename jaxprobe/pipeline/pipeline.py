@@ -137,6 +137,23 @@ class Pipeline:
         """The denoiser's family (how it is conditioned, its block and bottleneck sites), if there is one."""
         return family_of_config(self.unet.config) if self.unet is not None else None
 
+    @property
+    def bottleneck_site(self) -> str | None:
+        """The denoiser's h-space site as the family places it for this depth ("unet.mid_block",
+        "transformer.transformer_blocks.14" of 28): where the directions live and the classifiers start."""
+        family = self.family
+        return None if family is None else f"{self.unet.name}.{family.bottleneck(self.unet.config)}"
+
+    @property
+    def summary_text_site(self) -> str | None:
+        """The first text tower's last layer (CLIP's final norm; T5's for PixArt): the text-side comparison
+        the studies draw beside the denoiser's sites. None when the pipeline reads no text (DiT)."""
+        family = self.family
+        towers = family.text_encoders if family is not None else ("text_encoder",)
+        if not towers or self.components.get(towers[0]) is None:
+            return None
+        return f"{towers[0]}.{family.summary_text_site if family is not None else 'text_model.final_layer_norm'}"
+
     @functools.cached_property
     def _site_table(self) -> tuple[list[str], list[str]]:
         """(every site, block-level sites), found by tracing each component once, abstractly."""

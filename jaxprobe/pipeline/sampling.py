@@ -452,7 +452,7 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     prefix = f"{pipe.unet.name}."
     chosen = [s for s in pipe.select(sites) if s.startswith(prefix)]
     if not chosen:
-        raise SiteError(f"capture_images captures denoiser sites (e.g. '{prefix}{pipe.family.bottleneck_site}')")
+        raise SiteError(f"capture_images captures denoiser sites (e.g. '{pipe.bottleneck_site}')")
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = size or pipe.unet.config.sample_size * factor
     arr = load_images(images, size)
