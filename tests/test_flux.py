@@ -38,24 +38,6 @@ def _packed(reference, latents):
     return reference._pack_latents(torch.from_numpy(latents), b, c, h, w)
 
 
-def _hooked_streams(model, names):
-    """Every named module's output(s) under jaxprobe's site names: a block (double or single) returns (text, image)
-    and a double block's attention (image, text); the text half is the `.context` site."""
-    recorded = {}
-
-    def keep(name):
-        def hook(module, args, output):
-            if not isinstance(output, tuple):
-                recorded[name] = output.numpy()
-                return
-            image, text = output[::-1] if name.rsplit(".", 1)[-1].isdigit() else output
-            recorded[name] = image.numpy()
-            recorded[f"{name}.context"] = text.numpy()
-        return hook
-
-    return recorded, [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
-
-
 def test_every_flux_block_matches_diffusers_in_both_streams(flux_pipeline):
     """Dev-style only: schnell-style has the same blocks, and only lacks the guidance embedder, which its
     sampling test covers."""
@@ -74,7 +56,7 @@ def test_every_flux_block_matches_diffusers_in_both_streams(flux_pipeline):
                                        guidance)
     sites = flatten_intermediates(state["intermediates"])
     names = [n for n in dict(model.named_modules()) if n in sites]
-    recorded, handles = _hooked_streams(model, names)
+    recorded, handles = transformer_reference.hooked_streams(model, names)
     image_ids = diffusers.FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32)
     try:
         with sd_reference.single_threaded(), torch.no_grad():

@@ -31,6 +31,26 @@ def relative_error(ours: Any, theirs: Any) -> float:
     return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
+def hooked_streams(model, names):
+    """({site: recorded output}, hook handles): every named module's output(s) under jaxprobe's site names. An
+    MMDiT block (SD3's joint, FLUX's double or single: names ending in an index) returns (text, image) and a joint
+    attention (image, text); the text half is the `.context` site."""
+    recorded = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            if not isinstance(output, tuple):
+                recorded[name] = output.numpy()
+                return
+            image, text = output[::-1] if name.rsplit(".", 1)[-1].isdigit() else output
+            recorded[name] = image.numpy()
+            if text is not None:
+                recorded[f"{name}.context"] = text.numpy()
+        return hook
+
+    return recorded, [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+
+
 def steering_hook(vector: np.ndarray, scale: float, steps: range, text: bool) -> Any:
     """A forward hook on a diffusers MMDiT block (SD3's joint, FLUX's double or single block, which return (text,
     image)) adding scale * vector to one stream (`text`, else image) on the calls of `steps`, one call a step:
