@@ -7,9 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+
 from jaxprobe.checkpoints.lora import parse_lora_spec
 from jaxprobe.checkpoints.loading import compute_dtype, load_parts
 from jaxprobe.pipeline.pipeline import Pipeline
+from jaxprobe.runtime.xla_flags import add_half_precision_cpu_flags
 
 
 def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: str | None = None,
@@ -28,6 +31,8 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
     checkpoint's ("pndm", "ddim", "euler", "dpmpp_2m"), keeping its noise schedule.
     """
     dtype = compute_dtype(dtype)
+    if jnp.dtype(dtype).itemsize < 4:
+        add_half_precision_cpu_flags()   # memory-lean CPU scheduling, before placing weights starts JAX
     loras = [parse_lora_spec(str(item)) if isinstance(item, (str, os.PathLike)) else (item[0], float(item[1]))
              for item in lora]
     label, parts = load_parts(source, dtype=dtype, variant=variant, image_encoder=image_encoder, scheduler=scheduler,
