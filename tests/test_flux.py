@@ -18,6 +18,8 @@ from transformer_reference import relative_error  # noqa: E402
 from jaxprobe.models import schedulers  # noqa: E402
 from jaxprobe.pipeline.sites import flatten_intermediates  # noqa: E402
 
+# one process builds the tiny pipelines the tests share (`make test` runs pytest -n 2 --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("flux")
 RTOL = 1e-4
 PROMPTS = ["A photo of a Zebra", "a drawing of a banana and a knife beside a dog"]
 T5_TOKENS = 512   # FluxPipeline's max_sequence_length default
