@@ -45,7 +45,7 @@ from jaxprobe.checkpoints.weights import (
     open_state_dict,
 )
 from jaxprobe.errors import CheckpointError
-from jaxprobe.models import sd3
+from jaxprobe.models import flux, sd3
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
 from jaxprobe.models.clip import example_inputs as clip_example_inputs
 from jaxprobe.models.schedulers import scheduler_config
@@ -245,7 +245,14 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
     elif "tokenizer" in listed:
         length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
         parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
-    if "text_encoder_2" in listed:  # SDXL: OpenCLIP bigG with projection, its own tokenizer
+    t5_second = "text_encoder_2" in listed and \
+        encoders.architecture(folder / "text_encoder_2") in encoders.T5_ARCHITECTURES
+    if t5_second:   # FLUX: T5 beside CLIP-L, unmasked, padded to FluxPipeline's max_sequence_length
+        parts["text_encoder_2"] = encoders.load_t5_encoder(folder / "text_encoder_2", dtype=dtype,
+                                                           state=states["text_encoder_2"], name="text_encoder_2")
+        if "tokenizer_2" in listed:
+            parts["tokenizer_2"] = encoders.load_t5_tokenizer(folder / "tokenizer_2", flux.T5_SEQUENCE_LENGTH)
+    elif "text_encoder_2" in listed:  # SDXL: OpenCLIP bigG with projection, its own tokenizer
         parts["text_encoder_2"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder_2", dtype=dtype,
                                                   state=states.pop("text_encoder_2"), name="text_encoder_2",
                                                   sharding=sharding)

@@ -32,10 +32,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprobe.errors import CheckpointError
-from jaxprobe.models import dit, pixart, sd3, unet
-from jaxprobe.models.encoders import ATTENTION_MASK
+from jaxprobe.models import dit, flux, pixart, sd3, unet
+from jaxprobe.models.encoders import ATTENTION_MASK, POOLED_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,12 @@ class DenoiserFamily:
     latent_multiple: Callable[[Any], int] = lambda config: 2 ** (len(config.block_out_channels) - 1)
     class_conditioned: bool = False                 # conditioned on a class label, not on text
     patch_tokens: bool = False                      # activations are (b, h*w, d) patch tokens (DiT, PixArt)
+    latent_channels: Callable[[Any], int] = lambda config: config.in_channels   # FLUX: its packed tokens' / 4
+    classifier_free: bool = True                    # guidance_scale > 1 runs CFG; FLUX embeds the scale instead
+    unmasked_towers: tuple[str, ...] = ()           # T5 towers its pipeline runs without a padding mask
+    # the unshifted flow-matching sigmas its pipeline passes to set_timesteps(sigmas=) for n steps; None: the
+    # scheduler's own (its training range, linearly spaced)
+    flow_sigmas: Callable[[int], np.ndarray] | None = None
     summary_text_site: str = "text_model.final_layer_norm"   # the first tower's last layer, the text-side
     #                                                 comparison of the studies (CLIP's; T5's for PixArt)
 
@@ -207,9 +214,39 @@ SD3 = DenoiserFamily(
     example_inputs=sd3.example_inputs, block_sites=sd3.BLOCK_SITES, bottleneck=middle_block,
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), context_site="",
     conditioning=_sd3_conditioning, apply=_sd3_apply, rename_keys=sd3.rename_keys,
-    latent_multiple=lambda config: config.patch_size, patch_tokens=True)
+    latent_multiple=lambda config: config.patch_size, patch_tokens=True, unmasked_towers=("text_encoder_3",))
 
-FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART, SD3)}
+
+def _flux_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
+                       ) -> dict[str, jax.Array]:
+    """FLUX, as FluxPipeline.encode_prompt: T5's (text_encoder_2) final states as the context, CLIP-L's pooled
+    output (not projected) as pooled_projections; FLUX.1-dev's guidance scale from extras["guidance"] (b,)."""
+    cond = {"encoder_hidden_states": acts["text_encoder_2"]["encoder.final_layer_norm"],
+            "pooled_projections": acts["text_encoder"][POOLED_OUTPUT]}
+    return {**cond, **({"guidance": extras["guidance"]} if "guidance" in extras else {})}
+
+
+def _flux_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
+                conditioning: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    # FluxPipeline hands the transformer timestep / 1000 (the model scales it back)
+    out, state = module.apply({"params": params}, latents, t / 1000, conditioning["encoder_hidden_states"],
+                              conditioning["pooled_projections"], conditioning.get("guidance"),
+                              mutable=["intermediates"])
+    return out, state["intermediates"]
+
+
+# FLUX.1 (schnell; dev with guidance_embeds): packed 2x2 latents, so latent sides divide by 2; no classifier-free
+# guidance; the bottleneck is the middle of the double + single blocks (single block 9 of FLUX.1's 19 + 38).
+FLUX = DenoiserFamily(
+    name="flux", component="transformer", class_names=flux.CLASS_NAMES, config_cls=flux.FluxConfig,
+    read_config=flux.FluxConfig.from_dict, module=lambda config, dtype: flux.FluxTransformer2DModel(config, dtype),
+    example_inputs=flux.example_inputs, block_sites=flux.BLOCK_SITES, bottleneck=flux.bottleneck,
+    text_encoders=("text_encoder", "text_encoder_2"), context_site="", conditioning=_flux_conditioning,
+    apply=_flux_apply, latent_multiple=lambda config: flux.PACK, patch_tokens=True,
+    latent_channels=lambda config: config.latent_channels, classifier_free=False, unmasked_towers=("text_encoder_2",),
+    flow_sigmas=lambda n: np.linspace(1.0, 1 / n, n))   # FluxPipeline's sigmas
+
+FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART, SD3, FLUX)}
 
 
 def family_of_config(config: Any) -> DenoiserFamily:

@@ -74,6 +74,9 @@ class Pipeline:
         if self.family is not None and self.family.name == "stable-diffusion-3":
             self._check_sd3()
             return
+        if self.family is not None and self.family.name == "flux":
+            self._check_flux()
+            return
         if self.text_encoder_2 is not None and self.unet is not None:  # SDXL: widths add up, pooled fills add_embedding
             widths = {name: c.config.hidden_size for name, c in self.text_encoders.items()}
             cross = self.unet.config.cross_attention_dim
@@ -113,6 +116,18 @@ class Pipeline:
         if t5 != config.joint_attention_dim or clip > t5:
             raise CheckpointError(f"the T5 width {t5} and CLIP widths {clip} do not fit the transformer's "
                                   f"joint_attention_dim {config.joint_attention_dim}: mismatched components?")
+
+    def _check_flux(self) -> None:
+        """FLUX: CLIP-L (text_encoder) as wide as pooled_projection_dim, T5 (text_encoder_2) as joint_attention_dim."""
+        config = self.unet.config
+        if self.text_encoder is None or self.text_encoder_2 is None:
+            raise CheckpointError("a FLUX pipeline needs text_encoder (CLIP-L) and text_encoder_2 (T5); this folder "
+                                  "lacks one")
+        clip, t5 = self.text_encoder.config.hidden_size, self.text_encoder_2.config.hidden_size
+        if clip != config.pooled_projection_dim or t5 != config.joint_attention_dim:
+            raise CheckpointError(f"the CLIP width {clip} and T5 width {t5} do not fit the transformer's "
+                                  f"pooled_projection_dim {config.pooled_projection_dim} and joint_attention_dim "
+                                  f"{config.joint_attention_dim}: mismatched components?")
 
     def replace(self, **changes: Any) -> "Pipeline":
         return dataclasses.replace(self, **changes)
