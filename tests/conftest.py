@@ -1,5 +1,10 @@
 """Suite-wide pytest hooks.
 
+The suite compiles the same tiny programs in both xdist workers and in the subprocesses its CLI, crash and
+multi-host tests start. One persistent XLA compilation cache per run, in a temporary folder the controller
+makes and every process inherits through the environment, compiles each once: a program loaded from it is
+the same executable. `JAX_COMPILATION_CACHE_DIR` set by the user is kept.
+
 `make test` runs `pytest -n 2 --dist loadgroup`. When a worker process dies (a native crash inside a
 compiler, the kernel's OOM killer), pytest-xdist 3.8's group scheduler can deadlock: it puts the dead
 worker's finished groups back on the queue as empty units and may hand the replacement worker a single
@@ -11,7 +16,20 @@ failed), and keeps every live worker at least two tests ahead, so a crash costs 
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
+
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:   # the controller (or a plain run) gets here first; workers and subprocesses inherit it
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxprobe-test-xla-cache-")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 try:
     from xdist.scheduler import LoadGroupScheduling
