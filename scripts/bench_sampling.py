@@ -61,6 +61,7 @@ from jaxprobe.models.unet import UNetConfig
 from jaxprobe.pipeline.interventions import Patch, Steer, module_outputs, plan_interventions
 from jaxprobe.pipeline.programs import Models, Plan, denoise
 from jaxprobe.pipeline.sites import block_sites_of, flatten_intermediates
+from jaxprobe.runtime.xla_flags import add_half_precision_cpu_flags
 
 ROWS = ("capture_off", "capture_blocks", "steering", "diffusers_eager", "diffusers_compiled", "diffusers_capture",
         "diffusers_hooks")
@@ -137,7 +138,7 @@ def jax_runner(module, params, schedule, plan, noise, conditioning, inputs=None)
         figures["temp_bytes"] = int(memory.temp_size_in_bytes)
     return lambda: jax.block_until_ready(compiled(params, schedule, noise, conditioning, scale, inputs)), figures
 def bottleneck(config) -> str:
-    return getattr(config, "bottleneck_site", "mid_block")
+    return family_of_config(config).bottleneck(config)
 
 
 def steering(module, params, config, batch: int, evals: int) -> tuple[Plan, dict, np.ndarray, np.ndarray]:
@@ -254,6 +255,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.device:
         jax.config.update("jax_platforms", args.device.replace("gpu", "cuda"))
+    if args.dtype in ("bfloat16", "float16"):
+        add_half_precision_cpu_flags()   # as jaxprobe.load does, before the first JAX call
     device = jax.devices()[0]
     rows = [r for r in args.rows if not (args.no_peer and r in PEERS)]
     dtype = jnp.dtype(args.dtype or ("float32" if device.platform == "cpu" else "bfloat16"))

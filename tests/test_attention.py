@@ -12,7 +12,7 @@ import pytest
 
 from jaxprobe.models import layers
 from jaxprobe.models.layers import ATTENTION_IMPLEMENTATIONS, attention_implementation, multi_head_attention
-from jaxprobe.runtime.xla_flags import CPU_FLAGS, jaxlib_minor
+from jaxprobe.runtime.xla_flags import HALF_PRECISION_CPU_FLAGS, jaxlib_minor
 
 
 def qkv(batch: int, lq: int, lk: int, width: int, dtype=jnp.float32):
@@ -64,26 +64,33 @@ def test_blocked_under_jit_and_vmap():
 
 
 def test_cpu_xla_flags_respect_the_user_and_the_jaxlib_version():
-    from jaxprobe.runtime.xla_flags import add_cpu_flags
+    from jaxprobe.runtime.xla_flags import HALF_PRECISION_CPU_FLAGS, add_cpu_flags
 
     env = {}
-    ours = ["--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    ours = ["--xla_cpu_experimental_ynn_fusion_type="]
     assert add_cpu_flags(env, jaxlib="0.10") == ours
     assert env["XLA_FLAGS"] == " ".join(ours)
     mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot --xla_force_host_platform_device_count=4"}
-    assert add_cpu_flags(mine, jaxlib="0.10") == ours[1:] and mine["XLA_FLAGS"].startswith("--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert add_cpu_flags(mine, jaxlib="0.10") == [] and mine["XLA_FLAGS"].startswith("--xla_cpu_experimental_ynn_fusion_type=dot")
     assert add_cpu_flags({}, jaxlib="0.6") == []              # not measured there: XLA aborts on unknown flags
     assert add_cpu_flags({"JAXPROBE_XLA_FLAGS": "0"}, jaxlib="0.10") == []
     other = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    add_cpu_flags(other, jaxlib="0.10")
-    assert other["XLA_FLAGS"] == " ".join(["--xla_force_host_platform_device_count=4", *ours])
+    assert add_cpu_flags(other, jaxlib="0.10", flags=HALF_PRECISION_CPU_FLAGS) == [
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    assert other["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=4 --xla_cpu_enable_concurrency")
+    # this process has started JAX: a half-precision load can no longer change the scheduler, and does not try
+    from jaxprobe.runtime.xla_flags import add_half_precision_cpu_flags
+    jax.devices()
+    assert add_half_precision_cpu_flags() == []
 
 
 def test_bfloat16_weights_are_not_all_copied_to_float32_at_once():
-    """On CPU every bf16 dot runs on float32 copies of its operands; with jaxprobe's flags each copy lives only
-    around its dot, so temporaries stay far below the weights (without them: twice the weights)."""
+    """On CPU every bf16 dot runs on float32 copies of its operands; once `jaxprobe.load` has loaded half-precision
+    weights (here the first thing the process does), each copy lives only around its dot, so temporaries stay far
+    below the weights (without the flag it sets: twice the weights)."""
     script = (
         "import jaxprobe, jax, jax.numpy as jnp\n"
+        "jaxprobe.load('tiny', dtype='bfloat16')\n"
         "ws = [jnp.ones((1024, 1024), jnp.bfloat16) for _ in range(16)]\n"
         "def chain(ws, x):\n"
         "    for w in ws:\n"
@@ -91,7 +98,7 @@ def test_bfloat16_weights_are_not_all_copied_to_float32_at_once():
         "    return x\n"
         "m = jax.jit(chain).lower(ws, jnp.ones((8, 1024), jnp.bfloat16)).compile().memory_analysis()\n"
         "print(m.temp_size_in_bytes / m.argument_size_in_bytes)\n")
-    if jaxlib_minor() not in CPU_FLAGS["--xla_cpu_enable_concurrency_optimized_scheduler"][1]:
+    if jaxlib_minor() not in HALF_PRECISION_CPU_FLAGS["--xla_cpu_enable_concurrency_optimized_scheduler"][1]:
         pytest.skip(f"the scheduler flag is not set on jaxlib {jaxlib_minor()}")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXPROBE_XLA_FLAGS")}
     ratio = float(subprocess.run([sys.executable, "-c", script], env={**env, "JAX_PLATFORMS": "cpu"},

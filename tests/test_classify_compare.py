@@ -5,6 +5,7 @@ classifiers, the directions and the SAE trainer default to (nothing assumes `une
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 import json
 
 import numpy as np
@@ -159,6 +160,10 @@ class _Stub:
     def sites(self):
         return list(self.blocks)
 
+    @property
+    def bottleneck_site(self):
+        return None if self.family is None else f"{self.family.component}.{self.family.bottleneck(None)}"
+
     def select(self, patterns):
         return [s for s in self.blocks if s in patterns]
 
@@ -166,15 +171,19 @@ class _Stub:
 def test_site_defaults_follow_the_family():
     tiny = jaxprobe.load("tiny")
     assert hspace_sites(DirectionsConfig.example(), tiny) == ["unet.mid_block"]
-    # SD 1.x/2.x and SDXL share the UNet's names; DiT and PixArt (28 blocks) and SD3 (24) their middle block
-    middle = {"dit": 14, "pixart": 14, "stable-diffusion-3": 12}
+    assert tiny.summary_text_site == "text_encoder.text_model.final_layer_norm"
+    # SD 1.x/2.x and SDXL share the UNet's names; DiT and PixArt (28 blocks) and SD3 (24) their middle block;
+    # FLUX the middle of its 19 double- and 38 single-stream blocks, block 28: single block 9
+    middle = {"dit": "transformer_blocks.14", "pixart": "transformer_blocks.14",
+              "stable-diffusion-3": "transformer_blocks.12", "flux": "single_transformer_blocks.9"}
     for name, family in FAMILIES.items():
-        expected = "unet.mid_block" if family.component == "unet" else \
-            f"transformer.transformer_blocks.{middle[name]}"
-        assert f"{family.component}.{family.bottleneck_site}" == expected
+        expected = "unet.mid_block" if family.component == "unet" else f"transformer.{middle[name]}"
+        # the released depths
+        config = SimpleNamespace(num_layers={"stable-diffusion-3": 24, "flux": 19}.get(name, 28), num_single_layers=38)
+        assert f"{family.component}.{family.bottleneck(config)}" == expected
     # a transformer family (DiT, PixArt) names its own component and bottleneck
     transformer = dataclasses.replace(FAMILIES["stable-diffusion"], component="transformer",
-                                      bottleneck_site="transformer_blocks.2")
+                                      bottleneck=lambda config: "transformer_blocks.2")
     blocks = ["transformer.pos_embed", *(f"transformer.transformer_blocks.{i}" for i in range(4)),
               "transformer.norm_out", "latents", "pred_original_sample"]
     stub = _Stub(transformer, blocks)

@@ -7,6 +7,7 @@ import functools
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -17,6 +18,7 @@ import transformer_reference  # noqa: E402
 from transformer_reference import relative_error  # noqa: E402
 from jaxprobe.checkpoints.diffusers import load_denoiser  # noqa: E402
 from jaxprobe.errors import CheckpointError, InputError, SiteError  # noqa: E402
+from jaxprobe.models.families import FAMILIES  # noqa: E402
 from jaxprobe.pipeline.labels import class_label_ids  # noqa: E402
 from jaxprobe.pipeline.sites import flatten_intermediates  # noqa: E402
 
@@ -214,7 +216,7 @@ def test_dit_random_is_dit_xl_2_at_full_size():
     # DiT-XL/2's 675M, plus the timestep and class embeddings every block of diffusers' checkpoint repeats
     assert round(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes)) / 1e6) == 750
     assert config.width == 1152 and config.num_layers == 28 and config.output_channels == 8
-    assert config.bottleneck_site == "transformer_blocks.14"
+    assert FAMILIES["dit"].bottleneck(config) == "transformer_blocks.14"
 
 
 def test_real_image_features_are_unconditional_or_of_a_class(dit_pipe):
@@ -238,7 +240,28 @@ def test_classifiers_compare_a_unet_and_a_dit(dit_pipe, tmp_path):
     table = compare(config, {"unet": jaxprobe.load("tiny"), "dit": dit_pipe}, progress=False,
                     log=lambda _: None).table
     assert list(dict.fromkeys(table["model"])) == ["unet", "dit"]
-    # the tiny DiT has 3 blocks, so DiT-XL/2's bottleneck (block 14 of 28) is not among them: every block is used
-    assert default_sites(dit_pipe) == [s for s in dit_pipe.sites() if s.startswith("transformer.")]
+    # the tiny DiT's middle block is 1 of its 3 (DiT-XL/2's: 14 of 28): the heads read it and what follows
+    blocks = [s for s in dit_pipe.sites() if s.startswith("transformer.")]
+    assert dit_pipe.bottleneck_site == "transformer.transformer_blocks.1"
+    assert default_sites(dit_pipe) == blocks[blocks.index("transformer.transformer_blocks.1"):]
     assert list(table[table["model"] == "dit"]["site"]) == default_sites(dit_pipe)
     assert table["accuracy"].between(0, 1).all() and (tmp_path / "out" / "report.html").is_file()
+
+
+def test_directions_in_the_dit_bottleneck_without_a_text_comparison(dit_pipe, tmp_path):
+    """`jaxprobe directions` on a class-conditioned transformer: the concepts are class names, h-space is the
+    family's middle block, and there is no text tower to compare with."""
+    from jaxprobe.studies.decoding_diffusion import directions
+
+    config = directions.DirectionsConfig(
+        model="(tiny dit)", templates=("{concept}",), baseline="others", seeds=(0, 1), num_inference_steps=2,
+        n_bootstrap=20, n_clusters=2, families={"dogs": ("golden retriever",), "fish": ("goldfish", "tench")},
+        associations=(("dogs", "fish"),), out=str(tmp_path / "out"), cache=str(tmp_path / "cache"))
+    assert dit_pipe.summary_text_site is None and directions.comparison_text_site(config, dit_pipe) is None
+    directions.build(config, pipe=dit_pipe)
+    saved = directions.read_directions(config.out)
+    # 3 concepts x 2 DDIM steps x the tiny DiT's width 16; no text directions
+    assert saved["site/transformer.transformer_blocks.1"].shape == (3, 2, 16) and "text" not in saved
+    out = directions.score(config, pipe=dit_pipe)
+    assoc = pd.read_parquet(out / "associations.parquet")
+    assert "clip_score" not in assoc.columns and assoc["score"].notna().all()

@@ -170,3 +170,6 @@ def test_real_image_features_of_pixart(pixart_case):
     feats = pixart_case["pipe"].capture_images(images, ["transformer.transformer_blocks.1"], t=25, prompt="a dog")
     assert feats["transformer.transformer_blocks.1"].shape == (2, 24)
     assert np.isfinite(feats["transformer.transformer_blocks.1"]).all()
+    # the studies' text-side comparison is T5's last layer here, and h-space the middle block
+    assert pixart_case["pipe"].summary_text_site == "text_encoder.encoder.final_layer_norm"
+    assert pixart_case["pipe"].bottleneck_site == "transformer.transformer_blocks.1"

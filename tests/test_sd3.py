@@ -31,25 +31,6 @@ def sd3_case(request, tmp_path_factory):
                 component=load_denoiser(folder / "transformer", component="transformer"))
 
 
-def _hooked_streams(model, names):
-    """Every named module's output(s) under jaxprobe's site names: a joint block returns (text, image) and its
-    attention (image, text); the text half is the `.context` site."""
-    recorded = {}
-
-    def keep(name):
-        def hook(module, args, output):
-            if not isinstance(output, tuple):
-                recorded[name] = output.numpy()
-                return
-            image, text = output[::-1] if name.rsplit(".", 1)[-1].isdigit() else output
-            recorded[name] = image.numpy()
-            if text is not None:
-                recorded[f"{name}.context"] = text.numpy()
-        return hook
-
-    return recorded, [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
-
-
 def test_every_sd3_block_matches_diffusers_in_both_streams(sd3_case):
     model, component = sd3_case["model"], sd3_case["component"]
     rng = np.random.default_rng(0)
@@ -61,7 +42,7 @@ def test_every_sd3_block_matches_diffusers_in_both_streams(sd3_case):
     out, state = sd_reference.run_once(apply, {"params": component.params}, sample, timesteps, context, pooled)
     sites = flatten_intermediates(state["intermediates"])
     names = [n for n in dict(model.named_modules()) if n in sites or n.endswith(("attn", "attn2"))]
-    recorded, handles = _hooked_streams(model, names)
+    recorded, handles = transformer_reference.hooked_streams(model, names)
     try:
         with sd_reference.single_threaded(), torch.no_grad():
             ref = model(sd_reference.nchw(sample), encoder_hidden_states=torch.from_numpy(context),
@@ -175,14 +156,7 @@ def test_steering_either_stream_matches_a_diffusers_forward_hook(sd3_pipeline, s
     latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
     vector, steps, scale = np.random.default_rng(1).standard_normal(16).astype(np.float32), range(1, 3), 2.0
     calls = []
-
-    def hook(module, args, output):
-        calls.append(None)
-        if len(calls) - 1 not in steps:
-            return output
-        text, image = output
-        shift = torch.from_numpy(scale * vector)
-        return (text + shift, image) if stream else (text, image + shift)
+    hook = transformer_reference.steering_hook(vector, scale, steps, text=bool(stream))
 
     def pre_hook(module, args, kwargs):
         calls.append(None)

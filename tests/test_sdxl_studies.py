@@ -121,7 +121,7 @@ def test_directions_in_the_sdxl_bottleneck_at_turbo_settings(sdxl, tmp_path):
     from jaxprobe.studies.decoding_diffusion.directions import DirectionsConfig
 
     path, _, pipe = sdxl
-    assert f"unet.{pipe.family.bottleneck_site}" == "unet.mid_block"   # h-space: the directions' default site
+    assert pipe.bottleneck_site == "unet.mid_block"   # h-space: the directions' default site
     config = tmp_path / "study.toml"   # the CLI reads a TOML file: the config's own writer makes it
     config.write_text(DirectionsConfig(
         model=str(path), neutral_prompts=("a photo of a person",), seeds=(0, 1), num_inference_steps=2,

@@ -31,6 +31,43 @@ def relative_error(ours: Any, theirs: Any) -> float:
     return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12))
 
 
+def hooked_streams(model, names):
+    """({site: recorded output}, hook handles): every named module's output(s) under jaxprobe's site names. An
+    MMDiT block (SD3's joint, FLUX's double or single: names ending in an index) returns (text, image) and a joint
+    attention (image, text); the text half is the `.context` site."""
+    recorded = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            if not isinstance(output, tuple):
+                recorded[name] = output.numpy()
+                return
+            image, text = output[::-1] if name.rsplit(".", 1)[-1].isdigit() else output
+            recorded[name] = image.numpy()
+            if text is not None:
+                recorded[f"{name}.context"] = text.numpy()
+        return hook
+
+    return recorded, [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+
+
+def steering_hook(vector: np.ndarray, scale: float, steps: range, text: bool) -> Any:
+    """A forward hook on a diffusers MMDiT block (SD3's joint, FLUX's double or single block, which return (text,
+    image)) adding scale * vector to one stream (`text`, else image) on the calls of `steps`, one call a step:
+    what jaxprobe's Steer on the block's site (`.context` for the text) does."""
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(None)
+        if len(calls) - 1 not in steps:
+            return output
+        context, image = output
+        shift = torch.from_numpy(scale * vector)
+        return (context + shift, image) if text else (context, image + shift)
+
+    return hook
+
+
 def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
@@ -163,5 +200,56 @@ def save_sd3_pipeline(path: str | Path, style: str = "sd3", *, t5: bool = True) 
         transformer=make_sd3(style, seed=2), scheduler=scheduler,
         vae=sd_reference.make_vae(seed=1, scaling_factor=1.5305, shift_factor=0.0609),   # SD3's VAE constants
         text_encoder=clips[0], tokenizer=tokenizer, text_encoder_2=clips[1], tokenizer_2=tokenizer, **parts)
+    pipe.save_pretrained(path)
+    return pipe
+
+
+# FLUX's layout at toy widths: 2 double-stream and 2 single-stream blocks, 2 heads of 8 split (2, 2, 4) over the
+# three rotary axes, 2x2-packed 4-channel latents (16-wide tokens); "dev" embeds the guidance scale.
+FLUX_KWARGS: dict[str, Any] = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_WIDTH,
+                                   pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+FLUX_STYLES: dict[str, dict[str, Any]] = {"schnell": dict(guidance_embeds=False), "dev": dict(guidance_embeds=True)}
+# FLUX.1-dev's scheduler (resolution-dependent shift); schnell's shifts by 1, i.e. not at all
+FLUX_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "schnell": dict(shift=1.0, use_dynamic_shifting=False),
+    "dev": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                max_image_seq_len=4096)}
+
+
+def make_flux(style: str = "schnell", seed: int = 0) -> Any:
+    import diffusers
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _randomised(diffusers.FluxTransformer2DModel(**FLUX_KWARGS, **FLUX_STYLES[style]), seed).eval()
+
+
+def save_flux_pipeline(path: str | Path, style: str = "schnell") -> Any:
+    """A tiny FluxPipeline written with save_pretrained: a CLIPTextModel 16 wide (its pooled output is
+    pooled_projections), a tiny T5 as wide as joint_attention_dim, a 4-channel VAE with FLUX's scaling and shift
+    constants, the style's flow-matching scheduler. Returns the pipeline."""
+    import diffusers
+    import transformers
+
+    import encoder_reference
+    from jaxprobe.checkpoints.random import TOKENIZER_DIR
+
+    path = Path(path)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    config = transformers.CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                         eos_token_id=2, bos_token_id=len(tokenizer) - 2,
+                                         pad_token_id=len(tokenizer) - 1)
+    torch.manual_seed(0)
+    clip = sd_reference._perturbed(transformers.CLIPTextModel(config), 4).eval()
+    encoder_reference.save_t5_encoder(path / "t5", d_model=T5_WIDTH)
+    pipe = diffusers.FluxPipeline(
+        transformer=make_flux(style, seed=2),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULERS[style]),
+        vae=sd_reference.make_vae(seed=1, scaling_factor=0.3611, shift_factor=0.1159),   # FLUX's VAE constants
+        text_encoder=clip, tokenizer=tokenizer,
+        text_encoder_2=transformers.T5EncoderModel.from_pretrained(path / "t5").eval(),
+        tokenizer_2=transformers.AutoTokenizer.from_pretrained(path / "t5"))
     pipe.save_pretrained(path)
     return pipe

@@ -21,23 +21,24 @@ from jaxprobe.checkpoints.weights import (
     convert_state_dict,
     find_weight_files,
     read_config,
-    read_state_dict,
+    open_state_dict,
 )
 from jaxprobe.models import vae
 from jaxprobe.models.families import family_for_checkpoint, family_of_config
 from jaxprobe.models.vae import AutoencoderKL, VAEConfig
-from jaxprobe.runtime.devices import place_params
+from jaxprobe.runtime.devices import ParamSharding
 
 _DEPRECATED_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _RENAMED = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def denoiser_state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: Any,
-                                  dtype: Any = jnp.float32) -> dict[str, Any]:
-    """A diffusers denoiser state dict -> the host `params` of its family's module, cast to dtype."""
+def denoiser_state_dict_to_params(state_dict: Mapping[str, Any], config: Any, dtype: Any = jnp.float32,
+                                  place: Any = None) -> dict[str, Any]:
+    """A diffusers denoiser state dict -> the host `params` of its family's module, cast to dtype (placed
+    leaf by leaf with `place`, as `convert_state_dict` does)."""
     family = family_of_config(config)
     expected = abstract_params(family.module(config, dtype), family.example_inputs(config))
-    return convert_state_dict(family.rename_keys(state_dict), expected, dtype=dtype,
+    return convert_state_dict(family.rename_keys(state_dict), expected, dtype=dtype, place=place,
                               what=f"{family.component} checkpoint")
 
 
@@ -45,16 +46,18 @@ unet_state_dict_to_params = denoiser_state_dict_to_params
 
 
 def load_denoiser(folder: str | Path, *, component: str = "unet", dtype: Any = jnp.float32,
-                  variant: str | None = None, state: Mapping[str, np.ndarray] | None = None) -> Component:
+                  variant: str | None = None, state: Mapping[str, Any] | None = None,
+                  sharding: ParamSharding | None = None) -> Component:
     """A diffusers denoiser folder (`unet/`, `transformer/`: config.json + weights) -> its Component,
     read by the family that its config's `_class_name` names. state: weights to use instead of the
-    folder's (a single file's, a LoRA-merged copy), in diffusers' names."""
+    folder's (a single file's, a LoRA-merged copy), in diffusers' names. sharding: how the parameters lie
+    over the devices (default replicated); they stream there tensor by tensor."""
     raw = read_config(Path(folder) / "config.json", component)
     family = family_for_checkpoint(raw.get("_class_name"), component, raw)
     config = family.read_config(raw)
-    state = state if state is not None else read_state_dict(find_weight_files(Path(folder), variant=variant))
-    params = denoiser_state_dict_to_params(state, config, dtype)
-    return Component(component, family.module(config, dtype), place_params(params, dtype), config)
+    state = state if state is not None else open_state_dict(find_weight_files(Path(folder), variant=variant))
+    params = denoiser_state_dict_to_params(state, config, dtype, place=(sharding or ParamSharding()).put)
+    return Component(component, family.module(config, dtype), params, config)
 
 
 def load_unet(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Component:
@@ -71,19 +74,19 @@ def rename_deprecated_attention_keys(state_dict: Mapping[str, np.ndarray]) -> di
     return {rename(k): v for k, v in state_dict.items()}
 
 
-def vae_state_dict_to_params(state_dict: Mapping[str, np.ndarray], config: VAEConfig,
-                             dtype: Any = jnp.float32) -> dict[str, Any]:
+def vae_state_dict_to_params(state_dict: Mapping[str, Any], config: VAEConfig,
+                             dtype: Any = jnp.float32, place: Any = None) -> dict[str, Any]:
     """A diffusers AutoencoderKL state dict (current or deprecated attention names) -> the `params`
     of AutoencoderKL(config), cast to dtype."""
     expected = abstract_params(AutoencoderKL(config), vae.example_inputs(config))
-    return convert_state_dict(rename_deprecated_attention_keys(state_dict), expected, dtype=dtype,
+    return convert_state_dict(rename_deprecated_attention_keys(state_dict), expected, dtype=dtype, place=place,
                               what="VAE checkpoint")
 
 
 def load_vae(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None,
-             state: Mapping[str, np.ndarray] | None = None) -> Component:
+             state: Mapping[str, Any] | None = None, sharding: ParamSharding | None = None) -> Component:
     """A diffusers `vae/` folder (config.json + weights, or `state` instead of its weights) -> Component."""
     config = VAEConfig.from_dict(read_config(Path(folder) / "config.json", "VAE"))
-    state = state if state is not None else read_state_dict(find_weight_files(Path(folder), variant=variant))
-    params = vae_state_dict_to_params(state, config, dtype)
-    return Component("vae", AutoencoderKL(config, dtype), place_params(params, dtype), config)
+    state = state if state is not None else open_state_dict(find_weight_files(Path(folder), variant=variant))
+    params = vae_state_dict_to_params(state, config, dtype, place=(sharding or ParamSharding()).put)
+    return Component("vae", AutoencoderKL(config, dtype), params, config)

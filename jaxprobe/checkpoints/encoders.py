@@ -22,12 +22,12 @@ from jaxprobe.checkpoints.weights import (
     convert_state_dict,
     find_weight_files,
     read_config,
-    read_state_dict,
+    open_state_dict,
 )
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models import dinov2, t5
 from jaxprobe.models.clip import ImagePreprocess
-from jaxprobe.runtime.devices import place_params
+from jaxprobe.runtime.devices import ParamSharding
 
 # T5 folders PixArt and SD3 ship are T5EncoderModel; a whole T5 holds the same encoder beside a decoder.
 T5_ARCHITECTURES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
@@ -49,12 +49,13 @@ def _check_architecture(folder: Path, config: Mapping[str, Any], accepted: tuple
                               f"point at the {what} folder itself (a pipeline's text_encoder/ or image_encoder/).")
 
 
-def _state(folder: Path, variant: str | None, state: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    return dict(state) if state is not None else read_state_dict(find_weight_files(folder, variant=variant))
+def _state(folder: Path, variant: str | None, state: Mapping[str, Any] | None) -> dict[str, Any]:
+    return dict(state) if state is not None else open_state_dict(find_weight_files(folder, variant=variant))
 
 
 def load_t5_encoder(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None,
-                    state: Mapping[str, np.ndarray] | None = None, name: str = "text_encoder") -> Component:
+                    state: Mapping[str, Any] | None = None, name: str = "text_encoder",
+                    sharding: ParamSharding | None = None) -> Component:
     """A transformers T5 folder (T5EncoderModel, or the encoder of a whole T5) -> its Component, whose sites
     are `{name}.encoder.block.{i}` and `{name}.encoder.final_layer_norm`. Half precision: prefer bfloat16;
     T5 v1.1's activations overflow float16 (transformers keeps its `wo` layers in float32 for that)."""
@@ -67,8 +68,8 @@ def load_t5_encoder(folder: str | Path, *, dtype: Any = jnp.float32, variant: st
     if "shared.weight" not in weights and "encoder.embed_tokens.weight" in weights:  # saved from the tied copy
         weights["shared.weight"] = weights.pop("encoder.embed_tokens.weight")
     params = convert_state_dict(weights, abstract_params(module, t5.example_inputs(config)), ignore=_T5_UNUSED,
-                                what=f"T5 encoder at {folder}")
-    return Component(name, module, place_params(params, dtype), config)
+                                what=f"T5 encoder at {folder}", dtype=dtype, place=(sharding or ParamSharding()).put)
+    return Component(name, module, params, config)
 
 
 def load_t5_tokenizer(folder: str | Path, max_sequence_length: int = 120, lowercase: bool = False) -> PromptTokenizer:
@@ -79,7 +80,8 @@ def load_t5_tokenizer(folder: str | Path, max_sequence_length: int = 120, lowerc
 
 
 def load_dinov2(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | None = None,
-                state: Mapping[str, np.ndarray] | None = None, name: str = "image_encoder") -> Component:
+                state: Mapping[str, Any] | None = None, name: str = "image_encoder",
+                sharding: ParamSharding | None = None) -> Component:
     """A transformers Dinov2Model folder -> its Component, whose sites are `{name}.embeddings`,
     `{name}.encoder.layer.{i}` and `{name}.layernorm`."""
     folder = Path(folder)
@@ -88,8 +90,9 @@ def load_dinov2(folder: str | Path, *, dtype: Any = jnp.float32, variant: str | 
     config = dinov2.Dinov2Config.from_dict(raw)
     module = dinov2.Dinov2Model(config, dtype=dtype)
     params = convert_state_dict(_state(folder, variant, state), abstract_params(module, dinov2.example_inputs(config)),
-                                ignore=("embeddings.mask_token",), what=f"DINOv2 model at {folder}")
-    return Component(name, module, place_params(params, dtype), config)
+                                ignore=("embeddings.mask_token",), what=f"DINOv2 model at {folder}", dtype=dtype,
+                                place=(sharding or ParamSharding()).put)
+    return Component(name, module, params, config)
 
 
 def dinov2_preprocess(folder: str | Path) -> ImagePreprocess:

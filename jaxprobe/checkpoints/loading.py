@@ -21,6 +21,7 @@ text encoders of a diffusers folder or a single file. Every load records what it
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -41,14 +42,14 @@ from jaxprobe.checkpoints.weights import (
     convert_state_dict,
     find_weight_files,
     read_config,
-    read_state_dict,
+    open_state_dict,
 )
 from jaxprobe.errors import CheckpointError
-from jaxprobe.models import sd3
+from jaxprobe.models import flux, sd3
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, ImagePreprocess
 from jaxprobe.models.clip import example_inputs as clip_example_inputs
 from jaxprobe.models.schedulers import scheduler_config
-from jaxprobe.runtime.devices import place_params
+from jaxprobe.runtime.devices import ParamSharding
 
 # The max_sequence_length T5-conditioned pipelines pad prompts to, by model_index.json's `_class_name`.
 T5_SEQUENCE_LENGTHS = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
@@ -132,8 +133,8 @@ VISION_TOWER = _Tower("image_encoder", {"CLIPVisionModel": False, "CLIPVisionMod
 
 
 def load_clip_tower(tower: _Tower, folder: Path, *, dtype: Any, variant: str | None = None,
-                    state: dict[str, np.ndarray] | None = None, config: dict[str, Any] | None = None,
-                    name: str | None = None) -> Component:
+                    state: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                    name: str | None = None, sharding: ParamSharding | None = None) -> Component:
     """One CLIP tower from a transformers folder holding it alone or inside a full CLIPModel. name: the
     pipeline component it becomes (default the tower's: "text_encoder"; SDXL's second is "text_encoder_2")."""
     config = config if config is not None else read_config(folder / "config.json", tower.component)
@@ -145,21 +146,23 @@ def load_clip_tower(tower: _Tower, folder: Path, *, dtype: Any, variant: str | N
     tower_cfg = {**config.get(tower.config_key, {}), "projection_dim": config.get("projection_dim")} if full_clip else config
     cfg = tower.config_cls.from_dict(tower_cfg, with_projection=full_clip or tower.architectures[arch])
     module = tower.module_cls(cfg, dtype=dtype)
-    state = state if state is not None else read_state_dict(find_weight_files(folder, variant=variant))
+    state = state if state is not None else open_state_dict(find_weight_files(folder, variant=variant))
     state = _with_prefix(state, tower.prefix, tower.tops)
     ignore = (*_BUFFERS, *tower.other) if full_clip else _BUFFERS
     params = convert_state_dict(state, abstract_params(module, clip_example_inputs(cfg)), ignore=ignore,
-                                what=f"{tower.component} at {folder}")
-    return Component(name or tower.component, module, place_params(params, dtype), cfg)
+                                what=f"{tower.component} at {folder}", dtype=dtype, place=(sharding or ParamSharding()).put)
+    return Component(name or tower.component, module, params, cfg)
 
 
-def _image_parts(folder: Path, *, dtype: Any, variant: str | None = None, **loaded: Any) -> dict[str, Any]:
+def _image_parts(folder: Path, *, dtype: Any, variant: str | None = None, sharding: ParamSharding | None = None,
+                 **loaded: Any) -> dict[str, Any]:
     """The image encoder a folder holds, CLIP's vision tower or DINOv2, with the preprocessing it expects."""
     config = loaded.get("config") or read_config(folder / "config.json", "image encoder")
     if encoders.architecture(folder, config) in encoders.DINOV2_ARCHITECTURES:
-        image = encoders.load_dinov2(folder, dtype=dtype, variant=variant, state=loaded.get("state"))
+        image = encoders.load_dinov2(folder, dtype=dtype, variant=variant, state=loaded.get("state"),
+                                     sharding=sharding)
         return {"image_encoder": image, "image_preprocess": encoders.dinov2_preprocess(folder)}
-    image = load_clip_tower(VISION_TOWER, folder, dtype=dtype, variant=variant, **loaded)
+    image = load_clip_tower(VISION_TOWER, folder, dtype=dtype, variant=variant, sharding=sharding, **loaded)
     return {"image_encoder": image, "image_preprocess": _image_preprocess(folder, image.config)}
 
 
@@ -170,7 +173,8 @@ def _image_preprocess(folder: Path, cfg: CLIPVisionConfig) -> ImagePreprocess:
     return ImagePreprocess(size=cfg.image_size, crop_size=cfg.image_size)
 
 
-def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dict[str, Any]:
+def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None,
+                           sharding: ParamSharding | None = None) -> dict[str, Any]:
     config = read_config(folder / "config.json")
     arch = (config.get("architectures") or [""])[0]
     if arch in encoders.T5_ARCHITECTURES:  # its prompts need the padding mask the text programs do not pass yet
@@ -178,13 +182,14 @@ def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dic
                               "pipeline: load it with jaxprobe.checkpoints.encoders.load_t5_encoder(folder) and "
                               "load_t5_tokenizer(folder, max_sequence_length).")
     parts: dict[str, Any] = {}
-    state = read_state_dict(find_weight_files(folder, variant=variant))
+    state = open_state_dict(find_weight_files(folder, variant=variant))
     if arch in TEXT_TOWER.architectures or arch == "CLIPModel":
-        parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder, dtype=dtype, state=state, config=config)
+        parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder, dtype=dtype, state=state, config=config,
+                                                sharding=sharding)
         if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
             parts["tokenizer"] = PromptTokenizer.from_dir(folder, parts["text_encoder"].config.max_position_embeddings)
     if arch in VISION_TOWER.architectures or arch == "CLIPModel" or arch in encoders.DINOV2_ARCHITECTURES:
-        parts.update(_image_parts(folder, dtype=dtype, state=state, config=config))
+        parts.update(_image_parts(folder, dtype=dtype, state=state, config=config, sharding=sharding))
     if not parts:
         raise CheckpointError(f"{folder}: config.json names architecture {arch or '(none)'}; jaxprobe loads "
                               "CLIP text/vision models, DINOv2 models and Stable Diffusion pipelines "
@@ -194,10 +199,12 @@ def _load_transformers_dir(folder: Path, dtype: Any, variant: str | None) -> dic
 
 def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
                         weights: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                        loras: Sequence[tuple[str | Path, float]] = ()) -> dict[str, Any]:
+                        loras: Sequence[tuple[str | Path, float]] = (),
+                        sharding: ParamSharding | None = None) -> dict[str, Any]:
     """A diffusers pipeline folder's components. weights: {component: state dict} replacing the folder's
     weight files (a single file's, renamed), the folder then giving configs, tokenizer and scheduler;
-    loras: (file, scale) merged into the UNet and text encoder weights first."""
+    loras: (file, scale) merged into the UNet and text encoder weights first. The folder's own weights are
+    opened, not read: each component's tensors stream onto the devices as it is converted."""
     from jaxprobe.models.schedulers import SchedulerConfig
 
     index = read_config(folder / "model_index.json", "pipeline")
@@ -215,7 +222,7 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
     weighted = [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
                 if name in listed]
     states = {name: dict(weights[name]) if weights and name in weights else
-              read_state_dict(find_weight_files(folder / name, variant=variant)) for name in weighted}
+              open_state_dict(find_weight_files(folder / name, variant=variant)) for name in weighted}
     if loras:
         from jaxprobe.checkpoints.lora import merge_loras
 
@@ -228,25 +235,34 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
         encoders.architecture(folder / "text_encoder") in encoders.T5_ARCHITECTURES
     if t5_text:   # PixArt: a T5 encoder, prompts padded to the pipeline's max_sequence_length
         parts["text_encoder"] = encoders.load_t5_encoder(folder / "text_encoder", dtype=dtype,
-                                                         state=states["text_encoder"])
+                                                         state=states.pop("text_encoder"), sharding=sharding)
     elif "text_encoder" in listed:
         parts["text_encoder"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder", dtype=dtype,
-                                                state=states["text_encoder"])
+                                                state=states.pop("text_encoder"), sharding=sharding)
     if "tokenizer" in listed and t5_text:
         parts["tokenizer"] = encoders.load_t5_tokenizer(
             folder / "tokenizer", T5_SEQUENCE_LENGTHS.get(index.get("_class_name"), 120), lowercase=True)
     elif "tokenizer" in listed:
         length = parts["text_encoder"].config.max_position_embeddings if "text_encoder" in parts else None
         parts["tokenizer"] = PromptTokenizer.from_dir(folder / "tokenizer", length)
-    if "text_encoder_2" in listed:  # SDXL: OpenCLIP bigG with projection, its own tokenizer
+    t5_second = "text_encoder_2" in listed and \
+        encoders.architecture(folder / "text_encoder_2") in encoders.T5_ARCHITECTURES
+    if t5_second:   # FLUX: T5 beside CLIP-L, unmasked, padded to FluxPipeline's max_sequence_length
+        parts["text_encoder_2"] = encoders.load_t5_encoder(folder / "text_encoder_2", dtype=dtype,
+                                                           state=states["text_encoder_2"], name="text_encoder_2")
+        if "tokenizer_2" in listed:
+            parts["tokenizer_2"] = encoders.load_t5_tokenizer(folder / "tokenizer_2", flux.T5_SEQUENCE_LENGTH)
+    elif "text_encoder_2" in listed:  # SDXL: OpenCLIP bigG with projection, its own tokenizer
         parts["text_encoder_2"] = load_clip_tower(TEXT_TOWER, folder / "text_encoder_2", dtype=dtype,
-                                                  state=states["text_encoder_2"], name="text_encoder_2")
+                                                  state=states.pop("text_encoder_2"), name="text_encoder_2",
+                                                  sharding=sharding)
         if "tokenizer_2" in listed:
             parts["tokenizer_2"] = PromptTokenizer.from_dir(
                 folder / "tokenizer_2", parts["text_encoder_2"].config.max_position_embeddings)
     if "text_encoder_3" in listed:  # SD3: T5, its states after the CLIP tokens
         parts["text_encoder_3"] = encoders.load_t5_encoder(folder / "text_encoder_3", dtype=dtype,
-                                                           state=states["text_encoder_3"], name="text_encoder_3")
+                                                           state=states.pop("text_encoder_3"), name="text_encoder_3",
+                                                           sharding=sharding)
         if "tokenizer_3" in listed:
             parts["tokenizer_3"] = encoders.load_t5_tokenizer(folder / "tokenizer_3", sd3.T5_SEQUENCE_LENGTH)
     # SDXL pipelines' conditioning switches, with StableDiffusionXL(Img2Img)Pipeline's defaults
@@ -256,16 +272,17 @@ def _load_diffusers_dir(folder: Path, dtype: Any, variant: str | None,
     if options:
         parts["pipeline_options"] = options
     if "unet" in listed:
-        parts["unet"] = load_denoiser(folder / "unet", component="unet", dtype=dtype, state=states["unet"])
+        parts["unet"] = load_denoiser(folder / "unet", component="unet", dtype=dtype, state=states.pop("unet"),
+                                      sharding=sharding)
     if "transformer" in listed:  # DiT, PixArt: the denoiser, named as the checkpoint names it
         parts["unet"] = load_denoiser(folder / "transformer", component="transformer", dtype=dtype,
-                                      state=states["transformer"])
+                                      state=states.pop("transformer"), sharding=sharding)
     if "vae" in listed:
-        parts["vae"] = load_vae(folder / "vae", dtype=dtype, state=states["vae"])
+        parts["vae"] = load_vae(folder / "vae", dtype=dtype, state=states.pop("vae"), sharding=sharding)
     if "scheduler" in listed:
         parts["scheduler"] = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
     if "image_encoder" in listed and (folder / "image_encoder").is_dir():
-        parts.update(_image_parts(folder / "image_encoder", dtype=dtype, variant=variant))
+        parts.update(_image_parts(folder / "image_encoder", dtype=dtype, variant=variant, sharding=sharding))
     return parts
 
 
@@ -279,7 +296,7 @@ def _id2label(raw: Any, folder: Path) -> dict[int, str]:
 
 
 def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant: str | None,
-                      loras: Sequence[tuple[str | Path, float]]) -> dict[str, Any]:
+                      loras: Sequence[tuple[str | Path, float]], sharding: ParamSharding | None = None) -> dict[str, Any]:
     """An original-layout single file: weights from it, configs, tokenizer and scheduler from `config`."""
     from jaxprobe.checkpoints import single_file
     from jaxprobe.models.vae import VAEConfig
@@ -303,7 +320,7 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: Any, variant
     if "vae" in listed:
         configs["vae"] = VAEConfig.from_dict(read_config(folder / "vae" / "config.json", "VAE"))
     return _load_diffusers_dir(folder, dtype, variant, weights=single_file.component_states(state, configs),
-                               loras=loras)
+                               loras=loras, sharding=sharding)
 
 
 def _text_config(folder: Path) -> CLIPTextConfig:
@@ -329,9 +346,11 @@ _CONFIG_EXAMPLES = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant: str | None = None,
                image_encoder: str | Path | None = None, scheduler: str | None = None,
                config: str | Path | None = None, prediction_type: str | None = None,
-               loras: Sequence[tuple[str | Path, float]] = ()) -> tuple[str, dict[str, Any]]:
+               loras: Sequence[tuple[str | Path, float]] = (),
+               sharding: ParamSharding | None = None) -> tuple[str, dict[str, Any]]:
     """(label, {component name: Component, "tokenizer": ..., "scheduler": ...}) for `source`; see the
-    module docstring for what it accepts. `jaxprobe.load` makes a Pipeline of them."""
+    module docstring for what it accepts. `jaxprobe.load` makes a Pipeline of them. sharding: how every
+    component's parameters lie over the devices (default: replicated)."""
     from jaxprobe.checkpoints.random import is_random_weights, random_parts
     from jaxprobe.checkpoints.single_file import is_single_file
 
@@ -340,21 +359,22 @@ def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant
         raise CheckpointError("LoRA adapters merge into a Stable Diffusion pipeline's UNet and text encoders: load a "
                               "diffusers folder or a single file with them")
     if is_random_weights(source):
-        parts, label = random_parts(str(source), dtype), str(source)
+        parts, label = random_parts(str(source), dtype, sharding), str(source)   # placed as drawn, on first use
     elif is_single_file(source):
-        parts, label = _load_single_file(Path(source).expanduser(), config, dtype, variant, loras), str(source)
+        parts, label = _load_single_file(Path(source).expanduser(), config, dtype, variant, loras,
+                                         sharding), str(source)
     else:
         folder = resolve_source(source)
         label = str(source)
         if (folder / "model_index.json").is_file():
-            parts = _load_diffusers_dir(folder, dtype, variant, loras=loras)
+            parts = _load_diffusers_dir(folder, dtype, variant, loras=loras, sharding=sharding)
         elif (folder / "config.json").is_file():
-            parts = _load_transformers_dir(folder, dtype, variant)
+            parts = _load_transformers_dir(folder, dtype, variant, sharding)
         else:
             raise CheckpointError(f"{folder} holds neither model_index.json (a diffusers pipeline) nor "
                                   "config.json (a transformers model); point --model at the checkpoint's root folder.")
     if image_encoder is not None:
-        parts.update(_image_parts(resolve_source(image_encoder), dtype=dtype, variant=variant))
+        parts.update(_image_parts(resolve_source(image_encoder), dtype=dtype, variant=variant, sharding=sharding))
     if scheduler is not None:
         parts["scheduler"] = scheduler_config(scheduler, parts.get("scheduler"))
     parts["provenance"] = describe_source(
@@ -362,8 +382,6 @@ def load_parts(source: str | Path = "tiny", *, dtype: Any = jnp.float32, variant
         dtype=np.dtype(dtype).name, config=config, loras=loras)
     if prediction_type is not None:
         parts["provenance"]["prediction_type"] = prediction_type
-        import dataclasses
-
         if parts.get("scheduler") is None:
             raise CheckpointError("prediction_type= sets the sampler's, but this checkpoint has no scheduler")
         parts["scheduler"] = dataclasses.replace(parts["scheduler"], prediction_type=prediction_type)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from jaxprobe.checkpoints.single_file import ldm_to_diffusers, unet_ldm_names
-from jaxprobe.checkpoints.weights import read_state_dict
+from jaxprobe.checkpoints.weights import as_array, read_state_dict
 from jaxprobe.errors import CheckpointError, preview
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -115,7 +115,7 @@ def merge_loras(states: Mapping[str, Mapping[str, np.ndarray]], loras: Sequence[
             if target is None:
                 unplaced.append(f"{component}:{module}")
                 continue
-            weight = state[target]
+            weight = as_array(state[target])  # only merged tensors are read; the rest stay unread TensorRefs
             delta = _delta(parts["down"], parts["up"], parts.get("alpha"))
             if delta.shape != weight.shape:
                 misfit.append(f"{component}:{module} {delta.shape} for {weight.shape}")

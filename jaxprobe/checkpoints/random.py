@@ -42,7 +42,7 @@ from jaxprobe.models.unet import UNet2DConditionModel, UNetConfig
 from jaxprobe.models.vae import AutoencoderKL, VAEConfig
 # is_random_weights is re-exported: loading and the studies ask it here
 from jaxprobe.reporting.random_weights import RANDOM_MODEL_NAMES, is_random_weights  # noqa: F401
-from jaxprobe.runtime.devices import place_params
+from jaxprobe.runtime.devices import ParamSharding, place_params
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 SEED = 0
@@ -206,17 +206,19 @@ def param_dtype(config: Any, dtype: Any) -> Any:
     return jnp.bfloat16 if isinstance(config, t5.T5Config) else dtype
 
 
-def lazy_component(name: str, module: Any, config: Any, example: tuple[Any, ...], dtype: Any) -> Component:
-    """A Component whose weights are `random_params`, drawn (and placed on the devices) when first read; its
-    shapes come from one abstract trace of `init`, now."""
+def lazy_component(name: str, module: Any, config: Any, example: tuple[Any, ...], dtype: Any,
+                   sharding: ParamSharding | None = None) -> Component:
+    """A Component whose weights are `random_params`, drawn and placed on the devices (as `sharding` lays them,
+    replicated by default) when first read; its shapes come from one abstract trace of `init`, now."""
     traced = abstract_params(module, example)
     shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), traced)
     return Component(name, module, LazyParams(
-        shapes, lambda: place_params(random_params(module, dtype=dtype, shapes=traced), dtype)), config)
+        shapes, lambda: place_params(random_params(module, dtype=dtype, shapes=traced), dtype, sharding)), config)
 
 
-def random_parts(name: str, dtype: Any) -> dict[str, Any]:
-    """The components of the random model `name` (a key of RANDOM_MODELS), their weights not yet drawn."""
+def random_parts(name: str, dtype: Any, sharding: ParamSharding | None = None) -> dict[str, Any]:
+    """The components of the random model `name` (a key of RANDOM_MODELS), their weights not yet drawn;
+    sharding: how they will lie over the devices once drawn."""
     tokenizer = PromptTokenizer.from_dir(TOKENIZER_DIR)
     configs = RANDOM_MODELS[name](tokenizer.vocab_size)
     if isinstance(configs, tuple):
@@ -228,7 +230,7 @@ def random_parts(name: str, dtype: Any) -> dict[str, Any]:
         module_cls, example = _BY_CONFIG.get(type(config)) or _BUILDERS[component]
         module = module_cls(config, dtype=dtype)
         parts[_FIELDS.get(component, component)] = lazy_component(component, module, config, example(config),
-                                                                  param_dtype(config, dtype))
+                                                                  param_dtype(config, dtype), sharding)
     denoiser = configs.get("transformer", configs.get("unet"))
     if type(denoiser) in _SCHEDULERS:
         parts["scheduler"] = SchedulerConfig.from_dict(_SCHEDULERS[type(denoiser)])

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,44 +66,57 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
 
 
 def convert_state_dict(
-    state_dict: Mapping[str, np.ndarray],
+    state_dict: Mapping[str, Any],
     expected: Mapping[str, Any],
     *,
     prefix: str = "",
     ignore: Iterable[str] = (),
     dtype: Any = np.float32,
     what: str = "checkpoint",
+    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
 ) -> dict[str, Any]:
     """Map a PyTorch state dict onto the Flax parameter tree `expected`.
 
+    state_dict: numpy arrays, or `TensorRef`s (`open_state_dict`) read only when their leaf is converted.
     expected: the `params` tree of the Flax model (arrays or `jax.ShapeDtypeStruct`s, e.g. from
         `jax.eval_shape(model.init, ...)["params"]`); only shapes are read.
     prefix: prepended to every derived key ("text_model." inside a full CLIPModel, say).
     ignore: glob patterns of checkpoint keys that are allowed to go unused (buffers such as
         `*.position_ids`, or the other tower of a CLIPModel).
-    Returns numpy arrays cast to `dtype`, in Flax layout. Raises CheckpointError naming every
-    missing, unexpected and mis-shaped key.
+    place: called with each leaf's Flax path and converted array as soon as it is made, its result taking the
+        array's place (`ParamSharding.put`: onto the devices), so that with TensorRefs only about one tensor is
+        on the host at a time.
+    Returns the leaves cast to `dtype` in Flax layout (numpy arrays without `place`). Raises CheckpointError
+    naming every missing, unexpected and mis-shaped key, before any tensor is read.
     """
     ignore = tuple(ignore)
-    converted, missing, misshaped, used = {}, [], [], set()
+    keys, missing, misshaped, used = {}, [], [], set()
     for path, leaf_spec in _flatten(expected).items():
         key = prefix + torch_key(path)
         if key not in state_dict:
             missing.append(key)
             continue
         used.add(key)
-        tensor = _to_flax_layout(path[-1], np.asarray(state_dict[key]), tuple(leaf_spec.shape))
-        if tuple(tensor.shape) != tuple(leaf_spec.shape):
-            misshaped.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} -> {tuple(tensor.shape)}, "
-                             f"model expects {tuple(leaf_spec.shape)}")
+        # The layout change on a zero-stride stand-in gives the converted shape without reading the tensor.
+        stored = tuple(state_dict[key].shape)
+        shape = _to_flax_layout(path[-1], np.broadcast_to(np.zeros((), np.int8), stored), tuple(leaf_spec.shape)).shape
+        if tuple(shape) != tuple(leaf_spec.shape):
+            misshaped.append(f"{key}: checkpoint {stored} -> {tuple(shape)}, model expects {tuple(leaf_spec.shape)}")
             continue
-        converted[path] = tensor.astype(dtype)
+        keys[path] = key, tuple(leaf_spec.shape)
     unexpected = sorted(
         k for k in state_dict
         if k.startswith(prefix) and k not in used and not any(fnmatch.fnmatchcase(k, p) for p in ignore)
     )
     if missing or unexpected or misshaped:
         raise CheckpointError(_mismatch_message(what, missing, unexpected, misshaped))
+    place = place or (lambda path, array: array)
+    converted = {}
+    for path, (key, shape) in keys.items():
+        value = state_dict[key]
+        tensor = as_array(value)
+        converted[path] = place(path, _to_flax_layout(path[-1], tensor, shape).astype(dtype))
+        del tensor, value  # before the next read: the host holds one checkpoint tensor at a time
     return _unflatten(converted)
 
 
@@ -165,28 +179,61 @@ def find_weight_files(directory: Path, *, variant: str | None = None) -> list[Pa
 
 def read_state_dict(files: Iterable[Path]) -> dict[str, np.ndarray]:
     """Read safetensors or PyTorch .bin files into one flat dict of numpy arrays (dtype kept)."""
-    state: dict[str, np.ndarray] = {}
+    return {k: as_array(v) for k, v in open_state_dict(files).items()}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of a safetensors file, read when `load` is called: a state dict of these lets a loader
+    convert and place a checkpoint tensor by tensor instead of holding the whole of it on the host."""
+
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+
+    def load(self) -> np.ndarray:
+        """The tensor as a fresh numpy array, dtype kept. The file is opened (memory-mapped) for this read alone,
+        so pages already read do not stay mapped into the process while the rest of the checkpoint streams."""
+        return _read_safetensors(self.path, keys=(self.key,))[self.key]
+
+
+def as_array(value: TensorRef | np.ndarray) -> np.ndarray:
+    """A state dict's value as a numpy array, reading it if it is a TensorRef."""
+    return value.load() if isinstance(value, TensorRef) else np.asarray(value)
+
+
+def open_state_dict(files: Iterable[Path]) -> dict[str, TensorRef | np.ndarray]:
+    """The keys of safetensors or PyTorch .bin files, each mapped to a `TensorRef` (safetensors: nothing is
+    read but the header) or, for .bin pickles, which torch can only load whole, to its numpy array."""
+    from safetensors import safe_open
+
+    state: dict[str, TensorRef | np.ndarray] = {}
     for path in files:
         path = Path(path)
-        if path.suffix == ".safetensors":
-            state.update(_read_safetensors(path))
-        else:
+        if path.suffix != ".safetensors":
             state.update(_read_torch_bin(path))
+            continue
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                state.update({k: TensorRef(path, k, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError for damaged headers
+            raise CheckpointError(f"cannot read {path}: {err}") from err
     return state
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def _read_safetensors(path: Path, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """`keys` (default all) of one safetensors file as numpy arrays."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
     except (TypeError, KeyError, ValueError) as err:
         if "bf16" not in str(err).lower() and "bfloat16" not in str(err).lower():
             raise CheckpointError(f"cannot read {path}: {err}") from err
     # numpy has no bfloat16; ml_dtypes (a jax dependency) does, and the flax reader produces it.
     with safe_open(str(path), framework="flax") as f:
-        return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+        return {k: np.asarray(f.get_tensor(k)) for k in (f.keys() if keys is None else keys)}
 
 
 def read_torch_pickle(path: Path) -> Any:

@@ -142,6 +142,8 @@ def extract(
                                                         "diffusers folder or cached id whose configs to use")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", metavar="FILE[:SCALE]", help="LoRA file merged at load, FILE or FILE:SCALE "
                                                       "(repeatable)")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="params over the devices when one cannot hold them: fsdp|tensor "
+                                                 "(default: a replica on each)")] = None,
     concepts: Annotated[Optional[Path], typer.Option("--concepts", help="text file, the concept of each prompt, one "
                                                      "per line: written as OUT/concepts.txt for `probe`")] = None,
 ) -> None:
@@ -151,7 +153,7 @@ def extract(
     """
     import jaxprobe
     from jaxprobe.features.extract import cached_capture
-    from jaxprobe.features.settings import RunSettings, SamplingSettings
+    from jaxprobe.features.settings import ModelSettings, RunSettings, SamplingSettings
     from jaxprobe.runtime import distributed
     from jaxprobe.reporting.random_weights import is_random_weights
     from jaxprobe.runtime.files import atomic_write_npy, atomic_write_text, read_lines
@@ -159,12 +161,14 @@ def extract(
     # The settings' own checks, before the model loads: a bad option fails in a second, not after minutes.
     SamplingSettings(num_inference_steps=steps, guidance_scale=guidance_scale, seeds=(seed,))
     RunSettings(batch_size=batch_size, chunk_size=chunk_size)
+    ModelSettings(model=model, dtype=dtype, shard=shard)
     texts = read_lines(prompts, "prompts file")
     names = read_lines(concepts, "concepts file") if concepts else None
     if names is not None and len(names) != len(texts):
         raise jaxprobe.InputError(f"{concepts} holds {len(names)} concepts for {len(texts)} prompts: give one "
                                   "concept per prompt, in the same order")
-    pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder, config=model_config, lora=lora or ())
+    pipe = jaxprobe.load(model, dtype=dtype, image_encoder=image_encoder, config=model_config, lora=lora or (),
+                         shard=shard)
     feats = cached_capture(pipe, texts, sites, cache=cache, chunk_size=chunk_size, force=force, reduce=reduce,
                            num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
                            batch_size=batch_size)

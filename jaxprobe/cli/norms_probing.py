@@ -63,6 +63,8 @@ def run(
                                                         "diffusers folder or cached id whose configs to use")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", metavar="FILE[:SCALE]", help="LoRA file merged at load, FILE or FILE:SCALE "
                                                       "(repeatable)")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="params over the devices when one cannot hold them: fsdp|tensor "
+                                                 "(default: a replica on each)")] = None,
     force: Annotated[bool, typer.Option("--force", help="recompute cached features, and replace results of other "
                                         "settings in --out")] = False,
 ) -> None:
@@ -77,7 +79,7 @@ def run(
 
     overrides = {"model": model, "norms": norms, "out": out, "num_inference_steps": steps,
                  "max_concepts": max_concepts, "image_encoder": image_encoder, "dtype": dtype,
-                 "model_config": model_config, "lora": tuple(lora) if lora else None,
+                 "model_config": model_config, "lora": tuple(lora) if lora else None, "shard": shard,
                  "force": force or None}
     if config is None and model in (None, "tiny"):
         config = QUICK_LOOK

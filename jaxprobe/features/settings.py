@@ -16,6 +16,9 @@ from jaxprobe.errors import InputError
 from jaxprobe.runtime.configfile import config_from_mapping, config_from_toml, config_part, config_to_toml
 
 
+SHARD_CHOICES = (None, "fsdp", "tensor")   # `runtime.devices.ParamSharding`'s named layouts
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     model: str = "tiny"              # 'tiny', 'sd15-random', a checkpoint folder, a cached model id or a single file
@@ -23,10 +26,15 @@ class ModelSettings:
     scheduler: str | None = None     # override the checkpoint's sampler, keeping its noise schedule
     model_config: str | None = None  # a single file's configs and tokenizer: a diffusers folder or cached id
     lora: tuple[str, ...] = ()       # LoRA files merged at load, "FILE" or "FILE:SCALE"
+    shard: str | None = None         # params over the devices: None (replicas), "fsdp" or "tensor"
+
+    def __post_init__(self) -> None:
+        check_model(self)
 
     def load_kwargs(self) -> dict:
         """The `jaxprobe.load` options these settings give (besides the source)."""
-        return {"dtype": self.dtype, "scheduler": self.scheduler, "config": self.model_config, "lora": self.lora}
+        return {"dtype": self.dtype, "scheduler": self.scheduler, "config": self.model_config, "lora": self.lora,
+                "shard": self.shard}
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,12 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         check_run(self)
+
+
+def check_model(settings: ModelSettings) -> None:
+    if settings.shard not in SHARD_CHOICES:
+        raise InputError(f"shard must be fsdp or tensor (or unset: a replica of the params on each device), "
+                         f"not {settings.shard!r}")
 
 
 def check_sampling(settings: SamplingSettings) -> None:
@@ -83,6 +97,8 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         """The shared settings' checks; a study config's own `__post_init__` calls this first."""
+        if isinstance(self, ModelSettings):
+            check_model(self)
         if isinstance(self, SamplingSettings):
             check_sampling(self)
         if isinstance(self, RunSettings):

@@ -36,6 +36,8 @@ def block_sites(config: Any) -> tuple[str, ...]:
 
 # The key under which a text pass hands a masked tower's attention mask to the conditioning, beside its sites.
 ATTENTION_MASK = "attention_mask"
+# ... and under which a CLIP text pass hands on its pooled output (the final states at EOS, unprojected: FLUX's).
+POOLED_OUTPUT = "pooler_output"
 
 
 def takes_attention_mask(config: Any) -> bool:

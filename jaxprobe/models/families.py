@@ -8,7 +8,8 @@ value in `FAMILIES`. The rest of the package asks the family, never the model cl
     weights     `rename_keys(state_dict)`: renames the checkpoint needs before the mechanical
                 torch -> Flax mapping (`checkpoints.weights.convert_state_dict`); identity for most
     inputs      `example_inputs(config, batch)` -> zeros for shape tracing (params, sites)
-    sites       `block_sites` (regexes that wildcards reach) and `bottleneck_site` (h-space)
+    sites       `block_sites` (regexes that wildcards reach) and `bottleneck(config)`: the h-space site
+                the directions study and the classifiers start from (it depends on the depth)
     conditioning `text_encoders` it reads, `context_site` (the first tower's site whose activation is
                 the context; the Diffusion Lens feeds it), and `conditioning(activations, extras)`:
                 {tower: {site: activation}} and per-run extras (SDXL's time ids, DiT's class labels)
@@ -31,10 +32,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprobe.errors import CheckpointError
-from jaxprobe.models import dit, pixart, sd3, unet
-from jaxprobe.models.encoders import ATTENTION_MASK
+from jaxprobe.models import dit, flux, pixart, sd3, unet
+from jaxprobe.models.encoders import ATTENTION_MASK, POOLED_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class DenoiserFamily:
     module: Callable[[Any, Any], Any]               # (config, dtype) -> flax module
     example_inputs: Callable[..., tuple[jax.Array, ...]]
     block_sites: tuple[str, ...]
-    bottleneck_site: str
+    bottleneck: Callable[[Any], str]                # config -> its h-space site (no component prefix)
     text_encoders: tuple[str, ...]                  # pipeline components the conditioning reads, in order
     context_site: str                               # the text-encoder site whose activation conditions
     #                                                 ("" when it is several: SDXL's penultimate layers)
@@ -59,6 +61,14 @@ class DenoiserFamily:
     latent_multiple: Callable[[Any], int] = lambda config: 2 ** (len(config.block_out_channels) - 1)
     class_conditioned: bool = False                 # conditioned on a class label, not on text
     patch_tokens: bool = False                      # activations are (b, h*w, d) patch tokens (DiT, PixArt)
+    latent_channels: Callable[[Any], int] = lambda config: config.in_channels   # FLUX: its packed tokens' / 4
+    classifier_free: bool = True                    # guidance_scale > 1 runs CFG; FLUX embeds the scale instead
+    unmasked_towers: tuple[str, ...] = ()           # T5 towers its pipeline runs without a padding mask
+    # the unshifted flow-matching sigmas its pipeline passes to set_timesteps(sigmas=) for n steps; None: the
+    # scheduler's own (its training range, linearly spaced)
+    flow_sigmas: Callable[[int], np.ndarray] | None = None
+    summary_text_site: str = "text_model.final_layer_norm"   # the first tower's last layer, the text-side
+    #                                                 comparison of the studies (CLIP's; T5's for PixArt)
 
 
 def _sd_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
@@ -100,7 +110,7 @@ STABLE_DIFFUSION = DenoiserFamily(
     name="stable-diffusion", component="unet", class_names=("UNet2DConditionModel",),
     config_cls=unet.UNetConfig, read_config=unet.UNetConfig.from_dict,
     module=lambda config, dtype: unet.UNet2DConditionModel(config, dtype), example_inputs=unet.example_inputs,
-    block_sites=unet.BLOCK_SITES, bottleneck_site="mid_block", text_encoders=("text_encoder",),
+    block_sites=unet.BLOCK_SITES, bottleneck=lambda config: "mid_block", text_encoders=("text_encoder",),
     context_site="text_model.final_layer_norm", conditioning=_sd_conditioning, apply=_sd_apply)
 
 def _is_sdxl(config: Any) -> bool:
@@ -127,18 +137,23 @@ def _dit_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
     return out[..., :latents.shape[-1]], state["intermediates"]
 
 
+def middle_block(config: Any) -> str:
+    """A transformer's middle block (`num_layers // 2`): 14 of DiT-XL's and PixArt's 28, 12 of SD3's 24."""
+    return f"transformer_blocks.{config.num_layers // 2}"
+
+
 def _patch_family(name: str, model: Any, module_cls: type, config_cls: type, legacy_norm: str,
                   **fields: Any) -> DenoiserFamily:
     """A patch-token transformer family (DiT, PixArt): its `transformer/` folder names its own class or the
     legacy Transformer2DModel, told apart by `norm_type`; latents divide into patches; the bottleneck is the
-    middle of 28 blocks (`config.bottleneck_site` for other depths)."""
+    middle block (14 of DiT-XL's and PixArt's 28)."""
     def reads(raw: Mapping[str, Any]) -> bool:
         return raw.get("_class_name") != "Transformer2DModel" or raw.get("norm_type") == legacy_norm
 
     return DenoiserFamily(
         name=name, component="transformer", class_names=model.CLASS_NAMES, config_cls=config_cls,
         read_config=config_cls.from_dict, module=lambda config, dtype: module_cls(config, dtype),
-        example_inputs=model.example_inputs, block_sites=model.BLOCK_SITES, bottleneck_site="transformer_blocks.14",
+        example_inputs=model.example_inputs, block_sites=model.BLOCK_SITES, bottleneck=middle_block,
         reads=reads, latent_multiple=lambda config: config.patch_size, patch_tokens=True, **fields)
 
 
@@ -165,6 +180,7 @@ def _pixart_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
 
 PIXART = _patch_family("pixart", pixart, pixart.PixArtTransformer2DModel, pixart.PixArtConfig, "ada_norm_single",
                        text_encoders=("text_encoder",), context_site="encoder.final_layer_norm",
+                       summary_text_site="encoder.final_layer_norm",
                        conditioning=_pixart_conditioning, apply=_pixart_apply)
 
 
@@ -195,12 +211,42 @@ def _sd3_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
 SD3 = DenoiserFamily(
     name="stable-diffusion-3", component="transformer", class_names=sd3.CLASS_NAMES, config_cls=sd3.SD3Config,
     read_config=sd3.SD3Config.from_dict, module=lambda config, dtype: sd3.SD3Transformer2DModel(config, dtype),
-    example_inputs=sd3.example_inputs, block_sites=sd3.BLOCK_SITES, bottleneck_site="transformer_blocks.12",
+    example_inputs=sd3.example_inputs, block_sites=sd3.BLOCK_SITES, bottleneck=middle_block,
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), context_site="",
     conditioning=_sd3_conditioning, apply=_sd3_apply, rename_keys=sd3.rename_keys,
-    latent_multiple=lambda config: config.patch_size, patch_tokens=True)
+    latent_multiple=lambda config: config.patch_size, patch_tokens=True, unmasked_towers=("text_encoder_3",))
 
-FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART, SD3)}
+
+def _flux_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
+                       ) -> dict[str, jax.Array]:
+    """FLUX, as FluxPipeline.encode_prompt: T5's (text_encoder_2) final states as the context, CLIP-L's pooled
+    output (not projected) as pooled_projections; FLUX.1-dev's guidance scale from extras["guidance"] (b,)."""
+    cond = {"encoder_hidden_states": acts["text_encoder_2"]["encoder.final_layer_norm"],
+            "pooled_projections": acts["text_encoder"][POOLED_OUTPUT]}
+    return {**cond, **({"guidance": extras["guidance"]} if "guidance" in extras else {})}
+
+
+def _flux_apply(module: Any, params: Any, latents: jax.Array, t: jax.Array,
+                conditioning: Mapping[str, jax.Array]) -> tuple[jax.Array, Any]:
+    # FluxPipeline hands the transformer timestep / 1000 (the model scales it back)
+    out, state = module.apply({"params": params}, latents, t / 1000, conditioning["encoder_hidden_states"],
+                              conditioning["pooled_projections"], conditioning.get("guidance"),
+                              mutable=["intermediates"])
+    return out, state["intermediates"]
+
+
+# FLUX.1 (schnell; dev with guidance_embeds): packed 2x2 latents, so latent sides divide by 2; no classifier-free
+# guidance; the bottleneck is the middle of the double + single blocks (single block 9 of FLUX.1's 19 + 38).
+FLUX = DenoiserFamily(
+    name="flux", component="transformer", class_names=flux.CLASS_NAMES, config_cls=flux.FluxConfig,
+    read_config=flux.FluxConfig.from_dict, module=lambda config, dtype: flux.FluxTransformer2DModel(config, dtype),
+    example_inputs=flux.example_inputs, block_sites=flux.BLOCK_SITES, bottleneck=flux.bottleneck,
+    text_encoders=("text_encoder", "text_encoder_2"), context_site="", conditioning=_flux_conditioning,
+    apply=_flux_apply, latent_multiple=lambda config: flux.PACK, patch_tokens=True,
+    latent_channels=lambda config: config.latent_channels, classifier_free=False, unmasked_towers=("text_encoder_2",),
+    flow_sigmas=lambda n: np.linspace(1.0, 1 / n, n))   # FluxPipeline's sigmas
+
+FAMILIES: dict[str, DenoiserFamily] = {f.name: f for f in (SDXL, STABLE_DIFFUSION, DIT, PIXART, SD3, FLUX)}
 
 
 def family_of_config(config: Any) -> DenoiserFamily:

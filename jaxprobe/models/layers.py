@@ -7,10 +7,13 @@ keep their own parameter names so loading stays a key mapping, but the maths liv
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -190,3 +193,28 @@ class SownRMSNorm(nn.RMSNorm):
         y = super().__call__(x)
         self.sow("intermediates", "output", y)
         return y
+
+
+def rotary_tables(ids: np.ndarray, axes_dims: Sequence[int], theta: float = 10_000.0) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each (tokens, sum(axes_dims)) float32, of multi-axis rotary positions (FLUX's `FluxPosEmbed`):
+    axis a of ids (tokens, len(axes_dims)) rotates its own axes_dims[a] channels, each frequency repeated for
+    the (real, imaginary) pair it turns. Host numpy on static ids, in float64 as diffusers computes them, so the
+    tables are constants of the compiled program."""
+    cos, sin = [], []
+    for axis, dim in enumerate(axes_dims):
+        freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64)[:dim // 2] / dim)
+        angles = np.outer(ids[:, axis].astype(np.float32).astype(np.float64), freqs)   # (tokens, dim / 2)
+        cos.append(np.repeat(np.cos(angles), 2, axis=1))
+        sin.append(np.repeat(np.sin(angles), 2, axis=1))
+    return np.concatenate(cos, axis=1).astype(np.float32), np.concatenate(sin, axis=1).astype(np.float32)
+
+
+def apply_rotary(x: jax.Array, rotary: tuple[Any, Any], num_heads: int) -> jax.Array:
+    """Rotate each head of x (b, n, heads*d) by (cos, sin) (n, d): adjacent channel pairs are (real, imaginary)
+    parts, as diffusers' apply_rotary_emb(use_real_unbind_dim=-1). In float32, cast back to x's dtype."""
+    cos, sin = (jnp.asarray(t)[None, :, None, :] for t in rotary)
+    heads = split_heads(x, num_heads).astype(jnp.float32)                  # (b, n, h, d)
+    pairs = heads.reshape(*heads.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(heads.shape)
+    out = heads * cos + rotated * sin
+    return out.reshape(x.shape).astype(x.dtype)

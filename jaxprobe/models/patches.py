@@ -38,11 +38,6 @@ class PatchTransformerShape:
         """2 x in_channels with learned sigma (noise, then variance); out_channels None means in_channels."""
         return self.in_channels if self.out_channels is None else self.out_channels
 
-    @property
-    def bottleneck_site(self) -> str:
-        """The middle block, these families' h-space for the directions study (14 of 28)."""
-        return f"transformer_blocks.{self.num_layers // 2}"
-
 
 def sincos_positions(dim: int, height: int, width: int, *, base_size: int, interpolation_scale: float = 1.0
                      ) -> np.ndarray:
@@ -118,12 +113,25 @@ class PatchEmbed(nn.Module):
         return out
 
 
-def unpatchify(x: jax.Array, height: int, width: int, patch_size: int) -> jax.Array:
-    """(b, h*w, p*p*c) tokens -> (b, h*p, w*p, c) latents (NHWC), inverting PatchEmbed's layout."""
+def unpatchify(x: jax.Array, height: int, width: int, patch_size: int, channels_first: bool = False) -> jax.Array:
+    """(b, h*w, p*p*c) tokens -> (b, h*p, w*p, c) latents (NHWC), inverting PatchEmbed's layout: each token's
+    features ordered (row in patch, column in patch, channel), or with channels_first (channel, row, column)
+    as FluxPipeline's `_pack_latents` orders them."""
     b, _, d = x.shape
     p = patch_size
     c = d // (p * p)
+    if channels_first:
+        return x.reshape(b, height, width, c, p, p).transpose(0, 1, 4, 2, 5, 3).reshape(b, height * p, width * p, c)
     return x.reshape(b, height, width, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, height * p, width * p, c)
+
+
+def pack_patches(latents: jax.Array, patch_size: int) -> jax.Array:
+    """(b, H, W, c) latents -> (b, H/p * W/p, c*p*p) tokens with channels first, FluxPipeline's `_pack_latents`;
+    `unpatchify(..., channels_first=True)` inverts it."""
+    b, height, width, c = latents.shape
+    p = patch_size
+    x = latents.reshape(b, height // p, p, width // p, p, c).transpose(0, 1, 3, 5, 2, 4)   # (b, h, w, c, p, p)
+    return x.reshape(b, (height // p) * (width // p), c * p * p)
 
 
 def plain_layer_norm(eps: float, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
@@ -169,11 +177,13 @@ class AdaLayerNormZero(nn.Module):
     With num_classes the norm owns its embedding (`emb`, DiT: every block has one) and takes (t, labels);
     without, it takes an embedding computed elsewhere (`emb=`). dual (SD3.5's SD35AdaLayerNormZeroX): three
     more modulations for a second attention over the same input; then the returns add (norm(x) under them,
-    gate_msa2) after the embedding."""
+    gate_msa2) after the embedding. single (FLUX's AdaLayerNormZeroSingle): only the attention's three
+    modulations; returns (norm(x) under them, gate_msa)."""
 
     num_classes: int | None = None
     dtype: Dtype = jnp.float32
     dual: bool = False
+    single: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, timesteps: jax.Array | None = None, class_labels: jax.Array | None = None,
@@ -181,10 +191,12 @@ class AdaLayerNormZero(nn.Module):
         dim = x.shape[-1]
         if self.num_classes is not None:
             emb = TimestepLabelEmbedding(dim, self.num_classes, self.dtype, name="emb")(timesteps, class_labels)
-        n = 9 if self.dual else 6
+        n = 3 if self.single else 9 if self.dual else 6
         mods = jnp.split(nn.Dense(n * dim, dtype=self.dtype, name="linear")(jax.nn.silu(emb)), n, axis=-1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         normed = plain_layer_norm(1e-6, self.dtype)(x)
+        if self.single:
+            return modulate(normed, mods[0], mods[1]), mods[2]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
         out = (modulate(normed, shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp, emb)
         if not self.dual:
             return out
@@ -267,14 +279,24 @@ class CaptionProjection(nn.Module):
 
 
 class TimestepTextEmbedding(nn.Module):
-    """diffusers' CombinedTimestepTextProjEmbeddings (SD3): timestep_embedder(sinusoids(t)) plus text_embedder(the
-    pooled text projections), the one conditioning vector of every adaptive norm."""
+    """diffusers' CombinedTimestepTextProjEmbeddings (SD3, FLUX.1-schnell): timestep_embedder(sinusoids(t)) plus
+    text_embedder(the pooled text projections), the one conditioning vector of every adaptive norm.
+
+    guidance_embeds (FLUX.1-dev, CombinedTimestepGuidanceTextProjEmbeddings): plus guidance_embedder(sinusoids(
+    guidance)), the guidance scale (x 1000) the model was distilled to follow, in place of classifier-free guidance."""
 
     dim: int
     dtype: Dtype = jnp.float32
+    guidance_embeds: bool = False
 
     @nn.compact
-    def __call__(self, timesteps: jax.Array, pooled: jax.Array) -> jax.Array:   # (b,), (b, pooled) -> (b, dim)
-        emb = TimestepEmbedding(self.dim, "silu", self.dtype, name="timestep_embedder")(
-            sinusoids(timesteps).astype(self.dtype))
+    def __call__(self, timesteps: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None
+                 ) -> jax.Array:   # (b,), (b, pooled), (b,) -> (b, dim)
+        embed = lambda values, name: TimestepEmbedding(self.dim, "silu", self.dtype, name=name)(  # noqa: E731
+            sinusoids(values).astype(self.dtype))
+        emb = embed(timesteps, "timestep_embedder")
+        if self.guidance_embeds:
+            if guidance is None:
+                raise ValueError("this transformer embeds the guidance scale (guidance_embeds): pass guidance")
+            emb = emb + embed(guidance, "guidance_embedder")
         return emb + CaptionProjection(self.dim, self.dtype, "silu", name="text_embedder")(pooled.astype(self.dtype))

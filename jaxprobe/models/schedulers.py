@@ -475,13 +475,17 @@ def _shifted(config: SchedulerConfig, sigmas: np.ndarray, mu: float | None) -> n
     return scale / (scale + (1 / sigmas - 1))
 
 
-def _flow_schedule(config: SchedulerConfig, num_steps: int, mu: float | None) -> Schedule:
+def _flow_schedule(config: SchedulerConfig, num_steps: int, mu: float | None,
+                   sigmas: np.ndarray | None = None) -> Schedule:
     n = config.num_train_timesteps
-    # diffusers' end points are its float32 training sigmas, the last one shifted unless shifting is dynamic
-    train_min = np.float32(1.0) / np.float32(n)
-    if not config.use_dynamic_shifting:
-        train_min = np.float32(config.shift) * train_min / (1 + np.float32(config.shift - 1) * train_min)
-    sigmas = np.linspace(n * 1.0, n * float(train_min), num_steps) / n
+    if sigmas is not None:   # a pipeline's own (FLUX's), shifted in float32 as diffusers casts them first
+        sigmas = np.asarray(sigmas).astype(np.float32)
+    else:
+        # diffusers' end points are its float32 training sigmas, the last one shifted unless shifting is dynamic
+        train_min = np.float32(1.0) / np.float32(n)
+        if not config.use_dynamic_shifting:
+            train_min = np.float32(config.shift) * train_min / (1 + np.float32(config.shift - 1) * train_min)
+        sigmas = np.linspace(n * 1.0, n * float(train_min), num_steps) / n
     sigmas = _shifted(config, sigmas, mu)
     if config.shift_terminal:
         one_minus = 1 - sigmas
@@ -498,11 +502,14 @@ _SCHEDULE_BUILDERS: dict[str, Callable[[SchedulerConfig, int, np.ndarray], Sched
 }
 
 
-def make_schedule(config: SchedulerConfig, num_inference_steps: int, image_seq_len: int | None = None) -> Schedule:
+def make_schedule(config: SchedulerConfig, num_inference_steps: int, image_seq_len: int | None = None,
+                  sigmas: np.ndarray | None = None) -> Schedule:
     """Timesteps and solver coefficients for `num_inference_steps`, as diffusers' `set_timesteps` makes them.
 
     image_seq_len: the denoiser's number of image tokens, which flow matching with `use_dynamic_shifting`
-    needs (the pipelines' (latent height / patch) * (latent width / patch)); the other samplers ignore it."""
+    needs (the pipelines' (latent height / patch) * (latent width / patch)); the other samplers ignore it.
+    sigmas: flow matching's unshifted noise levels, one per step, as `set_timesteps(sigmas=)` takes them
+    (FluxPipeline passes linspace(1, 1 / steps, steps)); None: the scheduler's own."""
     if not 1 <= num_inference_steps <= config.num_train_timesteps:
         raise InputError(f"num_inference_steps={num_inference_steps} must lie in [1, num_train_timesteps="
                          f"{config.num_train_timesteps}]")
@@ -511,7 +518,9 @@ def make_schedule(config: SchedulerConfig, num_inference_steps: int, image_seq_l
             raise InputError("this flow-matching schedule shifts by image size (use_dynamic_shifting=True): pass "
                              "image_seq_len=, the denoiser's number of image tokens")
         mu = flow_shift_mu(config, image_seq_len) if config.use_dynamic_shifting else None
-        return _flow_schedule(config, int(num_inference_steps), mu)
+        if sigmas is not None and len(sigmas) != num_inference_steps:
+            raise InputError(f"{len(sigmas)} sigmas for {num_inference_steps} steps: pass one per step")
+        return _flow_schedule(config, int(num_inference_steps), mu, sigmas)
     return _SCHEDULE_BUILDERS[config.kind](config, int(num_inference_steps), _alphas_cumprod(config))
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models.blocks import FeedForward
-from jaxprobe.models.layers import SownDense, multi_head_attention
+from jaxprobe.models.layers import SownDense, apply_rotary, multi_head_attention
 from jaxprobe.models.patches import (
     AdaLayerNormContinuous,
     AdaLayerNormZero,
@@ -92,14 +92,20 @@ class JointAttention(nn.Module):
     add_q_proj/add_k_proj/add_v_proj, per-head RMS norms of queries and keys where the config asks, one softmax
     over [image; text] keys, outputs split back through to_out.0 and (unless context_pre_only) to_add_out.
 
-    Without `context` it is plain self-attention over the image tokens (SD3.5-M's `attn2`). Sows the image
-    output as `output` and the text output as `context`."""
+    Without `context` it is plain self-attention over the image tokens (SD3.5-M's `attn2`, FLUX's single-stream
+    blocks). Sows the image output as `output` and the text output as `context`.
+
+    FLUX's options: context_first orders the joint sequence [text; image], as its rotary positions (text ids
+    first) are laid out; `rotary` (cos, sin) (tokens, head_dim) rotates queries and keys after their norms;
+    pre_only (the single-stream blocks) returns the heads without `to_out.0`, the block projecting them."""
 
     num_heads: int
     head_dim: int
     qk_norm: str | None = None
     context_pre_only: bool = False
     dtype: Any = jnp.float32
+    context_first: bool = False
+    pre_only: bool = False
 
     def _qkv(self, x: jax.Array, names: tuple[str, str, str], norms: tuple[str, str]) -> tuple[jax.Array, ...]:
         inner = self.num_heads * self.head_dim
@@ -112,33 +118,44 @@ class JointAttention(nn.Module):
         return q, k, v
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, rotary: tuple[Any, Any] | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
         q, k, v = self._qkv(x, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
         n = x.shape[1]
+        m = 0 if context is None else context.shape[1]
         if context is not None:
             cq, ck, cv = self._qkv(context, ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"))
-            q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((q, cq), (k, ck), (v, cv)))
+            pairs = ((cq, q), (ck, k), (cv, v)) if self.context_first else ((q, cq), (k, ck), (v, cv))
+            q, k, v = (jnp.concatenate(pair, axis=1) for pair in pairs)
+        if rotary is not None:
+            q, k = (apply_rotary(t, rotary, self.num_heads) for t in (q, k))
         out = multi_head_attention(q, k, v, num_heads=self.num_heads)
-        image = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out.0")(out[:, :n])
+        image_part, text_part = (out[:, m:], out[:, :m]) if self.context_first else (out[:, :n], out[:, n:])
+        image = image_part if self.pre_only else nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out.0")(image_part)
         self.sow("intermediates", "output", image)
         if context is None or self.context_pre_only:
             return image, None
-        text = nn.Dense(context.shape[-1], dtype=self.dtype, name="to_add_out")(out[:, n:])
+        text = nn.Dense(context.shape[-1], dtype=self.dtype, name="to_add_out")(text_part)
         self.sow("intermediates", "context", text)
         return image, text
 
 
 class JointTransformerBlock(nn.Module):
     """diffusers' JointTransformerBlock: adaLN-Zero norms for both streams, joint attention, gated feed-forwards.
-    Returns (image tokens, text tokens or None after a context_pre_only block)."""
+    Returns (image tokens, text tokens or None after a context_pre_only block).
 
-    config: SD3Config
+    FLUX's double-stream FluxTransformerBlock is the same block (config a FluxConfig: qk RMS-norm) with its
+    joint sequence text first and rotary positions (`context_first`, `rotary`: see JointAttention)."""
+
+    config: Any   # SD3Config or FluxConfig: num_attention_heads, attention_head_dim, qk_norm
     context_pre_only: bool = False
     dual_attention: bool = False
     dtype: Any = jnp.float32
+    context_first: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, emb: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array, context: jax.Array, emb: jax.Array, rotary: tuple[Any, Any] | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
         cfg, dtype = self.config, self.dtype
         self.sow("intermediates", "context.input", context)   # for the text stream's derived sites
         norm1 = AdaLayerNormZero(dual=self.dual_attention, dtype=dtype, name="norm1")(x, emb=emb)
@@ -149,8 +166,8 @@ class JointTransformerBlock(nn.Module):
             c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp, _ = AdaLayerNormZero(
                 dtype=dtype, name="norm1_context")(context, emb=emb)
         attn = lambda name, pre_only: JointAttention(cfg.num_attention_heads, cfg.attention_head_dim,  # noqa: E731
-                                                     cfg.qk_norm, pre_only, dtype, name=name)
-        image_attn, text_attn = attn("attn", self.context_pre_only)(h, c)
+                                                     cfg.qk_norm, pre_only, dtype, self.context_first, name=name)
+        image_attn, text_attn = attn("attn", self.context_pre_only)(h, c, rotary)
         x = x + gate_msa[:, None] * image_attn
         if self.dual_attention:
             h2, gate_msa2 = norm1[6:]

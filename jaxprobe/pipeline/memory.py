@@ -196,7 +196,7 @@ def plan(pipe_or_source: "Pipeline | str", sites: str | Sequence[str] | None = N
     if batch < 1:
         raise InputError(f"batch must be at least 1, not {batch}")
     family = pipe.family
-    chosen = pipe.select(sites if sites is not None else f"{pipe.unet.name}.{family.bottleneck_site}")
+    chosen = pipe.select(sites if sites is not None else pipe.bottleneck_site)
     options = dict(num_inference_steps=steps, guidance_scale=7.5 if cfg else 1.0, reduce=reduce, height=height,
                    width=width)
     program_plan, schedule = sampling.plan_capture(pipe, chosen, **options)

@@ -74,6 +74,9 @@ class Pipeline:
         if self.family is not None and self.family.name == "stable-diffusion-3":
             self._check_sd3()
             return
+        if self.family is not None and self.family.name == "flux":
+            self._check_flux()
+            return
         if self.text_encoder_2 is not None and self.unet is not None:  # SDXL: widths add up, pooled fills add_embedding
             widths = {name: c.config.hidden_size for name, c in self.text_encoders.items()}
             cross = self.unet.config.cross_attention_dim
@@ -114,6 +117,18 @@ class Pipeline:
             raise CheckpointError(f"the T5 width {t5} and CLIP widths {clip} do not fit the transformer's "
                                   f"joint_attention_dim {config.joint_attention_dim}: mismatched components?")
 
+    def _check_flux(self) -> None:
+        """FLUX: CLIP-L (text_encoder) as wide as pooled_projection_dim, T5 (text_encoder_2) as joint_attention_dim."""
+        config = self.unet.config
+        if self.text_encoder is None or self.text_encoder_2 is None:
+            raise CheckpointError("a FLUX pipeline needs text_encoder (CLIP-L) and text_encoder_2 (T5); this folder "
+                                  "lacks one")
+        clip, t5 = self.text_encoder.config.hidden_size, self.text_encoder_2.config.hidden_size
+        if clip != config.pooled_projection_dim or t5 != config.joint_attention_dim:
+            raise CheckpointError(f"the CLIP width {clip} and T5 width {t5} do not fit the transformer's "
+                                  f"pooled_projection_dim {config.pooled_projection_dim} and joint_attention_dim "
+                                  f"{config.joint_attention_dim}: mismatched components?")
+
     def replace(self, **changes: Any) -> "Pipeline":
         return dataclasses.replace(self, **changes)
 
@@ -121,6 +136,23 @@ class Pipeline:
     def family(self) -> DenoiserFamily | None:
         """The denoiser's family (how it is conditioned, its block and bottleneck sites), if there is one."""
         return family_of_config(self.unet.config) if self.unet is not None else None
+
+    @property
+    def bottleneck_site(self) -> str | None:
+        """The denoiser's h-space site as the family places it for this depth ("unet.mid_block",
+        "transformer.transformer_blocks.14" of 28): where the directions live and the classifiers start."""
+        family = self.family
+        return None if family is None else f"{self.unet.name}.{family.bottleneck(self.unet.config)}"
+
+    @property
+    def summary_text_site(self) -> str | None:
+        """The first text tower's last layer (CLIP's final norm; T5's for PixArt): the text-side comparison
+        the studies draw beside the denoiser's sites. None when the pipeline reads no text (DiT)."""
+        family = self.family
+        towers = family.text_encoders if family is not None else ("text_encoder",)
+        if not towers or self.components.get(towers[0]) is None:
+            return None
+        return f"{towers[0]}.{family.summary_text_site if family is not None else 'text_model.final_layer_norm'}"
 
     @functools.cached_property
     def _site_table(self) -> tuple[list[str], list[str]]:

@@ -93,11 +93,13 @@ def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "te
     module = getattr(models, component)
     args = encoders.text_inputs(module.config, ids, eos)
     with intervening(specs, feed=lens), sowing_inputs(plan.text_sites, prefix):
-        _, state = module.apply({"params": params[component]}, *args, mutable=["intermediates"])
+        out, state = module.apply({"params": params[component]}, *args, mutable=["intermediates"])
     acts = with_contributions(flatten_intermediates(state["intermediates"]),
                               [s for s in plan.text_sites if s.startswith(prefix)], prefix)
     if len(args) > 1:
         acts[encoders.ATTENTION_MASK] = args[1]
+    if isinstance(out, Mapping) and encoders.POOLED_OUTPUT in out:   # CLIP: pooled at its own EOS rule
+        acts[encoders.POOLED_OUTPUT] = out[encoders.POOLED_OUTPUT]
     return acts
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxprobe.captures import Captures
 from jaxprobe.errors import InputError, InterventionError, SiteError
-from jaxprobe.models import schedulers, sd3
+from jaxprobe.models import flux, schedulers, sd3
 from jaxprobe.pipeline.images import load_images
 from jaxprobe.pipeline.interventions import Intervention, describe, plan_interventions, step_indices
 from jaxprobe.pipeline.labels import class_label_ids
@@ -82,7 +82,7 @@ def latent_shape(pipe: "Pipeline", height: int | None, width: int | None) -> tup
     if h % multiple or w % multiple:
         raise InputError(f"latent size {h}x{w} must be divisible by {multiple}; pick height/width multiples of "
                          f"{multiple * factor} pixels")
-    return h, w, pipe.unet.config.in_channels
+    return h, w, pipe.family.latent_channels(pipe.unet.config)
 
 
 def token_grid(pipe: "Pipeline", latent: tuple[int, int, int]) -> tuple[int, int] | None:
@@ -111,7 +111,9 @@ def make_schedule(pipe: "Pipeline", num_inference_steps: int, latent: tuple[int,
         h, w = (side, side) if latent is None else latent[:2]
         patch = pipe.family.latent_multiple(pipe.unet.config) if pipe.family.patch_tokens else 1
         image_seq_len = (h // patch) * (w // patch)
-    return schedulers.make_schedule(pipe.scheduler, num_inference_steps, image_seq_len=image_seq_len)
+    flow_sigmas = pipe.family.flow_sigmas if pipe.family is not None else None
+    sigmas = flow_sigmas(num_inference_steps) if flow_sigmas and pipe.scheduler.kind in schedulers.FLOW_KINDS else None
+    return schedulers.make_schedule(pipe.scheduler, num_inference_steps, image_seq_len=image_seq_len, sigmas=sigmas)
 
 
 def sampling_timesteps(pipe: "Pipeline", num_inference_steps: int) -> np.ndarray:
@@ -171,13 +173,14 @@ _TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "te
 def tokenized(pipe: "Pipeline", prompts: Sequence[str], allow_empty: bool = False) -> tuple[dict, dict]:
     """({text tower: ids (n, tokens)}, {text tower: EOS positions (n,)}), each tower with its own tokenizer."""
     ids, eos = {}, {}
+    unmasked = pipe.family.unmasked_towers if pipe.family is not None else ()
     for name in pipe.text_encoders:
         tokenizer = getattr(pipe, _TOKENIZERS[name])
         if tokenizer is None:
             raise SiteError(f"{pipe.source} has no tokenizer for {name}; its folder is incomplete")
         ids[name] = tokenizer(prompts, allow_empty=allow_empty)
         eos[name] = tokenizer.eos_positions(ids[name])
-        if name == "text_encoder_3":   # SD3 runs T5 without a padding mask: every token counts as real
+        if name in unmasked:   # SD3, FLUX run T5 without a padding mask: every token is real
             eos[name] = np.full_like(eos[name], ids[name].shape[1] - 1)
     return ids, eos
 
@@ -221,6 +224,14 @@ def sd3_extras(pipe: "Pipeline") -> dict:
     return {"t5_context": np.zeros((1, sd3.T5_SEQUENCE_LENGTH, pipe.unet.config.joint_attention_dim), np.float32)}
 
 
+def flux_extras(pipe: "Pipeline", guidance_scale: float) -> dict:
+    """FLUX.1-dev's guidance scale, which its transformer embeds (guidance_embeds), {"guidance": (1,)}; empty for
+    other models (FLUX.1-schnell ignores guidance, as FluxPipeline does)."""
+    if pipe.family is None or pipe.family.name != "flux" or not pipe.unet.config.guidance_embeds:
+        return {}
+    return {"guidance": np.full((1,), guidance_scale, np.float32)}
+
+
 def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool = False,
                  **options: Any) -> tuple[Plan, schedulers.Schedule | None]:
     """The static plan (and the schedule) of `pipe.capture(prompts, sites, **options)`, validated
@@ -246,7 +257,7 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
     if image_sites and pipe.image_encoder is None:
         raise SiteError("this pipeline has no image encoder; pass image_encoder=PATH to jaxprobe.load "
                         "(or --image-encoder PATH) with a CLIP vision or DINOv2 checkpoint")
-    branch, guided = o["branch"], o["guidance_scale"] > 1.0
+    branch, guided = o["branch"], o["guidance_scale"] > 1.0 and pipe.family.classifier_free
     if branch not in ("cond", "uncond"):
         raise InputError(f"branch must be 'cond' or 'uncond', not {branch!r}")
     if branch == "uncond" and not guided:
@@ -367,6 +378,8 @@ def program_inputs(pipe: "Pipeline", prompts: Sequence[Any], plan: Plan, o: Mapp
             shared["extras"] = shared["uncond_extras"] = pixart_extras(pipe, plan)
         if sd3_extras(pipe):
             shared["extras"] = shared["uncond_extras"] = sd3_extras(pipe)
+        if flux_extras(pipe, o["guidance_scale"]):
+            shared["extras"] = flux_extras(pipe, o["guidance_scale"])
         if pipe.family.class_conditioned:   # per-prompt labels travel with their prompts; the negative is shared
             inputs["prompt_extras"] = {"class_labels": class_labels(pipe, prompts)}
             shared["uncond_extras"] = {"class_labels": class_labels(pipe, [o["negative_prompt"]])}
@@ -459,11 +472,11 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     prefix = f"{pipe.unet.name}."
     chosen = [s for s in pipe.select(sites) if s.startswith(prefix)]
     if not chosen:
-        raise SiteError(f"capture_images captures denoiser sites (e.g. '{prefix}{pipe.family.bottleneck_site}')")
+        raise SiteError(f"capture_images captures denoiser sites (e.g. '{pipe.bottleneck_site}')")
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = size or pipe.unet.config.sample_size * factor
     arr = load_images(images, size)
-    latent = (size // factor, size // factor, pipe.unet.config.in_channels)
+    latent = (size // factor, size // factor, pipe.family.latent_channels(pipe.unet.config))
     plan = Plan(denoiser_sites=tuple(s.removeprefix(prefix) for s in chosen),
                 denoiser_reductions=resolve_reductions(chosen, reduce, _denoiser_reductions), branch="cond",
                 token_grid=token_grid(pipe, latent))
@@ -471,7 +484,8 @@ def capture_images(pipe: "Pipeline", images: Any, sites: Sequence[str] | str = (
     plan_extras, _ = sdxl_extras(pipe, dataclasses.replace(plan, latent_shape=latent), CAPTURE_DEFAULTS)
     if pipe.family.class_conditioned:   # `prompt` is the class ("": the null class, unconditional features)
         plan_extras = {"class_labels": class_labels(pipe, [prompt])}
-    plan_extras = {**plan_extras, **pixart_extras(pipe, dataclasses.replace(plan, latent_shape=latent))}
+    plan_extras = {**plan_extras, **pixart_extras(pipe, dataclasses.replace(plan, latent_shape=latent)),
+                   **flux_extras(pipe, flux.DEFAULT_GUIDANCE_SCALE)}
     prompt_ids, prompt_eos = tokenized(pipe, [prompt], allow_empty=True)
     shared = {"prompt_ids": prompt_ids, "prompt_eos": prompt_eos, "extras": plan_extras}
     if interventions:

@@ -64,7 +64,9 @@ class DirectionsConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     concepts of the same family). whiten: use the inverse shrunk pooled within-concept covariance as the
     metric. spatial_reduce: "mean" (default) or "max" pools h over space; "none" keeps the maps (their
     directions are saved as (C, T, h, w, c)). sites: denoiser site patterns; empty (the default): the family's
-    bottleneck, h-space (`hspace_sites`). text_site: one text-encoder site, the CLIP comparison.
+    bottleneck, h-space (`hspace_sites`). text_site: one text-encoder site, the text-side comparison; "auto"
+    (the default): the family's first text tower's last layer (`Pipeline.summary_text_site`: CLIP's final norm,
+    T5's for PixArt, none for the class-conditioned DiT); None or "": no text comparison.
     focus_step: the step the ranked bars, clusters and 2-D projections show (-1: the last).
     The fields of ModelSettings, SamplingSettings (seeds default to four here) and RunSettings are its
     fields too; a TOML file sets them in [directions] or in [model], [sampling], [run]. prompt_files
@@ -84,7 +86,7 @@ class DirectionsConfig(StudyConfig, RunSettings, SamplingSettings, ModelSettings
     whiten: bool = False
     shrinkage: float = 0.1
     sites: tuple[str, ...] = ()    # empty: the denoiser family's bottleneck (`hspace_sites`)
-    text_site: str | None = "text_encoder.text_model.final_layer_norm"
+    text_site: str | None = "auto"
     token_reduce: str = "eos"
     spatial_reduce: str = "mean"
     images: str | None = None
@@ -194,7 +196,12 @@ def hspace_sites(config: DirectionsConfig, pipe: Any) -> list[str]:
         return pipe.select(config.sites)
     if pipe.family is None:
         raise InputError(f"{pipe.source} has no denoiser: directions need h-space, a diffusion pipeline's bottleneck")
-    return pipe.select([f"{pipe.family.component}.{pipe.family.bottleneck_site}"])
+    return pipe.select([pipe.bottleneck_site])
+
+
+def comparison_text_site(config: DirectionsConfig, pipe: Any) -> str | None:
+    """config.text_site, with "auto" resolved to the pipeline's `summary_text_site`; None: no text comparison."""
+    return pipe.summary_text_site if config.text_site == "auto" else config.text_site or None
 
 
 def load_pipeline(config: DirectionsConfig) -> Any:
@@ -210,8 +217,9 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
     family_of.setdefault(NEUTRAL, BASELINE_FAMILY)
     prompts = [p for c in concepts for p in prompts_of[c]]
     prompt_concept = np.array([i for i, c in enumerate(concepts) for _ in prompts_of[c]])
+    text_site = comparison_text_site(config, pipe)
     raw = extract_features(
-        pipe, prompts, text_sites=(config.text_site,) if config.text_site else (),
+        pipe, prompts, text_sites=(text_site,) if text_site else (),
         sampled_sites=hspace_sites(config, pipe),
         token_reduce=config.token_reduce, spatial_reduce=config.spatial_reduce,
         sampling=config.sampling, run=config.run, progress=progress)
@@ -221,7 +229,7 @@ def collect(pipe: Any, config: DirectionsConfig, prompts_of: Mapping[str, Sequen
                          "family": [family_of[concepts[i]] for i in labels], "prompt": prompts * n_seeds,
                          "seed": np.repeat(np.asarray(config.seeds), n_prompts)})
     sites = hspace_sites(config, pipe)
-    text = raw[pipe.select([config.text_site])[0]] if config.text_site else None
+    text = raw[pipe.select([text_site])[0]] if text_site else None
     features = raw.replace(arrays={s: _flat(raw[s]) for s in sites})
     return Generations(concepts, family_of, rows, labels, features, None if text is None else text.reshape(len(text), -1),
                        features.timesteps, {s: raw[s].shape[2:] for s in sites})
@@ -564,7 +572,7 @@ def score(config: DirectionsConfig, *, prompts: Sequence[str] | None = None, pip
             "baseline": config.baseline, "whiten": config.whiten, "seeds": list(config.seeds), "templates": list(config.templates),
             "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
             "n_generations": len(gens.rows), "n_bootstrap": config.n_bootstrap, "level": config.level,
-            "focus_step": config.focus_step, "text_site": config.text_site, "sites": list(gens.features)}
+            "focus_step": config.focus_step, "text_site": comparison_text_site(config, pipe), "sites": list(gens.features)}
 
     write_atomic(out / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     log(f"scores: {out}")

@@ -246,14 +246,14 @@ def accuracy_row(site: str, t: int, classifier: str, predicted: np.ndarray, labe
 def default_sites(pipe: Any) -> list[str]:
     """Revelio's sites for any denoiser family: its bottleneck (h-space) block and every block after it in
     capture order, the decoder half (SD 1.x/2.x, SDXL: unet.mid_block and unet.up_blocks.*). The family
-    declares both (`models.families`: `component`, `bottleneck_site`); nothing here knows a module name.
+    declares both (`models.families`: `component`, `bottleneck`); nothing here knows a module name.
     A family whose bottleneck is no block-level site gets all of its blocks."""
     family = pipe.family
     if family is None:
         raise InputError(f"{pipe.source} has no denoiser: the classifiers need a diffusion pipeline's features "
                          "(pass an image encoder as a baseline instead: --baseline clip|dinov2 FOLDER)")
     blocks = [s for s in pipe.sites() if s.startswith(f"{family.component}.")]
-    bottleneck = f"{family.component}.{family.bottleneck_site}"
+    bottleneck = pipe.bottleneck_site
     return blocks[blocks.index(bottleneck):] if bottleneck in blocks else blocks
 
 
