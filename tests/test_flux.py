@@ -198,3 +198,11 @@ def test_images_decode_with_the_flux_vae_shift(flux_pipeline):
                            latents=_packed(reference, latents), output_type="np").images
     ours = pipe.generate(PROMPTS[:1], num_inference_steps=2, guidance_scale=3.5, latents=latents, height=16, width=16)
     assert relative_error(ours, theirs) < 1e-3
+
+
+def test_every_intervention_kind_on_both_streams(flux_pipeline):
+    if flux_pipeline["style"] != "schnell":
+        pytest.skip("one style suffices: the interventions act on the same blocks")
+    transformer_reference.check_every_intervention_kind(
+        flux_pipeline["pipe"], ("transformer.transformer_blocks.0", "transformer.transformer_blocks.1",
+                                "transformer.single_transformer_blocks.0"), height=16, width=16)

@@ -181,3 +181,10 @@ def test_steering_either_stream_matches_a_diffusers_forward_hook(sd3_pipeline, s
     plain = pipe.capture(PROMPTS, ["latents"], **options)["latents"][:, -1]
     theirs = theirs.transpose(0, 2, 3, 1)
     assert relative_error(ours, theirs) < 1e-3 and relative_error(plain, theirs) > 1e-2
+
+
+def test_every_intervention_kind_on_both_streams(sd3_pipeline):
+    if not sd3_pipeline["t5"]:
+        pytest.skip("one pipeline suffices: the interventions act on the same blocks")
+    transformer_reference.check_every_intervention_kind(
+        sd3_pipeline["pipe"], tuple(f"transformer.transformer_blocks.{i}" for i in range(3)), height=16, width=16)

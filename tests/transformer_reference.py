@@ -253,3 +253,33 @@ def save_flux_pipeline(path: str | Path, style: str = "schnell") -> Any:
         tokenizer_2=transformers.AutoTokenizer.from_pretrained(path / "t5"))
     pipe.save_pretrained(path)
     return pipe
+
+
+def check_every_intervention_kind(pipe: Any, blocks: tuple[str, str, str], **sampling: Any) -> None:
+    """Steer, Patch, Ablate, Scale and ClampSAE together in one run of a joint-attention transformer, on both of
+    its streams (`blocks`: three block sites in call order; `.context` is each block's text stream). Exact where
+    the captured site shows nothing upstream could change: at the single step, the first block's image stream
+    is scaled from its own input, an ablated or patched site is what it was set to; the steered and clamped
+    sites change the prediction."""
+    from jaxprobe.interventions import Ablate, ClampSAE, Patch, SAEWeights, Scale, Steer
+
+    first, second, third = blocks
+    sites = [first, f"{first}.context", second, f"{second}.context", third, "pred_original_sample"]
+    options = dict(sites=sites, reduce="none", num_inference_steps=1, **sampling)
+    prompts = ["a red cube", "a blue sphere"]
+    base = pipe.capture(prompts, **options)
+    rng = np.random.default_rng(0)
+    source = rng.standard_normal(base[second].shape).astype(np.float32)
+    d = base[third].shape[-1]
+    sae = SAEWeights(W_enc=rng.standard_normal((d, 8)).astype(np.float32), b_enc=np.zeros(8, np.float32),
+                     W_dec=rng.standard_normal((8, d)).astype(np.float32), b_dec=np.zeros(d, np.float32), k=2)
+    intervened = pipe.capture(prompts, interventions=[
+        Scale(first, 2.0), Ablate(f"{first}.context"), Patch(second, source),
+        Steer(f"{second}.context", np.ones(base[f"{second}.context"].shape[-1], np.float32), scale=3.0),
+        ClampSAE(third, sae, {0: 5.0})], **options)
+    np.testing.assert_allclose(intervened[first], 2.0 * base[first], rtol=1e-5, atol=1e-5)
+    assert not intervened[f"{first}.context"].any()
+    np.testing.assert_array_equal(intervened[second], source)
+    assert not np.allclose(intervened[third], base[third], atol=1e-3)
+    assert np.isfinite(intervened["pred_original_sample"]).all()
+    assert not np.allclose(intervened["pred_original_sample"], base["pred_original_sample"], atol=1e-4)

@@ -227,10 +227,20 @@ def _width_error(iv: Intervention, what: str, got: tuple[int, ...], shape: tuple
                     f"(n_prompts={n}, {c}){maps}")
 
 
+def _as_tokens(v: np.ndarray, shape: tuple[int, ...], lead: int) -> np.ndarray:
+    """A patch-token site's (tokens, c) output given as the (h, w, c) map a reduce='none' capture returns
+    (after `lead` leading axes) -> the tokens, in the patch order the map was made in."""
+    if len(shape) == 2 and v.ndim == lead + 3 and v.shape[lead] * v.shape[lead + 1] == shape[0] \
+            and v.shape[-1] == shape[1]:
+        return v.reshape(*v.shape[:lead], *shape)
+    return v
+
+
 def _site_values(iv: Intervention, value: Any, what: str, shape: tuple[int, ...], n: int
                  ) -> tuple[np.ndarray, bool]:
     """A steering vector -> (array broadcastable against one batch row or the batch, per prompt?)."""
     v = np.asarray(value, np.float32)
+    v = _as_tokens(_as_tokens(v, shape, 0), shape, 1)
     if v.ndim == 0 or v.shape[-1] != shape[-1]:
         raise _width_error(iv, what, v.shape, shape, n)
     if v.ndim == 1:
@@ -277,6 +287,7 @@ def _values(iv: Intervention, component: str, shape: tuple[int, ...], n: int, n_
                                f"reduce='none' capture, (n_prompts={n}, {', '.join(map(str, shape))})")
             return dict(kind="patch", per_prompt=("source",)), {"source": source}, {}
         kept = [i for i in range(n_steps) if active is None or active[i]]
+        source = _as_tokens(source, shape, 2)
         if source.ndim != len(shape) + 2 or source.shape[0] != n or source.shape[2:] != shape \
                 or source.shape[1] not in (n_steps, len(kept)):
             raise _err(iv, f"source has shape {source.shape}; it must be a reduce='none' capture of the site, "
