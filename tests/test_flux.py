@@ -206,3 +206,16 @@ def test_every_intervention_kind_on_both_streams(flux_pipeline):
     transformer_reference.check_every_intervention_kind(
         flux_pipeline["pipe"], ("transformer.transformer_blocks.0", "transformer.transformer_blocks.1",
                                 "transformer.single_transformer_blocks.0"), height=16, width=16)
+
+
+def test_flux_random_is_flux_schnell_at_full_size_and_draws_nothing_to_be_listed():
+    """FLUX.1-schnell's 11.9B-parameter transformer and T5-XXL, from their shapes alone (nothing is drawn)."""
+    import jax
+    import jaxprobe
+
+    pipe = jaxprobe.load("flux-random", dtype="bfloat16")
+    count = lambda c: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(c.abstract_params))  # noqa: E731
+    assert pipe.family.name == "flux" and round(count(pipe.unet) / 1e8) == 119
+    assert round(count(pipe.text_encoder_2) / 1e8) == 48 and pipe.scheduler.kind == "flow_euler"
+    assert pipe.bottleneck_site == "transformer.single_transformer_blocks.9"
+    assert "transformer.single_transformer_blocks.37.context" in pipe.sites()

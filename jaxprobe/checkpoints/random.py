@@ -1,5 +1,5 @@
 """Models built in memory with random weights: `tiny`, `sd15-random`, `sdxl-random`, `dit-random`, `pixart-random`,
-`sd3-random`.
+`sd3-random`, `flux-random`.
 
 `tiny` is Stable Diffusion 1.x's architecture at toy widths: deterministic (fixed seeds), built in
 seconds, no files beyond the small BPE vocabulary in assets/. It exists so that `jaxprobe run` and
@@ -12,7 +12,9 @@ weights' values); it shares the tiny tokenizer (token ids fit any vocabulary). `
 128x128 latents, the 4.8B-parameter T5-XXL encoder: 9.5 GB in bfloat16, SDXL's VAE), its prompts tokenized by the
 tiny vocabulary padded to Sigma's 300 tokens. `sd3-random` is Stable Diffusion 3.5 Medium (the 2.5B-parameter MMDiT
 with qk RMS-norm and dual attention in its first 13 blocks, CLIP-L and OpenCLIP bigG with projections, T5-XXL, the
-16-channel VAE, flow matching with shift 3).
+16-channel VAE, flow matching with shift 3). `flux-random` is FLUX.1-schnell (the 12B-parameter transformer: 19
+double- and 38 single-stream blocks, CLIP-L's pooled output and T5-XXL's 512 tokens, its 16-channel VAE, flow
+matching without shift; 1-4 steps, no guidance).
 
 Every random model is built lazily: loading traces each component's `init` for its parameter shapes (seconds,
 no weights) and draws the values on first use (`Component.params`), so `jaxprobe info --sites/--plan` on a
@@ -33,7 +35,7 @@ import numpy as np
 from jaxprobe.checkpoints.component import Component, LazyParams
 from jaxprobe.checkpoints.tokenizer import PromptTokenizer
 from jaxprobe.checkpoints.weights import abstract_params
-from jaxprobe.models import clip, dit, pixart, sd3, t5
+from jaxprobe.models import clip, dit, flux, pixart, sd3, t5
 from jaxprobe.models import unet as unet_model
 from jaxprobe.models import vae as vae_model
 from jaxprobe.models.clip import CLIPTextConfig, CLIPTextModel
@@ -160,8 +162,18 @@ def sd3_configs(vocab_size: int) -> dict[str, Any]:
             "transformer": transformer, "vae": vae}
 
 
+def flux_configs(vocab_size: int) -> dict[str, Any]:
+    """FLUX.1-schnell, from its config.json values (`models.flux`): CLIP-L without projection (its pooled output
+    conditions), T5 v1.1 XXL's encoder, the transformer, the 16-channel VAE."""
+    del vocab_size
+    text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12)
+    return {"text_encoder": text, "text_encoder_2": t5.T5Config(),
+            "transformer": flux.FluxConfig.from_dict(flux.FLUX_SCHNELL_TRANSFORMER),
+            "vae": VAEConfig.from_dict(flux.FLUX_VAE)}
+
+
 RANDOM_MODELS = dict(zip(RANDOM_MODEL_NAMES, (tiny_configs, sd15_configs, sdxl_configs, dit_configs, pixart_configs,
-                                              sd3_configs)))
+                                              sd3_configs, flux_configs)))
 
 
 def random_params(module: Any, *example: Any, seed: int = SEED, dtype: Any = np.float32, shapes: Any = None) -> Any:
@@ -195,10 +207,12 @@ _BUILDERS = {"text_encoder": (CLIPTextModel, clip.example_inputs), "text_encoder
 # Components whose model depends on the config's kind, not only on the component.
 _BY_CONFIG = {t5.T5Config: (t5.T5EncoderModel, t5.example_inputs),
               pixart.PixArtConfig: (pixart.PixArtTransformer2DModel, pixart.example_inputs),
-              sd3.SD3Config: (sd3.SD3Transformer2DModel, sd3.example_inputs)}
+              sd3.SD3Config: (sd3.SD3Transformer2DModel, sd3.example_inputs),
+              flux.FluxConfig: (flux.FluxTransformer2DModel, flux.example_inputs)}
 # The pipeline field each component fills: a transformer is the denoiser, named as its checkpoint names it.
 _FIELDS = {"transformer": "unet"}
-_SCHEDULERS = {pixart.PixArtConfig: PIXART_SCHEDULER, dit.DiTConfig: DIT_SCHEDULER, sd3.SD3Config: SD3_SCHEDULER}
+_SCHEDULERS = {pixart.PixArtConfig: PIXART_SCHEDULER, dit.DiTConfig: DIT_SCHEDULER, sd3.SD3Config: SD3_SCHEDULER,
+               flux.FluxConfig: flux.FLUX_SCHNELL_SCHEDULER}
 
 
 def param_dtype(config: Any, dtype: Any) -> Any:
@@ -239,6 +253,8 @@ def random_parts(name: str, dtype: Any, sharding: ParamSharding | None = None) -
                      pipeline_options={"force_zeros_for_empty_prompt": True})
     else:
         parts["scheduler"] = SchedulerConfig.from_dict(SD15_SCHEDULER)
+    if isinstance(configs.get("text_encoder_2"), t5.T5Config):   # FLUX: T5's 512 cased tokens beside CLIP
+        parts["tokenizer_2"] = PromptTokenizer(tokenizer.hf_tokenizer, flux.T5_SEQUENCE_LENGTH)
     if "text_encoder_3" in configs:   # SD3: CLIP's tokenizer for both towers, T5's 256 cased tokens
         parts.update(tokenizer_2=tokenizer, tokenizer_3=PromptTokenizer(tokenizer.hf_tokenizer, sd3.T5_SEQUENCE_LENGTH))
     return parts

@@ -22,7 +22,7 @@ def load(source: str | Path = "tiny", *, dtype: str | Any = "float32", variant: 
          prediction_type: str | None = None, lora: Sequence[tuple[str | Path, float] | str] = (),
          shard: str | ParamSharding | None = None, mesh: Mesh | None = None) -> Pipeline:
     """Load a pipeline (or just CLIP towers) from `source`: "tiny", "sd15-random" (or "sdxl-random", "dit-random",
-    "pixart-random", "sd3-random": full-size random weights, drawn on first use), a diffusers (SD, SDXL, DiT,
+    "pixart-random", "sd3-random", "flux-random": full-size random weights, drawn on first use), a diffusers (SD, SDXL, DiT,
     PixArt, SD3) or
     transformers folder, an `org/name` model id already in the local Hugging Face cache, or an original
     single-file checkpoint (`.safetensors`/`.ckpt`, SD 1.x/2.x) with `config=` the diffusers folder or id

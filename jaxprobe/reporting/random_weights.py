@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-RANDOM_MODEL_NAMES = ("tiny", "sd15-random", "sdxl-random", "dit-random", "pixart-random", "sd3-random")
+RANDOM_MODEL_NAMES = ("tiny", "sd15-random", "sdxl-random", "dit-random", "pixart-random", "sd3-random", "flux-random")
 
 
 def is_random_weights(source: Any) -> bool:
     """Whether `source` names one of the bundled random-weight models (RANDOM_MODEL_NAMES: "tiny",
-    "sd15-random", "sdxl-random", "dit-random", "pixart-random", "sd3-random"), the one test every report asks.
+    "sd15-random", "sdxl-random", "dit-random", "pixart-random", "sd3-random", "flux-random"), the one test every report asks.
     `source`: a model source as `jaxprobe.load` takes
     it (str or Path), a pipeline (its `.source`), or a run's metadata (its "model"; a True
     "random_weights" flag counts too, so results made elsewhere can say so themselves)."""
