@@ -1,9 +1,11 @@
 """Benchmark: full-size denoiser sampling, jaxprobe (jitted lax.scan, capture on/off, steering) vs diffusers.
 
 The denoiser has SD 1.5's UNet (860M parameters, 64x64 latents), SDXL base's (2.6B, 128x128), DiT-XL/2 256's
-class-conditional transformer (750M, 32x32) or PixArt-Sigma 1024's (611M, 128x128, conditioned on given T5-XXL
-states) architecture with random weights; classifier-free guidance (denoiser batch = 2 x batch), the model's own
-sampler (PNDM, Euler, DDIM, DPM-Solver++).
+class-conditional transformer (750M, 32x32), PixArt-Sigma 1024's (611M, 128x128, conditioned on given T5-XXL
+states), SD3.5 Medium's MMDiT (2.2B, 128x128, given joint text states and pooled CLIP) or FLUX.1-schnell's
+transformer (11.9B, 128x128 latents packed 2x2, no guidance) architecture with random weights; classifier-free
+guidance (denoiser batch = 2 x batch) except for FLUX, the model's own sampler (PNDM, Euler, DDIM, DPM-Solver++,
+flow-matching Euler).
 Every row runs `--steps` denoising steps on the same inputs; rows are timed interleaved (`--repeats`
 rounds of every row in turn, after one warm-up each) and reported as median ms per UNet evaluation
 with the spread (min, max), so a shared machine's drift hits every row alike.
@@ -27,13 +29,18 @@ diffusers on GPU; `--dtype` overrides jaxprobe's.
     python scripts/bench_sampling.py --model pixart-random --batch 4 --steps 20 --json bench_pixart.json # GPU
     python scripts/bench_sampling.py --model dit-random --steps 1 --batch 1 \
         --rows capture_off capture_blocks diffusers_eager                                   # DiT on a CPU
+    python scripts/bench_sampling.py --model flux-random --batch 1 --steps 4 --json bench_flux.json  # GPU
+    python scripts/bench_sampling.py --model sd3-random --batch 2 --steps 28 --json bench_sd3.json    # GPU
     python scripts/bench_sampling.py --model toy --steps 3 --batch 1                         # a smoke run
+    python scripts/bench_sampling.py --model flux-toy --steps 2 --batch 1                    # (also sd3-toy)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import inspect
 import json
 import platform
 import resource
@@ -48,12 +55,17 @@ import numpy as np
 from jaxprobe.checkpoints.random import (
     DIT_SCHEDULER,
     PIXART_SCHEDULER,
+    RANDOM_MODELS,
+    SD3_SCHEDULER,
     SD15_SCHEDULER,
     SDXL_SCHEDULER,
     random_params,
 )
+from jaxprobe.models import flux as flux_model
 from jaxprobe.models import schedulers
 from jaxprobe.models.dit import DiTConfig
+from jaxprobe.models.flux import FluxConfig
+from jaxprobe.models.sd3 import SD3Config
 from jaxprobe.models.families import family_of_config
 from jaxprobe.models.layers import attention_implementation
 from jaxprobe.models.pixart import PixArtConfig
@@ -82,9 +94,21 @@ MODELS = {
     "dit-random": (dict(sample_size=32, out_channels=8, num_embeds_ada_norm=1000), DIT_SCHEDULER),
     "pixart-random": (dict(sample_size=128, out_channels=8, caption_channels=4096, cross_attention_dim=1152,
                            interpolation_scale=2, use_additional_conditions=False), PIXART_SCHEDULER),
+    # the random models' own transformer configs (SD3.5 Medium, FLUX.1-schnell); diffusers gets the fields it takes
+    "sd3-random": (dataclasses.asdict(RANDOM_MODELS["sd3-random"](0)["transformer"]), SD3_SCHEDULER),
+    "flux-random": (dataclasses.asdict(RANDOM_MODELS["flux-random"](0)["transformer"]), flux_model.FLUX_SCHNELL_SCHEDULER),
+    "sd3-toy": (dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+                     num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=32,
+                     pos_embed_max_size=16, qk_norm="rms_norm"), SD3_SCHEDULER),
+    "flux-toy": (dict(sample_size=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                      joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+                 flux_model.FLUX_SCHNELL_SCHEDULER),
 }
 # Which jaxprobe config and diffusers class each model's kwargs build (the rest are UNets).
-KINDS = {"dit-random": (DiTConfig, "DiTTransformer2DModel"), "pixart-random": (PixArtConfig, "PixArtTransformer2DModel")}
+KINDS = {"dit-random": (DiTConfig, "DiTTransformer2DModel"), "pixart-random": (PixArtConfig, "PixArtTransformer2DModel"),
+         "sd3-random": (SD3Config, "SD3Transformer2DModel"), "sd3-toy": (SD3Config, "SD3Transformer2DModel"),
+         "flux-random": (FluxConfig, "FluxTransformer2DModel"), "flux-toy": (FluxConfig, "FluxTransformer2DModel")}
+SD3_TOKENS = 77 + 256   # CLIP's tokens, then T5's, as StableDiffusion3Pipeline joins them
 TEXT_TOKENS, POOLED_WIDTH = 77, 1280
 T5_TOKENS, T5_REAL_TOKENS = 300, 24   # PixArt-Sigma's padded prompt length, and a short prompt's real tokens
 # The capture row's sites (spatial mean at every step): every block output, or for SDXL the four hook points
@@ -106,11 +130,18 @@ def make_config(model: str, kwargs: dict):
 
 
 def make_inputs(config, batch: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Initial noise (batch, h, w, 4) and the CFG pair's conditioning (2 x batch rows, [uncond; cond]),
-    channels last: text states (UNets), null class and classes (DiT), padded T5 states and their mask (PixArt)."""
+    """Initial noise (batch, h, w, latent channels) and the CFG pair's conditioning (2 x batch rows, [uncond; cond]),
+    channels last: text states (UNets), null class and classes (DiT), padded T5 states and their mask (PixArt),
+    joint text states and pooled CLIP (SD3; FLUX with one row per prompt, as it runs unguided)."""
     rng = np.random.default_rng(seed)
     side = config.sample_size
-    noise = rng.standard_normal((batch, side, side, config.in_channels)).astype(np.float32)
+    channels = config.latent_channels if isinstance(config, FluxConfig) else config.in_channels
+    noise = rng.standard_normal((batch, side, side, channels)).astype(np.float32)
+    if isinstance(config, (SD3Config, FluxConfig)):   # FLUX has no CFG pair: one row per prompt
+        rows, tokens = (batch, flux_model.T5_SEQUENCE_LENGTH) if isinstance(config, FluxConfig) else (2 * batch, SD3_TOKENS)
+        return noise, {"encoder_hidden_states": rng.standard_normal((rows, tokens, config.joint_attention_dim)
+                                                                    ).astype(np.float32),
+                       "pooled_projections": rng.standard_normal((rows, config.pooled_projection_dim)).astype(np.float32)}
     if isinstance(config, DiTConfig):
         labels = np.concatenate([np.full(batch, config.null_class), rng.integers(0, config.null_class, batch)])
         return noise, {"class_labels": labels.astype(np.int32)}
@@ -137,11 +168,17 @@ def jax_runner(module, params, schedule, plan, noise, conditioning, inputs=None)
     if memory is not None:
         figures["temp_bytes"] = int(memory.temp_size_in_bytes)
     return lambda: jax.block_until_ready(compiled(params, schedule, noise, conditioning, scale, inputs)), figures
+def guided_model(model: str) -> bool:
+    """Whether the model samples with classifier-free guidance (FLUX embeds its guidance or has none)."""
+    return KINDS.get(model, (None,))[0] is not FluxConfig
+
+
 def bottleneck(config) -> str:
     return family_of_config(config).bottleneck(config)
 
 
-def steering(module, params, config, batch: int, evals: int) -> tuple[Plan, dict, np.ndarray, np.ndarray]:
+def steering(module, params, config, batch: int, evals: int, guided: bool = True
+             ) -> tuple[Plan, dict, np.ndarray, np.ndarray]:
     """The steering row: Patch then Steer on the bottleneck at every step. Returns the plan, its inputs, and the
     vector (c,) and patch source (batch, evals, h, w, c) or (batch, evals, tokens, c) for the diffusers hook."""
     family = family_of_config(config)
@@ -155,8 +192,8 @@ def steering(module, params, config, batch: int, evals: int) -> tuple[Plan, dict
     source = rng.standard_normal((batch, evals, *mid)).astype(np.float32)
     specs, rows, shared = plan_interventions(
         [Patch(prefix + site, source), Steer(prefix + site, vector, scale=2.0)],
-        {"prefix:denoiser": prefix, "denoiser": shapes}, n_prompts=batch, n_steps=evals, guided=True)
-    plan = Plan(sample=True, guided=True, interventions=specs)
+        {"prefix:denoiser": prefix, "denoiser": shapes}, n_prompts=batch, n_steps=evals, guided=guided)
+    plan = Plan(sample=True, guided=guided, interventions=specs)
     return plan, {"interventions": rows, "intervention_values": shared}, vector, source
 
 
@@ -173,12 +210,27 @@ def torch_runner(model: str, kwargs: dict, noise: np.ndarray, conditioning: dict
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch_cls = getattr(diffusers, KINDS.get(model, (None, "UNet2DConditionModel"))[1])
-    unet = torch_cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}).to(device, dtype).eval()
+    accepted = inspect.signature(torch_cls.__init__).parameters   # our configs add derived fields (sample_size)
+    unet = torch_cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
+                        if k in accepted}).to(device, dtype).eval()
     if compile_:
         unet = torch.compile(unet, mode="max-autotune" if device == "cuda" else "default", fullgraph=True)
     as_torch = lambda a: torch.from_numpy(a).to(device, dtype)
-    x = as_torch(np.concatenate([noise, noise])).permute(0, 3, 1, 2).contiguous()
-    if "class_labels" in conditioning:       # DiT
+    guided = guided_model(model)
+    x = as_torch(np.concatenate([noise, noise]) if guided else noise).permute(0, 3, 1, 2).contiguous()
+    if KINDS.get(model, (None,))[0] is FluxConfig:   # FluxPipeline's packed 2x2 tokens, rotary ids, sigma as t
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        img_ids = torch.from_numpy(flux_model.image_ids(h // 2, w // 2)).to(device, dtype)
+        context, pooled = as_torch(conditioning["encoder_hidden_states"]), as_torch(conditioning["pooled_projections"])
+        txt_ids = torch.zeros(context.shape[1], 3, device=device, dtype=dtype)
+        call = lambda t: unet(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,  # noqa: E731
+                              timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids, guidance=None)
+    elif "pooled_projections" in conditioning:   # SD3
+        context, pooled = as_torch(conditioning["encoder_hidden_states"]), as_torch(conditioning["pooled_projections"])
+        call = lambda t: unet(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,  # noqa: E731
+                              timestep=t)
+    elif "class_labels" in conditioning:       # DiT
         labels = torch.from_numpy(conditioning["class_labels"]).long().to(device)
         call = lambda t: unet(x, timestep=t, class_labels=labels)  # noqa: E731
     elif "encoder_attention_mask" in conditioning:   # PixArt
@@ -208,17 +260,21 @@ def torch_runner(model: str, kwargs: dict, noise: np.ndarray, conditioning: dict
 
         def edit(module, args, output):   # both CFG halves, as branch="both"
             now = source[:, step[0] % source.shape[1]]
-            return now.repeat(2, *(1,) * (now.ndim - 1)) + vector
+            new = (now.repeat(2, *(1,) * (now.ndim - 1)) if guided else now) + vector
+            if isinstance(output, tuple):   # a joint block's (text, image) streams: the image one is edited
+                return tuple(new if o.shape == new.shape else o for o in output)
+            return new
         unet.get_submodule(hook_site).register_forward_hook(edit)
 
     @torch.no_grad()
     def loop():
         kept.clear()
         for t in range(evals):
-            eps = call(torch.full((x.shape[0],), 999 - t, device=device)).sample
+            eps = call(torch.full((x.shape[0],), 999 - t, device=device, dtype=dtype)).sample
             step[0] += 1
-            uncond, cond = eps.chunk(2)
-            _ = uncond + 7.5 * (cond - uncond)
+            if guided:
+                uncond, cond = eps.chunk(2)
+                _ = uncond + 7.5 * (cond - uncond)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -279,15 +335,16 @@ def main() -> None:
         s.removeprefix(prefix) for s in block_sites_of([prefix + n for n in flatten_intermediates(names)],
                                                        family.component, family.block_sites))
     grid = (config.sample_size // config.patch_size,) * 2 if family.patch_tokens else None
-    steer_plan, steer_inputs, vector, source = steering(module, params, config, args.batch, evals)
-    plans = {"capture_off": (Plan(sample=True, guided=True), None),
+    guided = guided_model(args.model)
+    steer_plan, steer_inputs, vector, source = steering(module, params, config, args.batch, evals, guided)
+    plans = {"capture_off": (Plan(sample=True, guided=guided), None),
              "capture_blocks": (Plan(denoiser_sites=blocks, denoiser_reductions=("mean",) * len(blocks), sample=True,
-                                     guided=True, token_grid=grid), None),
+                                     guided=guided, token_grid=grid), None),
              "steering": (steer_plan, steer_inputs)}
     figures: dict = {"model": args.model, "device": device.device_kind, "platform": device.platform,
                      "dtype": str(dtype), "attention": attention_implementation(device.platform),
                      "unet_parameters": int(sum(x.size for x in jax.tree.leaves(params))), "batch": args.batch,
-                     "cfg_unet_batch": 2 * args.batch, "steps": args.steps, "unet_evaluations": evals,
+                     "cfg_unet_batch": 2 * args.batch if guided else args.batch, "steps": args.steps, "unet_evaluations": evals,
                      "repeats": args.repeats, "captured_sites": list(blocks), "rows": rows, "jax": jax.__version__,
                      "python": platform.python_version()}
     runners: dict[str, Callable[[], None]] = {}

@@ -35,7 +35,7 @@ def test_same_seed_same_features_across_runs_and_batch_sizes(pipe):
     other_seed = pipe.capture(PROMPTS, ["latents"], num_inference_steps=3, seed=4, batch_size=4)
     for site in first:
         np.testing.assert_array_equal(first[site], again[site], err_msg=site)
-        np.testing.assert_allclose(first[site], single[site], rtol=0, atol=1e-6, err_msg=site)
+        np.testing.assert_allclose(first[site], single[site], rtol=1e-5, atol=1e-5, err_msg=site)
     assert np.abs(first["latents"] - other_seed["latents"]).max() > 0.1
 
 
