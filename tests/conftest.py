@@ -5,13 +5,19 @@ multi-host tests start. One persistent XLA compilation cache per run, in a tempo
 makes and every process inherits through the environment, compiles each once: a program loaded from it is
 the same executable. `JAX_COMPILATION_CACHE_DIR` set by the user is kept.
 
-`make test` runs `pytest -n 2 --dist loadgroup`. When a worker process dies (a native crash inside a
-compiler, the kernel's OOM killer), pytest-xdist 3.8's group scheduler can deadlock: it puts the dead
-worker's finished groups back on the queue as empty units and may hand the replacement worker a single
-test, which the worker holds until a second one arrives (pytest-xdist issues #1323, #1327, #1378). The
-run then never ends and CI times out with nothing reported. The scheduler below requeues only the
-tests that never ran, never reruns the one that took the worker down (xdist has already reported it
-failed), and keeps every live worker at least two tests ahead, so a crash costs one failed test.
+`make test` runs `pytest -n 2 --dist loadgroup`. Two things about that are ours:
+
+- Order. The run ends when the busier worker does, so the slowest work goes out first: every worker puts
+  the `slow`-marked tests at the front of its collection, and the scheduler keeps that order (xdist would
+  sort units by their number of tests, which says nothing about their time).
+- Crashes. When a worker process dies (a native crash inside XLA's CPU compiler, which this suite has
+  met a few times in full runs and never on demand, or the kernel's OOM killer), pytest-xdist 3.8's group
+  scheduler can deadlock: it puts the dead worker's finished groups back on the queue as empty units and
+  may hand the replacement a single test, which the worker holds until a second one arrives (pytest-xdist
+  issues #1323, #1327, #1378); CI then times out with nothing reported. The scheduler below requeues only
+  the tests that never ran, keeps every live worker two tests ahead, and runs the test that took a worker
+  down once more on a fresh one: a second crash fails it, and a crash that did not repeat is still named
+  in the summary, so neither is hidden.
 """
 
 from __future__ import annotations
@@ -37,8 +43,21 @@ except ImportError:   # plain `pytest` without xdist: nothing to schedule
     LoadGroupScheduling = None
 
 
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):   # only where the scheduler decides the order
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 if LoadGroupScheduling is not None:
     class CrashTolerantLoadGroupScheduling(LoadGroupScheduling):
+
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            self.crashed_once: list[str] = []
+
+        def schedule(self):
+            self.config.option.loadscopereorder = False   # keep the slow-first collection order
+            super().schedule()
 
         def remove_node(self, node):
             workload = self.assigned_work.pop(node)
@@ -46,11 +65,15 @@ if LoadGroupScheduling is not None:
             if not unfinished:
                 return None
             crashed = next(nodeid for unit in unfinished.values() for nodeid, done in unit.items() if not done)
-            unfinished[self._split_scope(crashed)][crashed] = True
+            rerun = crashed not in self.crashed_once
+            if rerun:
+                self.crashed_once.append(crashed)
+            else:
+                unfinished[self._split_scope(crashed)][crashed] = True
             self.workqueue.update((scope, unit) for scope, unit in unfinished.items() if not all(unit.values()))
             for other in self.assigned_work:
                 self._reschedule(other)
-            return crashed
+            return None if rerun else crashed   # xdist reports a returned test as failed
 
         def _reschedule(self, node):
             if node.shutting_down:
@@ -64,4 +87,14 @@ if LoadGroupScheduling is not None:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_xdist_make_scheduler(config, log):
-        return CrashTolerantLoadGroupScheduling(config, log) if config.getvalue("dist") == "loadgroup" else None
+        if config.getvalue("dist") != "loadgroup":
+            return None
+        config.crash_tolerant_scheduler = CrashTolerantLoadGroupScheduling(config, log)
+        return config.crash_tolerant_scheduler
+
+    def pytest_terminal_summary(terminalreporter, config):
+        scheduler = getattr(config, "crash_tolerant_scheduler", None)
+        if scheduler is not None and scheduler.crashed_once:
+            terminalreporter.write_sep("=", "tests that took their worker down and were run again", red=True)
+            for nodeid in scheduler.crashed_once:
+                terminalreporter.write_line(nodeid)
