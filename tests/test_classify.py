@@ -26,6 +26,8 @@ from jaxprobe.cli import app
 from jaxprobe.errors import InputError
 from jaxprobe.pipeline.images import load_image_folder
 
+pytestmark = pytest.mark.xdist_group("classify")   # one process runs the classification the tests share
+
 SHAPES = {"red_circle": ((220, 40, 40), "circle"), "green_square": ((40, 200, 60), "square"),
           "blue_triangle": ((50, 70, 230), "triangle")}
 SITES = ("unet.mid_block", "unet.up_blocks.0")   # equal widths: one vmapped linear fit

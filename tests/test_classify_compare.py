@@ -33,6 +33,8 @@ from jaxprobe.studies.revelio.classify import (  # noqa: E402
     labelled,
 )
 
+pytestmark = pytest.mark.xdist_group("classify_compare")   # one process runs the comparison the tests share
+
 runner = CliRunner()
 
 

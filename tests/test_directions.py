@@ -20,6 +20,8 @@ from jaxprobe.cli import app
 from jaxprobe.errors import InputError
 from jaxprobe.probes.stats import percentile_interval
 
+pytestmark = pytest.mark.xdist_group("directions")   # one process builds the study the tests share
+
 T, D = 3, 24
 
 

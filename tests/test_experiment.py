@@ -13,6 +13,8 @@ from jaxprobe.errors import InputError
 from jaxprobe.studies.norms_probing.experiment import ExperimentConfig, concept_features, run_experiment
 from jaxprobe.features.extract import build_prompts
 
+pytestmark = pytest.mark.xdist_group("experiment")   # one process runs the study the tests share
+
 SMALL = dict(max_concepts=24, num_inference_steps=3, n_permutations=3, n_bootstrap=10, outer_cv=3, inner_cv=3,
              unet_sites=("unet.mid_block", "latents"), templates=("a photo of a {concept}", "a drawing of a {concept}"))
 
