@@ -243,12 +243,15 @@ def torch_runner(model: str, kwargs: dict, noise: np.ndarray, conditioning: dict
                  if "time_ids" in conditioning else None)
         call = lambda t: unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added)  # noqa: E731
     step, kept = [0], []
+    joint = "pooled_projections" in conditioning   # SD3's and FLUX's blocks return (text, image) streams
     for name in capture:
-        module_name, _, kind = name.rpartition(".") if name.endswith(".contribution") else (name, "", "")
+        module_name, _, kind = name.rpartition(".") if name.endswith((".contribution", ".context")) else (name, "", "")
 
         def keep(module, args, kwargs, output, kind=kind):
-            out = output[0] if isinstance(output, tuple) else output
-            if kind:   # jaxprobe's X.contribution: output minus input
+            out = output
+            if isinstance(output, tuple):   # jaxprobe's X.context is a joint block's text stream
+                out = output[1] if joint and kind != "context" else output[0]
+            if kind == "contribution":   # jaxprobe's X.contribution: output minus input
                 out = out - (args[0] if args else kwargs["hidden_states"])
             kept.append(out.mean(dim=(2, 3)) if out.ndim == 4 else out.mean(dim=1))   # maps or tokens
         unet.get_submodule(module_name).register_forward_hook(keep, with_kwargs=True)
@@ -261,8 +264,8 @@ def torch_runner(model: str, kwargs: dict, noise: np.ndarray, conditioning: dict
         def edit(module, args, output):   # both CFG halves, as branch="both"
             now = source[:, step[0] % source.shape[1]]
             new = (now.repeat(2, *(1,) * (now.ndim - 1)) if guided else now) + vector
-            if isinstance(output, tuple):   # a joint block's (text, image) streams: the image one is edited
-                return tuple(new if o.shape == new.shape else o for o in output)
+            if isinstance(output, tuple):   # a joint block's (text, image) streams; the image one is edited
+                return tuple(new if o is not None and o.shape == new.shape else o for o in output)
             return new
         unet.get_submodule(hook_site).register_forward_hook(edit)
 
