@@ -132,6 +132,8 @@ def test_text_sites_of_a_class_conditional_pipeline_are_refused(dit_pipe):
         dit_pipe.capture(CLASSES, ["text_encoder.*"], num_inference_steps=2)
     with pytest.raises(InputError, match="did you mean 'golden retriever'"):
         dit_pipe.capture(["golden retreiver"], ["transformer.norm_out"], num_inference_steps=2)
+    with pytest.raises(InputError, match="has no text encoder"):
+        dit_pipe.generate(CLASSES, num_inference_steps=2, text_layer=1)
 
 
 def _reference_latents(reference, monkeypatch, latents: np.ndarray, hook=None) -> np.ndarray:

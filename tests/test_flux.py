@@ -154,6 +154,9 @@ def test_flux_sites_name_both_streams_of_every_block(flux_pipeline):
     assert {s.split(".")[0] for s in pipe.select("text_encoder*.*")} == {"text_encoder", "text_encoder_2"}
     assert pipe.bottleneck_site == "transformer.single_transformer_blocks.0"   # the middle of 2 + 2 blocks
     assert pipe.summary_text_site == "text_encoder.text_model.final_layer_norm"   # CLIP's, the first tower
+    from jaxprobe.errors import InputError
+    with pytest.raises(InputError, match="flux takes its context from a T5 encoder"):   # before anything compiles
+        pipe.generate(["a cat"], num_inference_steps=1, text_layer=1)
 
 
 @pytest.mark.parametrize("stream", ["", pytest.param(".context", marks=pytest.mark.slow)])

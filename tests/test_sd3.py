@@ -119,6 +119,21 @@ def test_guided_sampling_matches_the_diffusers_sd3_pipeline(sd3_pipeline):
     assert pooled.shape == (2, 64)
 
 
+def test_the_lens_reads_a_layer_of_both_clip_towers_as_diffusers_clip_skip(sd3_pipeline):
+    """SD3's Diffusion Lens: both CLIP towers' hidden state k, raw, in place of the penultimate one (T5's part
+    unchanged), so text_layer=-(s + 2) is diffusers' clip_skip=s."""
+    if not sd3_pipeline["t5"]:
+        pytest.skip("one pipeline suffices: the T5-less one reads the same CLIP towers")
+    reference, pipe = sd3_pipeline["reference"], sd3_pipeline["pipe"]
+    feats = pipe.capture(PROMPTS, ["transformer.context_embedder"], num_inference_steps=1, guidance_scale=1.0,
+                         height=16, width=16, text_layer=-3, reduce="none")
+    with torch.no_grad():
+        embeds, _, _, _ = reference.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False,
+                                                  clip_skip=1)
+        projected = reference.transformer.context_embedder(embeds).numpy()
+    assert relative_error(feats["transformer.context_embedder"][:, 0], projected) < RTOL
+
+
 def test_sd3_sites_name_both_streams(sd3_pipeline):
     pipe = sd3_pipeline["pipe"]
     blocks = pipe.select("transformer.transformer_blocks.*")

@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import sd_reference  # noqa: E402
 from jaxprobe.checkpoints.diffusers import load_unet  # noqa: E402
-from jaxprobe.errors import CheckpointError  # noqa: E402
+from jaxprobe.errors import CheckpointError, InputError  # noqa: E402
 from jaxprobe.models.unet import UNetConfig  # noqa: E402
 from jaxprobe.pipeline.sites import flatten_intermediates  # noqa: E402
 
@@ -125,6 +125,26 @@ def test_guided_euler_sampling_matches_the_diffusers_sdxl_pipeline(force_zeros, 
     _close(feats["latents"][:, -1], theirs.transpose(0, 2, 3, 1))
     np.testing.assert_allclose(feats["text_encoder_2.text_projection"], pooled.numpy(), atol=1e-5)
     np.testing.assert_allclose(feats["text_encoder.text_model.encoder.layers.1"], embeds.numpy()[..., :32], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_lens_reads_a_layer_of_both_towers_as_diffusers_clip_skip(tmp_path):
+    """SDXL's Diffusion Lens: both CLIP towers' hidden state k, raw, where the penultimate one goes, so
+    text_layer=-(s + 2) is diffusers' clip_skip=s (the pooled embedding stays the whole second tower's)."""
+    import jaxprobe
+
+    reference = sd_reference.save_sdxl_pipeline(tmp_path / "sdxl")
+    pipe = jaxprobe.load(tmp_path / "sdxl")
+    latents, kw = _latents(), dict(num_inference_steps=2, guidance_scale=5.0)
+    feats = pipe.capture(PROMPTS, ["latents"], latents=latents, timesteps=[-1], reduce="none", text_layer=-3, **kw)
+    with torch.no_grad():
+        lens, normal = (reference(PROMPTS, latents=torch.from_numpy(latents), output_type="latent", clip_skip=skip,
+                                  **kw).images.numpy() for skip in (1, None))
+    assert not np.allclose(lens, normal, atol=1e-3)
+    _close(feats["latents"][:, -1], lens.transpose(0, 2, 3, 1))
+    for wrong in (4, -5, 1.5):
+        with pytest.raises(InputError, match="text_layer must be a layer of text_encoder and text_encoder_2 in 0..3"):
+            pipe.capture(PROMPTS, ["latents"], latents=latents, text_layer=wrong, **kw)
 
 
 # Turbo's scheduler: SDXL-Turbo's scheduler_config is Euler ancestral with trailing spacing, epsilon prediction.

@@ -38,6 +38,8 @@ def block_sites(config: Any) -> tuple[str, ...]:
 ATTENTION_MASK = "attention_mask"
 # ... and under which a CLIP text pass hands on its pooled output (the final states at EOS, unprojected: FLUX's).
 POOLED_OUTPUT = "pooler_output"
+# ... and, under the Diffusion Lens, the layer whose raw states stand in for the tower's penultimate ones.
+LENS_OUTPUT = "lens_output"
 
 
 def takes_attention_mask(config: Any) -> bool:

@@ -11,7 +11,9 @@ value in `FAMILIES`. The rest of the package asks the family, never the model cl
     sites       `block_sites` (regexes that wildcards reach) and `bottleneck(config)`: the h-space site
                 the directions study and the classifiers start from (it depends on the depth)
     conditioning `text_encoders` it reads, `context_site` (the first tower's site whose activation is
-                the context; the Diffusion Lens feeds it), and `conditioning(activations, extras)`:
+                the context; the Diffusion Lens feeds layer k into it) or `lens_towers` (CLIP towers whose
+                raw penultimate states are read; the lens reads layer k's instead, as diffusers' `clip_skip`
+                does), and `conditioning(activations, extras)`:
                 {tower: {site: activation}} and per-run extras (SDXL's time ids, DiT's class labels)
                 -> the keyword inputs of one evaluation beyond latents and timestep. `class_conditioned`
                 families (DiT) read no text: prompts are class names or labels (`pipeline.labels`)
@@ -36,7 +38,7 @@ import numpy as np
 
 from jaxprobe.errors import CheckpointError
 from jaxprobe.models import dit, flux, pixart, sd3, unet
-from jaxprobe.models.encoders import ATTENTION_MASK, POOLED_OUTPUT
+from jaxprobe.models.encoders import ATTENTION_MASK, LENS_OUTPUT, POOLED_OUTPUT
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class DenoiserFamily:
     flow_sigmas: Callable[[int], np.ndarray] | None = None
     summary_text_site: str = "text_model.final_layer_norm"   # the first tower's last layer, the text-side
     #                                                 comparison of the studies (CLIP's; T5's for PixArt)
+    lens_towers: tuple[str, ...] = ()               # CLIP towers read through `context_states` (SDXL, SD3)
 
 
 def _sd_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
@@ -83,11 +86,17 @@ def penultimate_site(acts: Mapping[str, jax.Array]) -> str:
     return f"text_model.encoder.layers.{last - 1}"
 
 
+def context_states(acts: Mapping[str, jax.Array]) -> jax.Array:
+    """The states (b, tokens, d) a CLIP tower conditions SDXL and SD3 with: its penultimate layer's, or under
+    the Diffusion Lens the chosen layer's."""
+    return acts[LENS_OUTPUT] if LENS_OUTPUT in acts else acts[penultimate_site(acts)]
+
+
 def _sdxl_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
                        ) -> dict[str, jax.Array]:
     """SDXL: every tower's penultimate hidden states side by side (b, tokens, sum of widths), the pooled
     projection of text_encoder_2 (b, d), and the micro-conditioning time ids (b, 5 or 6)."""
-    context = jnp.concatenate([a[penultimate_site(a)] for a in acts.values()], axis=-1)
+    context = jnp.concatenate([context_states(a) for a in acts.values()], axis=-1)
     return {"encoder_hidden_states": context, "text_embeds": acts["text_encoder_2"]["text_projection"],
             "time_ids": extras["time_ids"]}
 
@@ -120,7 +129,8 @@ def _is_sdxl(config: Any) -> bool:
 # SDXL is the SD UNet with added text-time conditioning and two text towers (a refiner: the second alone).
 SDXL = dataclasses.replace(
     STABLE_DIFFUSION, name="stable-diffusion-xl", text_encoders=("text_encoder", "text_encoder_2"),
-    context_site="", conditioning=_sdxl_conditioning, apply=_sdxl_apply, matches=_is_sdxl)
+    context_site="", lens_towers=("text_encoder", "text_encoder_2"), conditioning=_sdxl_conditioning,
+    apply=_sdxl_apply, matches=_is_sdxl)
 STABLE_DIFFUSION = dataclasses.replace(STABLE_DIFFUSION, matches=lambda config: not _is_sdxl(config))
 
 
@@ -190,8 +200,7 @@ def _sd3_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mappi
     """SD3: CLIP-L's and bigG's penultimate states side by side, zero-padded to T5's width, then T5's final states
     after them along the tokens (zeros of extras["t5_context"]'s shape when the folder has no text_encoder_3);
     pooled: both CLIP projections side by side, as StableDiffusion3Pipeline.encode_prompt builds them."""
-    clip = jnp.concatenate([acts[tower][penultimate_site(acts[tower])] for tower in ("text_encoder", "text_encoder_2")],
-                           axis=-1)
+    clip = jnp.concatenate([context_states(acts[tower]) for tower in ("text_encoder", "text_encoder_2")], axis=-1)
     if "text_encoder_3" in acts:
         t5 = acts["text_encoder_3"]["encoder.final_layer_norm"]
     else:   # the same zeros for every row, however many rows the text passes have (one negative prompt)
@@ -213,7 +222,8 @@ SD3 = DenoiserFamily(
     read_config=sd3.SD3Config.from_dict, module=lambda config, dtype: sd3.SD3Transformer2DModel(config, dtype),
     example_inputs=sd3.example_inputs, block_sites=sd3.BLOCK_SITES, bottleneck=middle_block,
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), context_site="",
-    conditioning=_sd3_conditioning, apply=_sd3_apply, rename_keys=sd3.rename_keys,
+    lens_towers=("text_encoder", "text_encoder_2"), conditioning=_sd3_conditioning, apply=_sd3_apply,
+    rename_keys=sd3.rename_keys,
     latent_multiple=lambda config: config.patch_size, patch_tokens=True, unmasked_towers=("text_encoder_3",))
 
 

@@ -1,5 +1,6 @@
 """The Diffusion Lens (Toker et al. 2024): what each text-encoder layer already "says", shown by
-conditioning the denoiser on that layer's hidden state passed through the final layer norm.
+conditioning the denoiser on that layer's hidden state passed through the final layer norm (SD), or read
+raw where SDXL and SD3 read their CLIP towers' penultimate states (diffusers' `clip_skip`).
 
 `diffusion_lens` is one `generate(text_layer=k)` per layer (one compiled program each, the same noise
 for every layer); `write_lens` adds the prompts x layers image grid and a page (`jaxprobe lens`).

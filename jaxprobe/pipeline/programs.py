@@ -74,7 +74,7 @@ class Plan:
     return_images: bool = False
     zero_uncond: bool = False                # SDXL's force_zeros_for_empty_prompt: the unconditional inputs are 0
     interventions: tuple[Spec, ...] = ()     # in list order (pipeline.interventions); values are in the inputs
-    text_layer: str | None = None            # Diffusion Lens: this text-encoder site feeds the context site
+    text_layer: tuple[tuple[str, str], ...] | None = None   # Diffusion Lens: (tower, the site read instead)
     token_grid: tuple[int, int] | None = None  # patch-token denoisers (DiT): (h, w) of their (b, h*w, d) tokens
 
 
@@ -82,20 +82,24 @@ def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "te
                inputs: Mapping[str, Any] | None = None, branch: str = "cond", eos: jax.Array | None = None
                ) -> dict[str, jax.Array]:
     """{site: activation} of one pass of a text tower, with the plan's text interventions of `branch`
-    ("cond": the prompts, "uncond": the negative prompt) and the Diffusion Lens applied (both act on the
-    first tower, `text_encoder`). eos (b,): where each prompt's real tokens end; a tower that masks its
+    ("cond": the prompts, "uncond": the negative prompt; they act on the first tower, `text_encoder`) and the
+    Diffusion Lens on the towers the plan names. eos (b,): where each prompt's real tokens end; a tower that masks its
     padding (T5) is given that mask, and hands it on under `encoders.ATTENTION_MASK` for the conditioning."""
     first = component == "text_encoder"
     specs = [(s, v) for s, v in with_values(plan.interventions, "text", inputs or {})
              if s.branch in (branch, "both")] if first else []
-    lens = {models.family.context_site: plan.text_layer} if plan.text_layer is not None and first else None
+    lens = dict(plan.text_layer or ()).get(component)
+    context_site = models.family.context_site   # fed the lens layer (SD); else the layer is read raw (SDXL, SD3)
     prefix = f"{component}."
     module = getattr(models, component)
     args = encoders.text_inputs(module.config, ids, eos)
-    with intervening(specs, feed=lens), sowing_inputs(plan.text_sites, prefix):
+    with intervening(specs, feed={context_site: lens} if lens and context_site else None), \
+            sowing_inputs(plan.text_sites, prefix):
         out, state = module.apply({"params": params[component]}, *args, mutable=["intermediates"])
     acts = with_contributions(flatten_intermediates(state["intermediates"]),
                               [s for s in plan.text_sites if s.startswith(prefix)], prefix)
+    if lens and not context_site:
+        acts[encoders.LENS_OUTPUT] = acts[lens]
     if len(args) > 1:
         acts[encoders.ATTENTION_MASK] = args[1]
     if isinstance(out, Mapping) and encoders.POOLED_OUTPUT in out:   # CLIP: pooled at its own EOS rule

@@ -276,28 +276,46 @@ def plan_capture(pipe: "Pipeline", sites: Sequence[str], *, return_images: bool 
     return plan, schedule
 
 
+def _lens_layers(pipe: "Pipeline", text_layer: Any) -> tuple[tuple[str, str], ...]:
+    """The Diffusion Lens' (tower, site read instead) pairs for `text_layer`, counted as transformers'
+    `hidden_states[k]` in every CLIP tower the context comes from: SD feeds it to the final layer norm, SDXL
+    and SD3 read it raw in place of `hidden_states[-2]` (so -(s + 2) is diffusers' `clip_skip=s`)."""
+    family = pipe.family
+    if not family.text_encoders:
+        raise InputError(f"text_layer (the Diffusion Lens) swaps a text-encoder layer; {pipe.source} has no text "
+                         "encoder")
+    if family.context_site.startswith("text_model."):
+        towers = ("text_encoder",)
+    else:
+        towers = tuple(t for t in family.lens_towers if getattr(pipe, t, None) is not None)
+    if not towers:
+        raise InputError(f"text_layer (the Diffusion Lens) swaps the CLIP layer a denoiser is conditioned on; "
+                         f"{family.name} takes its context from a T5 encoder (CLIP gives it at most a pooled vector), "
+                         "so there is no CLIP layer to swap")
+    depths = [getattr(pipe, t).config.num_hidden_layers for t in towers]
+    n = min(depths)
+    normal = (f"{n}: the normal run" if len(towers) == 1 and family.context_site else
+              "-2: the normal run (the penultimate layer); -(s + 2): diffusers' clip_skip=s")
+    if isinstance(text_layer, bool) or not isinstance(text_layer, (int, np.integer)) or not -n - 1 <= text_layer <= n:
+        raise InputError(f"text_layer must be a layer of {' and '.join(towers)} in 0..{n} (0: the token "
+                         f"embeddings, k: the output of the k-th layer; negative ones count from each tower's end; "
+                         f"{normal}), not {text_layer!r}")
+    pairs = []
+    for tower, depth in zip(towers, depths):
+        k = int(text_layer) % (depth + 1)
+        pairs.append((tower, "text_model.embeddings" if k == 0 else f"text_model.encoder.layers.{k - 1}"))
+    return tuple(pairs)
+
+
 def _with_interventions(pipe: "Pipeline", plan: Plan, schedule: schedulers.Schedule | None,
                         interventions: Sequence[Intervention], text_layer: int | None, n_prompts: int
                         ) -> tuple[Plan, dict[str, Any], dict[str, Any]]:
     """The plan with its interventions' static specs and the Diffusion Lens layer, and the interventions'
     (per-prompt, shared) values, all validated before anything runs."""
     if text_layer is not None:
-        if pipe.text_encoder is None:
-            raise InputError(f"text_layer (the Diffusion Lens) feeds a text-encoder layer; {pipe.source} has no text "
-                             "encoder")
-        if pipe.family.name == "pixart":
-            raise InputError("text_layer (the Diffusion Lens) feeds CLIP layers into CLIP's final layer norm; it is not "
-                             "implemented for PixArt's T5 encoder")
-        n_layers = pipe.text_encoder.config.num_hidden_layers
         if not plan.sample:
             raise InputError("text_layer changes what conditions the denoiser: generate, or capture a denoiser site")
-        if not isinstance(text_layer, (int, np.integer)) or not -n_layers - 1 <= text_layer <= n_layers:
-            raise InputError(f"text_layer must be a text-encoder layer in 0..{n_layers} (0: the token embeddings, "
-                             f"k: the output of the k-th layer, {n_layers}: the normal run; negative ones count "
-                             f"from the end), not {text_layer!r}")
-        k = int(text_layer) % (n_layers + 1)
-        plan = dataclasses.replace(plan, text_layer="text_model.embeddings" if k == 0 else
-                                   f"text_model.encoder.layers.{k - 1}")
+        plan = dataclasses.replace(plan, text_layer=_lens_layers(pipe, text_layer))
     if not interventions:
         return plan, {}, {}
     if isinstance(interventions, (str, bytes)) or not isinstance(interventions, Sequence):
@@ -432,7 +450,9 @@ def generate(pipe: "Pipeline", prompts: Sequence[str], *, sites: Sequence[str] |
     interventions: as in `Pipeline.capture`. text_layer: the Diffusion Lens (Toker et al. 2024): the
     denoiser is conditioned on the text encoder's hidden state k (counted as transformers'
     `hidden_states[k]`: 0 the token embeddings, k the output of `text_model.encoder.layers.{k-1}`, the
-    number of layers the normal run) passed through the final layer norm. micro_conditioning: SDXL's
+    number of layers the normal run) passed through the final layer norm. SDXL and SD3 read both CLIP
+    towers' state k raw where they normally read the penultimate one (-2 is the normal run, -(s + 2)
+    diffusers' `clip_skip=s`); FLUX, PixArt and DiT are refused. micro_conditioning: SDXL's
     time-id options, as in `Pipeline.capture`.
     """
     if output_type not in ("np", "pil"):
