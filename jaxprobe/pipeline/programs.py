@@ -89,7 +89,8 @@ def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "te
     specs = [(s, v) for s, v in with_values(plan.interventions, "text", inputs or {})
              if s.branch in (branch, "both")] if first else []
     lens = dict(plan.text_layer or ()).get(component)
-    context_site = models.family.context_site   # fed the lens layer (SD); else the layer is read raw (SDXL, SD3)
+    # the lens layer is fed to the context site (SD), or read raw where the penultimate one was (SDXL, SD3)
+    context_site = models.family.context_site if lens else None
     prefix = f"{component}."
     module = getattr(models, component)
     args = encoders.text_inputs(module.config, ids, eos)
