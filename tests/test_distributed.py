@@ -39,8 +39,7 @@ def _free_port() -> int:
 def test_two_processes_share_extraction_and_probes_and_match_one_process(tmp_path):
     config = tmp_path / "config.toml"
     config.write_text(CONFIG + f'cache = "{tmp_path / "cache"}"\nout = "{tmp_path / "two"}"\n')
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}   # this process's XLA flags: equal results need the same compiler
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "jaxprobe.cli", "--coordinator", f"localhost:{port}",
                                "--num-processes", "2", "--process-id", str(i), "run", str(config)],
