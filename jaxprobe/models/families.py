@@ -10,10 +10,10 @@ value in `FAMILIES`. The rest of the package asks the family, never the model cl
     inputs      `example_inputs(config, batch)` -> zeros for shape tracing (params, sites)
     sites       `block_sites` (regexes that wildcards reach) and `bottleneck(config)`: the h-space site
                 the directions study and the classifiers start from (it depends on the depth)
-    conditioning `text_encoders` it reads, `context_site` (the first tower's site whose activation is
-                the context; the Diffusion Lens feeds layer k into it) or `lens_towers` (CLIP towers whose
-                raw penultimate states are read; the lens reads layer k's instead, as diffusers' `clip_skip`
-                does), and `conditioning(activations, extras)`:
+    conditioning `text_encoders` it reads, `lens_towers` (the CLIP towers the Diffusion Lens acts on),
+                `context_site` (the first tower's site whose activation is the context: the lens feeds
+                layer k into it; "" when the context is the towers' raw penultimate states: the lens reads
+                layer k's instead, as diffusers' `clip_skip` does), and `conditioning(activations, extras)`:
                 {tower: {site: activation}} and per-run extras (SDXL's time ids, DiT's class labels)
                 -> the keyword inputs of one evaluation beyond latents and timestep. `class_conditioned`
                 families (DiT) read no text: prompts are class names or labels (`pipeline.labels`)
@@ -71,7 +71,7 @@ class DenoiserFamily:
     flow_sigmas: Callable[[int], np.ndarray] | None = None
     summary_text_site: str = "text_model.final_layer_norm"   # the first tower's last layer, the text-side
     #                                                 comparison of the studies (CLIP's; T5's for PixArt)
-    lens_towers: tuple[str, ...] = ()               # CLIP towers read through `context_states` (SDXL, SD3)
+    lens_towers: tuple[str, ...] = ()               # CLIP towers the Diffusion Lens acts on
 
 
 def _sd_conditioning(acts: Mapping[str, Mapping[str, jax.Array]], extras: Mapping[str, jax.Array]
@@ -120,7 +120,8 @@ STABLE_DIFFUSION = DenoiserFamily(
     config_cls=unet.UNetConfig, read_config=unet.UNetConfig.from_dict,
     module=lambda config, dtype: unet.UNet2DConditionModel(config, dtype), example_inputs=unet.example_inputs,
     block_sites=unet.BLOCK_SITES, bottleneck=lambda config: "mid_block", text_encoders=("text_encoder",),
-    context_site="text_model.final_layer_norm", conditioning=_sd_conditioning, apply=_sd_apply)
+    context_site="text_model.final_layer_norm", lens_towers=("text_encoder",), conditioning=_sd_conditioning,
+    apply=_sd_apply)
 
 def _is_sdxl(config: Any) -> bool:
     return getattr(config, "addition_embed_type", None) == "text_time"

@@ -83,18 +83,19 @@ def _text_pass(models: Models, params: Any, ids: jax.Array, component: str = "te
                ) -> dict[str, jax.Array]:
     """{site: activation} of one pass of a text tower, with the plan's text interventions of `branch`
     ("cond": the prompts, "uncond": the negative prompt; they act on the first tower, `text_encoder`) and the
-    Diffusion Lens on the towers the plan names. eos (b,): where each prompt's real tokens end; a tower that masks its
-    padding (T5) is given that mask, and hands it on under `encoders.ATTENTION_MASK` for the conditioning."""
+    Diffusion Lens on the towers the plan names. eos (b,): where each prompt's real tokens end; a tower that
+    masks its padding (T5) is given that mask, and hands it on under `encoders.ATTENTION_MASK` for the
+    conditioning."""
     first = component == "text_encoder"
     specs = [(s, v) for s, v in with_values(plan.interventions, "text", inputs or {})
              if s.branch in (branch, "both")] if first else []
     lens = dict(plan.text_layer or ()).get(component)
     # the lens layer is fed to the context site (SD), or read raw where the penultimate one was (SDXL, SD3)
-    context_site = models.family.context_site if lens else None
+    context_site = models.family.context_site if lens else ""
     prefix = f"{component}."
     module = getattr(models, component)
     args = encoders.text_inputs(module.config, ids, eos)
-    with intervening(specs, feed={context_site: lens} if lens and context_site else None), \
+    with intervening(specs, feed={context_site: lens} if context_site else None), \
             sowing_inputs(plan.text_sites, prefix):
         out, state = module.apply({"params": params[component]}, *args, mutable=["intermediates"])
     acts = with_contributions(flatten_intermediates(state["intermediates"]),

@@ -284,17 +284,14 @@ def _lens_layers(pipe: "Pipeline", text_layer: Any) -> tuple[tuple[str, str], ..
     if not family.text_encoders:
         raise InputError(f"text_layer (the Diffusion Lens) swaps a text-encoder layer; {pipe.source} has no text "
                          "encoder")
-    if family.context_site.startswith("text_model."):
-        towers = ("text_encoder",)
-    else:
-        towers = tuple(t for t in family.lens_towers if getattr(pipe, t, None) is not None)
+    towers = tuple(t for t in family.lens_towers if getattr(pipe, t, None) is not None)
     if not towers:
         raise InputError(f"text_layer (the Diffusion Lens) swaps the CLIP layer a denoiser is conditioned on; "
                          f"{family.name} takes its context from a T5 encoder (CLIP gives it at most a pooled vector), "
                          "so there is no CLIP layer to swap")
     depths = [getattr(pipe, t).config.num_hidden_layers for t in towers]
     n = min(depths)
-    normal = (f"{n}: the normal run" if len(towers) == 1 and family.context_site else
+    normal = (f"{n}: the normal run" if family.context_site else
               "-2: the normal run (the penultimate layer); -(s + 2): diffusers' clip_skip=s")
     if isinstance(text_layer, bool) or not isinstance(text_layer, (int, np.integer)) or not -n - 1 <= text_layer <= n:
         raise InputError(f"text_layer must be a layer of {' and '.join(towers)} in 0..{n} (0: the token "
