@@ -157,7 +157,7 @@ def bench_banded(args) -> None:
     pairs = [(A[i], B[i]) for i in range(args.feature_sets)]
     plan = nested_plan(n, outer=5, inner=5, seed=0)
     gammas = kernel_weights(2)
-    perms = np.stack([np.random.default_rng(p).permutation(n) for p in range(args.banded_permutations)])
+    perms = np.array([np.random.default_rng(p).permutation(n) for p in range(args.banded_permutations)], int).reshape(-1, n)
 
     def ours(designs):
         return cross_validate_banded(designs, Y, plan, (768, 1280), ALPHAS, gammas, standardize=False,
