@@ -49,30 +49,33 @@ def himalaya_banded(spaces, Y, splits, gammas):
 
 @pytest.fixture(scope="module")
 def spaces(binder):
-    """A carries the first 5 attributes, B the next 5 (B wider than n: the dual form), C the next 3."""
+    """A carries the first 5 attributes, B the next 5, C the next 3; W carries B's attributes over more
+    columns than there are training rows (with A: the dual form, the others are primal)."""
     rng = np.random.default_rng(0)
     Y = standard(binder.to_numpy())
-    return [encode(Y[:, :5], 30, 2.0, rng), encode(Y[:, 5:10], 300, 3.0, rng), encode(Y[:, 10:13], 12, 1.0, rng)]
+    return [encode(Y[:, :5], 30, 2.0, rng), encode(Y[:, 5:10], 300, 3.0, rng), encode(Y[:, 10:13], 12, 1.0, rng),
+            encode(Y[:, 5:10], 600, 3.0, rng)]
 
 
-@pytest.mark.parametrize("n_spaces", [2, 3])
-def test_banded_ridge_matches_himalaya_on_the_same_splits_and_grid(binder, spaces, n_spaces):
+@pytest.mark.parametrize("which", [(0, 1), (0, 1, 2), (0, 3)], ids=["primal", "primal-3-spaces", "dual"])
+def test_banded_ridge_matches_himalaya_on_the_same_splits_and_grid(binder, spaces, which):
     Y = binder.to_numpy()[:, :13]
     splits = list(KFold(5, shuffle=True, random_state=3).split(Y))
-    gammas = kernel_weights(n_spaces, np.logspace(-2, 2, 5))
+    gammas = kernel_weights(len(which), np.logspace(-2, 2, 5))
+    chosen = [spaces[i] for i in which]
     ours = jaxprobe.BandedRidgeCV(ALPHAS, gammas=gammas, cv=splits, scoring="neg_mean_squared_error",
-                                  dtype=np.float64).fit(spaces[:n_spaces], Y)
-    ref = himalaya_banded(spaces[:n_spaces], Y, splits, gammas)
+                                  dtype=np.float64).fit(chosen, Y)
+    ref = himalaya_banded(chosen, Y, splits, gammas)
     np.testing.assert_allclose(ours.deltas_, np.asarray(ref.deltas_), rtol=1e-10)
-    np.testing.assert_allclose(ours.predict(spaces[:n_spaces]), np.asarray(ref.predict(spaces[:n_spaces])),
-                               atol=1e-4)
+    np.testing.assert_allclose(ours.predict(chosen), np.asarray(ref.predict(chosen)), atol=1e-4)
     assert len(np.unique(ours.deltas_[1] - ours.deltas_[0])) > 1  # targets really pick different ratios
 
 
-def test_engine_outer_folds_match_himalaya_and_float32_stays_close(binder, spaces):
+@pytest.mark.parametrize("b", [1, 3], ids=["primal", "dual"])
+def test_engine_outer_folds_match_himalaya_and_float32_stays_close(binder, spaces, b):
     """The batched engine (the path of variance_partition) against himalaya fitted per outer fold."""
     Y = binder.to_numpy()[:, :13]
-    A, B = spaces[0], spaces[1]
+    A, B = spaces[0], spaces[b]
     plan = nested_plan(len(Y), 3, 4, seed=1)
     gammas = kernel_weights(2, np.logspace(-2, 2, 5))
     expected = np.zeros_like(Y)
@@ -82,7 +85,7 @@ def test_engine_outer_folds_match_himalaya_and_float32_stays_close(binder, space
         ref = himalaya_banded([A[train], B[train]], Y[train], inner, gammas)
         expected[test] = np.asarray(ref.predict([A[test], B[test]]))
     for dtype, atol in ((np.float64, 1e-4), (np.float32, 2e-2)):
-        res = cross_validate_banded([np.hstack([A, B])], Y, plan, (30, 300), ALPHAS, gammas, standardize=False,
+        res = cross_validate_banded([np.hstack([A, B])], Y, plan, (30, B.shape[1]), ALPHAS, gammas, standardize=False,
                                     scoring="neg_mse", dtype=dtype)
         np.testing.assert_allclose(res.predictions[0], expected, atol=atol)
     assert res.alphas.shape == (1, plan.n_outer, 13, 2)  # per-space penalties alpha / gamma_j

@@ -84,6 +84,18 @@ def test_matches_himalaya_selection_on_the_same_splits(binder, features):
     np.testing.assert_allclose(ours.best_score_, ref.cv_scores_, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_many_target_columns_are_scored_like_a_few(binder, features, dtype):
+    """Past 4 x n_val columns (permuted targets) the deletion systems are solved through their inverse."""
+    X, Y = features["structured"], binder.to_numpy()[:, :20]
+    splits = list(KFold(5, shuffle=True, random_state=3).split(X))        # n_val 55: the inverse past 220
+    few = RidgeCV(ALPHAS, cv=splits, dtype=dtype).fit(X, Y)
+    many = RidgeCV(ALPHAS, cv=splits, dtype=dtype).fit(X, np.tile(Y, 12))
+    np.testing.assert_array_equal(many.alpha_[:20], few.alpha_)
+    np.testing.assert_allclose(many.cv_scores_[:, :20], few.cv_scores_, rtol=1e-10 if dtype == np.float64 else 1e-4,
+                               atol=1e-12 if dtype == np.float64 else 1e-5)
+
+
 def test_float32_default_agrees_with_float64(binder, features):
     X, Y = features["structured"], binder.to_numpy()[:, :20]
     single = RidgeCV(ALPHAS).fit(X, Y)

@@ -4,9 +4,11 @@ A model over k feature spaces X_1..X_k (columns of one design, space j of width 
 sum_j alpha_j |w_j|² is ordinary ridge with penalty alpha on the columns of space j multiplied by
 sqrt(gamma_j), where alpha_j = alpha / gamma_j: its kernel is sum_j gamma_j X_j X_jᵀ. The candidate
 kernel weights gamma (G, k) lie on the simplex (himalaya's parameterisation; deltas = log(gamma / alpha)),
-so for each candidate the design is rescaled once and `ridge.py` does the rest exactly as for one space:
-one decomposition per (outer fold, gamma) — primal or dual by n vs total d — serves every alpha, every
-target and every inner fold (scored by exact deletion). The (gamma, alpha) with the best inner score wins
+so each candidate is a single-space ridge of the rescaled design and `ridge.py` does the rest exactly as
+for one space: one decomposition per (outer fold, gamma) — primal or dual by n vs total d — serves every
+alpha, every target and every inner fold (scored by exact deletion). What does not depend on gamma is
+computed once per training set: the per-space kernels z_j z_jᵀ (dual) or the Gram zᵀz (primal), which
+each gamma combines in O(n²) or O(d²) before its eigh. The (gamma, alpha) with the best inner score wins
 per target (or per selection group); ties go to the first gamma, then the first alpha.
 
 Candidates run in sequence (`lax.scan`) carrying only the best choice so far and its refit, so memory is
@@ -34,7 +36,7 @@ from jaxprobe.probes.ridge import (
     RidgeSolver,
     Scoring,
     TrainingTargets,
-    decompose,
+    drop_negligible,
     fitted_coords,
     group_totals,
     inner_cv_scores,
@@ -45,7 +47,7 @@ from jaxprobe.probes.ridge import (
 # Weight of every space relative to the first; 2 spaces: 9 candidates, 1e-2 .. 1e2.
 DEFAULT_RATIOS = np.logspace(-2, 2, 9)
 
-Refit = Callable[[Decomposition, TrainingTargets, jax.Array, jax.Array], Any]
+Refit = Callable[[Decomposition, TrainingTargets, jax.Array], Any]
 
 
 def kernel_weights(n_spaces: int, ratios: Sequence[float] | np.ndarray = DEFAULT_RATIOS) -> np.ndarray:
@@ -70,32 +72,31 @@ def check_kernel_weights(gammas: np.ndarray | Sequence, n_spaces: int) -> np.nda
 
 
 def search(
-    x: jax.Array, y: jax.Array, train: jax.Array, train_mask: jax.Array, val: jax.Array,
+    x: jax.Array, y: jax.Array, train: jax.Array, train_mask: jax.Array, rows: jax.Array, val: jax.Array,
     val_mask: jax.Array, select_groups: jax.Array, alphas: jax.Array, gammas: jax.Array,
-    space: np.ndarray, refit: Refit, *, fit_intercept: bool = True, standardize: bool = True,
+    sizes: tuple[int, ...], refit: Refit, *, fit_intercept: bool = True, standardize: bool = True,
     scoring: Scoring = "r2",
 ) -> tuple[jax.Array, Any, jax.Array]:
     """Inner-CV search over kernel weights gammas (G, k) x alphas (A,) on one training set of x (n, d).
 
-    space: (d,) static index of each column's feature space. refit(dec, tt, alpha (t,), c (d,))
+    sizes: (static) the width of each feature space, in column order. refit(dec, tt, alpha (t,))
     returns a pytree whose leaves end in a target axis (t,): what the caller keeps of the fit at each
-    target's best alpha for one gamma, with c the column scaling of that gamma (x * c is the design
-    `dec` decomposes). Returns (choice (t,) index g * A + a, the kept refit of the chosen candidate,
-    inner scores (G, A, t)).
+    target's best alpha for one gamma. dec describes that gamma's design in x's own units (its
+    `coefficients` are x's weights) except that dec.proj holds only the rows `rows` (n_rows,).
+    Returns (choice (t,) index g * A + a, the kept refit of the chosen candidate, inner scores (G, A, t)).
     """
-    # Only the scale: decompose centres the rescaled design itself.
-    _, scale = standardizer(x, train, train_mask, fit_intercept=fit_intercept, standardize=standardize)
     n_alphas = alphas.shape[0]
+    decomposition = _joint_decompositions(x, train, train_mask, rows, sizes, fit_intercept=fit_intercept,
+                                          standardize=standardize)
 
     def candidate(g, gamma):
-        c = jnp.sqrt(gamma)[space] / scale                                 # (d,)
-        dec = decompose(x * c, train, train_mask, fit_intercept=fit_intercept)
-        tt = training_targets(dec, y, train, train_mask, fit_intercept=fit_intercept)
+        dec, train_proj = decomposition(gamma)
+        tt = training_targets(train_proj, y, train, train_mask, fit_intercept=fit_intercept)
         scores = inner_cv_scores(dec, tt, val, val_mask, alphas, fit_intercept=fit_intercept,
                                  scoring=scoring)                           # (A, t)
         totals = group_totals(scores, select_groups)                       # (t, A)
         best = jnp.argmax(totals, axis=1)
-        return totals.max(1), g * n_alphas + best, refit(dec, tt, alphas[best], c), scores
+        return totals.max(1), g * n_alphas + best, refit(dec, tt, alphas[best]), scores
 
     def step(carry, item):
         g, gamma = item
@@ -108,6 +109,56 @@ def search(
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
     (_, choice, kept), scores = jax.lax.scan(step, init, (jnp.arange(gammas.shape[0]), gammas))
     return choice, kept, scores
+
+
+def _joint_decompositions(
+    x: jax.Array, train: jax.Array, train_mask: jax.Array, rows: jax.Array, sizes: tuple[int, ...], *,
+    fit_intercept: bool, standardize: bool,
+) -> Callable[[jax.Array], tuple[Decomposition, jax.Array]]:
+    """gamma (k,) -> (the decomposition of the design with space j scaled by sqrt(gamma_j), the training
+    slots' projections (n_train, r)), exactly `ridge.decompose` of that design, sharing the work that
+    does not depend on gamma.
+
+    The centred, standardized training design z splits by space, and the scaled design's Gram is
+    sum_j gamma_j z_j z_jᵀ (dual) or z's Gram with entry (i, l) scaled by sqrt(gamma_i gamma_l)
+    (primal): one product per training set, then O(n²) or O(d²) per gamma before its eigh. The
+    training slots' dual projections are U sqrt(S) (K U = U S), so only `rows` need a product.
+    """
+    mean, scale = standardizer(x, train, train_mask, fit_intercept=fit_intercept, standardize=standardize)
+    w = train_mask.astype(x.dtype)
+    z = (x - mean) / scale                                               # (n, d)
+    zt, zr = z[train] * w[:, None], z[rows]                              # (n_train, d), (n_rows, d)
+    space = np.repeat(np.arange(len(sizes)), sizes)                      # (d,) static
+    n_train, d = zt.shape
+
+    def in_units(gamma, eigvals, basis, proj):
+        # With scale / sqrt(gamma_j) `coefficients` gives x's weights; a left-out space gets weight 0.
+        return Decomposition(mean, scale / jnp.sqrt(gamma)[space], eigvals, basis, proj)
+
+    if d <= n_train:
+        gram = zt.T @ zt                                                 # (d, d)
+
+        def primal(gamma):
+            root = jnp.sqrt(gamma)[space]
+            eigvals, basis = jnp.linalg.eigh(gram * root[:, None] * root)
+            eigvals = drop_negligible(eigvals, n_train)
+            return in_units(gamma, eigvals, basis, (zr * root) @ basis), (zt * root) @ basis
+        return primal
+
+    bounds = np.cumsum((0, *sizes))
+    blocks = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    kernels = jnp.stack([zt[:, b] @ zt[:, b].T for b in blocks])         # (k, n_train, n_train)
+    kernels_rows = jnp.stack([zr[:, b] @ zt[:, b].T for b in blocks])    # (k, n_rows, n_train)
+
+    def dual(gamma):
+        eigvals, u = jnp.linalg.eigh(jnp.tensordot(gamma, kernels, 1))
+        eigvals = drop_negligible(eigvals, d)
+        positive = eigvals > 0
+        root = jnp.sqrt(eigvals)
+        u_scaled = u * jnp.where(positive, 1.0 / jnp.where(positive, root, 1.0), 0.0)   # (n_train, r)
+        basis = (zt * jnp.sqrt(gamma)[space]).T @ u_scaled               # (d, r) only refits that ask for it
+        return in_units(gamma, eigvals, basis, jnp.tensordot(gamma, kernels_rows, 1) @ u_scaled), u * root
+    return dual
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,20 +188,22 @@ class BandedSolver:
         val: jax.Array, val_mask: jax.Array, select_groups: jax.Array,
     ) -> OuterFold:
         """x (n, sum(sizes)), y (n, t); slots as in FoldPlan, one outer fold."""
-        def predict(dec, tt, alpha, c):
-            return tt.mean + dec.proj[test] @ fitted_coords(dec, tt, alpha)   # (n_test, t)
+        def predict(dec, tt, alpha):
+            return tt.mean + dec.proj @ fitted_coords(dec, tt, alpha)        # (n_test, t)
 
         choice, predictions, _ = search(
-            x, y, train, train_mask, val, val_mask, select_groups, jnp.asarray(self.alphas, x.dtype),
-            jnp.asarray(self.gammas, x.dtype), np.repeat(np.arange(len(self.sizes)), self.sizes), predict,
-            standardize=self.standardize, scoring=self.scoring)
+            x, y, train, train_mask, test, val, val_mask, select_groups, jnp.asarray(self.alphas, x.dtype),
+            jnp.asarray(self.gammas, x.dtype), self.sizes, predict, standardize=self.standardize,
+            scoring=self.scoring)
         return OuterFold(predictions, choice)
 
     def elements_per_set(self, n: int, d: int, plan_shape: tuple[int, ...], n_targets: int) -> int:
-        """One candidate is live at a time: a single-space fit of the joint design plus the carry."""
+        """One candidate is live at a time: a single-space fit of the joint design, the carry, and
+        the per-space kernels (or the Gram) shared by every candidate."""
         single = RidgeSolver(self.alphas).elements_per_set(n, d, plan_shape, n_targets)
-        k, _, _, _ = plan_shape
-        return single + k * 2 * n * n_targets
+        k, n_train, _, _ = plan_shape
+        shared = d * d if d <= n_train else len(self.sizes) * n * n_train
+        return single + k * (2 * n * n_targets + shared)
 
 
 def cross_validate_banded(

@@ -110,7 +110,7 @@ def _fit(x, y, plan: folds.FoldPlan, alphas, *, alpha_per_target: bool, fit_inte
          scoring: Scoring):
     train, mask = plan.train[0], plan.train_mask[0]
     dec = decompose(x, train, mask, fit_intercept=fit_intercept)
-    tt = training_targets(dec, y, train, mask, fit_intercept=fit_intercept)
+    tt = training_targets(dec.proj[train], y, train, mask, fit_intercept=fit_intercept)
     scores = inner_cv_scores(dec, tt, plan.val[0], plan.val_mask[0], alphas,
                              fit_intercept=fit_intercept, scoring=scoring)       # (A, t)
     t = y.shape[1]
@@ -227,16 +227,11 @@ class BandedRidgeCV(RegressorMixin, BaseEstimator):
 @functools.partial(jax.jit, static_argnames=("sizes", "alpha_per_target", "fit_intercept", "scoring"))
 def _fit_banded(x, y, plan: folds.FoldPlan, alphas, gammas, *, sizes: tuple[int, ...],
                 alpha_per_target: bool, fit_intercept: bool, scoring: Scoring):
-    def refit(dec, tt, alpha, c):  # weights in x's units: x * c is what dec decomposed
-        coef, intercept = coefficients(dec, tt, alpha)
-        return c[:, None] * coef, intercept
-
     t = y.shape[1]
     choice, (coef, intercept), scores = banded.search(
-        x, y, plan.train[0], plan.train_mask[0], plan.val[0], plan.val_mask[0],
-        jnp.arange(t) if alpha_per_target else jnp.zeros(t, int), alphas, gammas,
-        np.repeat(np.arange(len(sizes)), sizes), refit, fit_intercept=fit_intercept, standardize=False,
-        scoring=scoring)
+        x, y, plan.train[0], plan.train_mask[0], plan.test[0][:0], plan.val[0], plan.val_mask[0],
+        jnp.arange(t) if alpha_per_target else jnp.zeros(t, int), alphas, gammas, sizes, coefficients,
+        fit_intercept=fit_intercept, standardize=False, scoring=scoring)
     return choice, coef, intercept, scores
 
 

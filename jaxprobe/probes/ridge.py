@@ -82,26 +82,27 @@ def decompose(
     n_train, d = zt.shape
     if d <= n_train:
         eigvals, basis = jnp.linalg.eigh(zt.T @ zt)       # (d,), (d, d)
-        eigvals = _drop_negligible(eigvals, n_train)
+        eigvals = drop_negligible(eigvals, n_train)
         return Decomposition(mean, scale, eigvals, basis, z @ basis)
     gram = z @ zt.T                                       # (n, n_train)
     eigvals, u = jnp.linalg.eigh(gram[train] * w[:, None])
-    eigvals = _drop_negligible(eigvals, d)
+    eigvals = drop_negligible(eigvals, d)
     u = u * jnp.where(eigvals > 0, jax.lax.rsqrt(jnp.where(eigvals > 0, eigvals, 1.0)), 0.0)
     return Decomposition(mean, scale, eigvals, zt.T @ u, gram @ u)
 
 
 def training_targets(
-    dec: Decomposition, y: jax.Array, train: jax.Array, train_mask: jax.Array, *,
+    train_proj: jax.Array, y: jax.Array, train: jax.Array, train_mask: jax.Array, *,
     fit_intercept: bool = True,
 ) -> TrainingTargets:
-    """Centre the training targets of y (n, t) and express them in the decomposition's basis."""
+    """Centre the training targets of y (n, t) and express them in the eigenbasis, given the
+    training slots' projections train_proj (n_train, r) (`Decomposition.proj[train]`)."""
     w = train_mask.astype(y.dtype)[:, None]
     count = w.sum()
     yt = y[train] * w                                     # (n_train, t)
     mean = yt.sum(0) / count if fit_intercept else jnp.zeros(y.shape[1], y.dtype)
     centred = (yt - mean) * w
-    proj = dec.proj[train] * w                            # (n_train, r)
+    proj = train_proj * w                                 # (n_train, r)
     return TrainingTargets(mean, centred, proj, proj.T @ centred, count)
 
 
@@ -131,9 +132,9 @@ def inner_cv_scores(
     excess = alphas[:, None] * inv * gains(dec.eigvals, alphas)       # (A, r) 1/s - 1/(s+a)
     interpolated = (dec.eigvals > 0).sum() >= tt.count - fit_intercept
     ls_resid = tt.centred - tt.proj @ (inv[:, None] * tt.coords)     # (n_train, t)
-    resid = jnp.where(interpolated, 0.0, ls_resid) + tt.proj @ (excess[:, :, None] * tt.coords)
-
     pv = tt.proj[val]                                                 # (k_in, n_val, r)
+    resid = (jnp.where(interpolated, 0.0, ls_resid[val])
+             + pv @ (excess[:, None, :, None] * tt.coords))           # (A, k_in, n_val, t)
     both = val_mask[:, :, None] & val_mask[:, None, :]
     eye = jnp.eye(val.shape[-1], dtype=pv.dtype)
     ls_lhs = eye - (pv * inv) @ jnp.swapaxes(pv, -1, -2)              # (k_in, n_val, n_val)
@@ -142,7 +143,7 @@ def inner_cv_scores(
     ls_lhs = jnp.where(interpolated, 0.0, ls_lhs)
     lhs = ls_lhs + (pv * excess[:, None, None, :]) @ jnp.swapaxes(pv, -1, -2)  # (A, k_in, n_val, n_val)
     lhs = jnp.where(both, lhs, eye)                                   # padded slots decouple
-    err = _solve_spd(lhs, resid[:, val] * val_mask[..., None])       # (A, k_in, n_val, t)
+    err = _solve_spd(lhs, resid * val_mask[..., None])               # (A, k_in, n_val, t)
 
     count = val_mask.sum(-1)[:, None]                                 # (k_in, 1)
     sse = (err ** 2).sum(-2)                                          # (A, k_in, t)
@@ -214,7 +215,7 @@ class RidgeSolver:
         """x (n, d), y (n, t); train/test slots and val positions as in FoldPlan, one outer fold."""
         alphas = jnp.asarray(self.alphas, x.dtype)
         dec = decompose(x, train, train_mask, standardize=self.standardize)
-        tt = training_targets(dec, y, train, train_mask)
+        tt = training_targets(dec.proj[train], y, train, train_mask)
         scores = inner_cv_scores(dec, tt, val, val_mask, alphas, scoring=self.scoring)
         best = select_alphas(scores, select_groups)
         predictions = tt.mean + dec.proj[test] @ fitted_coords(dec, tt, alphas[best])
@@ -230,16 +231,23 @@ class RidgeSolver:
         return k * per_fold
 
 
-def _drop_negligible(eigvals: jax.Array, size: int) -> jax.Array:
+def drop_negligible(eigvals: jax.Array, size: int) -> jax.Array:
+    """Eigenvalues of a Gram matrix of `size` summed terms with those below max·size·eps set to 0."""
     tol = eigvals.max() * size * jnp.finfo(eigvals.dtype).eps
     return jnp.where(eigvals > tol, eigvals, 0.0)
 
 
 def _solve_spd(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """Solve batched symmetric positive definite systems (..., m, m) x = (..., m, t)."""
-    if lhs.shape[-1] == 1:  # leave-one-out: a division, not a batch of 1x1 factorizations
+    m, t = rhs.shape[-2:]
+    if m == 1:  # leave-one-out: a division, not a batch of 1x1 factorizations
         return rhs / lhs
-    return cho_solve((jnp.linalg.cholesky(lhs), True), rhs)
+    factor = (jnp.linalg.cholesky(lhs), True)
+    if t <= 4 * m:
+        return cho_solve(factor, rhs)
+    # Many columns (permuted targets): the inverse (2m³) and a matmul, which XLA spreads over its
+    # threads, instead of 2m²t of triangular solves in single-threaded LAPACK.
+    return cho_solve(factor, jnp.broadcast_to(jnp.eye(m, dtype=lhs.dtype), lhs.shape)) @ rhs
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: np.ndarray, *, standardize: bool = True
@@ -252,5 +260,5 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: np.ndarray, *, standardize: b
     x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
     rows, mask = jnp.arange(len(x)), jnp.ones(len(x), bool)
     dec = decompose(x, rows, mask, standardize=standardize)
-    coef, intercept = coefficients(dec, training_targets(dec, y, rows, mask), jnp.asarray(alpha, jnp.float32))
+    coef, intercept = coefficients(dec, training_targets(dec.proj, y, rows, mask), jnp.asarray(alpha, jnp.float32))
     return np.asarray(coef), np.asarray(intercept), np.asarray(dec.scale)
