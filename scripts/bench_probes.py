@@ -25,11 +25,14 @@ same way on the CPU backend (see crossval.host_lapack_single_threaded).
 targets like the sets above, 20 alphas x 9 kernel weights (`banded.kernel_weights(2)`), 5x5 nested
 CV, selection by mean squared error. jaxprobe: `cross_validate_banded` on --feature-sets pairs at
 once, then the same pairs with --banded-permutations permutations of B's rows (each a refit of the
-joint model: a permuted design, so it is an extra feature set of the program, not a target column).
+joint model: a permuted design, so it is an extra feature set of the program, not a target column),
+and with --banded-freedman-lane P the pair once with 66 x P permuted target columns (the Freedman-Lane
+null's joint fit: extra targets of the same decompositions).
 himalaya: MultipleKernelRidgeCV on precomputed linear kernels (its fast path for n < d; the kernels
 are computed inside the timing) with the same inner splits, grid and score, per outer fold.
 
-  python scripts/bench_probes.py --banded --feature-sets 1 --banded-permutations 1 --repeats 1 --json bench_banded.json
+  python scripts/bench_probes.py --banded --feature-sets 1 --banded-permutations 1 --banded-freedman-lane 100 \
+      --repeats 1 --json bench_banded.json
 """
 
 from __future__ import annotations
@@ -170,10 +173,20 @@ def bench_banded(args) -> None:
     perm_s = float("nan")
     if args.banded_permutations:  # pairs x permutations designs; with one of each nothing compiles again
         perm_s = best_of(1, lambda: ours(JointDesigns(pairs, perms))) / (len(pairs) * len(perms))
+    lane_s = float("nan")
+    if args.banded_freedman_lane:  # the timing does not depend on the columns' values: rows of Y permuted
+        rng = np.random.default_rng(0)
+        y_null = np.hstack([Y[rng.permutation(n)] for _ in range(args.banded_freedman_lane)])
+        start = time.perf_counter()
+        cross_validate_banded(JointDesigns(pairs[:1]), y_null, plan, (768, 1280), ALPHAS, gammas, standardize=False,
+                              scoring="neg_mse", return_predictions=False)
+        lane_s = time.perf_counter() - start                    # compilation included: a new target count
     row = {"n": n, "d_a": 768, "d_b": 1280, "targets": Y.shape[1], "alphas": len(ALPHAS), "gammas": len(gammas),
            "pairs": len(pairs), "jaxprobe_first_call_s": compile_s, "jaxprobe_s_per_pair": base_s,
            "jaxprobe_s_per_permutation": perm_s, "permutation_over_base": perm_s / base_s,
-           "projected_100_permutations_over_base": 100 * perm_s / base_s}
+           "projected_100_permutations_over_base": 100 * perm_s / base_s,
+           "freedman_lane_permutations": args.banded_freedman_lane, "jaxprobe_freedman_lane_s": lane_s,
+           "freedman_lane_over_base": lane_s / base_s}
     print(json.dumps(row), flush=True)
     if args.peer_sets:
         with threadpool_limits(limits=args.blas_threads, user_api="blas"):
@@ -226,6 +239,8 @@ def main() -> None:
     parser.add_argument("--banded", action="store_true", help="the banded-ridge pair workload (module docstring)")
     parser.add_argument("--banded-permutations", type=int, default=1,
                         help="B-row permutations timed per pair (their cost is linear in the count)")
+    parser.add_argument("--banded-freedman-lane", type=int, default=0,
+                        help="Freedman-Lane permutations timed once, as 66 x P extra target columns (0: skip)")
     args = parser.parse_args()
 
     import jax
