@@ -129,36 +129,52 @@ def inner_cv_scores(
     interpolated exactly the least-squares residual part is zero and is not computed from noise.
     """
     inv = jnp.where(dec.eigvals > 0, 1.0 / jnp.where(dec.eigvals > 0, dec.eigvals, 1.0), 0.0)
-    excess = alphas[:, None] * inv * gains(dec.eigvals, alphas)       # (A, r) 1/s - 1/(s+a)
     interpolated = (dec.eigvals > 0).sum() >= tt.count - fit_intercept
     ls_resid = tt.centred - tt.proj @ (inv[:, None] * tt.coords)     # (n_train, t)
     pv = tt.proj[val]                                                 # (k_in, n_val, r)
-    resid = (jnp.where(interpolated, 0.0, ls_resid[val])
-             + pv @ (excess[:, None, :, None] * tt.coords))           # (A, k_in, n_val, t)
+    ls_resid = jnp.where(interpolated, 0.0, ls_resid[val])            # (k_in, n_val, t)
     both = val_mask[:, :, None] & val_mask[:, None, :]
     eye = jnp.eye(val.shape[-1], dtype=pv.dtype)
     ls_lhs = eye - (pv * inv) @ jnp.swapaxes(pv, -1, -2)              # (k_in, n_val, n_val)
     if fit_intercept:
         ls_lhs = ls_lhs - 1.0 / tt.count
     ls_lhs = jnp.where(interpolated, 0.0, ls_lhs)
-    lhs = ls_lhs + (pv * excess[:, None, None, :]) @ jnp.swapaxes(pv, -1, -2)  # (A, k_in, n_val, n_val)
-    lhs = jnp.where(both, lhs, eye)                                   # padded slots decouple
-    err = _solve_spd(lhs, resid * val_mask[..., None])               # (A, k_in, n_val, t)
-
     count = val_mask.sum(-1)[:, None]                                 # (k_in, 1)
-    sse = (err ** 2).sum(-2)                                          # (A, k_in, t)
     if scoring == "r2":
         yv = tt.centred[val] * val_mask[..., None]                    # (k_in, n_val, t)
         dev = (yv - yv.sum(-2, keepdims=True) / jnp.maximum(count, 1)[..., None]) * val_mask[..., None]
         sst = (dev ** 2).sum(-2)                                      # (k_in, t)
-        # scikit-learn's r2_score on a constant fold: 1 if predicted exactly, else 0.
-        fold_score = jnp.where(sst > 0, 1 - sse / jnp.where(sst > 0, sst, 1),
-                               jnp.where(sse == 0, 1.0, 0.0))
-    else:
-        fold_score = -sse / jnp.maximum(count, 1)
-    used = (count > 0).astype(sse.dtype)                              # (k_in, 1)
-    score = (fold_score * used).sum(-2) / used.sum()                  # (A, t)
-    return jnp.where(jnp.isfinite(score), score, -jnp.inf)
+    used = (count > 0).astype(pv.dtype)                               # (k_in, 1)
+
+    def score(alpha):                                                 # () -> (t,)
+        excess = alpha * inv * gains(dec.eigvals, alpha)              # (r,) 1/s - 1/(s+a)
+        resid = ls_resid + pv @ (excess[:, None] * tt.coords)         # (k_in, n_val, t)
+        lhs = ls_lhs + (pv * excess) @ jnp.swapaxes(pv, -1, -2)       # (k_in, n_val, n_val)
+        lhs = jnp.where(both, lhs, eye)                               # padded slots decouple
+        err = _solve_spd(lhs, resid * val_mask[..., None])           # (k_in, n_val, t)
+        sse = (err ** 2).sum(-2)                                      # (k_in, t)
+        if scoring == "r2":
+            # scikit-learn's r2_score on a constant fold: 1 if predicted exactly, else 0.
+            fold_score = jnp.where(sst > 0, 1 - sse / jnp.where(sst > 0, sst, 1),
+                                   jnp.where(sse == 0, 1.0, 0.0))
+        else:
+            fold_score = -sse / jnp.maximum(count, 1)
+        return (fold_score * used).sum(-2) / used.sum()
+
+    n_train, t = tt.centred.shape
+    scores = jax.lax.map(score, alphas, batch_size=alpha_block(alphas.shape[0], n_train, t))   # (A, t)
+    return jnp.where(jnp.isfinite(scores), scores, -jnp.inf)
+
+
+# Alphas scored at once hold (alphas, n_train, t) residuals. With 100 permutations as target columns
+# (a THINGS pair, 6,666 columns) scoring all 20 at once was memory-bound: 17.6 GB resident and 16.9x
+# the base fit; in blocks under this many elements, 2.8 GB and 9.4x (BENCHMARKS.md).
+ALPHA_BLOCK_ELEMENTS = 2 ** 24
+
+
+def alpha_block(n_alphas: int, n_train: int, n_targets: int) -> int:
+    """How many alphas inner_cv_scores scores at once for n_train training slots and n_targets targets."""
+    return max(1, min(n_alphas, ALPHA_BLOCK_ELEMENTS // max(1, n_train * n_targets)))
 
 
 def group_totals(scores: jax.Array, groups: jax.Array) -> jax.Array:
@@ -225,7 +241,7 @@ class RidgeSolver:
         """Rough peak memory of one feature set, in array elements: chunks are budgeted from it."""
         k, n_train, k_inner, n_val = plan_shape
         r = min(d, n_train)
-        a = len(self.alphas)
+        a = alpha_block(len(self.alphas), n_train, n_targets)
         per_fold = (n * d + n * n_train + 3 * n_train ** 2 + n * r + d * r
                     + 3 * a * n_train * n_targets + a * k_inner * n_val * (3 * n_val + r))
         return k * per_fold
