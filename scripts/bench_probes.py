@@ -14,8 +14,9 @@ arrays in this process; per feature set times are the best of --repeats runs aft
 
 BLAS threads: the peers run with OpenBLAS limited to --blas-threads (default 1). On a small
 shared host, multi-threaded OpenBLAS is pathologically slow (a himalaya outer fold took 27 s with
-2 threads, 0.7 s with 1), so 1 is each peer's best setting there; jaxprobe limits itself the
-same way on the CPU backend (see crossval.host_lapack_single_threaded).
+2 threads, 0.7 s with 1), so 1 is each peer's best setting there; on a quiet host 2 can be faster
+(banded: himalaya 348 s with 2, 399 s with 1), so measure both. jaxprobe runs LAPACK single-threaded
+on the CPU backend (see crossval.host_lapack_single_threaded); its matmuls use XLA's threads.
 
   python scripts/bench_probes.py --device cpu --dims 768 1280 --json bench_probes.json
   python scripts/bench_probes.py --device gpu --feature-sets 10000 --peer-sets 0   # the sweep

@@ -116,7 +116,7 @@ def _joint_decompositions(
     fit_intercept: bool, standardize: bool,
 ) -> Callable[[jax.Array], tuple[Decomposition, jax.Array]]:
     """gamma (k,) -> (the decomposition of the design with space j scaled by sqrt(gamma_j), the training
-    slots' projections (n_train, r)), exactly `ridge.decompose` of that design, sharing the work that
+    slots' projections (n_train, r)): `ridge.decompose` of that design, sharing the work that
     does not depend on gamma.
 
     The centred, standardized training design z splits by space, and the scaled design's Gram is

@@ -31,7 +31,8 @@ Two nulls for "B adds nothing beyond A", model selection rerun on every permutat
   freedman_lane    the targets are replaced by A's out-of-fold fit plus its residuals permuted among
                    the observed rows (Freedman & Lane 1983), and A alone and A+B are refitted on them.
                    The permuted targets are extra target columns of the same decompositions, so 100
-                   permutations cost the target-dependent part of the fits, not 100 fits. Approximate:
+                   permutations cost the target-dependent part of the fits, not 100 fits (9.4x one
+                   joint fit for a THINGS pair, BENCHMARKS.md). Approximate:
                    it treats A's fit as the truth under the null. With ridge and model selection it
                    is conservative: against noise spaces B its p-values pile up in the middle instead
                    of being uniform (false positives stay below the nominal rate, power drops;
