@@ -23,15 +23,17 @@ RTOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_persistent_compilation_cache():
-    """This module's programs skip the suite's persistent XLA cache: XLA:CPU has aborted a worker inside
-    `executable.serialize()` while caching one of them (upstream; conftest's rerun-once also covers it)."""
+def no_persistent_cache_writes():
+    """This module's programs are not written to the suite's persistent XLA cache: XLA:CPU has aborted a
+    worker inside `executable.serialize()` while caching one of them (upstream; conftest's rerun-once also
+    covers it). jax decides once per process whether the cache is on, so only the write threshold can
+    turn writes off for one module."""
     import jax
 
-    before = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     yield
-    jax.config.update("jax_enable_compilation_cache", before)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
 
 
 @pytest.fixture(scope="session", params=sorted(transformer_reference.SD3_STYLES))
